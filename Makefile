@@ -1,0 +1,36 @@
+# One file of verbs. `make all` and `make test` set up .venv/ themselves on a fresh machine.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: all test data baseline phase2 ablations full-grid reports benchmark params-doc clean-venv
+
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## The main job on the embedded default: data -> baseline -> phase 2 -> small ablation grid -> reports
+all: $(STAMP)
+	$(VPY) -m tfg_mm pipeline
+
+## The test suite
+test: $(STAMP)
+	$(VPY) -m pytest -q -p no:cacheprovider
+
+data: $(STAMP)
+	$(VPY) -m tfg_mm generate
+
+full-grid: $(STAMP)
+	$(VPY) -m tfg_mm pipeline --grid params/ablations/full.yaml
+
+benchmark: $(STAMP)
+	$(VPY) scripts/benchmark.py
+
+params-doc: $(STAMP)
+	$(VPY) -m tfg_mm params-doc --write docs/parameters.md
+
+clean-venv:
+	rm -rf $(VENV)

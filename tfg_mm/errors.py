@@ -1,0 +1,31 @@
+"""Exceptions with messages a thesis student can act on.
+
+Every error raised for bad input names the file (or parameter), the entry / key, and the fix.
+They derive from ``ValueError`` so generic callers still catch them.
+"""
+
+from __future__ import annotations
+
+
+class TfgError(ValueError):
+    """Base class of the project's user-facing errors."""
+
+
+class DataError(TfgError):
+    """A dataset file, annotation or image is malformed or missing."""
+
+
+class ConfigError(TfgError):
+    """A parameter file or notebook parameter is unknown, nested, mistyped or out of range."""
+
+
+class CheckpointError(TfgError):
+    """A checkpoint is missing, of another architecture, or of another number of classes."""
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class OfflineError(TfgError):
+    """A hub download was needed but there is no network; the message says how to use a local copy."""

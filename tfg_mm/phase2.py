@@ -1,0 +1,312 @@
+"""Phase 2: progressive fine-tuning with the text branch (notebook 02).
+
+Schedule, on the one training loop of :mod:`tfg_mm.train`:
+
+- epoch 0: evaluation before any step. With ``alpha = 0`` it equals the baseline exactly.
+- stage A, epochs ``1 .. warmup_epochs``: the detector is frozen; only the fusion trains
+  (``lr_fusion`` for the projection, ``lr_gate`` for gate / scale / bias, no weight decay on those).
+- stage B, the remaining epochs: ``unfreeze`` (none, heads, decoder, encoder, all) is unfrozen at
+  ``lr_detector`` while the fusion keeps its learning rates. The optimiser holds every parameter
+  that will ever train from the start, so switching stages keeps the fusion's AdamW moments.
+
+**Cached warm-up** (``cache_warmup: true``): in stage A the frozen detector's outputs do not change,
+so they are computed once per training image and the fusion trains from the cache. The cached mode
+is defined precisely as: the detector in its ``detector_mode`` (``train_frozen``: train mode with
+frozen BatchNorm statistics and no dropout; ``eval_shim``: eval mode + shim) on the *un-augmented*
+image, **without denoising queries** (they are random per step) and without fusing into the
+encoder's top-k scores (that would change which queries are selected). Stage A therefore trains
+without augmentation when the cache is on; stage B uses ``augment`` as set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tfg_mm.errors import CheckpointError, ConfigError
+from tfg_mm.train import Task, Trainer, resolve_path, seed_everything, split_decay
+
+log = logging.getLogger(__name__)
+
+UNFREEZE_PARTS = {
+    "none": [],
+    "heads": ["heads"],
+    "decoder": ["heads", "decoder"],
+    "encoder": ["heads", "decoder", "encoder"],
+    "all": ["all"],
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks from params
+# ----------------------------------------------------------------------------------------------
+def fusion_config(params, hidden_dim: int) -> dict:
+    return {
+        "hidden_dim": hidden_dim,
+        "projection": params.fusion,
+        "fusion_hidden": params.fusion_hidden,
+        "dropout": params.dropout,
+        "scale_init": params.logit_scale,
+        "scale_learnable": params.logit_scale_learnable,
+        "bias": params.fusion_bias,
+        "gate": params.gate,
+        "gate_init": params.alpha,
+        "gate_learnable": params.alpha_learnable,
+        "gate_tanh": params.gate_tanh,
+    }
+
+
+def text_embeddings(params, class_names: list[str]) -> tuple[torch.Tensor | None, dict]:
+    """Class embeddings [C, dim] for ``text_encoder`` (None for ``none``) and their provenance."""
+    from tfg_mm.text import build_text_encoder, class_embeddings, class_prompts
+
+    if params.text_encoder == "none":
+        return None, {"kind": "none"}
+    encoder = build_text_encoder(params.text_encoder, model=params.text_model, pretrained=params.text_pretrained,
+                                 seed=params.seed, num_classes=len(class_names))
+    prompts = class_prompts(class_names, params.prompts, params.class_descriptions or None, params.templates)
+    emb = class_embeddings(encoder, prompts, cache_dir=resolve_path(params.text_cache_dir))
+    return emb, {**encoder.description, "prompts": prompts}
+
+
+def build_fusion_from_config(cfg: dict, text: torch.Tensor) -> nn.Module:
+    from tfg_mm.fusion import ResidualTextFusion
+
+    cfg = dict(cfg)
+    return ResidualTextFusion(cfg.pop("hidden_dim"), text, **cfg)
+
+
+def baseline_folder(baseline: str) -> tuple[Path, dict | None]:
+    """``baseline`` is a checkpoint folder or a run_dir of notebook 01: the checkpoint and its metrics."""
+    from tfg_mm import runs
+
+    if not baseline:
+        raise ConfigError("Parameter `baseline` is empty. Fix: set it to the run_dir of notebook 01 "
+                          "(e.g. `runs/baseline`) or to a checkpoint folder.")
+    path = resolve_path(baseline)
+    if (path / "metrics.json").exists():
+        metrics = runs.read_metrics(path)
+        ckpt = path / "checkpoints" / "best"
+        if not ckpt.exists():
+            raise CheckpointError(f"Baseline run {path} has no checkpoints/best. Fix: finish that run "
+                                  f"(notebook 01) or point `baseline` at a checkpoint folder.")
+        return ckpt, metrics
+    if path.is_dir():
+        return path, None
+    raise CheckpointError(f"Parameter `baseline: {baseline}`: {path} is neither a run_dir of notebook 01 nor a "
+                          f"checkpoint folder. Fix: run notebook 01 first (`make all` does) or fix the path.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------------------------
+class Phase2Task(Task):
+    def __init__(self, model, class_names: list[str], params, train_dataset=None):
+        from tfg_mm import detector as det
+
+        self.model = model
+        self.class_names = class_names
+        self.params = params
+        self.det = det
+        self.stage = None
+        self.cache: dict[int, dict] | None = None
+        self.use_cache = bool(params.cache_warmup and params.warmup_epochs > 0 and model.fusion is not None)
+        self.train_dataset = train_dataset
+        self.cache_seconds = 0.0
+        self.stage_seconds: dict[str, float] = {}
+
+    # which parameters train in stage B
+    def _stage_b_params(self) -> list[tuple[str, nn.Parameter]]:
+        parts = UNFREEZE_PARTS[self.params.unfreeze]
+        if not parts:
+            return []
+        det = self.model.detector
+        # temporarily unfreeze to discover the parameter set, then restore
+        saved = {n: p.requires_grad for n, p in det.named_parameters()}
+        self.det.freeze(det, ["all"])
+        self.det.unfreeze(det, parts)
+        chosen = [(n, p) for n, p in det.named_parameters() if p.requires_grad]
+        for n, p in det.named_parameters():
+            p.requires_grad_(saved[n])
+        return chosen
+
+    def param_groups(self, params) -> list[dict]:
+        groups = []
+        if self.model.fusion is not None:
+            groups += self.model.fusion.param_groups(params.lr_fusion, params.lr_gate, params.weight_decay)
+        stage_b = self._stage_b_params()
+        for _, p in stage_b:  # include them now (grad None while frozen: AdamW skips them)
+            p.requires_grad_(True)
+        groups += split_decay(stage_b, params.lr_detector, params.weight_decay, "detector")
+        for _, p in stage_b:
+            p.requires_grad_(self.stage == "B")
+        return groups
+
+    def on_epoch_start(self, epoch: int, trainer: Trainer) -> None:
+        stage = "A" if epoch <= self.params.warmup_epochs else "B"
+        if epoch == 0:
+            stage = "A" if self.params.warmup_epochs > 0 else "B"
+        if stage == self.stage:
+            return
+        self.stage = stage
+        det = self.model.detector
+        self.det.freeze(det, ["all"])
+        if stage == "B":
+            parts = UNFREEZE_PARTS[self.params.unfreeze]
+            if parts:
+                self.det.unfreeze(det, parts)
+            log.info("phase 2 stage B from epoch %d: unfreeze=%s (%d trainable detector tensors)", epoch,
+                     self.params.unfreeze, sum(p.requires_grad for p in det.parameters()))
+            if self.train_dataset is not None:
+                self.train_dataset.augment = self.params.augment
+        else:
+            if self.use_cache and self.train_dataset is not None:
+                self.train_dataset.augment = False
+
+    def set_train_mode(self, model) -> None:
+        model.set_train_mode()
+
+    def _cached_outputs(self, model, batch) -> dict:
+        ids = [int(t["image_id"]) for t in batch["labels"]]
+        missing = [i for i, iid in enumerate(ids) if iid not in self.cache]
+        if missing:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = model.detector_outputs(batch["pixel_values"][missing], None, 0)
+            for j, i in enumerate(missing):
+                self.cache[ids[i]] = _slice(out, j)
+            self.cache_seconds += time.perf_counter() - t0
+        return _stack([self.cache[iid] for iid in ids])
+
+    def loss(self, model, batch, epoch):
+        if self.stage == "A" and self.use_cache:
+            if self.cache is None:
+                self.cache = {}
+            outputs = self._cached_outputs(model, batch)
+            return model.loss_from_outputs(outputs, batch["labels"], epoch)
+        out = model(batch["pixel_values"], labels=batch["labels"], epoch=epoch)
+        return out["loss"], out["loss_dict"]
+
+    def predict_fn(self, model):
+        return model.predict
+
+    def save_model(self, model, folder, metadata):
+        cfg = fusion_config(self.params, model.detector.config.d_model) if model.fusion is not None else {}
+        model.save(folder, metadata, cfg)
+
+    def epoch_extra(self, model) -> dict:
+        extra = {"stage": self.stage}
+        if model.fusion is not None:
+            extra.update(model.fusion.state_summary())
+        return extra
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage = None  # on_epoch_start re-applies the stage of the resumed epoch
+
+
+def _slice(obj, j: int):
+    """Sample ``j`` of a batched official-outputs structure (tensors with a batch dim), on CPU."""
+    if torch.is_tensor(obj):
+        return obj[j].detach().cpu() if obj.ndim >= 1 and obj.shape[0] > j and obj.ndim > 1 else obj
+    if isinstance(obj, dict):
+        return {k: _slice(v, j) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_slice(v, j) for v in obj)
+    return obj
+
+
+def _stack(items: list):
+    first = items[0]
+    if torch.is_tensor(first):
+        if first.ndim >= 1 and all(t.shape == first.shape for t in items) and first.ndim > 0 \
+                and not (first.ndim == 1 and first.numel() == 1):
+            return torch.stack(items)
+        return first
+    if isinstance(first, dict):
+        return {k: _stack([it[k] for it in items]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_stack([it[i] for it in items]) for i in range(len(first)))
+    return first
+
+
+# ----------------------------------------------------------------------------------------------
+# Notebook 02's work
+# ----------------------------------------------------------------------------------------------
+def build_multimodal(params, class_names: list[str]):
+    from tfg_mm import detector as det
+    from tfg_mm.model import MultimodalDetector
+
+    ckpt, baseline_metrics = baseline_folder(params.baseline)
+    detector = det.load(ckpt)
+    names = [detector.config.id2label[i] for i in range(detector.config.num_labels)]
+    if names != list(class_names):
+        raise CheckpointError(f"Baseline checkpoint {ckpt} was trained on classes {names}, the dataset has "
+                              f"{list(class_names)}. Fix: use the baseline trained on this dataset, or retrain "
+                              f"notebook 01 on it.")
+    text, text_info = text_embeddings(params, class_names)
+    fusion = None
+    if text is not None:
+        fusion = build_fusion_from_config(fusion_config(params, detector.config.d_model), text)
+    det.freeze(detector, ["all"])
+    model = MultimodalDetector(detector, fusion, params.detector_mode, params.kd_weight)
+    return model, {"checkpoint": str(ckpt), "metrics": baseline_metrics}, text_info
+
+
+def run_phase2(params, progress: bool = True) -> dict:
+    from tfg_mm import runs
+    from tfg_mm.train import make_data
+
+    run_dir = runs.prepare_run_dir(resolve_path(params.run_dir), overwrite=params.overwrite, resume=params.resume)
+    loader_gen = seed_everything(params.seed, params.deterministic)
+    data = make_data(params, loader_gen, progress=progress)
+    model, baseline, text_info = build_multimodal(params, data.class_names)
+    base_final = (baseline["metrics"] or {}).get("final")
+    extra = {"phase": "phase2", "baseline": {"checkpoint": baseline["checkpoint"], "final": base_final},
+             "text_encoder": text_info, "detector_mode": params.detector_mode, "classes": data.class_names,
+             "cached_warmup_mode": "detector_mode outputs on un-augmented images, no denoising queries, "
+                                   "no encoder fusion" if params.cache_warmup else None}
+
+    def contract(history, final, status):
+        runs.write_metrics(run_dir, params=params, dataset=data.record, history=history, final=final, extra=extra,
+                           status=status)
+
+    task = Phase2Task(model, data.class_names, params, data.train)
+    trainer = Trainer(params, task, data.train_loader, data.val_loader, data.val.coco_path, data.cat_ids, run_dir,
+                      loader_gen, contract, progress)
+    trainer.fit()
+    extra["cache_seconds"] = round(task.cache_seconds, 2)
+    return runs.read_metrics(run_dir)
+
+
+def ensure_baseline(params, baseline_params_file: str = "params/baseline.yaml", progress: bool = False) -> Path:
+    """Find the baseline ``params.baseline`` names, or train it first (notebook 01's work).
+
+    A finished baseline run is reused as it is; a missing one is trained with ``baseline_params_file``
+    on the same dataset and seed, into ``params.baseline`` as its run_dir.
+    """
+    from tfg_mm import runs
+    from tfg_mm.config import load_params
+    from tfg_mm.train import REPO_ROOT, run_baseline
+
+    path = resolve_path(params.baseline) if params.baseline else None
+    if path is not None and (runs.is_finished(path) or (path.is_dir() and not (path / "state").exists()
+                                                        and any(path.glob("*.safetensors")))):
+        return path
+    if not params.baseline:
+        raise ConfigError("Parameter `baseline` is empty. Fix: set it to a run_dir of notebook 01 (e.g. `runs/baseline`).")
+    src = Path(baseline_params_file)
+    if not src.is_absolute() and not src.exists():
+        src = REPO_ROOT / src
+    base_params = load_params(src, {"run_dir": params.baseline, "dataset": params.dataset, "seed": params.seed,
+                                    "image_size": params.image_size, "preset": params.preset})
+    log.info("baseline %s not found: training it first with %s", params.baseline, src)
+    run_baseline(base_params, progress=progress)
+    return resolve_path(params.baseline)

@@ -1,0 +1,612 @@
+"""One training loop for every phase.
+
+The loop (:class:`Trainer`) knows nothing about DEIMv2 or text: a :class:`Task` supplies the
+model, its loss, its prediction function, its parameter groups and how to save it. Phase 1
+(:class:`BaselineTask`, :func:`run_baseline`) trains or evaluates the detector alone; phase 2
+(``tfg_mm.phase2``) plugs its multimodal task into the same loop.
+
+What the loop guarantees, for every phase:
+- AdamW (or SGD) with the task's parameter groups; linear warm-up then flat-cosine / cosine;
+  gradient clipping; an EMA of the weights (``torch.optim.swa_utils.AveragedModel``) with the
+  official DEIM warm-up ``decay * (1 - exp(-updates / warmup))``; ``accelerate`` for device,
+  mixed precision and ``accelerate launch`` multi-GPU.
+- Per-epoch validation with pycocotools, best / last checkpoints, and the run contract
+  ``{run_dir}/metrics.json`` rewritten atomically after every evaluated epoch.
+- A non-finite loss stops the run with :class:`~tfg_mm.errors.TrainingError` naming epoch, step
+  and loss terms; the last good checkpoint and history stay on disk.
+- An interrupted run resumes from ``{run_dir}/state/last.pt`` (model, optimiser, scheduler, EMA,
+  RNG states, history) and ends with the same metrics as an uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from tfg_mm.config import resolve_path
+from tfg_mm.errors import CheckpointError, ConfigError, TrainingError
+from tfg_mm.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reproducibility
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
+    """Seed python, numpy and torch; return the generator that drives data shuffling."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def rng_state(loader_gen: torch.Generator) -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "loader": loader_gen.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, loader_gen: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    loader_gen.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser, schedule, EMA
+# ----------------------------------------------------------------------------------------------
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """Norm weights, biases and scalar gates / scales are kept out of weight decay."""
+    lname = name.lower()
+    return param.ndim <= 1 or "norm" in lname or lname.endswith(".bias") or ".bn." in lname
+
+
+def split_decay(named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float, tag: str) -> list[dict]:
+    """Two parameter groups (decay / no decay) at one learning rate, trainable parameters only."""
+    decay = [p for n, p in named if p.requires_grad and not no_decay(n, p)]
+    nodecay = [p for n, p in named if p.requires_grad and no_decay(n, p)]
+    groups = []
+    if decay:
+        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": f"{tag}"})
+    if nodecay:
+        groups.append({"params": nodecay, "lr": lr, "weight_decay": 0.0, "name": f"{tag}_no_decay"})
+    return groups
+
+
+def build_optimizer(groups: list[dict], params) -> torch.optim.Optimizer:
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    if params.optimizer == "AdamW":
+        return torch.optim.AdamW(groups, lr=params.lr, betas=(0.9, 0.999), weight_decay=params.weight_decay)
+    return torch.optim.SGD(groups, lr=params.lr, momentum=0.9, weight_decay=params.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, warmup: int, kind: str, flat_fraction: float, min_ratio: float) -> float:
+    """Multiplier of each group's initial lr: linear warm-up, then constant / cosine / flat-cosine.
+
+    Flat-cosine (DEIM): hold the lr flat for ``flat_fraction`` of the steps, then cosine-decay to
+    ``min_ratio`` of the initial value.
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant" or total_steps <= 0:
+        return 1.0
+    start = warmup if kind == "cosine" else max(warmup, int(flat_fraction * total_steps))
+    if step < start:
+        return 1.0
+    span = max(1, total_steps - start)
+    progress = min(1.0, (step - start) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def ema_multi_avg_fn(decay: float, warmup: int) -> Callable:
+    """EMA update for ``AveragedModel`` with DEIM's warm-up of the decay.
+
+    Floating tensors are lerped towards the model; integer buffers (BatchNorm counters) copied.
+    """
+
+    def update(ema_params, model_params, num_averaged):
+        d = decay * (1.0 - math.exp(-float(num_averaged) / max(1, warmup)))
+        floats_e = [e for e in ema_params if e.is_floating_point()]
+        floats_m = [m for e, m in zip(ema_params, model_params) if e.is_floating_point()]
+        if floats_e:
+            torch._foreach_lerp_(floats_e, floats_m, 1.0 - d)
+        for e, m in zip(ema_params, model_params):
+            if not e.is_floating_point():
+                e.copy_(m)
+
+    return update
+
+
+# ----------------------------------------------------------------------------------------------
+# The task interface
+# ----------------------------------------------------------------------------------------------
+class Task:
+    """What a phase supplies to the loop."""
+
+    #: the module whose parameters are optimised (and averaged by the EMA)
+    model: nn.Module
+    class_names: list[str]
+
+    def param_groups(self, params) -> list[dict]:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def predict_fn(self, model: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def save_model(self, model: nn.Module, folder: Path, metadata: dict) -> None:
+        raise NotImplementedError
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        """Put the model in training mode (phase 2 keeps a frozen detector in eval or frozen-train mode)."""
+        model.train()
+
+    def on_epoch_start(self, epoch: int, trainer: "Trainer") -> None:
+        """Stage switches (phase 2) happen here. Called before every epoch, also after resume."""
+
+    def epoch_extra(self, model: nn.Module) -> dict:
+        """Extra per-epoch numbers for the history (e.g. alpha, logit scale)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    final: dict
+    best_dir: Path | None
+    last_dir: Path | None
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """The loop. See the module docstring for what it guarantees."""
+
+    def __init__(self, params, task: Task, train_loader: DataLoader, val_loader: DataLoader, coco_gt,
+                 cat_ids: list[int], run_dir: Path, loader_gen: torch.Generator,
+                 write_contract: Callable[[list[dict], dict | None, str], None], progress: bool = True):
+        from accelerate import Accelerator
+
+        self.params = params
+        self.task = task
+        self.run_dir = Path(run_dir)
+        self.state_dir = self.run_dir / "state"
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.progress = progress
+        self.coco_gt = coco_gt
+        self.cat_ids = cat_ids
+        self.loader_gen = loader_gen
+        self.write_contract = write_contract
+        cpu = params.device == "cpu" or (params.device == "auto" and not torch.cuda.is_available())
+        if params.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("Parameter `device: cuda` but no CUDA device is visible. Fix: set `device: auto` or `cpu`.")
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=params.amp)
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.history: list[dict] = []
+        self.best_score = -math.inf
+        self.best_epoch = -1
+        self.global_step = 0
+        self.start_epoch = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.ema: AveragedModel | None = None
+
+    # -- optimiser (rebuilt when a stage changes what trains) ----------------------------------
+    def rebuild_optimizer(self) -> None:
+        groups = self.task.param_groups(self.params)
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ConfigError("Nothing to train: every parameter is frozen. Fix: check `unfreeze` / `epochs`.")
+        self.optimizer = build_optimizer(groups, self.params)
+
+    def total_steps(self) -> int:
+        per_epoch = len(self.train_loader)
+        if self.params.max_steps_per_epoch:
+            per_epoch = min(per_epoch, self.params.max_steps_per_epoch)
+        return per_epoch * self.params.epochs
+
+    def set_lr(self) -> float:
+        p = self.params
+        f = lr_factor(self.global_step, self.total_steps(), p.lr_warmup_steps, p.scheduler, p.flat_fraction,
+                      p.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * f
+        return self.optimizer.param_groups[0]["lr"]
+
+    def make_ema(self) -> None:
+        if self.params.ema:
+            self.ema = AveragedModel(self.task.model, multi_avg_fn=ema_multi_avg_fn(self.params.ema_decay,
+                                                                                    self.params.ema_warmup),
+                                     use_buffers=True)
+            self.ema.to(self.accelerator.device)
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.task.model
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_state(self, epoch: int) -> None:
+        """Everything needed to resume after ``epoch``: one atomic file."""
+        state = {
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "model": self.task.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(self.loader_gen),
+            "history": self.history,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "task": self.task.state_dict(),
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(self.state_dir / "last.pt", buf.getvalue())
+
+    def try_resume(self) -> bool:
+        path = self.state_dir / "last.pt"
+        if not (self.params.resume and path.exists()):
+            return False
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a truncated file cannot happen (atomic writes), but be explicit
+            raise CheckpointError(f"Cannot read the resume state {path}: {exc}. Fix: delete {path} to restart "
+                                  f"the run from scratch, or set `resume: false`.") from exc
+        self.task.load_state_dict(state.get("task", {}))
+        self.task.on_epoch_start(state["epoch"] + 1, self)  # restore the stage's trainable set first
+        self.task.model.load_state_dict(state["model"])
+        self.rebuild_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.make_ema()
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.global_step = state["global_step"]
+        self.history = state["history"]
+        self.best_score = state["best_score"]
+        self.best_epoch = state["best_epoch"]
+        self.start_epoch = state["epoch"] + 1
+        set_rng_state(state["rng"], self.loader_gen)
+        log.info("Resumed %s after epoch %d", self.run_dir, state["epoch"])
+        return True
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self) -> tuple[dict, list[dict]]:
+        from tfg_mm.evaluate import evaluate
+
+        model = self.eval_model()
+        was_training = model.training
+        model.eval()
+        try:
+            metrics, dets = evaluate(self.task.predict_fn(model), self.val_loader, self.coco_gt, self.task.class_names,
+                                     self.cat_ids, top_k=self.params.top_k, device=self.accelerator.device,
+                                     progress=self.progress)
+        finally:
+            model.train(was_training)
+        return metrics, dets
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        p = self.params
+        self.task.model.to(self.accelerator.device)
+        if not self.try_resume():
+            self.task.on_epoch_start(0, self)
+            self.rebuild_optimizer()
+            self.make_ema()
+            # epoch-0 evaluation: the starting point of every trajectory (phase 2: the exact-start check)
+            self._evaluate_and_record(epoch=0, losses={}, seconds=0.0, lr=0.0)
+        for epoch in range(max(1, self.start_epoch), p.epochs + 1):
+            self.task.on_epoch_start(epoch, self)
+            t0 = time.perf_counter()
+            losses = self._train_one_epoch(epoch)
+            seconds = time.perf_counter() - t0
+            if epoch % p.eval_every == 0 or epoch == p.epochs:
+                self._evaluate_and_record(epoch, losses, seconds, self.optimizer.param_groups[0]["lr"])
+            self.save_state(epoch)
+        return self._finish()
+
+    def _train_one_epoch(self, epoch: int) -> dict[str, float]:
+        p = self.params
+        model = self.task.model
+        self.task.set_train_mode(model)
+        sums: dict[str, float] = {}
+        count = 0
+        steps = len(self.train_loader)
+        if p.max_steps_per_epoch:
+            steps = min(steps, p.max_steps_per_epoch)
+        bar = tqdm(self.train_loader, total=steps, desc=f"epoch {epoch}/{p.epochs}", disable=not self.progress,
+                   leave=False)
+        for step, batch in enumerate(bar):
+            if step >= steps:
+                break
+            batch = _to_device(batch, self.accelerator.device)
+            lr = self.set_lr()
+            with self.accelerator.autocast():
+                loss, terms = self.task.loss(model, batch, epoch)
+            if not torch.isfinite(loss):
+                bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
+                raise TrainingError(
+                    f"Non-finite loss ({loss.item()}) at epoch {epoch}, step {step} of run {self.run_dir}. "
+                    f"Non-finite terms: {bad or 'none individually (the sum overflowed)'}; all terms: "
+                    f"{ {k: round(v, 4) for k, v in terms.items()} }. The last good checkpoint is kept in "
+                    f"{self.state_dir / 'last.pt'} and {self.ckpt_dir}. Fix: lower `lr` (now {p.lr}) or "
+                    f"`lr_fusion`, keep `grad_clip` > 0, use `amp: no`, then rerun (it resumes from the last epoch)."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.accelerator.backward(loss)
+            if p.grad_clip > 0:
+                self.accelerator.clip_grad_norm_([q for g in self.optimizer.param_groups for q in g["params"]],
+                                                 p.grad_clip)
+            self.optimizer.step()
+            self.global_step += 1
+            if self.ema is not None:
+                self.ema.update_parameters(model)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        return {k: v / max(1, count) for k, v in sums.items()}
+
+    def _evaluate_and_record(self, epoch: int, losses: dict, seconds: float, lr: float) -> None:
+        metrics, _ = self.evaluate()
+        entry = {
+            "epoch": epoch,
+            "map": metrics["map"],
+            "map50": metrics["map50"],
+            "map75": metrics["map75"],
+            "map_small": metrics.get("map_small"),
+            "map_medium": metrics.get("map_medium"),
+            "map_large": metrics.get("map_large"),
+            "per_class": metrics["per_class"],
+            "lr": lr,
+            "loss": sum(losses.values()) if losses else None,
+            "losses": _summarise_losses(losses),
+            "seconds": round(seconds, 3),
+            **self.task.epoch_extra(self.eval_model()),
+        }
+        self.history.append(entry)
+        score = metrics[self.params.select_metric]
+        model = self.eval_model()
+        meta = {"epoch": epoch, "metrics": _headline(metrics), "run_dir": str(self.run_dir)}
+        self.task.save_model(model, self.ckpt_dir / "last", meta)
+        if score > self.best_score:
+            self.best_score = score
+            self.best_epoch = epoch
+            self.task.save_model(model, self.ckpt_dir / "best", meta)
+        self.write_contract(self.history, None, "running")
+        if self.progress:
+            tqdm.write(f"[{self.run_dir.name}] epoch {epoch}: mAP {metrics['map']:.4f}  mAP50 {metrics['map50']:.4f}")
+
+    def _finish(self) -> TrainResult:
+        best = next(h for h in self.history if h["epoch"] == self.best_epoch)
+        final = {k: v for k, v in best.items() if k not in ("losses", "lr", "seconds")}
+        final["selected_by"] = self.params.select_metric
+        final["checkpoint"] = str(self.ckpt_dir / "best")
+        self.write_contract(self.history, final, "finished")
+        return TrainResult(self.history, final, self.ckpt_dir / "best", self.ckpt_dir / "last")
+
+
+def _headline(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("map", "map50", "map75") if k in metrics}
+
+
+def _summarise_losses(losses: dict[str, float]) -> dict[str, float]:
+    """Group the ~20-50 official loss terms by kind (mal, bbox, giou, fgl, ddf) for the history."""
+    out: dict[str, float] = {}
+    for k, v in losses.items():
+        kind = k.split("_")[1] if k.startswith("loss_") and "_" in k else k
+        key = f"loss_{kind}" if k.startswith("loss_") else k
+        out[key] = round(out.get(key, 0.0) + v, 6)
+    return out
+
+
+def _to_device(batch: dict, device) -> dict:
+    out = dict(batch)
+    out["pixel_values"] = batch["pixel_values"].to(device)
+    out["labels"] = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in batch["labels"]]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Data for every phase
+# ----------------------------------------------------------------------------------------------
+DEFAULT_DATASET = "data/synthetic"
+
+
+def resolve_dataset(params, progress: bool = True) -> Path:
+    """The dataset folder; the embedded synthetic set is generated when it is the default and absent."""
+    root = resolve_path(params.dataset)
+    if not (root / params.train_json).exists() and params.dataset == DEFAULT_DATASET and params.generate_if_missing:
+        from tfg_mm.data.synthetic import generate
+
+        root = REPO_ROOT / DEFAULT_DATASET
+        generate(root, seed=params.synthetic_seed, n_train=params.synthetic_train, n_val=params.synthetic_val,
+                 image_size=params.synthetic_image_size, progress=progress)
+    if not root.exists():
+        raise ConfigError(f"Parameter `dataset`: folder {root} does not exist. Fix: point `dataset` at a COCO folder "
+                          f"with `{params.images_dir}/`, `{params.train_json}` and `{params.val_json}`, or use the "
+                          f"embedded default `{DEFAULT_DATASET}` (generated on first use).")
+    return root
+
+
+@dataclass
+class Data:
+    root: Path
+    train: Any
+    val: Any
+    train_loader: DataLoader
+    val_loader: DataLoader
+    class_names: list[str]
+    cat_ids: list[int]
+    record: dict
+
+
+def make_data(params, loader_gen: torch.Generator, progress: bool = True, need_train: bool = True) -> Data:
+    from tfg_mm.data import CocoDetection, collate
+    from tfg_mm.runs import dataset_record
+
+    root = resolve_dataset(params, progress=progress)
+    val = CocoDetection(root, params.val_json, params.images_dir, image_size=params.image_size, train=False,
+                        augment=False)
+    train = None
+    train_loader = None
+    if need_train:
+        train = CocoDetection(root, params.train_json, params.images_dir, image_size=params.image_size, train=True,
+                              augment=params.augment)
+        if list(train.categories) != list(val.categories):
+            raise ConfigError(f"The train and val annotation files of {root} list different categories "
+                              f"({train.categories} vs {val.categories}). Fix: use one category list in both.")
+        train_loader = DataLoader(train, batch_size=params.batch_size, shuffle=True, generator=loader_gen,
+                                  collate_fn=collate, num_workers=params.num_workers,
+                                  drop_last=len(train) > params.batch_size)
+    val_loader = DataLoader(val, batch_size=params.batch_size, shuffle=False, collate_fn=collate,
+                            num_workers=params.num_workers)
+    return Data(root, train, val, train_loader, val_loader, list(val.categories), list(val.cat_ids),
+                dataset_record(root, params.train_json, params.val_json))
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase 1: the DEIMv2 baseline
+# ----------------------------------------------------------------------------------------------
+def _is_project_model(model: nn.Module) -> bool:
+    from tfg_mm.detector import TfgDeimv2ForObjectDetection
+
+    return isinstance(model, TfgDeimv2ForObjectDetection)
+
+
+class BaselineTask(Task):
+    """The detector alone, trained with the official DEIMv2 criterion (``tfg_mm.loss``)."""
+
+    def __init__(self, model: nn.Module, class_names: list[str]):
+        self.model = model
+        self.class_names = class_names
+
+    def param_groups(self, params) -> list[dict]:
+        backbone, rest = [], []
+        for name, prm in self.model.named_parameters():
+            (backbone if name.startswith("model.conv_encoder.") else rest).append((name, prm))
+        return (split_decay(backbone, params.lr_backbone, params.weight_decay, "backbone")
+                + split_decay(rest, params.lr, params.weight_decay, "detector"))
+
+    def loss(self, model, batch, epoch):
+        kwargs = {"epoch": epoch} if _is_project_model(model) else {}
+        out = model(batch["pixel_values"], labels=batch["labels"], **kwargs)
+        terms = {k: float(v) for k, v in (out.loss_dict or {}).items()}
+        return out.loss, terms
+
+    def predict_fn(self, model):
+        def fn(pixel_values):
+            out = model(pixel_values)
+            return out.logits, out.pred_boxes
+
+        return fn
+
+    def save_model(self, model, folder, metadata):
+        from tfg_mm import detector
+
+        if _is_project_model(model):
+            detector.save(model, folder, metadata)
+        else:  # the uncorrected upstream model (benchmark comparison only)
+            from tfg_mm.io import atomic_dir
+
+            with atomic_dir(folder) as tmp:
+                model.save_pretrained(tmp)
+
+
+def build_baseline_model(params, data: Data) -> tuple[nn.Module, dict]:
+    """The detector a baseline run trains or evaluates, and where it came from."""
+    from tfg_mm import detector
+
+    id2label = dict(enumerate(data.class_names))
+    n = params.num_classes or len(data.class_names)
+    if params.num_classes and params.num_classes != len(data.class_names):
+        raise ConfigError(f"Parameter `num_classes: {params.num_classes}` but the dataset {data.root} has "
+                          f"{len(data.class_names)} classes ({data.class_names}). Fix: remove `num_classes` to use "
+                          f"the dataset's classes.")
+    source = params.checkpoint or params.pretrained
+    if source:
+        path = resolve_path(source)
+        if path.is_dir() and (path / "metrics.json").exists() and (path / "checkpoints" / "best").exists():
+            path = path / "checkpoints" / "best"  # a run_dir of notebook 01
+        if path.is_dir():
+            model = detector.load(path, num_classes=n, reinit_class_heads=params.reinit_class_heads, id2label=id2label)
+        else:
+            model = detector.from_pretrained(str(source))
+        return model, {"source": str(path), "preset": params.preset}
+    model = detector.build(params.preset, n, id2label=id2label, image_size=params.image_size, seed=params.seed,
+                           fidelity=params.fidelity)
+    return model, {"source": "random init", "preset": params.preset, "fidelity": params.fidelity}
+
+
+def run_baseline(params, progress: bool = True) -> dict:
+    """Notebook 01's work: train (or only evaluate ``checkpoint``) and write the run contract."""
+    from tfg_mm import runs
+    from tfg_mm.detector import CORRECTIONS
+
+    run_dir = runs.prepare_run_dir(resolve_path(params.run_dir), overwrite=params.overwrite, resume=params.resume)
+    loader_gen = seed_everything(params.seed, params.deterministic)
+    data = make_data(params, loader_gen, progress=progress, need_train=not params.checkpoint)
+    model, origin = build_baseline_model(params, data)
+    n_params = sum(p.numel() for p in model.parameters())
+    extra = {"phase": "baseline", "model": {**origin, "parameters": n_params,
+                                            "corrections": list(CORRECTIONS) if params.fidelity == "official" else []},
+             "classes": data.class_names}
+
+    def contract(history, final, status):
+        runs.write_metrics(run_dir, params=params, dataset=data.record, history=history, final=final, extra=extra,
+                           status=status)
+
+    task = BaselineTask(model, data.class_names)
+    if params.checkpoint:  # evaluate an existing checkpoint, no training
+        trainer = Trainer(params, task, data.val_loader, data.val_loader, data.val.coco_path, data.cat_ids, run_dir,
+                          loader_gen, contract, progress)
+        task.model.to(trainer.accelerator.device)
+        metrics, _ = trainer.evaluate()
+        entry = {"epoch": 0, **{k: metrics[k] for k in ("map", "map50", "map75", "map_small", "map_medium",
+                                                        "map_large", "per_class")},
+                 "lr": 0.0, "loss": None, "losses": {}, "seconds": 0.0}
+        final = {**entry, "selected_by": "evaluation only", "checkpoint": origin["source"]}
+        contract([entry], final, "finished")
+        return runs.read_metrics(run_dir)
+    trainer = Trainer(params, task, data.train_loader, data.val_loader, data.val.coco_path, data.cat_ids, run_dir,
+                      loader_gen, contract, progress)
+    trainer.fit()
+    return runs.read_metrics(run_dir)
