@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Settings shared by the tests that train: small, fast, deterministic.
 TINY = {
     "preset": "atto",
-    "image_size": 64,
+    "image_size": 160,
     "batch_size": 4,
     "epochs": 2,
     "lr": 1e-3,
@@ -36,11 +36,11 @@ TINY = {
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
-    """12 train / 6 val synthetic images of 64 px (generated once per test session)."""
+    """12 train / 6 val synthetic images of 160 px (atto selects 100 queries: it needs >= 100 anchors) (generated once per test session)."""
     from tfg_mm.data.synthetic import generate
 
     root = tmp_path_factory.mktemp("data") / "synthetic_tiny"
-    return generate(root, seed=3, n_train=12, n_val=6, image_size=64, defect_free_fraction=0.0, progress=False)
+    return generate(root, seed=3, n_train=12, n_val=6, image_size=160, defect_free_fraction=0.0, progress=False)
 
 
 @pytest.fixture

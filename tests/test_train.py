@@ -26,13 +26,13 @@ def test_tiny_model_overfits_a_handful_of_images(tiny_dataset, tmp_path):
     from tfg_mm.config import load_params
     from tfg_mm.data.synthetic import generate
 
-    root = generate(tmp_path / "four", seed=11, n_train=4, n_val=4, image_size=64, defect_free_fraction=0.0,
+    root = generate(tmp_path / "four", seed=11, n_train=4, n_val=4, image_size=160, defect_free_fraction=0.0,
                     progress=False)
     # validate on the training images themselves
     (root / "instances_val.json").write_text((root / "instances_train.json").read_text())
-    params = load_params({"preset": "atto", "image_size": 64, "batch_size": 4, "epochs": 60, "lr": 2e-3,
+    params = load_params({"preset": "atto", "image_size": 160, "batch_size": 4, "epochs": 150, "lr": 2e-3,
                           "lr_backbone": 2e-3, "lr_warmup_steps": 5, "scheduler": "flatcosine", "ema": False,
-                          "augment": False, "eval_every": 20, "top_k": 50, "dataset": str(root),
+                          "augment": False, "eval_every": 75, "save_every": 75, "top_k": 50, "dataset": str(root),
                           "run_dir": str(tmp_path / "run"), "generate_if_missing": False, "weight_decay": 0.0})
     metrics = run_baseline(params, progress=False)
     assert metrics["final"]["map50"] >= 0.9, metrics["final"]
@@ -44,8 +44,8 @@ def test_frozen_parameters_unchanged_after_a_step(tiny_params):
     from tfg_mm.train import build_optimizer
 
     params = tiny_params()
-    ds = CocoDetection(params.dataset, params.train_json, params.images_dir, image_size=64, train=True, augment=False)
-    model = detector.build("atto", len(ds.categories), image_size=64, seed=0)
+    ds = CocoDetection(params.dataset, params.train_json, params.images_dir, image_size=160, train=True, augment=False)
+    model = detector.build("atto", len(ds.categories), image_size=160, seed=0)
     detector.freeze(model, ["backbone"])
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -340,7 +340,8 @@ class Trainer:
             seconds = time.perf_counter() - t0
             if epoch % p.eval_every == 0 or epoch == p.epochs:
                 self._evaluate_and_record(epoch, losses, seconds, self.optimizer.param_groups[0]["lr"])
-            self.save_state(epoch)
+            if epoch % p.save_every == 0 or epoch == p.epochs:
+                self.save_state(epoch)
         return self._finish()
 
     def _train_one_epoch(self, epoch: int) -> dict[str, float]:

@@ -1,0 +1,318 @@
+"""The ablation grid runner: failures recorded, finished runs reused, statistics, notebook 03.
+
+The unit of work is injected: ``fake_run`` stands in for notebook 02. It writes a real run contract
+(:func:`tfg_mm.runs.write_metrics`) and real COCO detections of a tiny ground truth, so the
+statistics (pycocotools + the paired bootstrap) and the report run for real, without training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tfg_mm import ablations, reports, runs
+from tfg_mm.config import load_params
+from tfg_mm.errors import ConfigError
+from tfg_mm.evaluate import coco_evaluate
+from tfg_mm.notebooks import REPO_ROOT, execute, render_html
+
+CLASSES = ["scratch", "perforation", "break", "stain"]
+N_IMAGES = 12
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny COCO dataset, a fake baseline run, and the fake unit of work
+# --------------------------------------------------------------------------------------------
+def _make_dataset(root: Path) -> Path:
+    (root / "images").mkdir(parents=True)
+    rng = random.Random(0)
+    images, annotations = [], []
+    for i in range(1, N_IMAGES + 1):
+        Image.new("RGB", (64, 64), (i * 10, 0, 0)).save(root / "images" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": 64, "height": 64})
+        for cat in range(1, len(CLASSES) + 1):
+            x, y = rng.uniform(0, 30), rng.uniform(0, 30)
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": cat,
+                                "bbox": [x, y, 20.0, 20.0], "area": 400.0, "iscrowd": 0})
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": k + 1, "name": n} for k, n in enumerate(CLASSES)]}
+    for split in ("train", "val"):
+        (root / f"instances_{split}.json").write_text(json.dumps(coco))
+    return root
+
+
+def _detections(val_json: str, noise: float, seed: int) -> list[dict]:
+    """Every ground-truth box shifted by a random offset of size ~``noise`` pixels (more noise, lower AP)."""
+    gt = json.loads(Path(val_json).read_text())
+    rng = np.random.default_rng(seed)
+    out = []
+    for ann in gt["annotations"]:
+        x, y, w, h = ann["bbox"]
+        dx, dy = rng.normal(0, noise, 2)
+        out.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": [x + dx, y + dy, w, h],
+                    "score": float(rng.uniform(0.3, 1.0))})
+    return out
+
+
+def _write_run(params, run_dir: Path, noise: float) -> None:
+    record = runs.dataset_record(params.dataset, params.train_json, params.val_json)
+    detections = _detections(record["val_json"], noise, params.seed)
+    metrics = coco_evaluate(record["val_json"], detections)
+    (run_dir / "checkpoints" / "best").mkdir(parents=True, exist_ok=True)
+    (run_dir / "detections_val.json").write_text(json.dumps(detections))
+    history = []
+    for epoch in range(3):
+        history.append({"epoch": epoch, **{k: metrics[k] for k in ("map", "map50", "map75")},
+                        "per_class": metrics["per_class"], "lr": 1e-4, "loss": None, "losses": {"loss_mal": 1.0 / (epoch + 1)},
+                        "seconds": 0.1, "stage": "A" if epoch < 2 else "B", "alpha_mean": params.alpha + 0.01 * epoch})
+    final = {**history[-1], "checkpoint": str(run_dir / "checkpoints" / "best"), "selected_by": "map"}
+    runs.write_metrics(run_dir, params=params, dataset=record, history=history, final=final,
+                       extra={"phase": "phase2", "classes": CLASSES}, status="finished")
+
+
+def fake_run(parameters: dict, run_dir: Path) -> None:
+    """Stands in for notebook 02 (module level, so that spawned worker processes can import it)."""
+    from tfg_mm.notebooks import notebook_params
+
+    p = notebook_params(dict(parameters))
+    with open(run_dir.parent / f"calls_{run_dir.name}.txt", "a") as fh:
+        fh.write("call\n")
+    if p.text_encoder == "none":
+        raise RuntimeError("boom: this variant cannot run")
+    run_dir = runs.prepare_run_dir(p.run_dir, overwrite=p.overwrite, resume=p.resume)
+    _write_run(p, run_dir, noise=2.0 + 20 * p.alpha)
+
+
+def _calls(ablations_dir: Path, variant: str, seed: int = 0) -> int:
+    path = ablations_dir / variant / f"calls_seed{seed}.txt"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    dataset = _make_dataset(tmp_path / "data")
+    params_file = tmp_path / "phase2.yaml"
+    params_file.write_text(f"dataset: {dataset}\nbaseline: {tmp_path / 'baseline'}\nepochs: 2\n")
+    base = load_params(params_file, {"run_dir": str(tmp_path / "baseline"), "seed": 0})
+    (tmp_path / "baseline").mkdir()
+    _write_run(base, tmp_path / "baseline", noise=1.0)
+    return tmp_path, params_file
+
+
+def _grid_file(tmp_path: Path, variants: str, name: str = "grid.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text("description: test grid\nbase: {lr_fusion: 0.002}\nseeds: [0]\n"
+                    "hard_classes: [perforation, break]\nvariants:\n" + variants)
+    return path
+
+
+GOOD = ("  - name: minilm\n    overrides: {text_encoder: minilm}\n"
+        "  - name: noisy\n    overrides: {alpha: 0.5}\n")
+FAILING = "  - name: no_text\n    overrides: {text_encoder: none}\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+def test_shipped_grids_validate():
+    small = ablations.load_ablation_grid(REPO_ROOT / "params/ablations/small.yaml")
+    full = ablations.load_ablation_grid(REPO_ROOT / "params/ablations/full.yaml")
+    assert {v["name"] for v in small["variants"]} == {"minilm", "random", "none", "thesis_original"}
+    assert small["hard_classes"] == ["perforation", "break"]
+    names = {v["name"] for v in full["variants"]}
+    assert {"thesis_original", "text_open_clip", "text_random", "text_none", "fusion_mlp_dropout0.3"} <= names
+    assert full["wise"] == {"variant": "minilm", "lambdas": [0.0, 0.25, 0.5, 0.75, 1.0]} and full["seeds"] == [0, 1]
+
+
+def test_grid_errors_name_file_and_key(tmp_path):
+    path = _grid_file(tmp_path, GOOD)
+    path.write_text(path.read_text() + "wise: {variant: missing}\n")
+    with pytest.raises(ConfigError, match=r"grid\.yaml.*wise\.variant: missing"):
+        ablations.load_ablation_grid(path)
+    bad = _grid_file(tmp_path, "  - name: typo\n    overrides: {lr_fuson: 0.1}\n", name="bad.yaml")
+    with pytest.raises(ConfigError) as err:
+        ablations.load_ablation_grid(bad)
+    assert str(bad) in str(err.value) and "lr_fusion" in str(err.value)  # the file and the did-you-mean
+
+
+def test_failing_variant_is_recorded_and_finished_runs_are_reused(setup):
+    tmp_path, params_file = setup
+    grid = _grid_file(tmp_path, GOOD + FAILING)
+    out = tmp_path / "ablations"
+    kwargs = dict(params_file=params_file, bootstrap_resamples=20, run_variant=fake_run, progress=False)
+
+    record = ablations.run_grid(grid, out, **kwargs)
+    status = {r["variant"]: r for r in record["runs"]}
+    assert {k: v["status"] for k, v in status.items()} == {"minilm": "finished", "noisy": "finished",
+                                                          "no_text": "failed"}
+    assert status["no_text"]["error"] == "RuntimeError: boom: this variant cannot run"
+    failure = json.loads((out / "no_text" / "seed0" / "failure.json").read_text())
+    assert failure["variant"] == "no_text" and failure["seed"] == 0 and "boom" in failure["traceback"]
+    # layering: params file < grid base < variant overrides < grid runner
+    written = runs.read_metrics(out / "noisy" / "seed0")["params"]
+    assert (written["epochs"], written["lr_fusion"], written["alpha"]) == (2, 0.002, 0.5)
+    assert written["run_dir"] == str(out / "noisy" / "seed0")
+
+    summary = ablations.summarize(out)
+    by_name = {v["name"]: v for v in summary["variants"]}
+    assert by_name["no_text"]["status"] == "failed" and by_name["no_text"]["errors"][0]["error"].startswith("Runtime")
+    noisy = by_name["noisy"]["delta"]["map"]
+    assert noisy["lo"] <= noisy["delta"] <= noisy["hi"] and noisy["verdict"] == "worse"  # 10x the box noise
+    assert set(by_name["minilm"]["delta"]["per_class"]) == {"perforation", "break"}
+    table = reports.ablation_table(summary)
+    assert list(table["variant"]) == ["baseline", "minilm", "noisy", "no_text"]
+    assert table.loc[table["variant"] == "no_text", "verdict"].item().startswith("failed: RuntimeError")
+
+    # second run: the finished runs are reused, the failed one is tried again
+    record = ablations.run_grid(grid, out, **kwargs)
+    assert {r["variant"]: r["status"] for r in record["runs"]} == {"minilm": "reused", "noisy": "reused",
+                                                                  "no_text": "failed"}
+    assert (_calls(out, "minilm"), _calls(out, "noisy"), _calls(out, "no_text")) == (1, 1, 2)
+    # opt-out: reuse=False re-runs (overwriting the finished run)
+    ablations.run_grid(_grid_file(tmp_path, GOOD), out, reuse=False, **kwargs)
+    assert (_calls(out, "minilm"), _calls(out, "noisy")) == (2, 2)
+    # a changed parameter changes the run id: that run is re-run, not reused
+    _grid_file(tmp_path, GOOD.replace("alpha: 0.5", "alpha: 0.4"))
+    record = ablations.run_grid(tmp_path / "grid.yaml", out, **kwargs)
+    assert {r["variant"]: r["status"] for r in record["runs"]} == {"minilm": "reused", "noisy": "finished"}
+    assert runs.read_metrics(out / "noisy" / "seed0")["params"]["alpha"] == 0.4
+
+
+def test_parallel_workers_run_every_variant(setup):
+    tmp_path, params_file = setup
+    out = tmp_path / "ablations"
+    record = ablations.run_grid(_grid_file(tmp_path, GOOD + FAILING), out, params_file=params_file, workers=2,
+                                seeds=[0, 1], run_variant=fake_run, progress=False)
+    assert sorted((r["variant"], r["seed"], r["status"]) for r in record["runs"]) == [
+        ("minilm", 0, "finished"), ("minilm", 1, "finished"), ("no_text", 0, "failed"), ("no_text", 1, "failed"),
+        ("noisy", 0, "finished"), ("noisy", 1, "finished")]
+    assert json.loads((out / "grid.json").read_text())["runs"] == record["runs"]
+
+
+def _failing_notebook(path: Path) -> Path:
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("value = 1", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("ok = value + 1"),
+        nbformat.v4.new_code_cell("raise ValueError(f'bad cell {ok}')"),
+        nbformat.v4.new_code_cell("never = True"),
+    ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(nb, path)
+    return path
+
+
+def test_papermill_failure_names_the_failing_cell(tmp_path):
+    notebook = _failing_notebook(tmp_path / "failing.ipynb")
+
+    def run_failing_notebook(parameters: dict, run_dir: Path) -> None:
+        execute(notebook, run_dir / "executed.ipynb", {"value": 41}, cwd=tmp_path, progress=False)
+
+    entry = {"variant": "v", "seed": 0, "run_dir": str(tmp_path / "run"), "run_id": None, "reuse": False,
+             "params": load_params({})}
+    result = ablations._execute_run(entry, run_failing_notebook)
+    assert result["status"] == "failed"
+    assert result["error"] == "ValueError: bad cell 42"
+    assert result["cell"]["source"] == "raise ValueError(f'bad cell {ok}')"
+    assert result["cell"]["index"] == 3  # papermill's injected-parameters cell comes first
+    executed = nbformat.read(tmp_path / "run" / "executed.ipynb", as_version=4)
+    assert any(o.get("ename") == "ValueError" for c in executed.cells for o in c.get("outputs", []))
+
+
+def test_notebook03_reuses_the_grid_and_renders_a_standalone_report(setup, monkeypatch):
+    tmp_path, params_file = setup
+    grid = _grid_file(tmp_path, GOOD)
+    out = tmp_path / "ablations"
+    ablations.run_grid(grid, out, params_file=params_file, bootstrap_resamples=20, run_variant=fake_run,
+                       progress=False)
+    reports_dir = tmp_path / "reports"
+    monkeypatch.setenv("TFG_MM_REPORTS_DIR", str(reports_dir))  # the kernel inherits it: no write into reports/
+    executed = execute(REPO_ROOT / "notebooks" / "03_ablations.ipynb", tmp_path / "03.ipynb",
+                       {"params_file": str(params_file), "grid": str(grid), "baseline": str(tmp_path / "baseline"),
+                        "run_dir": str(out), "bootstrap_resamples": 20}, progress=False)
+    record = json.loads((out / "grid.json").read_text())
+    assert {r["status"] for r in record["runs"]} == {"reused"}  # nothing re-ran inside the notebook
+    assert (_calls(out, "minilm"), _calls(out, "noisy")) == (1, 1)
+
+    html = render_html(executed, reports_dir / "03_ablations.html").read_text()
+    for code in ("run_from_notebook", "build_index", "plot_wise_curve", "params_file ="):  # no code cells
+        assert code not in html
+    assert html.count("jp-mod-noInput") == 9  # every code cell (8 + papermill's injected one) is hidden
+    assert html.count("data:image/png;base64") >= 4  # the figures are embedded
+    assert "within noise" in html or "worse" in html
+    index = (reports_dir / "index.html").read_text()
+    assert index.count("data:image/png;base64,") == 4 and "noisy" in index and 'href="03_ablations.html"' in index
+    for stem in ("ablations_trajectories", "ablations_per_class_delta", "ablations_alpha", "ablations_wise"):
+        assert (reports_dir / "figures" / f"{stem}.png").stat().st_size > 0
+        assert (reports_dir / "figures" / f"{stem}.svg").read_text().lstrip().startswith("<?xml")
+    assert "\\begin{table}" in (reports_dir / "ablations_table.tex").read_text()
+    assert "minilm" in (reports_dir / "ablations_table.csv").read_text()
+
+
+def test_wise_interpolation_of_weights_and_gate():
+    from tfg_mm.fusion import ResidualTextFusion
+
+    base = {"w": torch.zeros(3), "n": torch.tensor(1)}
+    tuned = {"w": torch.ones(3) * 4, "n": torch.tensor(7)}
+    half = ablations.interpolate_state(base, tuned, 0.25)
+    assert torch.equal(half["w"], torch.ones(3)) and int(half["n"]) == 7
+    assert torch.equal(ablations.interpolate_state(base, tuned, 0.0)["w"], base["w"])
+
+    text = torch.randn(4, 8)
+    for tanh in (False, True):
+        fusion = ResidualTextFusion(16, text, gate="per_class", gate_init=0.4, gate_tanh=tanh)
+        ablations.scale_gate(fusion, 0.5)
+        assert torch.allclose(fusion.gate_value(), torch.full((4,), 0.2), atol=1e-6)
+        ablations.scale_gate(fusion, 0.0)  # λ = 0: the baseline exactly
+        hidden = torch.randn(2, 5, 16)
+        base_logits = torch.randn(2, 5, 4)
+        assert torch.equal(fusion(base_logits, hidden), base_logits)
+
+
+def test_index_without_a_grid_still_links_reports(tmp_path):
+    (tmp_path / "01_baseline.html").write_text("<html></html>")
+    index = reports.build_index(tmp_path / "no_grid", reports_dir=tmp_path).read_text()
+    assert 'href="01_baseline.html"' in index and "No ablation grid has run yet" in index
+    assert os.path.exists(tmp_path / "index.html")
+
+
+def test_repredicted_detections_and_wise_endpoints_on_real_checkpoints(tmp_path):
+    """Real atto checkpoints (a baseline and a one-step phase-2 run): the re-predicted detections are
+    the checkpoints' own, WiSE-FT λ = 0 is the baseline exactly and λ = 1 the fine-tuned model."""
+    from tfg_mm.phase2 import run_phase2
+    from tfg_mm.train import run_baseline
+
+    dataset = _make_dataset(tmp_path / "data")
+    common = {"dataset": str(dataset), "image_size": 160, "batch_size": 4, "max_steps_per_epoch": 1, "device": "cpu",
+              "ema": False, "lr_warmup_steps": 0}
+    base = run_baseline(load_params(common, {"run_dir": str(tmp_path / "baseline"), "epochs": 0}), progress=False)
+    tuned = run_phase2(load_params(common, {"run_dir": str(tmp_path / "p2"), "baseline": str(tmp_path / "baseline"),
+                                            "epochs": 1, "text_encoder": "random", "warmup_epochs": 0,
+                                            "unfreeze": "heads", "lr_detector": 1e-2, "alpha": 0.5}), progress=False)
+    base_dets, base_eval = ablations.predict_run_detections(base)
+    assert base_eval["map"] == base["final"]["map"]
+    # Untrained models score ~0 on the real boxes; score them against the baseline's own top boxes instead.
+    val = dataset / "instances_val.json"
+    gt = json.loads(val.read_text())
+    gt["annotations"] = []
+    for det in sorted(base_dets, key=lambda d: -d["score"]):
+        x, y, w, h = det["bbox"]
+        if sum(a["image_id"] == det["image_id"] for a in gt["annotations"]) < 3 and w > 2 and h > 2:
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": det["image_id"],
+                                      "category_id": det["category_id"], "bbox": det["bbox"], "area": w * h,
+                                      "iscrowd": 0})
+    val.write_text(json.dumps(gt))
+    base_dets, base_eval = ablations.predict_run_detections(base)
+    tuned_dets, tuned_eval = ablations.predict_run_detections(tuned)
+    assert base_eval["map"] > 0.5 and tuned_dets != base_dets
+
+    curve = ablations.wise_curve(tuned, base["final"]["checkpoint"], [0.0, 0.5, 1.0])
+    assert [p["lambda"] for p in curve] == [0.0, 0.5, 1.0]
+    assert curve[0]["map"] == base_eval["map"] and curve[0]["per_class"] == base_eval["per_class"]
+    assert curve[2]["map"] == tuned_eval["map"]

@@ -1,0 +1,215 @@
+"""The corrected DEIMv2: presets, each correction individually, forward contract, freezing, loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tfg_mm.detector import (
+    CORRECTIONS,
+    PRESETS,
+    TfgDeimv2Config,
+    TfgDeimv2ForObjectDetection,
+    build,
+    freeze,
+    from_pretrained,
+    preset_config,
+    trainable_parameter_summary,
+    unfreeze,
+)
+from tfg_mm.errors import CheckpointError, ConfigError, OfflineError, TrainingError
+
+FIXTURES = Path("/work/shared/fixtures/deimv2_official")
+PIXELS = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+
+
+def official_parameter_count(size: str) -> int:
+    return json.loads((FIXTURES / f"{size}_calibrated" / "meta.json").read_text())["num_parameters"]
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason="official fixtures not available")
+@pytest.mark.parametrize("preset, unused", [("atto", 0), ("n", 0), ("s", 192)])
+def test_presets_have_the_official_parameter_count(preset, unused):
+    model = build(preset, 5, image_size=320, seed=0)
+    # s: DINOv3's mask_token (192) exists only in transformers and is unused without bool_masked_pos.
+    assert sum(p.numel() for p in model.parameters()) == official_parameter_count(preset) + unused
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason="official fixtures not available")
+@pytest.mark.parametrize("preset", ["atto", "n", "s"])
+def test_presets_match_the_official_criterion_settings(preset):
+    config = preset_config(preset, 5)
+    criterion = json.loads((FIXTURES / f"loss_{preset}_dn" / "criterion.json").read_text())
+    assert config.focal_loss_gamma == criterion["gamma"]
+    assert config.use_dense_one_to_one == criterion["use_uni_set"]
+    assert config.criterion_losses == criterion["losses"]
+    assert config.matcher_change_epoch == criterion["matcher"]["matcher_change_epoch"]
+
+
+def test_every_preset_builds_with_official_sizes():
+    for name, settings in PRESETS.items():
+        config = preset_config(name, 4)
+        assert isinstance(config, TfgDeimv2Config) and config.preset == name
+        assert config.d_model == settings["d_model"] and config.num_queries == settings["num_queries"]
+        assert config.decoder_layers == settings["decoder_layers"]
+        assert config.anchor_image_size == [settings["image_size"]] * 2 and config.eval_size is None
+        assert config.freeze_backbone_batch_norms is False
+    assert (PRESETS["atto"]["image_size"], PRESETS["n"]["image_size"]) == (320, 640)
+
+
+def test_preset_config_rejects_bad_input():
+    with pytest.raises(ConfigError, match="unknown"):
+        preset_config("tiny", 3)
+    with pytest.raises(ConfigError, match="id2label"):
+        preset_config("atto", 3, id2label={0: "a"})
+    with pytest.raises(ConfigError, match="not TfgDeimv2Config fields"):
+        preset_config("atto", 3, hidden_dimension=3)
+    with pytest.raises(ConfigError, match="eval_size"):
+        preset_config("atto", 3, eval_size=[320, 320])
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        preset_config("atto", 3, image_size=300)
+
+
+def _outputs(preset: str, disabled: list[str], pixels=PIXELS, **overrides):
+    model = build(preset, 3, image_size=320, seed=0, disabled_corrections=disabled, **overrides).eval()
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # perturb so that zero-initialised heads and gates matter
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+        return model(pixels)
+
+
+@pytest.mark.parametrize(
+    "preset, correction",
+    [
+        ("atto", "enc_output_identity"),
+        ("atto", "silu_box_and_lqe_mlps"),
+        ("s", "dinov3_raw_last_stage"),
+        ("s", "vit_tiny_no_layer_scale"),
+    ],
+)
+def test_each_module_correction_changes_the_outputs(preset, correction):
+    corrected = _outputs(preset, [])
+    without = _outputs(preset, [correction])
+    assert corrected.logits.shape == without.logits.shape
+    assert not torch.allclose(corrected.logits, without.logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("disabled, expected_calls", [([], 1), (["query_pos_once"], 3)])
+def test_query_position_embedding_is_computed_once_per_forward(disabled, expected_calls):
+    model = build("atto", 3, image_size=320, seed=0, disabled_corrections=disabled).eval()
+    calls = []
+    model.model.decoder.query_pos_head.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        model(PIXELS)
+        assert len(calls) == expected_calls
+        model(PIXELS)  # the cache is per forward, not kept across calls
+    assert len(calls) == 2 * expected_calls
+    assert model.model.decoder.query_pos_head.__dict__.get("_cached") is None
+
+
+def test_aifi_correction_keeps_the_positional_embedding_in_eval():
+    corrected = _outputs("n", [])
+    with_eval_size = _outputs("n", ["aifi_pos_embed_in_eval"], eval_size=[320, 320])
+    assert not torch.allclose(corrected.logits, with_eval_size.logits, atol=1e-5)
+
+
+def test_anchors_follow_the_eval_input_size():
+    model = build("atto", 3, image_size=320, seed=0).eval()
+    big = torch.rand(1, 3, 384, 384)
+    with torch.no_grad():
+        out = model(big)
+        model.train()
+        reference = model.model(big)  # training recomputes anchors from the input size
+        model.eval()
+    assert out.logits.shape == (1, 100, 3)
+    assert torch.equal(model.model.anchors, model.model.generate_anchors(((24, 24), (12, 12)))[0])
+    assert reference.intermediate_logits.shape[-1] == 3
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        model(torch.rand(1, 3, 330, 330))
+    plain = build("atto", 3, image_size=320, seed=0, disabled_corrections=["anchors_at_input_size"]).eval()
+    with pytest.raises(RuntimeError):
+        with torch.no_grad():
+            plain(big)
+
+
+def test_forward_without_loss_builds_denoising_queries():
+    model = build("atto", 3, image_size=320, seed=0).train()
+    labels = [{"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.2]])}]
+    out = model(PIXELS, labels=labels, compute_loss=False)
+    assert out.loss is None
+    denoising, queries = out.denoising_meta_values["dn_num_split"]
+    assert queries == 100 and denoising > 0
+    assert out.intermediate_logits.shape[1] == model.config.decoder_layers + 1
+
+
+def test_forward_with_loss_uses_the_project_criterion(monkeypatch):
+    model = build("atto", 3, image_size=320, seed=0).train()
+    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    try:
+        import tfg_mm.loss  # noqa: F401
+    except ImportError:
+        with pytest.raises(TrainingError, match="tfg_mm.loss"):
+            model(PIXELS, labels=labels)
+        return
+    seen = {}
+
+    def fake_criterion(outputs, targets, config, epoch):
+        seen.update(config=config, epoch=epoch)
+        return outputs.logits.sum() * 0, {"loss_mal": torch.tensor(0.0)}
+
+    monkeypatch.setattr("tfg_mm.loss.compute_loss", fake_criterion)
+    out = model(PIXELS, labels=labels, epoch=3)
+    assert seen == {"config": model.config, "epoch": 3} and out.loss_dict == {"loss_mal": torch.tensor(0.0)}
+
+
+def test_fidelity_transformers_is_the_plain_class():
+    plain = build("atto", 3, image_size=320, fidelity="transformers")
+    assert type(plain).__name__ == "Deimv2ForObjectDetection"
+    assert not isinstance(plain, TfgDeimv2ForObjectDetection)
+    assert set(CORRECTIONS) >= {"enc_output_identity", "lossless_shared_box_head"}
+
+
+def test_freeze_groups_and_summary():
+    model = build("atto", 3, image_size=320, seed=0)
+    total = trainable_parameter_summary(model)
+    assert total["total"] == sum(p.numel() for p in model.parameters())
+    assert total["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    freeze(model, ["backbone", "encoder", "decoder"])
+    summary = trainable_parameter_summary(model)
+    assert summary["backbone"] == summary["encoder"] == summary["decoder"] == 0 and summary["heads"] > 0
+    assert not any(p.requires_grad for p in model.model.conv_encoder.parameters())
+    assert all(p.requires_grad for p in model.model.decoder.class_embed.parameters())
+    assert all(p.requires_grad for p in model.class_embed.parameters())  # tied alias = head in forward
+    freeze(model, ["heads"])
+    assert not any(p.requires_grad for p in model.class_embed.parameters())
+    assert not any(p.requires_grad for p in model.model.enc_score_head.parameters())
+    unfreeze(model, ["all"])
+    assert trainable_parameter_summary(model)["trainable"] == total["total"]  # up / reg_scale included
+    with pytest.raises(ConfigError):
+        freeze(model, ["neck"])
+
+
+def test_from_pretrained_converts_a_transformers_checkpoint(tmp_path):
+    plain = build("atto", 3, image_size=320, seed=0, fidelity="transformers")
+    plain.config.eval_size = [320, 320]
+    plain.save_pretrained(tmp_path)
+    model = from_pretrained(str(tmp_path))
+    assert type(model) is TfgDeimv2ForObjectDetection
+    assert model.config.eval_size is None and model.config.anchor_image_size == [320, 320]
+    assert isinstance(model.model.enc_output, torch.nn.Identity)
+    assert torch.equal(model.model.enc_score_head.weight, plain.model.enc_score_head.weight)
+
+
+def test_from_pretrained_offline_says_how_to_use_a_folder(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OfflineError, match="folder"):
+        from_pretrained("Intellindust/DEIMv2_HGNetv2_ATTO_COCO_not_cached")
+    with pytest.raises(CheckpointError):
+        from_pretrained(str(Path(__file__).parent))  # a folder without config.json

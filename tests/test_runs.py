@@ -1,0 +1,230 @@
+"""The run contract: metrics.json round trip, contract checks, run ids, finished-run protection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tfg_mm import runs
+from tfg_mm.config import Params, load_params
+from tfg_mm.errors import ConfigError, DataError
+from tfg_mm.runs import (
+    code_version,
+    dataset_record,
+    is_finished,
+    prepare_run_dir,
+    read_metrics,
+    run_id,
+    write_metrics,
+)
+
+CLASSES = ("scratch", "perforation")
+
+
+def _coco_folder(root: Path) -> Path:
+    """Two real PNG images and a COCO train / val split over them."""
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = []
+    for index in (1, 2):
+        name = f"img{index}.png"
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / name)
+        images.append({"id": index, "file_name": name, "width": 32, "height": 32})
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]
+    for split, image in (("train", images[0]), ("val", images[1])):
+        coco = {
+            "images": [image],
+            "annotations": [{"id": image["id"], "image_id": image["id"], "category_id": 1,
+                             "bbox": [4, 4, 10, 10], "area": 100, "iscrowd": 0}],
+            "categories": categories,
+        }
+        (root / f"instances_{split}.json").write_text(json.dumps(coco))
+    return root
+
+
+def _entry(epoch: int, value: float) -> dict:
+    return {
+        "epoch": epoch,
+        "map": value,
+        "map50": value + 0.2,
+        "map75": value - 0.1,
+        "per_class": {"scratch": {"ap": value, "ap50": value + 0.2}, "perforation": {"ap": float("nan"), "ap50": None}},
+        "lr": {"detector": 5e-4, "backbone": 5e-4},
+        "losses": {"loss": 12.5 - epoch, "loss_mal": np.float32(1.5)},
+        "seconds": 3.2,
+    }
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    root = _coco_folder(tmp_path / "coco")
+    return dataset_record(root, "instances_train.json", "instances_val.json")
+
+
+# ---------------------------------------------------------------------------------- identity
+
+
+def test_code_version_in_and_outside_git(monkeypatch, tmp_path):
+    code = code_version()
+    assert set(code) == {"package", "git_commit", "git_dirty", "source_sha256"}
+    assert code["package"] and len(code["source_sha256"]) == 64
+    assert code["git_commit"] is None or len(code["git_commit"]) == 40
+    # no git executable at all: no crash, unknown commit
+    assert runs._git(["rev-parse", "HEAD"], tmp_path) is None  # tmp_path is not a repository
+    runs._code_version.cache_clear()
+    monkeypatch.setenv("PATH", str(tmp_path))
+    try:
+        code = code_version()
+        assert code["git_commit"] is None and code["git_dirty"] is None
+    finally:
+        runs._code_version.cache_clear()
+
+
+def test_dataset_record_hashes_content(tmp_path, dataset):
+    assert Path(dataset["root"]) == tmp_path / "coco"
+    assert dataset["train_json"].endswith("instances_train.json") and len(dataset["hash"]) >= 16
+    again = dataset_record(tmp_path / "coco", "instances_train.json", "instances_val.json")
+    assert again["hash"] == dataset["hash"]
+    # one changed pixel is another dataset
+    image = np.array(Image.open(tmp_path / "coco" / "images" / "img2.png"))
+    image[0, 0] = 255 - image[0, 0]
+    Image.fromarray(image).save(tmp_path / "coco" / "images" / "img2.png")
+    assert dataset_record(tmp_path / "coco", "instances_train.json", "instances_val.json")["hash"] != dataset["hash"]
+    with pytest.raises(DataError, match=r"instances_test.json: annotation file not found.*`val_json`"):
+        dataset_record(tmp_path / "coco", "instances_train.json", "instances_test.json")
+
+
+def test_run_id_is_stable_and_ignores_only_storage_and_execution_settings():
+    code = {"package": "0.1.0", "git_commit": "a" * 40, "git_dirty": False, "source_sha256": "b" * 64}
+    base = run_id(Params(), "hash1", code)
+    assert len(base) == 16 and base == run_id(Params(), "hash1", code)
+    same = load_params(run_dir="runs/elsewhere", overwrite=True, resume=False, device="cpu", num_workers=4,
+                       seeds=[0, 1, 2], workers=3)
+    assert run_id(same, "hash1", code) == base
+    assert run_id(Params(), "hash1", {**code, "git_dirty": True}) == base
+    assert run_id({"epochs": 12}, "hash1", code) == base  # a mapping is validated to the same params
+    assert run_id(load_params(lr=1e-3), "hash1", code) != base
+    assert run_id(load_params(seed=1), "hash1", code) != base
+    assert run_id(Params(), "hash2", code) != base
+    assert run_id(Params(), "hash1", {**code, "source_sha256": "c" * 64}) != base
+
+
+# ---------------------------------------------------------------------------------- metrics.json
+
+
+def test_metrics_round_trip(tmp_path, dataset):
+    run_dir = prepare_run_dir(tmp_path / "run")
+    params = load_params(epochs=2, run_dir=str(run_dir), alpha=0.1)
+    history = [_entry(0, 0.30), _entry(1, 0.40)]
+    final = {k: v for k, v in history[1].items() if k in ("map", "map50", "map75", "per_class")} | {"epoch": 1}
+    path = write_metrics(run_dir, params=params, dataset=dataset, history=history, final=final,
+                         extra={"alpha_history": [0.1, 0.12]}, status="finished")
+    assert path == run_dir / "metrics.json"
+    raw = path.read_text()
+    assert "NaN" not in raw  # strict JSON: non-finite numbers are null
+    record = read_metrics(run_dir)
+    assert record["status"] == "finished" and is_finished(run_dir)
+    assert record["params"] == params.model_dump(mode="json") and len(record["params"]) == len(Params.model_fields)
+    assert record["params_changed"] == {"epochs": 2, "run_dir": str(run_dir), "alpha": 0.1}
+    assert record["dataset"] == dataset
+    assert record["code_version"] == code_version()
+    assert record["run_id"] == run_id(params, dataset["hash"], code_version())
+    assert [e["map"] for e in record["history"]] == [0.30, 0.40]
+    assert record["history"][0]["per_class"]["perforation"] == {"ap": None, "ap50": None}
+    assert record["history"][0]["losses"]["loss_mal"] == 1.5
+    assert record["final"]["map50"] == pytest.approx(0.6) and record["alpha_history"] == [0.1, 0.12]
+    assert load_params(record["params"]) == params  # the stored params reproduce the run's params
+    assert read_metrics(path)["run_id"] == record["run_id"]  # a metrics.json path works too
+
+
+def test_running_status_is_not_finished(tmp_path, dataset):
+    run_dir = prepare_run_dir(tmp_path / "run")
+    write_metrics(run_dir, params=Params(), dataset=dataset, history=[_entry(0, 0.1)], final=None)
+    assert read_metrics(run_dir)["status"] == "running" and not is_finished(run_dir)
+
+
+def test_broken_contract_is_refused_and_nothing_is_written(tmp_path, dataset):
+    run_dir = prepare_run_dir(tmp_path / "run")
+    write_metrics(run_dir, params=Params(), dataset=dataset, history=[_entry(0, 0.1)], final=None)
+    before = (run_dir / "metrics.json").read_bytes()
+    bad_entry = _entry(1, 0.2)
+    del bad_entry["map75"]
+    with pytest.raises(DataError) as excinfo:
+        write_metrics(run_dir, params=Params(), dataset=dataset,
+                      history=[_entry(0, 0.1), bad_entry, _entry(0, 0.3) | {"per_class": {"scratch": {"ap": 0.1}}}],
+                      final=None, extra={"history": []}, status="finished")
+    message = str(excinfo.value)
+    for text in ("history[1]: missing map75", "history[2]: `epoch` must be an integer greater",
+                 "per_class['scratch'] must have `ap` and `ap50`", "`final` is required when status is finished",
+                 "`extra` may not replace contract keys: history"):
+        assert text in message, text
+    assert (run_dir / "metrics.json").read_bytes() == before
+    with pytest.raises(ConfigError, match="unknown key `lr_fuson`"):
+        write_metrics(run_dir, params={"lr_fuson": 1}, dataset=dataset, history=[], final=None)
+    with pytest.raises(ValueError, match="allowed: running, finished, failed"):
+        write_metrics(run_dir, params=Params(), dataset=dataset, history=[], final=None, status="done")
+
+
+def test_read_metrics_missing_or_malformed(tmp_path):
+    with pytest.raises(ConfigError, match=r"no metrics.json; .* is not a run folder.*`baseline`"):
+        read_metrics(tmp_path)
+    (tmp_path / "metrics.json").write_text('{"status": "finished",\n "history": [}\n')
+    with pytest.raises(DataError, match=r"metrics.json: not valid JSON \(line 2"):
+        read_metrics(tmp_path)
+    (tmp_path / "metrics.json").write_text('{"status": "finished", "history": []}')
+    with pytest.raises(DataError, match=r"does not follow the run contract:\n  - missing schema_version"):
+        read_metrics(tmp_path)
+
+
+# ---------------------------------------------------------------------------------- run folders
+
+
+def _finish(run_dir: Path, dataset: dict) -> None:
+    final = {"map": 0.5, "map50": 0.8, "map75": 0.4, "per_class": {}}
+    write_metrics(run_dir, params=Params(), dataset=dataset, history=[], final=final, status="finished")
+
+
+def test_finished_run_is_protected_unless_overwrite(tmp_path, dataset):
+    run_dir = prepare_run_dir(tmp_path / "runs" / "baseline")
+    assert run_dir.is_dir() and (run_dir / runs.MARKER_FILE).is_file()
+    (run_dir / "best").mkdir()
+    _finish(run_dir, dataset)
+    before = (run_dir / "metrics.json").read_bytes()
+    with pytest.raises(ConfigError) as excinfo:
+        prepare_run_dir(run_dir, overwrite=False, resume=True)
+    message = str(excinfo.value)
+    assert "already holds a finished run (map 0.5000, map50 0.8000)" in message
+    assert "nothing was changed" in message and "overwrite: true" in message and "-p overwrite True" in message
+    assert (run_dir / "metrics.json").read_bytes() == before and (run_dir / "best").is_dir()
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        prepare_run_dir(run_dir, resume=False)
+    # asked for: a fresh, empty run folder (with its marker), no leftovers beside it
+    assert prepare_run_dir(run_dir, overwrite=True) == run_dir
+    assert sorted(p.name for p in run_dir.iterdir()) == [runs.MARKER_FILE]
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["baseline"]
+
+
+def test_interrupted_run_is_kept_for_resume_or_cleared_without(tmp_path, dataset):
+    run_dir = prepare_run_dir(tmp_path / "run")
+    write_metrics(run_dir, params=Params(), dataset=dataset, history=[_entry(0, 0.1)], final=None)
+    (run_dir / "last.pt").write_bytes(b"checkpoint")
+    assert prepare_run_dir(run_dir, resume=True) == run_dir
+    assert (run_dir / "last.pt").read_bytes() == b"checkpoint"
+    prepare_run_dir(run_dir, resume=False)
+    assert not (run_dir / "last.pt").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_a_folder_not_made_by_tfg_mm_is_never_emptied(tmp_path):
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "chapter1.tex").write_text("precious")
+    with pytest.raises(ConfigError, match="not made by tfg_mm .* refusing to empty it"):
+        prepare_run_dir(foreign, overwrite=True)
+    assert (foreign / "chapter1.tex").read_text() == "precious"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        prepare_run_dir(tmp_path / "file")

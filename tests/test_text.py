@@ -1,0 +1,182 @@
+"""Text encoders, prompts and the embedding cache (tfg_mm.text).
+
+Real encoders only: the bundled all-MiniLM-L6-v2 and a tiny randomly initialised open_clip model
+registered from a config file. Nothing downloads: the pretrained-tag test runs with the hub offline.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tfg_mm.errors import ConfigError, OfflineError
+from tfg_mm.text import (
+    DEFAULT_TEMPLATES,
+    RandomPrototypes,
+    TextEncoder,
+    build_text_encoder,
+    cache_key,
+    class_embeddings,
+    class_prompts,
+)
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return build_text_encoder("minilm")
+
+
+@pytest.fixture()
+def tiny_clip_config(tmp_path):
+    path = tmp_path / "tfg_tiny_clip.json"
+    path.write_text(json.dumps(TINY_OPEN_CLIP))
+    return path
+
+
+class CountingEncoder:
+    """Delegates to a real encoder and counts how often it is asked to encode."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        self.dim, self.description = inner.dim, inner.description
+
+    def encode(self, texts):
+        self.calls += 1
+        return self.inner.encode(texts)
+
+
+def test_minilm_is_offline_real_and_described(minilm):
+    assert isinstance(minilm, TextEncoder)
+    assert minilm.dim == 384
+    assert set(minilm.description) == {"kind", "model", "weights", "dim"}
+    assert minilm.description["kind"] == "minilm" and minilm.description["dim"] == 384
+    assert "sha256:" in minilm.description["weights"]
+    emb = minilm.encode(["a thin crack in a metal sheet", "a fracture in the steel plate", "a cat sleeping on a sofa"])
+    assert emb.shape == (3, 384) and emb.dtype == torch.float32
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+    # Real semantics: the two defect sentences are closer to each other than to the cat.
+    assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
+
+
+def test_class_embeddings_normalise_average_renormalise(minilm):
+    prompts = class_prompts(["scratch", "dent"], "ensemble", templates=["a photo of a {}.", "a {} defect."])
+    got = class_embeddings(minilm, prompts)
+    expected = []
+    for per_class in prompts:
+        each = F.normalize(minilm.encode(per_class), dim=-1)
+        expected.append(F.normalize(each.mean(0), dim=-1))
+    torch.testing.assert_close(got, torch.stack(expected), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(2))
+
+
+def test_cache_is_keyed_by_encoder_and_prompts(minilm, tmp_path):
+    counting = CountingEncoder(minilm)
+    prompts = class_prompts(["hole", "crack"], "single", {"hole": "a small perforation in a metal sheet"})
+    first = class_embeddings(counting, prompts, cache_dir=tmp_path)
+    path = tmp_path / f"{cache_key(minilm.description, prompts)}.pt"
+    assert path.is_file() and counting.calls == 1
+    again = class_embeddings(counting, prompts, cache_dir=tmp_path)
+    assert counting.calls == 1 and torch.equal(first, again)  # read back, not re-encoded
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # atomic write left no temp file
+
+    other_prompts = class_prompts(["hole", "crack"], "single")
+    class_embeddings(counting, other_prompts, cache_dir=tmp_path)
+    assert counting.calls == 2 and len(list(tmp_path.glob("*.pt"))) == 2
+
+    counting.description = {**minilm.description, "weights": "other weights"}
+    class_embeddings(counting, prompts, cache_dir=tmp_path)
+    assert counting.calls == 3 and len(list(tmp_path.glob("*.pt"))) == 3
+
+
+def test_class_prompts_modes_and_errors():
+    single = class_prompts(["Normal", "Roturas"], "single", {"Normal": "Normal, clean surface without defects."})
+    assert single == [["Normal, clean surface without defects."], ["a photo of a Roturas."]]
+    ensemble = class_prompts(["scratch_mark"], "ensemble", {"scratch_mark": "a long thin scratch"})
+    assert len(ensemble[0]) == len(DEFAULT_TEMPLATES) + 1
+    assert ensemble[0][0] == DEFAULT_TEMPLATES[0].format("scratch mark") and ensemble[0][-1] == "a long thin scratch"
+    with pytest.raises(ConfigError, match="class_descriptions"):
+        class_prompts(["a"], "single", {"b": "text"})
+    with pytest.raises(ConfigError, match="exactly one"):
+        class_prompts(["a"], "ensemble", templates=["no placeholder"])
+    with pytest.raises(ConfigError, match="prompt_mode"):
+        class_prompts(["a"], "many")
+    with pytest.raises(ConfigError, match="duplicates"):
+        class_prompts(["a", "a"])
+
+
+def test_open_clip_tiny_config_random_init_and_local_checkpoint(tiny_clip_config, tmp_path):
+    encoder = build_text_encoder("open_clip", model=str(tiny_clip_config), seed=3)
+    assert encoder.dim == 24
+    assert encoder.description["kind"] == "open_clip" and encoder.description["dim"] == 24
+    assert encoder.description["weights"] == "random-init seed=3"
+    assert encoder.description["model"].startswith(f"{tiny_clip_config.resolve()} sha256:")
+    emb = class_embeddings(encoder, class_prompts(["scratch", "dent", "hole"], "ensemble"))
+    assert emb.shape == (3, 24)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+    # Seeded: the same description means the same weights (the cache key relies on it).
+    same = build_text_encoder("open_clip", model=str(tiny_clip_config), seed=3)
+    assert torch.equal(same.encode(["scratch"]), encoder.encode(["scratch"]))
+
+    checkpoint = tmp_path / "tiny_clip.pt"
+    torch.save(encoder.model.state_dict(), checkpoint)
+    loaded = build_text_encoder("open_clip", model=str(tiny_clip_config), pretrained=str(checkpoint), seed=99)
+    assert loaded.description["weights"].startswith(f"file:{checkpoint.resolve()} sha256:")
+    assert torch.equal(loaded.encode(["scratch"]), encoder.encode(["scratch"]))
+
+
+def test_open_clip_pretrained_tag_offline_fails_fast_with_the_fix(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # read at import time by huggingface_hub
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    start = time.perf_counter()
+    with pytest.raises(OfflineError) as info:
+        build_text_encoder("open_clip", model="ViT-B-32", pretrained="laion2b_s34b_b79k")
+    assert time.perf_counter() - start < 10
+    message = str(info.value)
+    assert "text_pretrained: /path/to/that/file" in message
+    assert "laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in message and "text_encoder: minilm" in message
+
+
+def test_sentence_encoder_offline_hub_id_and_bad_folder(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    with pytest.raises(OfflineError, match="text_model: DIR"):
+        build_text_encoder("sentence", model="sentence-transformers/all-mpnet-base-v2")
+    with pytest.raises(ConfigError, match="not a transformers model folder"):
+        build_text_encoder("sentence", model=str(tmp_path))
+
+
+def test_random_prototypes_are_seeded_unit_vectors():
+    a = build_text_encoder("random", seed=1, num_classes=4)
+    assert isinstance(a, RandomPrototypes) and a.description == {"kind": "random", "model": "",
+                                                                   "weights": "seed=1", "dim": 384}
+    prompts = class_prompts(["w", "x", "y", "z"])
+    emb = class_embeddings(a, prompts)
+    assert emb.shape == (4, 384)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(4))
+    assert torch.equal(emb, class_embeddings(build_text_encoder("random", seed=1, num_classes=4), prompts))
+    assert not torch.equal(emb, class_embeddings(build_text_encoder("random", seed=2, num_classes=4), prompts))
+    assert class_embeddings(build_text_encoder("random", num_classes=4, dim=32), prompts).shape == (4, 32)
+    with pytest.raises(ConfigError, match="num_classes"):
+        class_embeddings(a, prompts[:3])
+
+
+def test_none_and_unknown_kind():
+    assert build_text_encoder("none") is None
+    with pytest.raises(ConfigError, match="text_encoder: clip"):
+        build_text_encoder("clip")

@@ -1,0 +1,782 @@
+"""The one flat parameter schema of every notebook, params file and ablation grid.
+
+The thesis lost days to nested-vs-flat configuration errors that surfaced as ``AttributeError`` /
+``TypeError`` deep inside a training engine. Here every parameter is a flat top-level name (the
+nanoGPT idea), declared once in :class:`Params` with its type, range, default and meaning, and
+validated *before any work starts*. Every problem is reported at once as a
+:class:`~tfg_mm.errors.ConfigError` that names where the value came from (a file, or "notebook
+parameter"), the key, the value, what is allowed, and the fix:
+
+* an unknown key suggests the closest valid key ("did you mean `lr_fusion`?");
+* a nested mapping suggests the flat key(s) to write instead (``optimizer: {type: AdamW}`` ->
+  ``optimizer: AdamW``; ``model: {preset: n}`` -> ``preset: n``);
+* a wrong type or an out-of-range value names the key, the value and the allowed range.
+
+``docs/parameters.md`` is generated from this schema by :func:`parameter_reference` and a test
+keeps the two identical.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import ModuleType, NoneType, UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import annotated_types
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from tfg_mm.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: Where the generated reference lives, named in every error so the reader knows where to look.
+REFERENCE_DOC = "docs/parameters.md"
+#: The command that regenerates it (also ``make params-doc``).
+REFERENCE_COMMAND = "python -m tfg_mm params-doc --write docs/parameters.md"
+
+DEFAULT_TEMPLATES = [
+    "a photo of a {} defect",
+    "{} on a metal surface",
+    "an industrial image of {}",
+    "a close-up photo of a {} on steel",
+    "a {} defect on a rolled metal sheet",
+    "a surface inspection image showing {}",
+]
+
+
+def _template_has_placeholder(template: str) -> str:
+    """A prompt template without ``{}`` would give every class the same prompt (and the same embedding)."""
+    if "{}" not in template:
+        raise ValueError(f"template {template!r} has no '{{}}' placeholder for the class name")
+    return template
+
+
+# --------------------------------------------------------------------------------------------
+# The schema, one group per pydantic model. ``Params`` inherits them all; pydantic collects the
+# fields of multiple bases in reverse MRO order, so ``Params`` lists its bases last-group-first
+# to keep the fields (and the generated reference) in the order below.
+# --------------------------------------------------------------------------------------------
+
+
+class DataParams(BaseModel):
+    """Which COCO dataset to train and evaluate on, and the embedded synthetic default."""
+
+    dataset: str = Field(
+        "data/synthetic",
+        description="COCO dataset folder (annotation jsons + images folder). Relative paths resolve against "
+        "the project root (the folder holding `pyproject.toml`), else the working directory.",
+    )
+    train_json: str = Field("instances_train.json", description="Training annotation file, relative to `dataset`.")
+    val_json: str = Field("instances_val.json", description="Validation annotation file, relative to `dataset`.")
+    images_dir: str = Field("images", description="Images folder, relative to `dataset`.")
+    generate_if_missing: bool = Field(
+        True,
+        description="Build the embedded synthetic defect set when `dataset` is the default and does not exist yet.",
+    )
+    synthetic_seed: int = Field(0, ge=0, description="Seed of the synthetic generator (same seed, same bytes).")
+    synthetic_train: int = Field(400, ge=1, description="Number of synthetic training images.")
+    synthetic_val: int = Field(100, ge=1, description="Number of synthetic validation images.")
+    synthetic_image_size: int = Field(160, ge=32, le=4096, description="Side of the square synthetic images, in pixels.")
+
+
+class DetectorParams(BaseModel):
+    """The DEIMv2 detector: size preset, input size, initial weights, class heads, fidelity."""
+
+    preset: Literal["atto", "femto", "pico", "n", "s", "m", "l", "x"] = Field(
+        "atto",
+        description="Official DEIMv2 size: atto/femto/pico/n use an HGNetv2 backbone, s/m/l/x a DINOv3 ViT.",
+    )
+    image_size: int = Field(
+        160, ge=32, le=1280, multiple_of=32, description="Square network input size in pixels (a multiple of 32)."
+    )
+    pretrained: str = Field(
+        "",
+        description="Initial detector weights: a Hugging Face model id or a local folder; empty = random init.",
+    )
+    checkpoint: str = Field(
+        "",
+        description="An existing checkpoint folder to evaluate instead of training; empty = train.",
+    )
+    num_classes: int | None = Field(
+        None, ge=1, description="Number of object classes; null = taken from the dataset's categories."
+    )
+    reinit_class_heads: bool = Field(
+        False,
+        description="Allow a checkpoint with another number of classes: re-initialise only the class heads "
+        "(and say so) instead of failing with a size mismatch.",
+    )
+    fidelity: Literal["official", "transformers"] = Field(
+        "official",
+        description="`official` = the DEIMv2 architecture and criterion of the official repository; "
+        "`transformers` = the uncorrected upstream model and loss, for comparison only.",
+    )
+    matcher_change_epoch: int | None = Field(
+        None,
+        ge=0,
+        description="Epoch after which the matcher switches to the -score*IoU^4 cost; null = the preset's "
+        "official value.",
+    )
+
+
+class TrainingParams(BaseModel):
+    """The one training loop shared by every phase: optimiser, schedule, EMA, evaluation, run folder."""
+
+    epochs: int = Field(12, ge=0, description="Training epochs (0 = evaluate only).")
+    batch_size: int = Field(16, ge=1, description="Images per optimiser step (per device).")
+    lr: float = Field(5e-4, gt=0, description="Learning rate of the detector's encoder, decoder and heads.")
+    lr_backbone: float = Field(
+        5e-4,
+        ge=0,
+        description="Learning rate of the backbone (0 = frozen). Same as `lr` by default because the backbone "
+        "learns from scratch on synthetic data; lower it for a pretrained backbone.",
+    )
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW / SGD weight decay (never applied to norms and biases).")
+    optimizer: Literal["AdamW", "SGD"] = Field("AdamW", description="Optimiser.")
+    scheduler: Literal["flatcosine", "cosine", "constant"] = Field(
+        "flatcosine",
+        description="Learning-rate schedule after warm-up: `flatcosine` = flat for `flat_fraction` of training, "
+        "then cosine down to `min_lr_ratio`.",
+    )
+    lr_warmup_steps: int = Field(50, ge=0, description="Linear learning-rate warm-up, in optimiser steps.")
+    flat_fraction: float = Field(0.5, ge=0, le=1, description="Share of training at the flat learning rate (flatcosine).")
+    min_lr_ratio: float = Field(0.05, ge=0, le=1, description="Final learning rate as a fraction of the initial one.")
+    grad_clip: float = Field(0.1, ge=0, description="Maximum global gradient norm; 0 = no clipping.")
+    ema: bool = Field(True, description="Keep an exponential moving average of the weights and evaluate it.")
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per optimiser step.")
+    ema_warmup: int = Field(100, ge=0, description="Steps over which the EMA decay ramps up to `ema_decay`.")
+    amp: Literal["no", "fp16", "bf16"] = Field("no", description="Mixed precision (through accelerate).")
+    augment: bool = Field(True, description="Training augmentation (torchvision.transforms.v2).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    seed: int = Field(0, ge=0, description="Seed of model initialisation, data order and augmentation.")
+    deterministic: bool = Field(True, description="Use deterministic algorithms (identical histories on CPU).")
+    eval_every: int = Field(1, ge=1, description="Evaluate on the validation split every this many epochs.")
+    top_k: int = Field(100, ge=1, description="Detections kept per image (top-k over queries x classes).")
+    select_metric: Literal["map", "map50"] = Field(
+        "map", description="Validation metric that selects the best checkpoint (`final` in metrics.json)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device; `auto` = CUDA when available.")
+    run_dir: str = Field(
+        "runs/baseline",
+        description="Folder of this run: checkpoints, history and the run contract `metrics.json`.",
+    )
+    overwrite: bool = Field(
+        False, description="Replace a finished run already in `run_dir` (otherwise that is an error)."
+    )
+    resume: bool = Field(True, description="Resume an interrupted run found in `run_dir` from its last checkpoint.")
+    save_every: int = Field(1, ge=1, description="Write the resumable `last` checkpoint every this many epochs.")
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, description="Cap on optimiser steps per epoch (for tests and smoke runs); null = whole epoch."
+    )
+
+
+class Phase2Params(BaseModel):
+    """Phase 2: the residual text fusion on top of the trained baseline detector."""
+
+    baseline: str = Field(
+        "",
+        description="The phase-1 result to start from: a checkpoint folder or the `run_dir` of notebook 01.",
+    )
+    alpha: float = Field(
+        0.0,
+        description="Initial gate α of `fused = base + α·(scale·cos + bias)`; 0 reproduces the baseline exactly.",
+    )
+    alpha_learnable: bool = Field(True, description="Learn α (otherwise it stays at its initial value).")
+    gate: Literal["scalar", "per_class"] = Field("scalar", description="One α for all classes, or one per class.")
+    gate_tanh: bool = Field(False, description="Bound the effective gate as tanh(α) (Flamingo-style gating).")
+    fusion: Literal["linear", "mlp"] = Field(
+        "linear",
+        description="Projection of the decoder hidden state into the text space: `linear` (the thesis's "
+        "Linear(256, 512)) or `mlp` (Linear → ReLU → Dropout → Linear).",
+    )
+    fusion_hidden: int = Field(256, ge=1, description="Hidden width of the `mlp` projection.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the `mlp` projection.")
+    logit_scale: float = Field(10.0, gt=0, description="Initial multiplier of the cosine similarity (text logits).")
+    logit_scale_learnable: bool = Field(True, description="Learn the logit scale.")
+    fusion_bias: bool = Field(True, description="Learnable bias added to the scaled similarity.")
+    fuse_encoder: bool = Field(
+        False, description="Also fuse text into the encoder's query-selection scores, not only the decoder's."
+    )
+    prompts: Literal["single", "ensemble"] = Field(
+        "ensemble",
+        description="`single` = one prompt per class (its description, else \"a photo of a {class name}.\"); "
+        "`ensemble` = every template (plus the description, if any), each embedding normalised, averaged, "
+        "renormalised.",
+    )
+    class_descriptions: dict[str, str] = Field(
+        default_factory=dict,
+        description="Class name → one description used as its prompt (the only mapping-valued parameter).",
+    )
+    templates: list[Annotated[str, AfterValidator(_template_has_placeholder)]] = Field(
+        default_factory=lambda: list(DEFAULT_TEMPLATES),
+        min_length=1,
+        description="Prompt templates for `prompts: ensemble`; `{}` is replaced by the class name.",
+    )
+    text_encoder: Literal["minilm", "sentence", "open_clip", "random", "none"] = Field(
+        "minilm",
+        description="Text source: `minilm` (bundled all-MiniLM-L6-v2, offline), `sentence` (any HF sentence "
+        "encoder, `text_model`), `open_clip`, `random` (fixed random prototypes: the control for text "
+        "semantics), `none` (no fusion).",
+    )
+    text_model: str = Field(
+        "",
+        description="open_clip architecture (e.g. `ViT-B-32`) or Hugging Face sentence encoder id / folder.",
+    )
+    text_pretrained: str = Field("", description="open_clip pretrained tag or local checkpoint file.")
+    text_cache_dir: str = Field(".cache/text", description="Folder of the cached class embeddings.")
+    lr_fusion: float = Field(1e-3, gt=0, description="Learning rate of the fusion projection.")
+    lr_detector: float = Field(1e-5, ge=0, description="Learning rate of the unfrozen detector parts.")
+    lr_gate: float = Field(1e-2, gt=0, description="Learning rate of α, the logit scale and the bias (no weight decay).")
+    warmup_epochs: int = Field(
+        2, ge=0, description="Epochs that train only the fusion (detector frozen) before `unfreeze` applies."
+    )
+    unfreeze: Literal["none", "heads", "decoder", "encoder", "all"] = Field(
+        "heads", description="Detector parts trained (at `lr_detector`) after the warm-up epochs."
+    )
+    detector_mode: Literal["eval_shim", "train_frozen"] = Field(
+        "train_frozen",
+        description="How the frozen detector runs: `train_frozen` (train mode, frozen BatchNorm, no dropout) or "
+        "`eval_shim` (eval mode with auxiliary outputs replicated, as in the thesis).",
+    )
+    kd_weight: float = Field(
+        0.0, ge=0, description="Weight of distillation to the frozen baseline's class scores (0 = off)."
+    )
+    cache_warmup: bool = Field(
+        True,
+        description="Cache the frozen detector's outputs during the warm-up epochs: faster, and the warm-up "
+        "then sees un-augmented images without denoising queries.",
+    )
+
+
+class AblationParams(BaseModel):
+    """The ablation grid runner and its statistics."""
+
+    grid: str = Field("params/ablations/small.yaml", description="Ablation grid file (variants, seeds, base).")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0], min_length=1, description="Seeds each variant runs with."
+    )
+    workers: int = Field(1, ge=1, description="Variants run in parallel processes.")
+    reuse: bool = Field(
+        True, description="Reuse a finished run with the same params, dataset hash and code version."
+    )
+    bootstrap_resamples: int = Field(500, ge=10, description="Paired bootstrap resamples of the validation images.")
+    confidence: float = Field(0.95, ge=0.5, le=0.999, description="Confidence level of the bootstrap intervals.")
+    wise_lambdas: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+        min_length=1,
+        description="WiSE-FT interpolation weights λ: θ = (1−λ)·θ_baseline + λ·θ_finetuned.",
+    )
+
+
+#: Display order of the groups (reference doc, ``group_of``).
+_GROUPS: tuple[tuple[str, type[BaseModel]], ...] = (
+    ("Data", DataParams),
+    ("Detector", DetectorParams),
+    ("Training", TrainingParams),
+    ("Phase 2", Phase2Params),
+    ("Ablations", AblationParams),
+)
+
+
+class Params(AblationParams, Phase2Params, TrainingParams, DetectorParams, DataParams):
+    """Every parameter of every notebook, flat, typed, ranged and documented.
+
+    Build it with :func:`load_params` / :func:`params_from_notebook`, which name the source of a
+    bad value and raise :class:`ConfigError`. (``Params(**kw)`` validates too but raises pydantic's
+    ``ValidationError``: pydantic routes ``model_validate`` through a custom ``__init__``, so
+    wrapping it would hide the sources.) Attribute assignment is validated and raises
+    ``ConfigError``, so ``params.epochs = -1`` in a notebook fails as clearly as a bad file.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in type(self).model_fields:
+            raise _config_error([f"assignment: {_unknown_key_message(name, value)}"])
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise _config_error(_validation_problems(exc, {name: value}, {name: "assignment"})) from None
+
+    @classmethod
+    def group_of(cls, name: str) -> str:
+        """The group ("Data", "Detector", "Training", "Phase 2", "Ablations") a parameter belongs to."""
+        for group, model in _GROUPS:
+            if name in model.model_fields:
+                return group
+        raise _config_error([_unknown_key_message(name, None)])
+
+
+_FIELDS: tuple[str, ...] = tuple(Params.model_fields)
+#: Parameters whose value is legitimately a mapping (every other mapping is a nesting mistake).
+_MAPPING_FIELDS = frozenset({"class_descriptions"})
+#: Names other tools use for our parameters (YOLO, Detectron, Hugging Face): an exact hint beats difflib.
+_ALIASES = {
+    "learning_rate": "lr",
+    "lr0": "lr",
+    "base_lr": "lr",
+    "num_epochs": "epochs",
+    "max_epochs": "epochs",
+    "batch": "batch_size",
+    "imgsz": "image_size",
+    "img_size": "image_size",
+    "input_size": "image_size",
+    "size": "preset",
+    "model": "preset",
+    "weights": "pretrained",
+    "data": "dataset",
+    "data_dir": "dataset",
+    "output_dir": "run_dir",
+    "out_dir": "run_dir",
+    "workers_per_loader": "num_workers",
+}
+#: Inner keys that name the value of their outer key: ``optimizer: {type: AdamW}`` means ``optimizer: AdamW``.
+_VALUE_WORDS = frozenset({"type", "name", "kind", "value", "mode", "enabled", "enable", "use"})
+
+
+# --------------------------------------------------------------------------------------------
+# Error messages
+# --------------------------------------------------------------------------------------------
+
+
+def _yaml_value(value: Any) -> str:
+    """A value as the user would write it in a YAML params file (``true``, ``AdamW``, ``[0, 1]``)."""
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, sort_keys=False, width=10_000).strip()
+    return text.removesuffix("...").strip()
+
+
+def _closest_key(key: str) -> str | None:
+    lowered = key.lower()
+    if lowered in _ALIASES:
+        return _ALIASES[lowered]
+    if lowered in _FIELDS:
+        return lowered
+    matches = difflib.get_close_matches(lowered, _FIELDS, n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _flat_key_for(path: tuple[str, ...]) -> str | None:
+    """The flat parameter a nested path most likely means.
+
+    Longest joined suffix first (``fusion: {hidden: 256}`` -> ``fusion_hidden``; ``model: {preset: n}``
+    -> ``preset``), then, for inner keys such as ``type`` / ``name`` / ``enabled``, the parent itself
+    (``optimizer: {type: AdamW}`` -> ``optimizer``).
+    """
+    parts = [str(p) for p in path]
+    for start in range(len(parts)):
+        candidate = "_".join(parts[start:])
+        if candidate in _FIELDS:
+            return candidate
+    if parts[-1].lower() in _VALUE_WORDS:
+        for start in range(len(parts) - 1):
+            candidate = "_".join(parts[start:-1])
+            if candidate in _FIELDS:
+                return candidate
+    return None
+
+
+def _nested_leaves(mapping: Mapping, path: tuple[str, ...]) -> Iterable[tuple[tuple[str, ...], Any]]:
+    """(path, value) of each leaf; a mapping that a mapping-valued parameter would take is a leaf."""
+    for inner, value in mapping.items():
+        inner_path = (*path, str(inner))
+        if isinstance(value, Mapping) and value and _flat_key_for(inner_path) not in _MAPPING_FIELDS:
+            yield from _nested_leaves(value, inner_path)
+        else:
+            yield inner_path, value
+
+
+def _nested_message(key: str, mapping: Mapping) -> str:
+    written = f"`{key}: {_yaml_value(_plain(mapping))}`"
+    suggestions: list[str] = []
+    unmatched: list[str] = []
+    for path, value in _nested_leaves(mapping, (key,)):
+        flat = _flat_key_for(path)
+        if flat is None:
+            near = _closest_key("_".join(path[1:])) or _closest_key(path[-1])
+            unmatched.append(".".join(path) + (f" (did you mean `{near}`?)" if near else ""))
+        else:
+            suggestions.append(f"`{flat}: {_yaml_value(_plain(value))}`")
+    message = f"`{key}` is a nested mapping ({written}), but parameters are flat, one `key: value` per line"
+    if suggestions:
+        message += f": write {', '.join(suggestions)} instead"
+    if unmatched:
+        message += f"; no parameter matches {', '.join(unmatched)} (see {REFERENCE_DOC})"
+    return message
+
+
+def _plain(value: Any) -> Any:
+    """Mappings / sequences as plain dict / list, so that YAML renders them in flow style."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool, NoneType)):
+        return value
+    return repr(value)
+
+
+def _unknown_key_message(key: str, value: Any) -> str:
+    if isinstance(value, Mapping):
+        return _nested_message(key, value)
+    near = _closest_key(key)
+    hint = f"did you mean `{near}`?" if near else f"see {REFERENCE_DOC} for every parameter"
+    return f"unknown key `{key}`: {hint}"
+
+
+def _type_text(annotation: Any) -> str:
+    """A short, user-facing rendering of a field's type (``int | None``, ``"atto" | "n"``, ``list[float]``)."""
+    origin = get_origin(annotation)
+    args = get_args(annotation)
+    if origin is Annotated:
+        return _type_text(args[0])
+    if origin is Literal:
+        return " | ".join(f'"{a}"' for a in args)
+    if origin in (Union, UnionType):
+        return " | ".join(_type_text(a) for a in args)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_text(a) for a in args)}]"
+    if annotation is NoneType:
+        return "null"  # as written in YAML
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _bounds_text(metadata: Iterable[Any]) -> str:
+    parts = []
+    for item in metadata:
+        if isinstance(item, annotated_types.Ge):
+            parts.append(f"≥ {item.ge}")
+        elif isinstance(item, annotated_types.Gt):
+            parts.append(f"> {item.gt}")
+        elif isinstance(item, annotated_types.Le):
+            parts.append(f"≤ {item.le}")
+        elif isinstance(item, annotated_types.Lt):
+            parts.append(f"< {item.lt}")
+        elif isinstance(item, annotated_types.MultipleOf):
+            parts.append(f"multiple of {item.multiple_of}")
+        elif isinstance(item, annotated_types.MinLen):
+            parts.append(f"at least {item.min_length} item{'s' if item.min_length > 1 else ''}")
+    return ", ".join(parts)
+
+
+def _allowed_text(name: str) -> str:
+    """What a parameter accepts, e.g. ``int ≥ 32, ≤ 1280, multiple of 32`` or ``list[float], each ≥ 0, ≤ 1``."""
+    info = Params.model_fields[name]
+    text = _type_text(info.annotation)
+    bounds = _bounds_text(info.metadata)
+    if bounds:
+        text += f", {bounds}"
+    if get_origin(info.annotation) is list:
+        (item,) = get_args(info.annotation)
+        if get_origin(item) is Annotated:
+            item_bounds = _bounds_text(
+                m for extra in get_args(item)[1:] for m in getattr(extra, "metadata", [extra])
+            )
+            if item_bounds:
+                text += f"; each item {item_bounds}"
+    return text
+
+
+def _loc_text(loc: tuple) -> str:
+    text = str(loc[0])
+    for part in loc[1:]:
+        text += f"[{part}]" if isinstance(part, int) else f"[{part!r}]"
+    return text
+
+
+def _validation_problems(exc: ValidationError, data: Mapping, origins: Mapping[str, str]) -> list[str]:
+    """One line per bad key (the first pydantic error of each location), naming source, key, value, range."""
+    problems: list[str] = []
+    seen: set[tuple] = set()
+    for error in exc.errors():
+        loc = error["loc"]
+        key = str(loc[0]) if loc else "?"
+        source = origins.get(key, "parameters")
+        if key not in Params.model_fields:
+            line = _unknown_key_message(key, data.get(key))
+            seen.add((key,))
+        elif isinstance(data.get(key), Mapping) and key not in _MAPPING_FIELDS:
+            if (key,) in seen:
+                continue
+            seen.add((key,))
+            line = _nested_message(key, data[key])
+        else:
+            if loc in seen or (key,) in seen:
+                continue
+            seen.add(loc)
+            message = error["msg"].removeprefix("Value error, ")
+            value = error["input"]
+            # Strings are quoted so that `"1e-3"` (a YAML string) reads differently from `0.001`.
+            shown = f'"{value}"' if isinstance(value, str) else _yaml_value(_plain(value))
+            line = f"`{_loc_text(loc)}` = {shown}: {message}; allowed: {_allowed_text(key)}"
+        problems.append(f"{source}: {line}")
+    return problems
+
+
+def _config_error(problems: Sequence[str]) -> ConfigError:
+    count = len(problems)
+    lines = [f"Invalid parameters ({count} problem{'s' if count != 1 else ''}):"]
+    lines += [f"  - {p}" for p in problems]
+    lines.append(f"Every parameter, its type, default and meaning: {REFERENCE_DOC}.")
+    error = ConfigError("\n".join(lines))
+    error.problems = list(problems)  # type: ignore[attr-defined]  (for callers that list them separately)
+    return error
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def project_root() -> Path:
+    """The source checkout holding this package (the folder with ``pyproject.toml``), else the cwd.
+
+    Relative paths in params resolve here, so the same params file works from the repository root,
+    from ``notebooks/`` (Jupyter's working directory) and under papermill.
+    """
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
+
+
+def resolve_path(path: str | Path) -> Path:
+    """An absolute path: relative ones are taken against :func:`project_root`."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else project_root() / path
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A flat params / grid file as a dict; ``ConfigError`` naming the file (and line) otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: parameter file not found (resolved to {path.resolve()}); check the path, relative paths "
+            f"are taken from the working directory {Path.cwd()}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the parameter file ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            f"{path}{where}: YAML syntax error: {problem}. Params files are flat `key: value` lines "
+            "(quote strings that contain ': ' or start with a special character)."
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of `key: value` lines at the top level, found a {type(data).__name__}"
+        )
+    return data
+
+
+def load_params(
+    *sources: str | Path | Mapping[str, Any] | Params,
+    source_names: Sequence[str] | None = None,
+    **overrides: Any,
+) -> Params:
+    """Merge parameter sources in the order given (later wins), then keyword overrides, and validate.
+
+    ``sources`` are YAML files, mappings or ``Params``; ``source_names`` (one per source) replace the
+    default names used in errors (the file path, or ``parameters #i``). Every problem of every
+    source is collected and raised together as one ``ConfigError``; a key's problem is attributed to
+    the source whose value won the merge.
+    """
+    if source_names is not None and len(source_names) != len(sources):
+        raise ValueError(f"source_names has {len(source_names)} entries for {len(sources)} sources")
+    problems: list[str] = []
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    for index, source in enumerate(sources):
+        if isinstance(source, Params):
+            name, values = "parameters", source.model_dump()
+        elif isinstance(source, Mapping):
+            name, values = f"parameters #{index + 1}", source
+        else:
+            name = str(source)
+            try:
+                values = read_yaml(source)
+            except ConfigError as exc:
+                problems.append(str(exc))
+                continue
+        layers.append((source_names[index] if source_names is not None else name, values))
+    if overrides:
+        layers.append(("keyword argument", overrides))
+    for name, values in layers:
+        for key, value in values.items():
+            merged[str(key)] = value
+            origins[str(key)] = name
+    try:
+        params = Params.model_validate(merged)
+    except ValidationError as exc:
+        problems += _validation_problems(exc, merged, origins)
+    if problems:
+        raise _config_error(problems)
+    return params
+
+
+#: Globals every IPython kernel defines that are not parameters.
+_KERNEL_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython", "open"})
+_PLAIN_TYPES = (str, int, float, bool, list, tuple, dict, NoneType)
+
+
+def params_from_notebook(namespace: Mapping[str, Any], ignore: Iterable[str] = ()) -> Params:
+    """The validated parameters of a notebook, from its ``globals()`` right after the parameters cell.
+
+    Papermill injects parameters as notebook globals. Known keys are taken; a plain-data global
+    (string, number, bool, list, dict, None) that is not a parameter is reported as an unknown key
+    with a did-you-mean, because a mistyped ``-p lr_fuson 1e-3`` must not be silently ignored.
+    Names starting with ``_``, modules, functions, classes and other objects are skipped, as are
+    names in ``ignore`` (plain variables the notebook defines on purpose before calling this).
+    An optional ``params_file`` global (a YAML path) is merged first: the notebook's own values
+    override it, and each value it overrides is logged as a warning.
+    """
+    skipped = set(ignore) | _KERNEL_NAMES | {"params_file"}
+    values: dict[str, Any] = {}
+    for name, value in namespace.items():
+        if name in Params.model_fields:
+            values[name] = value
+        elif name.startswith("_") or name in skipped or isinstance(value, ModuleType):
+            continue
+        elif isinstance(value, _PLAIN_TYPES):
+            values[name] = value
+    params_file = namespace.get("params_file") or ""
+    if not params_file:
+        return load_params(values, source_names=["notebook parameter"])
+    # Looked up in the working directory first, then in the project root.
+    path = Path(params_file) if Path(params_file).exists() else resolve_path(params_file)
+    from_file = read_yaml(path)
+    for key in sorted(set(from_file) & set(values)):
+        if from_file[key] != values[key]:
+            logger.warning(
+                "notebook parameter %s = %r overrides %s = %r from params_file %s",
+                key, values[key], key, from_file[key], params_file,
+            )
+    return load_params(path, values, source_names=[str(params_file), "notebook parameter"])
+
+
+def load_grid(path: str | Path, extra_keys: Iterable[str] = ()) -> dict:
+    """An ablation grid file, validated through the schema.
+
+    The file holds ``base`` (flat overrides shared by every variant), ``seeds`` (list of ints) and
+    ``variants`` (a list of ``{name, overrides}``), plus an optional ``description``. ``base`` merged
+    with each variant's overrides must be valid :class:`Params`; every problem of every variant is
+    reported at once. Returns ``{"path", "description", "base", "seeds", "variants": [{"name",
+    "overrides"}]}`` with the base and overrides as written (flat dicts). Top-level ``extra_keys``
+    (the grid runner's own settings) are allowed and returned as written, for the caller to check.
+    """
+    path = Path(path)
+    data = read_yaml(path)
+    extra_keys = tuple(extra_keys)
+    allowed = ("description", "base", "seeds", "variants", *extra_keys)
+    problems: list[str] = []
+    for key in data:
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean `{near[0]}`?" if near else f"a grid file has only {', '.join(allowed)}"
+            problems.append(f"{path}: unknown grid key `{key}`: {hint}")
+    base = data.get("base") or {}
+    if not isinstance(base, dict):
+        problems.append(f"{path}: `base` must be a mapping of flat parameters, found {_yaml_value(_plain(base))}")
+        base = {}
+    seeds = data.get("seeds", [0])
+    variants = data.get("variants")
+    if not isinstance(variants, list) or not variants:
+        problems.append(
+            f"{path}: `variants` must be a non-empty list of `{{name: ..., overrides: {{key: value}}}}` entries"
+        )
+        variants = []
+    try:
+        load_params(base, {"seeds": seeds}, source_names=[f"{path}: base", f"{path}: seeds"])
+    except ConfigError as exc:
+        problems += exc.problems  # type: ignore[attr-defined]
+    checked: list[dict] = []
+    names: set[str] = set()
+    for index, variant in enumerate(variants):
+        where = f"{path}: variants[{index}]"
+        if not isinstance(variant, dict) or "name" not in variant:
+            problems.append(f"{where}: each variant is a mapping `{{name: ..., overrides: {{key: value}}}}`")
+            continue
+        extra = set(variant) - {"name", "overrides"}
+        if extra:
+            problems.append(
+                f"{where}: unexpected key(s) {', '.join(sorted(map(str, extra)))}: parameters go under `overrides`"
+            )
+        name = str(variant["name"])
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            problems.append(f"{where}: variant name {name!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
+        if name in names:
+            problems.append(f"{where}: duplicate variant name {name!r}")
+        names.add(name)
+        overrides = variant.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            problems.append(f"{where} ({name}): `overrides` must be a mapping of flat parameters")
+            continue
+        try:
+            load_params(base, overrides, source_names=[f"{path}: base", f"{path}: variant {name!r}"])
+        except ConfigError as exc:
+            problems += [p for p in exc.problems if not p.startswith(f"{path}: base:")]  # type: ignore[attr-defined]
+        checked.append({"name": name, "overrides": overrides})
+    if problems:
+        raise _config_error(problems)
+    return {
+        "path": str(path),
+        "description": str(data.get("description", "")),
+        "base": base,
+        "seeds": [int(s) for s in seeds],
+        "variants": checked,
+        **{key: data[key] for key in extra_keys if key in data},
+    }
+
+
+def diff_from_default(p: Params) -> dict:
+    """``{key: value}`` of every parameter that differs from its schema default, in schema order."""
+    defaults = Params()
+    return {name: getattr(p, name) for name in _FIELDS if getattr(p, name) != getattr(defaults, name)}
+
+
+# --------------------------------------------------------------------------------------------
+# The generated reference (docs/parameters.md)
+# --------------------------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    """Markdown table cell: pipes escaped, newlines folded."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def parameter_reference() -> str:
+    """The parameter reference in Markdown: one table per group (name, type, default, allowed, meaning)."""
+    lines = [
+        "# Parameter reference",
+        "",
+        f"<!-- Generated from `tfg_mm/config.py` by `{REFERENCE_COMMAND}` (or `make params-doc`). Do not edit. -->",
+        "",
+        "Every notebook parameter and every key of a `params/*.yaml` file is one flat `key: value`; there are "
+        "no nested sections. Unknown keys, nested mappings, wrong types and out-of-range values are rejected "
+        "before any work starts, all problems listed at once. Set parameters in a params file "
+        "(`papermill -f params/phase2.yaml`), on the command line (`papermill -p lr 0.001`), or in a "
+        "notebook's `params_file` parameter. Relative paths resolve against the project root.",
+        "",
+    ]
+    for group, model in _GROUPS:
+        lines += [f"## {group}", "", _cell(model.__doc__ or ""), ""]
+        lines += ["| name | type | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
+        for name, info in model.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            bounds = _allowed_text(name).removeprefix(_type_text(info.annotation)).lstrip(", ").lstrip("; ")
+            lines.append(
+                f"| `{name}` | `{_cell(_type_text(info.annotation))}` | `{_cell(_yaml_value(default))}` "
+                f"| {_cell(bounds)} | {_cell(info.description or '')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""The project's DEIMv2 detector: corrected architecture, official presets, lossless checkpoints.
+
+Importing this package registers the model type ``tfg_deimv2`` with transformers' Auto classes.
+"""
+
+from tfg_mm.detector.official import (
+    CORRECTION_DOCS,
+    CORRECTIONS,
+    FREEZE_PARTS,
+    TfgDeimv2Config,
+    TfgDeimv2ForObjectDetection,
+    freeze,
+    parameter_part,
+    register_auto_classes,
+    trainable_parameter_summary,
+    unfreeze,
+)
+from tfg_mm.detector.checkpoint import (
+    from_pretrained,
+    load,
+    load_state_dict_checked,
+    read_metadata,
+    save,
+)
+from tfg_mm.detector.presets import PRESETS, build, preset_config, preset_image_size
+
+register_auto_classes()
+
+__all__ = [
+    "CORRECTIONS",
+    "CORRECTION_DOCS",
+    "FREEZE_PARTS",
+    "PRESETS",
+    "build",
+    "TfgDeimv2Config",
+    "TfgDeimv2ForObjectDetection",
+    "freeze",
+    "from_pretrained",
+    "load",
+    "load_state_dict_checked",
+    "parameter_part",
+    "preset_config",
+    "preset_image_size",
+    "read_metadata",
+    "save",
+    "trainable_parameter_summary",
+    "unfreeze",
+]

@@ -1,0 +1,391 @@
+"""The run contract: every notebook run writes ``{run_dir}/metrics.json``, and reports read only that.
+
+``metrics.json`` holds:
+
+* ``status`` — ``running`` (rewritten after each evaluated epoch), ``finished`` or ``failed``;
+* ``run_id`` — hash of (params that affect the result, dataset content hash, code version): the
+  ablation runner reuses a finished run with the same id instead of re-running it;
+* ``params`` — all of them, defaults filled in; ``params_changed`` — those that differ from the default;
+* ``dataset`` — paths and a content hash (:func:`dataset_record`);
+* ``code_version`` — package version, git commit and dirty flag, hash of the package sources;
+* ``history`` — one entry per evaluated epoch with at least ``epoch``, ``map``, ``map50``, ``map75``,
+  ``per_class`` = {class name: {``ap``, ``ap50``}}, ``lr``, ``losses`` = {term: value}, ``seconds``;
+* ``final`` — the selected checkpoint's metrics (``map``, ``map50``, ``map75``, ``per_class``, ...);
+* any ``extra`` top-level entries the phase adds (e.g. the fusion's α trajectory).
+
+The file is written atomically (a crash leaves the previous version, never half a file), with
+non-finite numbers stored as ``null`` so that every JSON reader accepts it. A run folder that holds
+a finished run is never replaced unless ``overwrite`` is asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import tfg_mm
+from tfg_mm.config import Params, diff_from_default, load_params, resolve_path
+from tfg_mm.errors import ConfigError, DataError
+from tfg_mm.io import atomic_write_json
+
+METRICS_FILE = "metrics.json"
+#: Written by :func:`prepare_run_dir`: only folders carrying it (or a metrics.json) are ever cleared.
+MARKER_FILE = ".tfg_mm_run"
+SCHEMA_VERSION = 1
+STATUSES = ("running", "finished", "failed")
+HISTORY_KEYS = ("epoch", "map", "map50", "map75", "per_class", "lr", "losses", "seconds")
+FINAL_KEYS = ("map", "map50", "map75", "per_class")
+CONTRACT_KEYS = (
+    "schema_version", "status", "run_id", "updated", "params", "params_changed", "dataset", "code_version",
+    "history", "final",
+)
+
+#: Parameters that cannot change a run's result, so two runs differing only in them share a run id.
+RUN_ID_EXCLUDED = frozenset(
+    {
+        # where and how the run is stored and executed (the brief's list)
+        "run_dir", "overwrite", "resume", "device", "num_workers",
+        # checkpoint frequency and the embedding cache location change no number
+        "save_every", "text_cache_dir",
+        # grid-level settings of the ablation runner: adding a seed to `seeds` must not invalidate
+        # the finished runs of the other seeds
+        "grid", "seeds", "workers", "reuse", "bootstrap_resamples", "confidence",
+    }
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Code and dataset identity
+# --------------------------------------------------------------------------------------------
+
+
+def _git(args: Sequence[str], cwd: Path) -> str | None:
+    """Output of a read-only git command, or None outside a repository / without git."""
+    try:
+        result = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> tuple[tuple[str, Any], ...]:
+    package_dir = Path(tfg_mm.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for source in sorted(package_dir.rglob("*.py")):
+        digest.update(source.relative_to(package_dir).as_posix().encode() + b"\0")
+        digest.update(source.read_bytes() + b"\0")
+    commit = _git(["rev-parse", "HEAD"], package_dir)
+    status = _git(["status", "--porcelain"], package_dir) if commit else None
+    return (
+        ("package", tfg_mm.__version__),
+        ("git_commit", commit.strip() if commit else None),
+        ("git_dirty", bool(status.strip()) if status is not None else None),
+        ("source_sha256", digest.hexdigest()),
+    )
+
+
+def code_version() -> dict:
+    """``{"package", "git_commit", "git_dirty", "source_sha256"}`` of the code this process runs.
+
+    ``git_commit`` / ``git_dirty`` are None outside a git checkout (or before the first commit);
+    ``source_sha256`` hashes the package's ``.py`` files, so uncommitted edits are still told
+    apart. Computed once per process: the code that was imported is the code that ran.
+    """
+    return dict(_code_version())
+
+
+def _fallback_fingerprint(root: Path) -> str:
+    """sha256 over the relative path and bytes of every non-hidden file under ``root``, sorted."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(relative.as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def dataset_record(root: str | Path, train_json: str, val_json: str, images_dir: str = "images") -> dict:
+    """Paths and content hash of a COCO dataset: ``{"root", "train_json", "val_json", "hash", "hash_method"}``.
+
+    The hash is ``tfg_mm.data.dataset_fingerprint`` (annotation files and the bytes of the images
+    they reference, under ``images_dir``) when that module provides it, else a sha256 of every
+    file under the dataset root.
+    """
+    root_path = resolve_path(root)
+    annotations = [root_path / train_json, root_path / val_json]
+    for path, key in zip(annotations, ("train_json", "val_json")):
+        if not path.is_file():
+            raise DataError(
+                f"{path}: annotation file not found (dataset `{root}`, {key} `{path.name}`); check the "
+                f"`dataset` and `{key}` parameters, or generate the synthetic set with `python -m tfg_mm generate`"
+            )
+    try:
+        from tfg_mm.data import dataset_fingerprint
+    except ImportError:
+        digest, method = _fallback_fingerprint(root_path), "sha256 of every file under root (tfg_mm.runs)"
+    else:
+        digest = dataset_fingerprint(root_path, [str(p) for p in annotations], images_dir=images_dir)
+        method = "tfg_mm.data.dataset_fingerprint"
+    return {
+        "root": str(root_path),
+        "train_json": str(annotations[0]),
+        "val_json": str(annotations[1]),
+        "hash": digest,
+        "hash_method": method,
+    }
+
+
+def run_id(params: Params | Mapping[str, Any], dataset_hash: str, code: Mapping[str, Any]) -> str:
+    """Stable 16-hex-digit id of what determines a run's result.
+
+    Hashes the params minus :data:`RUN_ID_EXCLUDED`, the dataset hash, and the code version minus
+    ``git_dirty`` (a report written into the checkout makes it dirty without changing any code;
+    ``source_sha256`` already tells edited code apart).
+    """
+    if not isinstance(params, Params):
+        params = load_params(params, source_names=["run_id(params=...)"])
+    payload = {
+        "params": {k: v for k, v in params.model_dump(mode="json").items() if k not in RUN_ID_EXCLUDED},
+        "dataset": dataset_hash,
+        "code": {k: v for k, v in code.items() if k != "git_dirty"},
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Run folders
+# --------------------------------------------------------------------------------------------
+
+
+def _metrics_path(run_dir: str | Path) -> Path:
+    path = resolve_path(run_dir)
+    return path if path.suffix == ".json" else path / METRICS_FILE
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    """True when ``run_dir/metrics.json`` exists, parses and says ``status: finished``."""
+    path = _metrics_path(run_dir)
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _clear(path: Path) -> None:
+    """Empty a run folder: move it aside first so a crash never leaves a half-deleted run behind."""
+    aside = path.with_name(f".{path.name}.replaced-{os.getpid()}-{time.time_ns()}")
+    os.replace(path, aside)
+    path.mkdir()
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def prepare_run_dir(run_dir: str | Path, overwrite: bool = False, resume: bool = True) -> Path:
+    """Create (or check) the run folder before any work, and return its absolute path.
+
+    * A folder holding a *finished* run is refused unless ``overwrite`` (nothing is touched).
+    * ``overwrite``, or ``resume=False`` on an interrupted run, empties the folder first: only a
+      folder that tfg_mm made (it holds ``metrics.json`` or the marker file) is ever emptied.
+    * Otherwise (``resume``) the folder is kept as is, so training can pick up its last checkpoint.
+    """
+    path = resolve_path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run_dir `{run_dir}` ({path}) is a file, not a folder; choose another `run_dir`")
+    if is_finished(path) and not overwrite:
+        try:
+            final = read_metrics(path).get("final") or {}
+        except DataError:  # finished but damaged: still refuse, just without the summary
+            final = {}
+        summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("map", "map50") if isinstance(final.get(k), float))
+        raise ConfigError(
+            f"run_dir `{run_dir}` ({path}) already holds a finished run ({summary or 'see its metrics.json'}); "
+            "nothing was changed. To replace it set `overwrite: true` (papermill: `-p overwrite True`; "
+            "load_params(..., overwrite=True)), or choose another `run_dir`."
+        )
+    if path.is_dir() and any(path.iterdir()) and (overwrite or not resume):
+        if not ((path / METRICS_FILE).exists() or (path / MARKER_FILE).exists()):
+            raise ConfigError(
+                f"run_dir `{run_dir}` ({path}) is not empty and was not made by tfg_mm (no {METRICS_FILE} or "
+                f"{MARKER_FILE}); refusing to empty it for `overwrite` / `resume: false`. Choose a new `run_dir`."
+            )
+        _clear(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / MARKER_FILE).exists():
+        atomic_write_json(
+            path / MARKER_FILE,
+            {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "package": tfg_mm.__version__},
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# metrics.json
+# --------------------------------------------------------------------------------------------
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON values: tensors / numpy to Python, tuples to lists, NaN / ±inf to None."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _per_class_problems(per_class: Any, where: str) -> list[str]:
+    if not isinstance(per_class, Mapping):
+        return [f"{where}: `per_class` must be a mapping {{class name: {{ap, ap50}}}}"]
+    problems = []
+    for name, values in per_class.items():
+        if not isinstance(values, Mapping) or not {"ap", "ap50"} <= set(values):
+            problems.append(f"{where}: per_class[{name!r}] must have `ap` and `ap50`")
+        elif not (_is_number(values["ap"]) and _is_number(values["ap50"])):
+            problems.append(f"{where}: per_class[{name!r}] `ap` / `ap50` must be numbers or null")
+    return problems
+
+
+def _contract_problems(history: Any, final: Any, status: Any) -> list[str]:
+    """Everything that breaks the contract, listed (reports must be able to trust every entry)."""
+    problems: list[str] = []
+    if status not in STATUSES:
+        problems.append(f"`status` is {status!r}; allowed: {', '.join(STATUSES)}")
+    if not isinstance(history, list):
+        return problems + ["`history` must be a list of per-epoch entries"]
+    previous = -1
+    for index, entry in enumerate(history):
+        where = f"history[{index}]"
+        if not isinstance(entry, Mapping):
+            problems.append(f"{where}: must be a mapping")
+            continue
+        missing = [k for k in HISTORY_KEYS if k not in entry]
+        if missing:
+            problems.append(f"{where}: missing {', '.join(missing)} (required: {', '.join(HISTORY_KEYS)})")
+            continue
+        if not isinstance(entry["epoch"], int) or entry["epoch"] <= previous:
+            problems.append(f"{where}: `epoch` must be an integer greater than the previous entry's ({previous})")
+        else:
+            previous = entry["epoch"]
+        for key in ("map", "map50", "map75", "seconds"):
+            if not _is_number(entry[key]):
+                problems.append(f"{where}: `{key}` must be a number or null, got {entry[key]!r}")
+        if not (_is_number(entry["lr"]) or isinstance(entry["lr"], Mapping)):
+            problems.append(f"{where}: `lr` must be a number or a mapping {{param group: lr}}")
+        if not isinstance(entry["losses"], Mapping):
+            problems.append(f"{where}: `losses` must be a mapping {{loss term: value}}")
+        problems += _per_class_problems(entry["per_class"], where)
+    if final is None:
+        if status == "finished":
+            problems.append("`final` is required when status is finished (the selected checkpoint's metrics)")
+    elif not isinstance(final, Mapping):
+        problems.append("`final` must be a mapping of metrics or null")
+    else:
+        missing = [k for k in FINAL_KEYS if k not in final]
+        if missing:
+            problems.append(f"final: missing {', '.join(missing)} (required: {', '.join(FINAL_KEYS)})")
+        elif not all(_is_number(final[k]) for k in ("map", "map50", "map75")):
+            problems.append("final: `map` / `map50` / `map75` must be numbers or null")
+        else:
+            problems += _per_class_problems(final["per_class"], "final")
+    return problems
+
+
+def write_metrics(
+    run_dir: str | Path,
+    *,
+    params: Params | Mapping[str, Any],
+    dataset: Mapping[str, Any],
+    history: list[dict],
+    final: dict | None,
+    extra: Mapping[str, Any] | None = None,
+    status: Literal["running", "finished", "failed"] = "running",
+) -> Path:
+    """Write ``run_dir/metrics.json`` atomically and return its path.
+
+    ``params`` (a mapping is validated through the schema) are stored in full; ``dataset`` is a
+    :func:`dataset_record`; ``extra`` entries become top-level keys (they may not shadow the
+    contract's). A ``DataError`` lists every entry that breaks the contract; nothing is written then.
+    """
+    path = _metrics_path(run_dir)
+    if not isinstance(params, Params):
+        params = load_params(params, source_names=["write_metrics(params=...)"])
+    history = _json_safe(list(history))
+    final = _json_safe(final)
+    problems = _contract_problems(history, final, status)
+    if not isinstance(dataset, Mapping) or not isinstance(dataset.get("hash"), str):
+        problems.append("`dataset` must be a dataset_record(...) with a `hash`")
+    clashes = sorted(set(extra or {}) & set(CONTRACT_KEYS))
+    if clashes:
+        problems.append(f"`extra` may not replace contract keys: {', '.join(clashes)}")
+    if problems:
+        raise DataError(f"{path}: not written, the run contract is broken:\n" + "\n".join(f"  - {p}" for p in problems))
+    code = code_version()
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "status": status,
+        "run_id": run_id(params, dataset["hash"], code),
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "params": params.model_dump(mode="json"),
+        "params_changed": _json_safe(diff_from_default(params)),
+        "dataset": _json_safe(dict(dataset)),
+        "code_version": code,
+        "history": history,
+        "final": final,
+        **_json_safe(dict(extra or {})),
+    }
+    return atomic_write_json(path, record)
+
+
+def read_metrics(run_dir: str | Path) -> dict:
+    """The run contract of ``run_dir`` (or of a metrics.json path), checked.
+
+    A missing file is a ``ConfigError`` (the folder given is not a run: check the parameter that
+    named it); an unparsable or incomplete one is a ``DataError`` that lists what is wrong.
+    """
+    path = _metrics_path(run_dir)
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: no {METRICS_FILE}; `{run_dir}` is not a run folder, or its run has not evaluated an epoch "
+            "yet. Check the `run_dir` / `baseline` parameter, or run the notebook that writes it."
+        )
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: expected a JSON object with {', '.join(CONTRACT_KEYS)}")
+    missing = [k for k in CONTRACT_KEYS if k not in record]
+    problems = [f"missing {', '.join(missing)}"] if missing else []
+    problems += _contract_problems(record.get("history"), record.get("final"), record.get("status"))
+    if problems:
+        raise DataError(
+            f"{path}: does not follow the run contract:\n" + "\n".join(f"  - {p}" for p in problems)
+            + "\nRe-run the notebook with `overwrite: true` to rewrite it."
+        )
+    return record
