@@ -120,7 +120,7 @@ def bench_phase2(workdir: Path) -> dict:
         model, _, _ = build_multimodal(params, data.class_names)
         task = Phase2Task(model, data.class_names, params, data.train)
         task.use_cache = use_cache
-        trainer = Trainer(params, task, data.train_loader, data.val_loader, data.val.coco_path, data.cat_ids,
+        trainer = Trainer(params, task, data.train_loader, data.val_loader, data.val.coco, data.cat_ids,
                           Path(tempfile.mkdtemp()), gen, lambda *a: None, progress=False)
         task.on_epoch_start(1, trainer)
         trainer.rebuild_optimizer()

@@ -62,7 +62,7 @@ def _detections(val_json: str, noise: float, seed: int) -> list[dict]:
     return out
 
 
-def _write_run(params, run_dir: Path, noise: float) -> None:
+def _write_run(params, run_dir: Path, noise: float, depends_on: str = "") -> None:
     record = runs.dataset_record(params.dataset, params.train_json, params.val_json)
     detections = _detections(record["val_json"], noise, params.seed)
     metrics = coco_evaluate(record["val_json"], detections)
@@ -75,7 +75,7 @@ def _write_run(params, run_dir: Path, noise: float) -> None:
                         "seconds": 0.1, "stage": "A" if epoch < 2 else "B", "alpha_mean": params.alpha + 0.01 * epoch})
     final = {**history[-1], "checkpoint": str(run_dir / "checkpoints" / "best"), "selected_by": "map"}
     runs.write_metrics(run_dir, params=params, dataset=record, history=history, final=final,
-                       extra={"phase": "phase2", "classes": CLASSES}, status="finished")
+                       extra={"phase": "phase2", "classes": CLASSES}, status="finished", depends_on=depends_on)
 
 
 def fake_run(parameters: dict, run_dir: Path) -> None:
@@ -88,7 +88,8 @@ def fake_run(parameters: dict, run_dir: Path) -> None:
     if p.text_encoder == "none":
         raise RuntimeError("boom: this variant cannot run")
     run_dir = runs.prepare_run_dir(p.run_dir, overwrite=p.overwrite, resume=p.resume)
-    _write_run(p, run_dir, noise=2.0 + 20 * p.alpha)
+    # like a real phase-2 run, its run_id includes the baseline's (tfg_mm.phase2.depends_on_baseline)
+    _write_run(p, run_dir, noise=2.0 + 20 * p.alpha, depends_on=ablations._baseline_id(p))
 
 
 def _calls(ablations_dir: Path, variant: str, seed: int = 0) -> int:

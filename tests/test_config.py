@@ -303,9 +303,13 @@ def test_load_grid_validates_every_variant_through_the_schema(tmp_path):
     assert grid["seeds"] == [0, 1] and grid["base"] == {"epochs": 2, "text_encoder": "random"}
     assert [v["name"] for v in grid["variants"]] == ["alpha0", "thesis_original", "control"]
     assert grid["variants"][2]["overrides"] == {}
+    # the grid runner's own keys (hard_classes, wise) are allowed by default, nothing else is
     with pytest.raises(ConfigError, match="unknown grid key `wise`"):
-        load_grid(_write(tmp_path / "wise.yaml", "wise: {variant: alpha0}\nvariants: [{name: alpha0}]\n"))
-    assert load_grid(tmp_path / "wise.yaml", extra_keys=["wise"])["wise"] == {"variant": "alpha0"}
+        load_grid(_write(tmp_path / "wise.yaml", "wise: {variant: alpha0}\nvariants: [{name: alpha0}]\n"),
+                  extra_keys=())
+    assert load_grid(tmp_path / "wise.yaml")["wise"] == {"variant": "alpha0"}
+    with pytest.raises(ConfigError, match="unknown grid key `wize`: did you mean `wise`"):
+        load_grid(_write(tmp_path / "wize.yaml", "wize: {variant: alpha0}\nvariants: [{name: alpha0}]\n"))
 
     bad = _write(
         tmp_path / "bad.yaml",

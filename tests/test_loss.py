@@ -237,7 +237,15 @@ def _tiny_model() -> tuple[torch.nn.Module, int]:
     build = getattr(tfg_mm.detector, "build", None)
     torch.manual_seed(0)
     if build is not None:
-        return build("atto", 5), 320
+        model = build("atto", 5)
+        # the official init zeroes the box heads' last layer (every layer would predict the same
+        # corners and DDF would vanish): random weights make the layers differ
+        with torch.no_grad():
+            for head in model.model.decoder.bbox_embed:
+                head.layers[-1].weight.normal_(std=0.05)
+            for lqe in model.model.decoder.lqe_layers:
+                lqe.reg_conf.layers[-1].weight.normal_(std=0.05)
+        return model, 320
     backbone = HGNetV2Config(
         stem_channels=[3, 8, 8], stage_in_channels=[8, 16, 32, 64], stage_mid_channels=[8, 8, 16, 16],
         stage_out_channels=[16, 32, 64, 128], stage_num_blocks=[1, 1, 1, 1],

@@ -122,6 +122,7 @@ def test_loading_without_tfg_mm_never_builds_the_uncorrected_class(tmp_path):
     folder = save(build("atto", 2, image_size=320, seed=0), tmp_path / "ckpt")
     script = (
         "import sys\n"
+        "sys.modules['tfg_mm'] = None  # an environment without the package (it is installed here)\n"
         "from transformers import AutoModelForObjectDetection\n"
         "try:\n"
         f"    AutoModelForObjectDetection.from_pretrained({str(folder)!r})\n"

@@ -184,7 +184,7 @@ def plan_runs(grid: Mapping[str, Any], ablations_dir: str | Path, params_file: s
                                  source_names=names + [f"{grid['path']}: variant {variant['name']!r}",
                                                        "notebook 03 parameter", "grid runner"])
             dataset_hash = _dataset_hash(params, hashes)
-            expected = runs.run_id(params, dataset_hash, code) if dataset_hash else None
+            expected = runs.run_id(params, dataset_hash, code, _baseline_id(params)) if dataset_hash else None
             existing = _existing(run_dir)
             reusable = bool(reuse and expected and existing.get("status") == "finished"
                             and existing.get("run_id") == expected)
@@ -196,6 +196,16 @@ def plan_runs(grid: Mapping[str, Any], ablations_dir: str | Path, params_file: s
             planned.append({"variant": variant["name"], "seed": int(seed), "run_dir": str(run_dir),
                             "run_id": expected, "reuse": reusable, "params": params})
     return planned
+
+
+def _baseline_id(params) -> str:
+    """The phase-2 ``run_id`` includes its baseline's (:func:`tfg_mm.phase2.depends_on_baseline`)."""
+    from tfg_mm.phase2 import depends_on_baseline
+
+    try:
+        return depends_on_baseline(params)
+    except Exception:  # no baseline (yet): the run builds it or fails with the reason itself
+        return ""
 
 
 def _existing(run_dir: Path) -> dict:
@@ -430,7 +440,7 @@ def _load_fusion(folder: Path):
 def _detect(model_fn, params, data) -> tuple[dict, list[dict]]:
     from tfg_mm.evaluate import evaluate
 
-    return evaluate(model_fn, data.val_loader, data.val.coco_path, data.class_names, data.cat_ids,
+    return evaluate(model_fn, data.val_loader, data.val.coco, data.class_names, data.cat_ids,
                     top_k=params.top_k, device=_device())
 
 

@@ -194,13 +194,13 @@ class Phase2Params(BaseModel):
         "Linear(256, 512)) or `mlp` (Linear → ReLU → Dropout → Linear).",
     )
     fusion_hidden: int = Field(256, ge=1, description="Hidden width of the `mlp` projection.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the `mlp` projection.")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the hidden state before the `linear` projection, or between the "
+        "two layers of the `mlp` projection."
+    )
     logit_scale: float = Field(10.0, gt=0, description="Initial multiplier of the cosine similarity (text logits).")
     logit_scale_learnable: bool = Field(True, description="Learn the logit scale.")
     fusion_bias: bool = Field(True, description="Learnable bias added to the scaled similarity.")
-    fuse_encoder: bool = Field(
-        False, description="Also fuse text into the encoder's query-selection scores, not only the decoder's."
-    )
     prompts: Literal["single", "ensemble"] = Field(
         "ensemble",
         description="`single` = one prompt per class (its description, else \"a photo of a {class name}.\"); "
@@ -664,7 +664,11 @@ def params_from_notebook(namespace: Mapping[str, Any], ignore: Iterable[str] = (
     return load_params(path, values, source_names=[str(params_file), "notebook parameter"])
 
 
-def load_grid(path: str | Path, extra_keys: Iterable[str] = ()) -> dict:
+#: Top-level grid keys that belong to the grid runner (``tfg_mm.ablations``), not to the schema.
+GRID_RUNNER_KEYS = ("hard_classes", "wise")
+
+
+def load_grid(path: str | Path, extra_keys: Iterable[str] = GRID_RUNNER_KEYS) -> dict:
     """An ablation grid file, validated through the schema.
 
     The file holds ``base`` (flat overrides shared by every variant), ``seeds`` (list of ints) and

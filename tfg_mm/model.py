@@ -79,6 +79,12 @@ class MultimodalDetector(nn.Module):
                 self.detector.eval()
             else:
                 set_train_frozen(self.detector)
+        else:
+            # stage B: the unfrozen part trains; the frozen parts keep their BatchNorm statistics
+            for module in self.detector.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                        p.requires_grad for p in module.parameters()):
+                    module.eval()
 
     # -- detector outputs in the official layout -------------------------------------------------
     def detector_outputs(self, pixel_values: torch.Tensor, labels: list[dict] | None = None,

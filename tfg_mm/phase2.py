@@ -268,8 +268,12 @@ def build_multimodal(params, class_names: list[str]):
 
 def run_phase2(params, progress: bool = True) -> dict:
     from tfg_mm import runs
-    from tfg_mm.train import make_data
+    from tfg_mm.train import finished_same_run, make_data
 
+    depends = depends_on_baseline(params)
+    existing, _ = finished_same_run(params, progress, depends_on=depends)
+    if existing is not None:
+        return existing
     run_dir = runs.prepare_run_dir(resolve_path(params.run_dir), overwrite=params.overwrite, resume=params.resume)
     loader_gen = seed_everything(params.seed, params.deterministic)
     data = make_data(params, loader_gen, progress=progress)
@@ -282,14 +286,30 @@ def run_phase2(params, progress: bool = True) -> dict:
 
     def contract(history, final, status):
         runs.write_metrics(run_dir, params=params, dataset=data.record, history=history, final=final, extra=extra,
-                           status=status)
+                           status=status, depends_on=depends)
 
     task = Phase2Task(model, data.class_names, params, data.train)
-    trainer = Trainer(params, task, data.train_loader, data.val_loader, data.val.coco_path, data.cat_ids, run_dir,
+    trainer = Trainer(params, task, data.train_loader, data.val_loader, data.val.coco, data.cat_ids, run_dir,
                       loader_gen, contract, progress)
     trainer.fit()
     extra["cache_seconds"] = round(task.cache_seconds, 2)
     return runs.read_metrics(run_dir)
+
+
+def depends_on_baseline(params) -> str:
+    """What a phase-2 result depends on beyond its params: the baseline run's ``run_id``.
+
+    Folded into the phase-2 ``run_id``, so retraining the baseline in the same folder invalidates
+    the phase-2 runs built on the old one. A plain checkpoint folder is identified by its files.
+    """
+    ckpt, base_metrics = baseline_folder(params.baseline)
+    return (base_metrics or {}).get("run_id") or _folder_stamp(ckpt)
+
+
+def _folder_stamp(folder: Path) -> str:
+    """Identity of a checkpoint folder that is not a run (sizes and mtimes of its files)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
 def ensure_baseline(params, baseline_params_file: str = "params/baseline.yaml", progress: bool = False) -> Path:

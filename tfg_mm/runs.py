@@ -150,7 +150,8 @@ def dataset_record(root: str | Path, train_json: str, val_json: str, images_dir:
     }
 
 
-def run_id(params: Params | Mapping[str, Any], dataset_hash: str, code: Mapping[str, Any]) -> str:
+def run_id(params: Params | Mapping[str, Any], dataset_hash: str, code: Mapping[str, Any],
+           depends_on: str = "") -> str:
     """Stable 16-hex-digit id of what determines a run's result.
 
     Hashes the params minus :data:`RUN_ID_EXCLUDED`, the dataset hash, and the code version minus
@@ -164,6 +165,8 @@ def run_id(params: Params | Mapping[str, Any], dataset_hash: str, code: Mapping[
         "dataset": dataset_hash,
         "code": {k: v for k, v in code.items() if k != "git_dirty"},
     }
+    if depends_on:
+        payload["depends_on"] = depends_on
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -323,8 +326,12 @@ def write_metrics(
     final: dict | None,
     extra: Mapping[str, Any] | None = None,
     status: Literal["running", "finished", "failed"] = "running",
+    depends_on: str = "",
 ) -> Path:
     """Write ``run_dir/metrics.json`` atomically and return its path.
+
+    ``depends_on`` names what else the result depends on (phase 2: its baseline run's id); it is
+    folded into the ``run_id`` (:func:`run_id`).
 
     ``params`` (a mapping is validated through the schema) are stored in full; ``dataset`` is a
     :func:`dataset_record`; ``extra`` entries become top-level keys (they may not shadow the
@@ -347,7 +354,7 @@ def write_metrics(
     record = {
         "schema_version": SCHEMA_VERSION,
         "status": status,
-        "run_id": run_id(params, dataset["hash"], code),
+        "run_id": run_id(params, dataset["hash"], code, depends_on),
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "params": params.model_dump(mode="json"),
         "params_changed": _json_safe(diff_from_default(params)),

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from tfg_mm.config import resolve_path
 from tfg_mm.errors import CheckpointError, ConfigError, TrainingError
-from tfg_mm.io import atomic_write_bytes
+from tfg_mm.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ class Trainer:
         return {k: v / max(1, count) for k, v in sums.items()}
 
     def _evaluate_and_record(self, epoch: int, losses: dict, seconds: float, lr: float) -> None:
-        metrics, _ = self.evaluate()
+        metrics, dets = self.evaluate()
         entry = {
             "epoch": epoch,
             "map": metrics["map"],
@@ -412,6 +412,8 @@ class Trainer:
             self.best_score = score
             self.best_epoch = epoch
             self.task.save_model(model, self.ckpt_dir / "best", meta)
+            # the selected checkpoint's validation detections: the ablation statistics resample them
+            atomic_write_json(self.run_dir / "detections_val.json", dets)
         self.write_contract(self.history, None, "running")
         if self.progress:
             tqdm.write(f"[{self.run_dir.name}] epoch {epoch}: mAP {metrics['map']:.4f}  mAP50 {metrics['map50']:.4f}")
@@ -455,12 +457,12 @@ DEFAULT_DATASET = "data/synthetic"
 def resolve_dataset(params, progress: bool = True) -> Path:
     """The dataset folder; the embedded synthetic set is generated when it is the default and absent."""
     root = resolve_path(params.dataset)
-    if not (root / params.train_json).exists() and params.dataset == DEFAULT_DATASET and params.generate_if_missing:
+    if params.dataset == DEFAULT_DATASET and params.generate_if_missing:
+        # (re)generated when absent or made by other generator settings / version; a no-op otherwise
         from tfg_mm.data.synthetic import generate
 
-        root = REPO_ROOT / DEFAULT_DATASET
-        generate(root, seed=params.synthetic_seed, n_train=params.synthetic_train, n_val=params.synthetic_val,
-                 image_size=params.synthetic_image_size, progress=progress)
+        root = generate(REPO_ROOT / DEFAULT_DATASET, seed=params.synthetic_seed, n_train=params.synthetic_train,
+                        n_val=params.synthetic_val, image_size=params.synthetic_image_size, progress=progress)
     if not root.exists():
         raise ConfigError(f"Parameter `dataset`: folder {root} does not exist. Fix: point `dataset` at a COCO folder "
                           f"with `{params.images_dir}/`, `{params.train_json}` and `{params.val_json}`, or use the "
@@ -501,7 +503,7 @@ def make_data(params, loader_gen: torch.Generator, progress: bool = True, need_t
     val_loader = DataLoader(val, batch_size=params.batch_size, shuffle=False, collate_fn=collate,
                             num_workers=params.num_workers)
     return Data(root, train, val, train_loader, val_loader, list(val.categories), list(val.cat_ids),
-                dataset_record(root, params.train_json, params.val_json))
+                dataset_record(root, params.train_json, params.val_json, params.images_dir))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -577,11 +579,39 @@ def build_baseline_model(params, data: Data) -> tuple[nn.Module, dict]:
     return model, {"source": "random init", "preset": params.preset, "fidelity": params.fidelity}
 
 
+def finished_same_run(params, progress: bool = False, depends_on: str = "") -> tuple[dict | None, str]:
+    """``(metrics, run_id)``: the finished run in ``params.run_dir`` if it is this very run, else None.
+
+    A run is the same when its ``run_id`` (params, dataset content hash, code version) matches, so
+    re-running a notebook or the pipeline reuses it instead of training again. A finished run with
+    another id is refused by :func:`tfg_mm.runs.prepare_run_dir` unless ``overwrite: true``.
+    ``depends_on`` names what else the result depends on (phase 2: the baseline run's id).
+    """
+    from tfg_mm import runs
+
+    root = resolve_dataset(params, progress=progress)
+    record = runs.dataset_record(root, params.train_json, params.val_json, params.images_dir)
+    rid = runs.run_id(params, record["hash"], runs.code_version(), depends_on)
+    run_dir = resolve_path(params.run_dir)
+    if runs.is_finished(run_dir) and not params.overwrite:
+        existing = runs.read_metrics(run_dir)
+        if existing.get("run_id") == rid:
+            log.info("reusing the finished run %s (same params, dataset and code)", run_dir)
+            return existing, rid
+    return None, rid
+
+
 def run_baseline(params, progress: bool = True) -> dict:
-    """Notebook 01's work: train (or only evaluate ``checkpoint``) and write the run contract."""
+    """Notebook 01's work: train (or only evaluate ``checkpoint``) and write the run contract.
+
+    A finished run of the same params, dataset and code in ``run_dir`` is returned as it is.
+    """
     from tfg_mm import runs
     from tfg_mm.detector import CORRECTIONS
 
+    existing, _ = finished_same_run(params, progress)
+    if existing is not None:
+        return existing
     run_dir = runs.prepare_run_dir(resolve_path(params.run_dir), overwrite=params.overwrite, resume=params.resume)
     loader_gen = seed_everything(params.seed, params.deterministic)
     data = make_data(params, loader_gen, progress=progress, need_train=not params.checkpoint)
@@ -597,7 +627,7 @@ def run_baseline(params, progress: bool = True) -> dict:
 
     task = BaselineTask(model, data.class_names)
     if params.checkpoint:  # evaluate an existing checkpoint, no training
-        trainer = Trainer(params, task, data.val_loader, data.val_loader, data.val.coco_path, data.cat_ids, run_dir,
+        trainer = Trainer(params, task, data.val_loader, data.val_loader, data.val.coco, data.cat_ids, run_dir,
                           loader_gen, contract, progress)
         task.model.to(trainer.accelerator.device)
         metrics, _ = trainer.evaluate()
@@ -607,7 +637,7 @@ def run_baseline(params, progress: bool = True) -> dict:
         final = {**entry, "selected_by": "evaluation only", "checkpoint": origin["source"]}
         contract([entry], final, "finished")
         return runs.read_metrics(run_dir)
-    trainer = Trainer(params, task, data.train_loader, data.val_loader, data.val.coco_path, data.cat_ids, run_dir,
+    trainer = Trainer(params, task, data.train_loader, data.val_loader, data.val.coco, data.cat_ids, run_dir,
                       loader_gen, contract, progress)
     trainer.fit()
     return runs.read_metrics(run_dir)

@@ -63,7 +63,7 @@ class CocoDetection(Dataset):
         self.images_dir: Path = _under(self.root, images_dir)
         self.image_size = image_size
         self.train = train
-        self.transforms = build_transforms(image_size, train=train, augment=augment)
+        self.augment = augment  # builds self.transforms
         self.report: ValidationReport = validate_coco(self.coco_path, images_dir=self.images_dir,
                                                       check_images=True, strict=strict)
         self.report.emit()
@@ -86,6 +86,16 @@ class CocoDetection(Dataset):
             labels[a["image_id"]].append(label_of[a["category_id"]])
         self._boxes = {i: torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for i, b in boxes.items()}
         self._labels = {i: torch.tensor(v, dtype=torch.int64) for i, v in labels.items()}
+
+    @property
+    def augment(self) -> bool:
+        """Whether training augmentation is on; settable (phase 2 turns it off for the cached warm-up)."""
+        return self._augment
+
+    @augment.setter
+    def augment(self, value: bool) -> None:
+        self._augment = bool(value)
+        self.transforms = build_transforms(self.image_size, train=self.train, augment=self._augment)
 
     @property
     def num_classes(self) -> int:

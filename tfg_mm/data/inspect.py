@@ -86,3 +86,61 @@ def show_samples(ann_file: str | Path, images_dir: str | Path | None = None, n: 
             ax.text(x, y - 1, names[a["category_id"]], fontsize=6, color=color[a["category_id"]], va="bottom")
     fig.tight_layout()
     return fig
+
+
+def plot_counts(stats: pd.DataFrame, save: str | None = None):
+    """Bar chart of boxes per class and split (``stats`` from :func:`class_statistics`)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    sns.countplot(data=stats, x="category", hue="split", ax=ax)
+    ax.set_xlabel("")
+    ax.set_ylabel("boxes")
+    ax.set_title("Boxes per class")
+    fig.tight_layout()
+    _maybe_save(fig, save)
+    return fig
+
+
+def plot_box_sizes(stats: pd.DataFrame, save: str | None = None):
+    """Box side (sqrt of area, px, log scale) per class: the hard classes are the small / thin ones."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    df = stats.assign(side=np.sqrt(stats["area"]), aspect=np.maximum(stats["w"], stats["h"])
+                      / np.maximum(1e-6, np.minimum(stats["w"], stats["h"])))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    sns.boxplot(data=df, x="category", y="side", ax=axes[0])
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("box side √(w·h) [px]")
+    sns.boxplot(data=df, x="category", y="aspect", ax=axes[1])
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("aspect ratio (long / short side)")
+    for ax in axes:
+        ax.set_xlabel("")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    _maybe_save(fig, save)
+    return fig
+
+
+def samples_per_class(ann_file: str | Path, images_dir: str | Path | None = None, per_class: int = 2,
+                      seed: int = 0, ncols: int = 4):
+    """Images that contain each class (``per_class`` of them, reproducible), with all their boxes."""
+    data = load_coco(ann_file, check_images=False)
+    rng = np.random.default_rng(seed)
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    chosen: list[int] = []
+    for cid in sorted(names):
+        ids = sorted({a["image_id"] for a in data["annotations"] if a["category_id"] == cid} - set(chosen))
+        if ids:
+            chosen += [int(i) for i in rng.choice(ids, size=min(per_class, len(ids)), replace=False)]
+    return show_samples(ann_file, images_dir=images_dir, n=len(chosen), ncols=ncols, image_ids=chosen)
+
+
+def _maybe_save(fig, stem: str | None) -> None:
+    if stem:
+        from tfg_mm.reports import save_figure
+
+        save_figure(fig, stem)

@@ -1,0 +1,85 @@
+"""Phase 2: exact start at alpha = 0, a frozen detector stays bit-identical, the cached warm-up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tfg_mm.phase2 import Phase2Task, build_multimodal, run_phase2
+from tfg_mm.train import Trainer, make_data, run_baseline, seed_everything
+
+PHASE2 = {"text_encoder": "minilm", "prompts": "ensemble", "alpha": 0.0, "alpha_learnable": True,
+          "fusion": "linear", "warmup_epochs": 1, "epochs": 2, "unfreeze": "heads", "lr_fusion": 1e-3,
+          "lr_gate": 1e-2, "lr_detector": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tiny_dataset, tmp_path_factory):
+    from tfg_mm.config import load_params
+    from tests.conftest import TINY
+
+    run_dir = tmp_path_factory.mktemp("p2") / "baseline"
+    params = load_params({**TINY, "dataset": str(tiny_dataset), "run_dir": str(run_dir), "epochs": 1})
+    metrics = run_baseline(params, progress=False)
+    return run_dir, metrics
+
+
+@pytest.mark.parametrize("mode", ["train_frozen", "eval_shim"])
+def test_exact_start_alpha_zero(baseline_run, tiny_params, tmp_path, mode):
+    """alpha = 0: boxes and scores equal the baseline's; epoch-0 mAP equals the baseline's mAP exactly."""
+    from tfg_mm import detector
+
+    run_dir, base_metrics = baseline_run
+    params = tiny_params(**{**PHASE2, "epochs": 1}, baseline=str(run_dir), detector_mode=mode,
+                         run_dir=str(tmp_path / mode))
+    data = make_data(params, seed_everything(0), progress=False, need_train=False)
+    model, _, _ = build_multimodal(params, data.class_names)
+    base = detector.load(run_dir / "checkpoints" / "best").eval()
+    model.eval()
+    batch = next(iter(data.val_loader))
+    with torch.no_grad():
+        logits, boxes = model.predict(batch["pixel_values"])
+        ref = base(batch["pixel_values"])
+    assert (logits - ref.logits).abs().max().item() <= 1e-6
+    assert (boxes - ref.pred_boxes).abs().max().item() <= 1e-6
+    metrics = run_phase2(params, progress=False)
+    assert metrics["history"][0]["epoch"] == 0
+    assert metrics["history"][0]["map"] == base_metrics["final"]["map"]
+    assert metrics["history"][0]["map50"] == base_metrics["final"]["map50"]
+
+
+def test_frozen_detector_is_bit_identical_after_training(baseline_run, tiny_params, tmp_path):
+    from tfg_mm import detector
+
+    run_dir, _ = baseline_run
+    params = tiny_params(**{**PHASE2, "unfreeze": "none", "alpha": 0.05, "ema": False},
+                         baseline=str(run_dir), run_dir=str(tmp_path / "frozen"))
+    metrics = run_phase2(params, progress=False)
+    before = detector.load(run_dir / "checkpoints" / "best").state_dict()
+    after = detector.load(tmp_path / "frozen" / "checkpoints" / "last" / "detector").state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # ... while the fusion did train: its gate moved away from its initial value
+    assert metrics["history"][-1]["alpha"] != pytest.approx(0.05, abs=1e-9)
+
+
+def test_cached_warmup_reuses_the_cache(baseline_run, tiny_params, tmp_path):
+    run_dir, _ = baseline_run
+    params = tiny_params(**{**PHASE2, "warmup_epochs": 2, "epochs": 2}, baseline=str(run_dir),
+                         run_dir=str(tmp_path / "cache"), augment=True)
+    gen = seed_everything(0)
+    data = make_data(params, gen, progress=False)
+    model, _, _ = build_multimodal(params, data.class_names)
+    task = Phase2Task(model, data.class_names, params, data.train)
+    trainer = Trainer(params, task, data.train_loader, data.val_loader, data.val.coco, data.cat_ids,
+                      tmp_path / "cache", gen, lambda *a: None, progress=False)
+    task.on_epoch_start(1, trainer)
+    assert data.train.augment is False  # the cached mode is defined on un-augmented images
+    trainer.rebuild_optimizer()
+    trainer._train_one_epoch(1)
+    assert set(task.cache) == set(data.train.image_ids)
+    first = task.cache_seconds
+    trainer._train_one_epoch(2)
+    assert task.cache_seconds == first  # nothing recomputed in the second warm-up epoch
+    task.on_epoch_start(3, trainer)
+    assert data.train.augment is True  # stage B uses `augment` as set
