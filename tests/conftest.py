@@ -7,12 +7,18 @@ encoder is the sentence encoder shipped inside a PyPI package.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Figures and reports that notebooks / report code write during tests go to a scratch folder, never
+# into the repository's reports/ (papermill kernels inherit the environment).
+_SCRATCH = tempfile.mkdtemp(prefix="tfg_mm_tests_")
+os.environ["TFG_MM_FIGURES_DIR"] = os.path.join(_SCRATCH, "figures")
+os.environ["TFG_MM_REPORTS_DIR"] = os.path.join(_SCRATCH, "reports")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -83,3 +83,12 @@ def test_cached_warmup_reuses_the_cache(baseline_run, tiny_params, tmp_path):
     assert task.cache_seconds == first  # nothing recomputed in the second warm-up epoch
     task.on_epoch_start(3, trainer)
     assert data.train.augment is True  # stage B uses `augment` as set
+
+
+def test_no_text_branch_skips_stage_a(baseline_run, tiny_params, tmp_path):
+    """`text_encoder: none` (the no-text control) has nothing to train in stage A: it starts in stage B."""
+    run_dir, base_metrics = baseline_run
+    params = tiny_params(**{**PHASE2, "text_encoder": "none"}, baseline=str(run_dir), run_dir=str(tmp_path / "none"))
+    metrics = run_phase2(params, progress=False)
+    assert [h["stage"] for h in metrics["history"]] == ["B", "B", "B"]
+    assert metrics["history"][0]["map"] == base_metrics["final"]["map"]

@@ -5,6 +5,8 @@ Schedule, on the one training loop of :mod:`tfg_mm.train`:
 - epoch 0: evaluation before any step. With ``alpha = 0`` it equals the baseline exactly.
 - stage A, epochs ``1 .. warmup_epochs``: the detector is frozen; only the fusion trains
   (``lr_fusion`` for the projection, ``lr_gate`` for gate / scale / bias, no weight decay on those).
+  With ``text_encoder: none`` there is no fusion, so there is no stage A (the control variant
+  fine-tunes the detector alone with the same schedule otherwise).
 - stage B, the remaining epochs: ``unfreeze`` (none, heads, decoder, encoder, all) is unfrozen at
   ``lr_detector`` while the fusion keeps its learning rates. The optimiser holds every parameter
   that will ever train from the start, so switching stages keeps the fusion's AdamW moments.
@@ -151,9 +153,11 @@ class Phase2Task(Task):
         return groups
 
     def on_epoch_start(self, epoch: int, trainer: Trainer) -> None:
-        stage = "A" if epoch <= self.params.warmup_epochs else "B"
+        # without a text branch (`text_encoder: none`) stage A would train nothing: stage B throughout
+        warmup = self.params.warmup_epochs if self.model.fusion is not None else 0
+        stage = "A" if epoch <= warmup else "B"
         if epoch == 0:
-            stage = "A" if self.params.warmup_epochs > 0 else "B"
+            stage = "A" if warmup > 0 else "B"
         if stage == self.stage:
             return
         self.stage = stage

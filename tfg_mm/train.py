@@ -221,6 +221,14 @@ class Trainer:
         if params.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("Parameter `device: cuda` but no CUDA device is visible. Fix: set `device: auto` or `cpu`.")
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=params.amp)
+        if self.accelerator.num_processes > 1:
+            # The loop uses accelerate for device placement, mixed precision and backward; it does not
+            # yet shard data / wrap the model for several processes. Refuse rather than train N copies.
+            raise ConfigError(
+                f"`accelerate launch` started {self.accelerator.num_processes} processes, but tfg_mm's training "
+                "loop runs on one device per run. Fix: launch with one process (`accelerate launch "
+                "--num_processes 1` or plain `python -m tfg_mm ...`) and run seeds / variants in parallel "
+                "instead (`workers` in notebook 03).")
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.history: list[dict] = []
