@@ -92,3 +92,19 @@ def test_no_text_branch_skips_stage_a(baseline_run, tiny_params, tmp_path):
     metrics = run_phase2(params, progress=False)
     assert [h["stage"] for h in metrics["history"]] == ["B", "B", "B"]
     assert metrics["history"][0]["map"] == base_metrics["final"]["map"]
+
+
+def test_fast_predict_path_equals_the_full_forward(baseline_run, tiny_params, tmp_path):
+    """predict() (deployment path) fuses the same hidden state as the training layout does."""
+    run_dir, _ = baseline_run
+    params = tiny_params(**{**PHASE2, "alpha": 0.5}, baseline=str(run_dir), run_dir=str(tmp_path / "fast"))
+    data = make_data(params, seed_everything(0), progress=False, need_train=False)
+    model, _, _ = build_multimodal(params, data.class_names)
+    model.eval()
+    x = next(iter(data.val_loader))["pixel_values"]
+    with torch.no_grad():
+        fast_logits, fast_boxes = model.predict(x)
+        full = model(x)
+    assert (fast_logits - full["logits"]).abs().max().item() == 0.0
+    assert torch.equal(fast_boxes, full["pred_boxes"])
+    assert (fast_logits - model.detector(x).logits).abs().max().item() > 0  # the text term is there

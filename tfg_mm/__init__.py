@@ -7,4 +7,10 @@ returns the official architecture for the project's checkpoints.
 
 __version__ = "0.1.0"
 
+import warnings as _warnings
+
+# tqdm.auto (imported by transformers / huggingface_hub) warns in Jupyter kernels without ipywidgets;
+# the reports rendered from papermill runs would carry that warning. Progress bars fall back to text.
+_warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
+
 from tfg_mm import detector as _detector  # noqa: F401  (registers the Auto classes)

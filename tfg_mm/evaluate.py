@@ -385,7 +385,7 @@ def predict(
     """
     batches: Iterable[dict] = loader
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
         batches = tqdm(loader, desc="predict", leave=False)
     results: list[dict] = []

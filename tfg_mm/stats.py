@@ -265,7 +265,7 @@ def paired_bootstrap(
     class_replicas = {name: np.full(n_resamples, np.nan) for name in classes}
     draws = range(n_resamples)
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
         draws = tqdm(draws, desc="bootstrap", leave=False)
     for r in draws:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
 from tfg_mm.config import resolve_path
 from tfg_mm.errors import CheckpointError, ConfigError, TrainingError

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 from scipy.ndimage import distance_transform_edt, gaussian_filter, gaussian_filter1d
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
 from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.io import atomic_dir
