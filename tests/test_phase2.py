@@ -81,8 +81,9 @@ def test_cached_warmup_reuses_the_cache(baseline_run, tiny_params, tmp_path):
     first = task.cache_seconds
     trainer._train_one_epoch(2)
     assert task.cache_seconds == first  # nothing recomputed in the second warm-up epoch
+    assert data.train.load_images is False  # ... and no image decoded either
     task.on_epoch_start(3, trainer)
-    assert data.train.augment is True  # stage B uses `augment` as set
+    assert data.train.augment is True and data.train.load_images is True  # stage B: images, `augment` as set
 
 
 def test_no_text_branch_skips_stage_a(baseline_run, tiny_params, tmp_path):

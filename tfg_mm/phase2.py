@@ -170,6 +170,7 @@ class Phase2Task(Task):
             log.info("phase 2 stage B from epoch %d: unfreeze=%s (%d trainable detector tensors)", epoch,
                      self.params.unfreeze, sum(p.requires_grad for p in det.parameters()))
             if self.train_dataset is not None:
+                self.train_dataset.load_images = True
                 self.train_dataset.augment = self.params.augment
         else:
             if self.cached_mode and self.train_dataset is not None:
@@ -196,6 +197,8 @@ class Phase2Task(Task):
             # cache is switched off (benchmark reference), by a full detector forward pass each step
             if self.use_cache:
                 outputs = self._cached_outputs(model, batch)
+                if self.train_dataset is not None and len(self.cache) == len(self.train_dataset):
+                    self.train_dataset.load_images = False  # every image cached: targets only from now on
             else:
                 outputs = model.detector_outputs(batch["pixel_values"], None, epoch)
             return model.loss_from_outputs(outputs, batch["labels"], epoch)

@@ -124,15 +124,30 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self._images)
 
+    #: ``False`` returns the targets with an empty image (phase 2's cached warm-up needs no pixels)
+    load_images: bool = True
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         im = self._images[index]
         image_id = im["id"]
-        pil = open_rgb(self.images_dir / im["file_name"])
-        height, width = pil.height, pil.width
-        image = tv_tensors.Image(F.pil_to_tensor(pil))
-        boxes = tv_tensors.BoundingBoxes(self._boxes[image_id].clone(), format="XYXY", canvas_size=(height, width))
-        image, target = self.transforms(image, {"boxes": boxes, "labels": self._labels[image_id].clone()})
-        out_h, out_w = image.shape[-2:]
+        if not self.load_images:
+            if self.train and self.augment:
+                raise RuntimeError("labels-only items (load_images=False) need augmentation off")
+            height, width = int(im["height"]), int(im["width"])
+            boxes = tv_tensors.BoundingBoxes(self._boxes[image_id].clone(), format="XYXY", canvas_size=(height, width))
+            # the same transforms on the boxes alone: the same numbers as with the image (labels stay
+            # out: v2 would take a plain tensor for the image; without augmentation none is dropped)
+            target = {**self.transforms({"boxes": boxes}), "labels": self._labels[image_id].clone()}
+            image = torch.empty(3, 0, 0)
+            out_h, out_w = target["boxes"].canvas_size
+        else:
+            pil = open_rgb(self.images_dir / im["file_name"])
+            height, width = pil.height, pil.width
+            image = tv_tensors.Image(F.pil_to_tensor(pil))
+            boxes = tv_tensors.BoundingBoxes(self._boxes[image_id].clone(), format="XYXY",
+                                             canvas_size=(height, width))
+            image, target = self.transforms(image, {"boxes": boxes, "labels": self._labels[image_id].clone()})
+            out_h, out_w = image.shape[-2:]
         cxcywh = F.convert_bounding_box_format(target["boxes"], new_format=tv_tensors.BoundingBoxFormat.CXCYWH)
         scale = torch.tensor([out_w, out_h, out_w, out_h], dtype=torch.float32)
         return image.as_subclass(torch.Tensor), {
