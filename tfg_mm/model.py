@@ -166,18 +166,3 @@ class MultimodalDetector(nn.Module):
 def _official_targets(labels: list[dict]) -> list[dict]:
     """The criterion accepts transformers' ``class_labels``; pass only what it reads."""
     return [{"labels": t.get("class_labels", t.get("labels")), "boxes": t["boxes"]} for t in labels]
-
-
-def load_multimodal(folder: str | Path, build_fusion) -> tuple[nn.Module, nn.Module | None, dict]:
-    """Load ``MultimodalDetector.save`` output: (detector, fusion or None, metadata)."""
-    from tfg_mm import detector as det
-
-    folder = Path(folder)
-    detector = det.load(folder / "detector")
-    meta = det.read_metadata(folder / "detector")
-    fusion = None
-    if (folder / "fusion.pt").exists():
-        blob = torch.load(folder / "fusion.pt", map_location="cpu", weights_only=False)
-        fusion = build_fusion(blob["config"])
-        fusion.load_state_dict(blob["state_dict"])
-    return detector, fusion, meta
