@@ -1,7 +1,7 @@
 """Import of official DEIMv2 checkpoints, and fidelity to the official implementation.
 
 The fidelity tests read the reference fixtures made with the official code
-(``shared/fixtures/deimv2_official/<size>_calibrated/``: official-layout checkpoint, input, and the
+(``<size>_calibrated/`` found by ``tests/official.py``: official-layout checkpoint, input, and the
 official model's eval outputs). Rows are matched as that folder's README explains: each output row is
 one selected query, and queries whose encoder scores are closer than the float32 noise may come out
 in another order. So the rows are paired by a minimum-cost assignment (scipy's Hungarian solver on the
@@ -12,13 +12,13 @@ must pair with themselves, and the max abs difference over all paired rows must 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from official import official_fixture
 from tfg_mm.convert import (
     checkpoint_fingerprint,
     config_fingerprint,
@@ -37,18 +37,8 @@ TOLERANCE = 1e-4
 FIXTURE_SIZES = ("atto", "n", "s")
 
 
-def _fixtures_root() -> Path:
-    override = os.environ.get("TFG_MM_FIXTURES")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "deimv2_official"
-
-
 def _fixture(size: str) -> Path:
-    folder = _fixtures_root() / f"{size}_calibrated"
-    if not (folder / "checkpoint.pth").is_file():
-        pytest.skip(f"official DEIMv2 fixtures not found at {folder} (set TFG_MM_FIXTURES to their folder)")
-    return folder
+    return official_fixture(f"{size}_calibrated")
 
 
 def _official_outputs(folder: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from official import official_fixture
 from tfg_mm.detector import (
     CORRECTIONS,
     PRESETS,
@@ -22,15 +23,13 @@ from tfg_mm.detector import (
 )
 from tfg_mm.errors import CheckpointError, ConfigError, OfflineError, TrainingError
 
-FIXTURES = Path("/work/shared/fixtures/deimv2_official")
 PIXELS = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
 
 
 def official_parameter_count(size: str) -> int:
-    return json.loads((FIXTURES / f"{size}_calibrated" / "meta.json").read_text())["num_parameters"]
+    return json.loads((official_fixture("architectures") / f"{size}.json").read_text())["num_parameters"]
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="official fixtures not available")
 @pytest.mark.parametrize("preset, unused", [("atto", 0), ("n", 0), ("s", 192)])
 def test_presets_have_the_official_parameter_count(preset, unused):
     model = build(preset, 5, image_size=320, seed=0)
@@ -38,11 +37,10 @@ def test_presets_have_the_official_parameter_count(preset, unused):
     assert sum(p.numel() for p in model.parameters()) == official_parameter_count(preset) + unused
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="official fixtures not available")
 @pytest.mark.parametrize("preset", ["atto", "n", "s"])
 def test_presets_match_the_official_criterion_settings(preset):
     config = preset_config(preset, 5)
-    criterion = json.loads((FIXTURES / f"loss_{preset}_dn" / "criterion.json").read_text())
+    criterion = json.loads((official_fixture(f"loss_{preset}_dn") / "criterion.json").read_text())
     assert config.focal_loss_gamma == criterion["gamma"]
     assert config.use_dense_one_to_one == criterion["use_uni_set"]
     assert config.criterion_losses == criterion["losses"]

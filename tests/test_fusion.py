@@ -3,16 +3,15 @@ and its application to every decoder entry of the official output layout."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from official import official_fixture
 from tfg_mm.errors import TfgError
 from tfg_mm.fusion import ResidualTextFusion, apply_fusion
 
-FIXTURES = Path("/work/shared/fixtures/deimv2_official")
 C, D, T = 5, 16, 12
 
 
@@ -97,7 +96,7 @@ def test_param_groups_separate_gate_scale_bias_from_the_projection():
 
 def _official_outputs_with_hidden() -> dict:
     """The official atto train-mode outputs (with denoising), plus a hidden state per decoder entry."""
-    outputs = torch.load(FIXTURES / "loss_atto_dn" / "outputs.pt", weights_only=True)
+    outputs = torch.load(official_fixture("loss_atto_dn") / "outputs.pt", weights_only=True)
     generator = torch.Generator().manual_seed(0)
 
     def with_hidden(entry: dict) -> dict:

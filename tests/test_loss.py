@@ -1,14 +1,12 @@
 """The official DEIMv2 criterion (tfg_mm.loss), checked against the official loss fixtures and a real model.
 
-The fixtures (``shared/fixtures/deimv2_official/loss_*``, produced by the official ``DEIMCriterion``)
-are read from outside the repository: ``../shared/fixtures/deimv2_official`` next to the repo root,
-or the folder named by ``TFG_MM_FIXTURES``. Tests that need them skip when the folder is absent.
+The fixtures (``tests/fixtures/deimv2_official/loss_*``, produced by the official ``DEIMCriterion``)
+are in the repository (``tests/official.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +17,7 @@ from transformers import Deimv2Config, Deimv2ForObjectDetection, HGNetV2Config
 from transformers.models.deimv2.modeling_deimv2 import distance2bbox, weighting_function
 
 import tfg_mm.detector
+from official import official_fixture
 from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.loss import (
     OFFICIAL_SIZE_SETTINGS,
@@ -30,20 +29,13 @@ from tfg_mm.loss import (
     official_outputs,
 )
 
-FIXTURES = Path(
-    os.environ.get("TFG_MM_FIXTURES")
-    or Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "deimv2_official"
-)
 LOSS_CASES = ["loss_atto_nodn", "loss_atto_dn", "loss_n_nodn", "loss_n_dn", "loss_s_nodn", "loss_s_dn"]
 REL_TOL = 1e-4  # every term and the total
 DDF_ABS_TOL = 1e-6  # the tiny DDF terms (4e-4 .. 3e-3) may also pass on absolute difference
 
 
 def _fixture(case: str) -> Path:
-    folder = FIXTURES / case
-    if not (folder / "outputs.pt").is_file():
-        pytest.skip(f"official loss fixture {folder} not found (set TFG_MM_FIXTURES to the deimv2_official folder)")
-    return folder
+    return official_fixture(case)
 
 
 def _load(case: str) -> tuple[dict, list[dict], dict, dict, dict]:
