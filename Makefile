@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all test data baseline phase2 ablations full-grid reports benchmark params-doc clean-venv
+.PHONY: all test test-fast lint data baseline phase2 ablations full-grid reports benchmark params-doc clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -16,9 +16,18 @@ $(STAMP): pyproject.toml
 all: $(STAMP)
 	$(VPY) -m tfg_mm pipeline
 
-## The test suite
+## The test suite: everything (what CI runs)
 test: $(STAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider
+
+## The fast tier: every test that neither trains nor executes a notebook (marker `slow`)
+test-fast: $(STAMP)
+	$(VPY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+## Lint and format check (ruff; `ruff format .` fixes the formatting)
+lint: $(STAMP)
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
 
 data: $(STAMP)
 	$(VPY) -m tfg_mm generate
