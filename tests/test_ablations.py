@@ -267,9 +267,9 @@ def test_wise_interpolation_of_weights_and_gate():
 
     text = torch.randn(4, 8)
     for tanh in (False, True):
-        fusion = ResidualTextFusion(16, text, gate="per_class", gate_init=0.4, gate_tanh=tanh)
+        fusion = ResidualTextFusion(16, text, gate="per_class", alpha=0.4, gate_tanh=tanh)
         ablations.scale_gate(fusion, 0.5)
-        assert torch.allclose(fusion.gate_value(), torch.full((4,), 0.2), atol=1e-6)
+        assert torch.allclose(fusion.alpha(), torch.full((4,), 0.2), atol=1e-6)
         ablations.scale_gate(fusion, 0.0)  # λ = 0: the baseline exactly
         hidden = torch.randn(2, 5, 16)
         base_logits = torch.randn(2, 5, 4)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import pytest
 
+from tfg_mm import config
 from tfg_mm.config import (
+    DEFAULT_TEMPLATES,
     REFERENCE_COMMAND,
     Params,
+    default_of,
     diff_from_default,
     load_grid,
     load_params,
@@ -36,7 +40,7 @@ def _write(path: Path, text: str) -> Path:
 # ---------------------------------------------------------------------------------- defaults
 
 
-def test_defaults_validate_and_follow_the_brief():
+def test_defaults_validate_and_have_the_documented_values():
     p = Params()
     assert (p.preset, p.image_size, p.epochs, p.batch_size, p.lr, p.lr_backbone) == ("atto", 160, 12, 16, 5e-4, 5e-4)
     assert p.alpha == 0.0 and p.alpha_learnable and p.text_encoder == "minilm"
@@ -48,7 +52,7 @@ def test_defaults_validate_and_follow_the_brief():
 def test_groups_are_ordered_and_cover_every_field():
     groups = [Params.group_of(name) for name in Params.model_fields]
     assert groups[0] == "Data" and groups[-1] == "Ablations"
-    # contiguous blocks in the brief's order
+    # contiguous blocks in the display order
     order = list(dict.fromkeys(groups))
     assert order == ["Data", "Detector", "Training", "Phase 2", "Ablations"]
     assert groups == sorted(groups, key=order.index)
@@ -56,6 +60,32 @@ def test_groups_are_ordered_and_cover_every_field():
     with pytest.raises(ConfigError, match="did you mean `lr_fusion`"):
         Params.group_of("lr_fuson")
     assert all(info.description for info in Params.model_fields.values())
+
+
+def test_default_of_is_the_schema_default():
+    assert default_of("alpha") == Params().alpha == 0.0 and default_of("gate") == "scalar"
+    assert default_of("templates") == list(DEFAULT_TEMPLATES)
+    default_of("templates").append("a {} mutated")  # a fresh copy each time
+    assert default_of("templates") == list(DEFAULT_TEMPLATES)
+    with pytest.raises(ConfigError, match="did you mean `alpha`"):
+        default_of("alpah")
+
+
+def test_every_choice_list_is_a_named_alias():
+    """Each choice-valued parameter is typed by an alias of tfg_mm.config (its CamelCase name), so other
+    modules can derive the choices with ``typing.get_args`` instead of repeating them."""
+    aliases = {name: value for name, value in vars(config).items() if get_origin(value) is Literal}
+    for name, info in Params.model_fields.items():
+        if get_origin(info.annotation) is Literal:
+            alias = "TextEncoderKind" if name == "text_encoder" else name.title().replace("_", "")
+            assert aliases.get(alias) == info.annotation, (name, alias)
+    assert get_args(config.Unfreeze) == ("none", "heads", "decoder", "encoder", "all")
+
+
+def test_tables_keyed_by_a_choice_cover_every_choice():
+    from tfg_mm.phase2 import UNFREEZE_PARTS
+
+    assert set(UNFREEZE_PARTS) == set(get_args(config.Unfreeze))
 
 
 # ---------------------------------------------------------------------------------- unknown keys
@@ -138,7 +168,8 @@ def test_the_one_mapping_parameter_is_accepted():
         ("num_classes", 0, ["`num_classes` = 0", "int | null, ≥ 1"]),
         ("seeds", 3, ["`seeds` = 3", "valid list", "list[int]"]),
         ("wise_lambdas", [0.0, 1.5], ["`wise_lambdas[1]` = 1.5", "each item ≥ 0, ≤ 1"]),
-        ("templates", ["a photo"], ['`templates[0]` = "a photo"', "placeholder"]),
+        ("templates", ["a photo"], ['`templates[0]` = "a photo"', "exactly one '{}' placeholder"]),
+        ("templates", ["a {} on {}"], ['`templates[0]` = "a {} on {}"', "exactly one '{}' placeholder"]),
         ("class_descriptions", {"scratch": 3}, ["`class_descriptions['scratch']` = 3", "valid string"]),
         ("augment", "maybe", ['`augment` = "maybe"', "allowed: bool"]),
     ],
@@ -281,14 +312,22 @@ def test_the_expected_params_files_are_shipped():
     assert load_params(ROOT / "params" / "phase2.yaml").run_dir != load_params(ROOT / "params" / "baseline.yaml").run_dir
 
 
+def test_the_phase2_params_file_writes_out_the_one_template_list():
+    # params/phase2.yaml (make all, and the grids on top of it) lists its templates explicitly: they are
+    # the schema's DEFAULT_TEMPLATES, the list a run without `templates` uses too.
+    assert load_params(ROOT / "params" / "phase2.yaml").templates == list(DEFAULT_TEMPLATES)
+
+
 GRIDS = sorted((ROOT / "params" / "ablations").glob("*.yaml"))
 
 
-@pytest.mark.skipif(not GRIDS, reason="no params/ablations/*.yaml yet")
+def test_the_expected_grids_are_shipped():
+    assert {"small.yaml", "full.yaml"} <= {p.name for p in GRIDS}
+
+
 @pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
 def test_every_shipped_grid_validates(path):
-    # `hard_classes` and `wise` are the grid runner's own keys (checked by tfg_mm.ablations)
-    grid = load_grid(path, extra_keys=("hard_classes", "wise"))
+    grid = load_grid(path)  # the grid runner's own keys (hard_classes, wise) are allowed by default
     assert grid["variants"] and grid["seeds"]
 
 

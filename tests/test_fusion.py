@@ -3,14 +3,17 @@ and its application to every decoder entry of the official output layout."""
 
 from __future__ import annotations
 
+import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from official import official_fixture
-from tfg_mm.errors import TfgError
-from tfg_mm.fusion import ResidualTextFusion, apply_fusion
+
+from tfg_mm.config import Params, default_of, load_params
+from tfg_mm.errors import CheckpointError, ConfigError, TfgError
+from tfg_mm.fusion import FUSION_PARAMS, ResidualTextFusion, apply_fusion
+from tfg_mm.phase2 import build_fusion_from_config, fusion_config
 
 C, D, T = 5, 16, 12
 
@@ -20,11 +23,11 @@ def make_fusion(**kwargs) -> ResidualTextFusion:
     return ResidualTextFusion(D, torch.randn(C, T), **kwargs)
 
 
-@pytest.mark.parametrize("projection", ["linear", "mlp"])
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("gate", ["scalar", "per_class"])
 @pytest.mark.parametrize("gate_tanh", [False, True])
-def test_alpha_zero_returns_base_logits_exactly(projection, gate, gate_tanh):
-    fusion = make_fusion(projection=projection, gate=gate, gate_tanh=gate_tanh, dropout=0.1)
+def test_alpha_zero_returns_base_logits_exactly(kind, gate, gate_tanh):
+    fusion = make_fusion(fusion=kind, gate=gate, gate_tanh=gate_tanh, dropout=0.1)
     fusion.train()  # dropout active: still exact, the text term is multiplied by exactly 0
     base = torch.randn(2, 7, C) * 5 - 4.6
     hidden = torch.randn(2, 7, D)
@@ -33,7 +36,7 @@ def test_alpha_zero_returns_base_logits_exactly(projection, gate, gate_tanh):
 
 
 def test_text_term_formula_and_gate():
-    fusion = make_fusion(projection="linear", scale_init=7.0, gate_init=0.3)
+    fusion = make_fusion(fusion="linear", logit_scale=7.0, alpha=0.3)
     with torch.no_grad():
         fusion.bias.fill_(-0.5)
     hidden = torch.randn(3, D)
@@ -43,16 +46,18 @@ def test_text_term_formula_and_gate():
     base = torch.randn(3, C)
     torch.testing.assert_close(fusion(base, hidden), base + 0.3 * (7.0 * cosine - 0.5))
 
-    tanh_gate = make_fusion(gate="per_class", gate_init=0.2, gate_tanh=True)
-    assert tanh_gate.gate_value().shape == (C,)
-    torch.testing.assert_close(tanh_gate.gate_value(), torch.full((C,), 0.2))
+    torch.testing.assert_close(fusion.logit_scale(), torch.tensor(7.0))
+
+    tanh_gate = make_fusion(gate="per_class", alpha=0.2, gate_tanh=True)
+    assert tanh_gate.alpha().shape == (C,)
+    torch.testing.assert_close(tanh_gate.alpha(), torch.full((C,), 0.2))
     with torch.no_grad():
         tanh_gate.gate.fill_(100.0)
-    assert tanh_gate.gate_value().max() <= 1.0  # bounded
+    assert tanh_gate.alpha().max() <= 1.0  # bounded
 
 
 def test_alpha_zero_projection_learns_only_after_the_gate_moved():
-    fusion = make_fusion(projection="mlp", gate_init=0.0)
+    fusion = make_fusion(fusion="mlp", alpha=0.0)
     optimizer = torch.optim.AdamW(fusion.param_groups(lr_fusion=1e-2, lr_gate=1e-2, weight_decay=0.01))
     base = torch.randn(4, 9, C)
     hidden = torch.randn(4, 9, D)
@@ -67,14 +72,14 @@ def test_alpha_zero_projection_learns_only_after_the_gate_moved():
     assert all(g is not None and torch.count_nonzero(g) == 0 for g in projection_grads)  # exactly zero
     assert fusion.gate.grad.abs() > 0 and fusion.log_scale.grad == 0 and fusion.bias.grad == 0
     optimizer.step()
-    assert fusion.gate_value().abs() > 0  # α moved away from 0
+    assert fusion.alpha().abs() > 0  # α moved away from 0
 
     step()
     assert all(torch.count_nonzero(p.grad) > 0 for p in fusion.projection.parameters())  # P learns now
 
 
 def test_param_groups_separate_gate_scale_bias_from_the_projection():
-    fusion = make_fusion(projection="mlp")
+    fusion = make_fusion(fusion="mlp")
     groups = fusion.param_groups(lr_fusion=1e-3, lr_gate=1e-2, weight_decay=0.05)
     by_name = {g["name"]: g for g in groups}
     assert set(by_name) == {"fusion", "fusion_gate"}
@@ -86,11 +91,11 @@ def test_param_groups_separate_gate_scale_bias_from_the_projection():
     covered = [id(p) for g in groups for p in g["params"]]
     assert sorted(covered) == sorted(id(p) for p in fusion.parameters())  # each parameter exactly once
 
-    fixed = make_fusion(gate_learnable=False, scale_learnable=False, bias=False, gate_init=0.1)
+    fixed = make_fusion(alpha_learnable=False, logit_scale_learnable=False, fusion_bias=False, alpha=0.1)
     assert [g["name"] for g in fixed.param_groups(1e-3, 1e-2, 0.05)] == ["fusion"]
     assert fixed.state_summary() == {"alpha_mean": pytest.approx(0.1), "alpha": pytest.approx(0.1),
                                      "scale": pytest.approx(10.0), "bias": None}
-    per_class = make_fusion(gate="per_class", gate_init=0.01)
+    per_class = make_fusion(gate="per_class", alpha=0.01)
     assert per_class.state_summary()["alpha"] == pytest.approx([0.01] * C)
 
 
@@ -117,7 +122,7 @@ def _decoder_entries(outputs: dict) -> list[dict]:
 def test_apply_fusion_fuses_every_decoder_entry_and_nothing_else():
     outputs = _official_outputs_with_hidden()
     snapshot = {id(e): e["pred_logits"] for e in _decoder_entries(outputs)}
-    fusion = make_fusion(gate="per_class", gate_init=0.05)
+    fusion = make_fusion(gate="per_class", alpha=0.05)
     fused = apply_fusion(fusion, outputs)
 
     for before, after in zip(_decoder_entries(outputs), _decoder_entries(fused)):
@@ -133,7 +138,7 @@ def test_apply_fusion_fuses_every_decoder_entry_and_nothing_else():
     assert fused["enc_aux_outputs"] is outputs["enc_aux_outputs"]  # encoder proposals are not decoder logits
     assert outputs["aux_outputs"][0]["teacher_logits"] is outputs["pred_logits"]
 
-    at_zero = apply_fusion(make_fusion(gate_init=0.0), outputs)
+    at_zero = apply_fusion(make_fusion(alpha=0.0), outputs)
     assert all(torch.equal(a["pred_logits"], b["pred_logits"])
                for a, b in zip(_decoder_entries(at_zero), _decoder_entries(outputs)))
 
@@ -147,3 +152,60 @@ def test_apply_fusion_none_is_identity_and_missing_hidden_is_an_error():
         apply_fusion(make_fusion(), broken)
     with pytest.raises(TfgError, match="class embeddings"):
         make_fusion()(torch.randn(2, C + 1), torch.randn(2, D))
+
+
+def test_constructor_takes_the_schema_names_and_defaults():
+    signature = inspect.signature(ResidualTextFusion)
+    assert FUSION_PARAMS == ("fusion", "fusion_hidden", "dropout", "logit_scale", "logit_scale_learnable",
+                             "fusion_bias", "gate", "alpha", "alpha_learnable", "gate_tanh")
+    for name in FUSION_PARAMS:
+        assert name in Params.model_fields
+        assert signature.parameters[name].default == default_of(name), name
+    assert make_fusion().config == {"hidden_dim": D, **{name: default_of(name) for name in FUSION_PARAMS}}
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"fusion": "conv"}, "`fusion: conv` is unknown. Fix: use one of ['linear', 'mlp']"),
+        ({"gate": "per_box"}, "`gate: per_box` is unknown. Fix: use one of ['scalar', 'per_class']"),
+        ({"logit_scale": 0.0}, "`logit_scale: 0.0` must be > 0"),
+        ({"dropout": 1.0}, "`dropout: 1.0` must be in [0, 1)"),
+        ({"alpha": 1.0, "gate_tanh": True}, "`alpha: 1.0` must be in (-1, 1) with `gate_tanh: true`"),
+    ],
+)
+def test_errors_name_the_schema_parameter_and_the_fix(settings, expected):
+    assert set(settings) <= set(Params.model_fields)
+    with pytest.raises(ConfigError) as info:
+        make_fusion(**settings)
+    assert str(info.value).startswith(expected) and "Fix:" in str(info.value)
+
+
+def test_checkpoint_config_round_trip_under_the_schema_names():
+    params = load_params({"fusion": "mlp", "fusion_hidden": 32, "logit_scale": 3.0, "logit_scale_learnable": False,
+                          "fusion_bias": False, "gate": "per_class", "alpha": 0.25, "alpha_learnable": False,
+                          "gate_tanh": True, "dropout": 0.1})
+    cfg = fusion_config(params, D)
+    assert cfg == {"hidden_dim": D, **{name: getattr(params, name) for name in FUSION_PARAMS}}
+    torch.manual_seed(0)
+    built = build_fusion_from_config(cfg, torch.randn(C, T))
+    assert built.config == cfg
+    assert isinstance(built.projection[0], torch.nn.Linear) and built.projection[0].out_features == 32
+    torch.testing.assert_close(built.alpha(), torch.full((C,), 0.25))
+    assert "gate" in dict(built.named_buffers()) and "log_scale" in dict(built.named_buffers()) and built.bias is None
+
+    # the state_dict keys stay those of the first checkpoints
+    assert set(make_fusion().state_dict()) == {"text_embeddings", "projection.1.weight", "projection.1.bias",
+                                               "log_scale", "bias", "gate"}
+
+
+def test_checkpoint_config_with_the_old_names_still_loads():
+    old = {"hidden_dim": D, "projection": "linear", "fusion_hidden": 256, "dropout": 0.0, "scale_init": 2.0,
+           "scale_learnable": True, "bias": True, "gate": "scalar", "gate_init": 0.1, "gate_learnable": True,
+           "gate_tanh": False}
+    fusion = build_fusion_from_config(old, torch.randn(C, T))
+    assert fusion.config == {"hidden_dim": D, "fusion": "linear", "fusion_hidden": 256, "dropout": 0.0,
+                             "logit_scale": 2.0, "logit_scale_learnable": True, "fusion_bias": True, "gate": "scalar",
+                             "alpha": 0.1, "alpha_learnable": True, "gate_tanh": False}
+    with pytest.raises(CheckpointError, match="unknown entries"):
+        build_fusion_from_config({**old, "fusion_gate_init": 0.1}, torch.randn(C, T))

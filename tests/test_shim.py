@@ -134,7 +134,7 @@ def test_shim_then_fusion_trains_the_fusion(fresh_log_flag):
     model = tiny_detector()
     outputs = shim.add_aux_outputs(eval_outputs(model), LAYERS)
     torch.manual_seed(0)
-    fusion = ResidualTextFusion(16, torch.randn(CLASSES, 8), gate_init=0.1)
+    fusion = ResidualTextFusion(16, torch.randn(CLASSES, 8), alpha=0.1)
     terms = criterion(("mal", "boxes", "local"))(apply_fusion(fusion, outputs), LABELS)
     total = sum(terms.values())
     assert torch.isfinite(total)

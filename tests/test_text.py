@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tfg_mm.config import DEFAULT_TEMPLATES, Params, default_of
 from tfg_mm.errors import ConfigError, OfflineError
 from tfg_mm.text import (
-    DEFAULT_TEMPLATES,
     RandomPrototypes,
     TextEncoder,
     build_text_encoder,
@@ -106,12 +106,23 @@ def test_class_prompts_modes_and_errors():
     assert ensemble[0][0] == DEFAULT_TEMPLATES[0].format("scratch mark") and ensemble[0][-1] == "a long thin scratch"
     with pytest.raises(ConfigError, match="class_descriptions"):
         class_prompts(["a"], "single", {"b": "text"})
-    with pytest.raises(ConfigError, match="exactly one"):
+    with pytest.raises(ConfigError, match=r"`templates` entry 'no placeholder' must contain exactly one"):
         class_prompts(["a"], "ensemble", templates=["no placeholder"])
-    with pytest.raises(ConfigError, match="prompt_mode"):
+    with pytest.raises(ConfigError, match=r"`templates` is empty"):
+        class_prompts(["a"], "ensemble", templates=[])
+    with pytest.raises(ConfigError, match=r"`prompts: many` is unknown\. Fix: use one of \['single', 'ensemble'\]"):
         class_prompts(["a"], "many")
     with pytest.raises(ConfigError, match="duplicates"):
         class_prompts(["a", "a"])
+    assert {"templates", "prompts", "class_descriptions"} <= set(Params.model_fields)  # the names the errors use
+
+
+def test_class_prompts_defaults_are_the_schema_defaults():
+    # One template list: the schema's (the one params/phase2.yaml writes out explicitly).
+    assert list(DEFAULT_TEMPLATES) == Params().templates
+    names = ["scratch", "dent"]
+    assert class_prompts(names) == class_prompts(names, default_of("prompts"), None, Params().templates)
+    assert class_prompts(names) == [[t.format(n) for t in DEFAULT_TEMPLATES] for n in names]
 
 
 def test_open_clip_tiny_config_random_init_and_local_checkpoint(tiny_clip_config, tmp_path):
@@ -174,9 +185,11 @@ def test_random_prototypes_are_seeded_unit_vectors():
     assert class_embeddings(build_text_encoder("random", num_classes=4, dim=32), prompts).shape == (4, 32)
     with pytest.raises(ConfigError, match="num_classes"):
         class_embeddings(a, prompts[:3])
+    with pytest.raises(ConfigError, match=r"build_text_encoder\(\.\.\., dim=1\).*Fix: pass a dim ≥ 2"):
+        build_text_encoder("random", num_classes=4, dim=1)
 
 
 def test_none_and_unknown_kind():
     assert build_text_encoder("none") is None
-    with pytest.raises(ConfigError, match="text_encoder: clip"):
+    with pytest.raises(ConfigError, match=r"`text_encoder: clip` is unknown\. Fix: use one of \['minilm', "):
         build_text_encoder("clip")

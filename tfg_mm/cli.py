@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from tfg_mm.config import default_of
 from tfg_mm.errors import TfgError, TrainingError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -124,10 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="write the embedded synthetic defect dataset (COCO folder)")
     p.add_argument("--out", default=str(REPO_ROOT / "data" / "synthetic"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=400)
-    p.add_argument("--n-val", type=int, default=100)
-    p.add_argument("--image-size", type=int, default=160)
+    p.add_argument("--seed", type=int, default=default_of("synthetic_seed"))
+    p.add_argument("--n-train", type=int, default=default_of("synthetic_train"))
+    p.add_argument("--n-val", type=int, default=default_of("synthetic_val"))
+    p.add_argument("--image-size", type=int, default=default_of("synthetic_image_size"))
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("import-voc", help="convert a Pascal VOC XML dataset to a COCO json")

@@ -39,20 +39,44 @@ REFERENCE_DOC = "docs/parameters.md"
 #: The command that regenerates it (also ``make params-doc``).
 REFERENCE_COMMAND = "python -m tfg_mm params-doc --write docs/parameters.md"
 
-DEFAULT_TEMPLATES = [
+#: The prompt templates of ``prompts: ensemble`` (the default of ``templates``), adapted to industrial
+#: surface inspection. Each holds one ``{}`` that receives the class name.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {} defect",
     "{} on a metal surface",
     "an industrial image of {}",
     "a close-up photo of a {} on steel",
     "a {} defect on a rolled metal sheet",
     "a surface inspection image showing {}",
-]
+)
+#: The prompt of a class in ``prompts: single`` mode when ``class_descriptions`` has no entry for it.
+SINGLE_TEMPLATE = "a photo of a {}."
+
+# The choices of every choice-valued parameter, named once. The schema's fields use these aliases;
+# other modules derive their choice lists from them with ``typing.get_args`` (e.g.
+# ``get_args(Gate) == ("scalar", "per_class")``) instead of repeating the values. Each alias is the
+# parameter's name in CamelCase, except ``TextEncoderKind`` (``tfg_mm.text.TextEncoder`` is the
+# encoder interface).
+Preset = Literal["atto", "femto", "pico", "n", "s", "m", "l", "x"]
+Fidelity = Literal["official", "transformers"]
+Optimizer = Literal["AdamW", "SGD"]
+Scheduler = Literal["flatcosine", "cosine", "constant"]
+Amp = Literal["no", "fp16", "bf16"]
+SelectMetric = Literal["map", "map50"]
+Device = Literal["auto", "cpu", "cuda"]
+Gate = Literal["scalar", "per_class"]
+Fusion = Literal["linear", "mlp"]
+Prompts = Literal["single", "ensemble"]
+TextEncoderKind = Literal["minilm", "sentence", "open_clip", "random", "none"]
+Unfreeze = Literal["none", "heads", "decoder", "encoder", "all"]
+DetectorMode = Literal["eval_shim", "train_frozen"]
 
 
-def _template_has_placeholder(template: str) -> str:
-    """A prompt template without ``{}`` would give every class the same prompt (and the same embedding)."""
-    if "{}" not in template:
-        raise ValueError(f"template {template!r} has no '{{}}' placeholder for the class name")
+def _template_has_one_placeholder(template: str) -> str:
+    """A prompt template takes the class name once: without ``{}`` every class would get the same prompt
+    (and the same embedding); with two, formatting it with the class name fails."""
+    if template.count("{}") != 1:
+        raise ValueError(f"template {template!r} must hold exactly one '{{}}' placeholder for the class name")
     return template
 
 
@@ -87,7 +111,7 @@ class DataParams(BaseModel):
 class DetectorParams(BaseModel):
     """The DEIMv2 detector: size preset, input size, initial weights, class heads, fidelity."""
 
-    preset: Literal["atto", "femto", "pico", "n", "s", "m", "l", "x"] = Field(
+    preset: Preset = Field(
         "atto",
         description="Official DEIMv2 size: atto/femto/pico/n use an HGNetv2 backbone, s/m/l/x a DINOv3 ViT.",
     )
@@ -110,7 +134,7 @@ class DetectorParams(BaseModel):
         description="Allow a checkpoint with another number of classes: re-initialise only the class heads "
         "(and say so) instead of failing with a size mismatch.",
     )
-    fidelity: Literal["official", "transformers"] = Field(
+    fidelity: Fidelity = Field(
         "official",
         description="`official` = the DEIMv2 architecture and criterion of the official repository; "
         "`transformers` = the uncorrected upstream model and loss, for comparison only.",
@@ -136,8 +160,8 @@ class TrainingParams(BaseModel):
         "learns from scratch on synthetic data; lower it for a pretrained backbone.",
     )
     weight_decay: float = Field(1e-4, ge=0, description="AdamW / SGD weight decay (never applied to norms and biases).")
-    optimizer: Literal["AdamW", "SGD"] = Field("AdamW", description="Optimiser.")
-    scheduler: Literal["flatcosine", "cosine", "constant"] = Field(
+    optimizer: Optimizer = Field("AdamW", description="Optimiser.")
+    scheduler: Scheduler = Field(
         "flatcosine",
         description="Learning-rate schedule after warm-up: `flatcosine` = flat for `flat_fraction` of training, "
         "then cosine down to `min_lr_ratio`.",
@@ -149,17 +173,17 @@ class TrainingParams(BaseModel):
     ema: bool = Field(True, description="Keep an exponential moving average of the weights and evaluate it.")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per optimiser step.")
     ema_warmup: int = Field(100, ge=0, description="Steps over which the EMA decay ramps up to `ema_decay`.")
-    amp: Literal["no", "fp16", "bf16"] = Field("no", description="Mixed precision (through accelerate).")
+    amp: Amp = Field("no", description="Mixed precision (through accelerate).")
     augment: bool = Field(True, description="Training augmentation (torchvision.transforms.v2).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     seed: int = Field(0, ge=0, description="Seed of model initialisation, data order and augmentation.")
     deterministic: bool = Field(True, description="Use deterministic algorithms (identical histories on CPU).")
     eval_every: int = Field(1, ge=1, description="Evaluate on the validation split every this many epochs.")
     top_k: int = Field(100, ge=1, description="Detections kept per image (top-k over queries x classes).")
-    select_metric: Literal["map", "map50"] = Field(
+    select_metric: SelectMetric = Field(
         "map", description="Validation metric that selects the best checkpoint (`final` in metrics.json)."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device; `auto` = CUDA when available.")
+    device: Device = Field("auto", description="Device; `auto` = CUDA when available.")
     run_dir: str = Field(
         "runs/baseline",
         description="Folder of this run: checkpoints, history and the run contract `metrics.json`.",
@@ -183,12 +207,17 @@ class Phase2Params(BaseModel):
     )
     alpha: float = Field(
         0.0,
-        description="Initial gate α of `fused = base + α·(scale·cos + bias)`; 0 reproduces the baseline exactly.",
+        description="Initial gate α of `fused = base + α·(logit_scale·cos + bias)`; 0 reproduces the baseline "
+        "exactly.",
     )
     alpha_learnable: bool = Field(True, description="Learn α (otherwise it stays at its initial value).")
-    gate: Literal["scalar", "per_class"] = Field("scalar", description="One α for all classes, or one per class.")
-    gate_tanh: bool = Field(False, description="Bound the effective gate as tanh(α) (Flamingo-style gating).")
-    fusion: Literal["linear", "mlp"] = Field(
+    gate: Gate = Field("scalar", description="One α for all classes, or one per class.")
+    gate_tanh: bool = Field(
+        False,
+        description="Bound the effective gate to (-1, 1) through tanh (Flamingo-style gating); `alpha` is then its "
+        "initial value after tanh, in (-1, 1).",
+    )
+    fusion: Fusion = Field(
         "linear",
         description="Projection of the decoder hidden state into the text space: `linear` (the thesis's "
         "Linear(256, 512)) or `mlp` (Linear → ReLU → Dropout → Linear).",
@@ -201,22 +230,22 @@ class Phase2Params(BaseModel):
     logit_scale: float = Field(10.0, gt=0, description="Initial multiplier of the cosine similarity (text logits).")
     logit_scale_learnable: bool = Field(True, description="Learn the logit scale.")
     fusion_bias: bool = Field(True, description="Learnable bias added to the scaled similarity.")
-    prompts: Literal["single", "ensemble"] = Field(
+    prompts: Prompts = Field(
         "ensemble",
-        description="`single` = one prompt per class (its description, else \"a photo of a {class name}.\"); "
-        "`ensemble` = every template (plus the description, if any), each embedding normalised, averaged, "
-        "renormalised.",
+        description="`single` = one prompt per class (its description, else "
+        f"\"{SINGLE_TEMPLATE.format('{class name}')}\"); `ensemble` = every template (plus the description, if "
+        "any), each embedding normalised, averaged, renormalised.",
     )
     class_descriptions: dict[str, str] = Field(
         default_factory=dict,
         description="Class name → one description used as its prompt (the only mapping-valued parameter).",
     )
-    templates: list[Annotated[str, AfterValidator(_template_has_placeholder)]] = Field(
+    templates: list[Annotated[str, AfterValidator(_template_has_one_placeholder)]] = Field(
         default_factory=lambda: list(DEFAULT_TEMPLATES),
         min_length=1,
         description="Prompt templates for `prompts: ensemble`; `{}` is replaced by the class name.",
     )
-    text_encoder: Literal["minilm", "sentence", "open_clip", "random", "none"] = Field(
+    text_encoder: TextEncoderKind = Field(
         "minilm",
         description="Text source: `minilm` (bundled all-MiniLM-L6-v2, offline), `sentence` (any HF sentence "
         "encoder, `text_model`), `open_clip`, `random` (fixed random prototypes: the control for text "
@@ -234,10 +263,10 @@ class Phase2Params(BaseModel):
     warmup_epochs: int = Field(
         2, ge=0, description="Epochs that train only the fusion (detector frozen) before `unfreeze` applies."
     )
-    unfreeze: Literal["none", "heads", "decoder", "encoder", "all"] = Field(
+    unfreeze: Unfreeze = Field(
         "heads", description="Detector parts trained (at `lr_detector`) after the warm-up epochs."
     )
-    detector_mode: Literal["eval_shim", "train_frozen"] = Field(
+    detector_mode: DetectorMode = Field(
         "train_frozen",
         description="How the frozen detector runs: `train_frozen` (train mode, frozen BatchNorm, no dropout) or "
         "`eval_shim` (eval mode with auxiliary outputs replicated, as in the thesis).",
@@ -312,6 +341,19 @@ class Params(AblationParams, Phase2Params, TrainingParams, DetectorParams, DataP
 
 
 _FIELDS: tuple[str, ...] = tuple(Params.model_fields)
+
+
+def default_of(name: str) -> Any:
+    """The schema's default of parameter ``name`` (a fresh copy for list / dict defaults).
+
+    Functions that take a parameter as an argument use it as their default, so that calling them
+    without it behaves as a run without it in its params (``alpha: float = default_of("alpha")``).
+    """
+    if name not in Params.model_fields:
+        raise _config_error([_unknown_key_message(name, None)])
+    return Params.model_fields[name].get_default(call_default_factory=True)
+
+
 #: Parameters whose value is legitimately a mapping (every other mapping is a nesting mistake).
 _MAPPING_FIELDS = frozenset({"class_descriptions"})
 #: Names other tools use for our parameters (YOLO, Detectron, Hugging Face): an exact hint beats difflib.

@@ -12,7 +12,7 @@ Forward pass (training), in one place:
    A detector that is (partly) unfrozen in stage B always runs in ``train()`` mode.
 2. :func:`tfg_mm.loss.official_outputs` lays the outputs out as the official criterion expects
    (denoising queries split off), with each layer's decoder hidden state beside its logits.
-3. :func:`tfg_mm.fusion.apply_fusion` adds ``gate * (scale * cos(P(h), T) + bias)`` to every
+3. :func:`tfg_mm.fusion.apply_fusion` adds ``alpha * (logit_scale * cos(P(h), T) + bias)`` to every
    logits tensor the loss reads and to the final logits used for prediction. Boxes are untouched.
 4. The official criterion (:class:`tfg_mm.loss.DEIMv2Criterion`) on the fused outputs, plus an
    optional distillation term (``kd_weight``) to the frozen baseline's final score head.
@@ -25,24 +25,35 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger(__name__)
+from tfg_mm import detector as det
+from tfg_mm.config import DetectorMode, default_of
+from tfg_mm.errors import ConfigError
+from tfg_mm.fusion import ResidualTextFusion, apply_fusion
+from tfg_mm.io import atomic_dir
+from tfg_mm.loss import DEIMv2Criterion, official_outputs
+from tfg_mm.shim import add_aux_outputs, set_train_frozen
 
-DETECTOR_MODES = ("eval_shim", "train_frozen")
+log = logging.getLogger(__name__)
 
 
 class MultimodalDetector(nn.Module):
-    def __init__(self, detector: nn.Module, fusion: nn.Module | None, detector_mode: str = "train_frozen",
-                 kd_weight: float = 0.0):
-        super().__init__()
-        from tfg_mm.loss import DEIMv2Criterion
+    """The detector, the residual text fusion (``None`` for ``text_encoder: none``) and the loss.
 
-        if detector_mode not in DETECTOR_MODES:
-            raise ValueError(f"detector_mode must be one of {DETECTOR_MODES}, got {detector_mode!r}")
+    ``detector_mode`` and ``kd_weight`` are the schema parameters of the same name.
+    """
+
+    def __init__(self, detector: nn.Module, fusion: ResidualTextFusion | None,
+                 detector_mode: DetectorMode = default_of("detector_mode"), kd_weight: float = default_of("kd_weight")):
+        super().__init__()
+        if detector_mode not in get_args(DetectorMode):
+            raise ConfigError(f"`detector_mode: {detector_mode}` is unknown. Fix: use one of "
+                              f"{list(get_args(DetectorMode))}.")
         self.detector = detector
         self.fusion = fusion
         self.detector_mode = detector_mode
@@ -71,8 +82,6 @@ class MultimodalDetector(nn.Module):
 
     def set_train_mode(self) -> None:
         """Training mode for the fusion; the detector's mode follows ``detector_mode`` while frozen."""
-        from tfg_mm.shim import set_train_frozen
-
         self.train()
         if self.detector_frozen():
             if self.detector_mode == "eval_shim":
@@ -89,9 +98,6 @@ class MultimodalDetector(nn.Module):
     # -- detector outputs in the official layout -------------------------------------------------
     def detector_outputs(self, pixel_values: torch.Tensor, labels: list[dict] | None = None,
                          epoch: int = 0) -> dict:
-        from tfg_mm.loss import official_outputs
-        from tfg_mm.shim import add_aux_outputs
-
         frozen = self.detector_frozen()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             out = self.detector(pixel_values, labels=labels if self.detector.training else None, epoch=epoch,
@@ -103,8 +109,6 @@ class MultimodalDetector(nn.Module):
 
     # -- fusion, loss, prediction ----------------------------------------------------------------
     def fuse(self, outputs: dict) -> dict:
-        from tfg_mm.fusion import apply_fusion
-
         return outputs if self.fusion is None else apply_fusion(self.fusion, outputs)
 
     def loss_from_outputs(self, outputs: dict, labels: list[dict], epoch: int) -> tuple[torch.Tensor, dict]:
@@ -149,10 +153,12 @@ class MultimodalDetector(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, folder: str | Path, metadata: dict | None = None, fusion_config: dict | None = None) -> Path:
-        """Our checkpoint format: the detector folder (``tfg_mm.detector.save``) + ``fusion.pt``."""
-        from tfg_mm import detector as det
-        from tfg_mm.io import atomic_dir
+        """Our checkpoint format: the detector folder (``tfg_mm.detector.save``) + ``fusion.pt``.
 
+        ``fusion_config`` is the fusion's settings under the schema's names (``tfg_mm.phase2.fusion_config``,
+        equal to ``self.fusion.config``); ``tfg_mm.phase2.build_fusion_from_config`` rebuilds the fusion
+        from it and the saved text embeddings.
+        """
         folder = Path(folder)
         meta = dict(metadata or {})
         meta["fusion_config"] = fusion_config or {}

@@ -30,12 +30,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tfg_mm.config import Unfreeze
 from tfg_mm.errors import CheckpointError, ConfigError
 from tfg_mm.train import Task, Trainer, resolve_path, seed_everything, split_decay
 
 log = logging.getLogger(__name__)
 
-UNFREEZE_PARTS = {
+#: The detector parts (``tfg_mm.detector.unfreeze`` names) of each choice of ``unfreeze``.
+UNFREEZE_PARTS: dict[Unfreeze, list[str]] = {
     "none": [],
     "heads": ["heads"],
     "decoder": ["heads", "decoder"],
@@ -48,19 +50,11 @@ UNFREEZE_PARTS = {
 # Building blocks from params
 # ----------------------------------------------------------------------------------------------
 def fusion_config(params, hidden_dim: int) -> dict:
-    return {
-        "hidden_dim": hidden_dim,
-        "projection": params.fusion,
-        "fusion_hidden": params.fusion_hidden,
-        "dropout": params.dropout,
-        "scale_init": params.logit_scale,
-        "scale_learnable": params.logit_scale_learnable,
-        "bias": params.fusion_bias,
-        "gate": params.gate,
-        "gate_init": params.alpha,
-        "gate_learnable": params.alpha_learnable,
-        "gate_tanh": params.gate_tanh,
-    }
+    """The fusion's settings under the schema's names, ``{"hidden_dim", *FUSION_PARAMS}``: saved with a
+    phase-2 checkpoint, read back by :func:`build_fusion_from_config`."""
+    from tfg_mm.fusion import FUSION_PARAMS
+
+    return {"hidden_dim": hidden_dim, **{name: getattr(params, name) for name in FUSION_PARAMS}}
 
 
 def text_embeddings(params, class_names: list[str]) -> tuple[torch.Tensor | None, dict]:
@@ -77,10 +71,11 @@ def text_embeddings(params, class_names: list[str]) -> tuple[torch.Tensor | None
 
 
 def build_fusion_from_config(cfg: dict, text: torch.Tensor) -> nn.Module:
+    """The fusion of a :func:`fusion_config` dict (also one of a checkpoint written before the dict took
+    the schema's names) over the class embeddings ``text``."""
     from tfg_mm.fusion import ResidualTextFusion
 
-    cfg = dict(cfg)
-    return ResidualTextFusion(cfg.pop("hidden_dim"), text, **cfg)
+    return ResidualTextFusion.from_config(cfg, text)
 
 
 def baseline_folder(baseline: str) -> tuple[Path, dict | None]:

