@@ -20,9 +20,13 @@ from PIL import Image
 
 from tfg_mm import ablations, reports, runs
 from tfg_mm.config import load_params
-from tfg_mm.errors import ConfigError
+from tfg_mm.data.synthetic import HARD_CLASSES
+from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.evaluate import coco_evaluate
-from tfg_mm.notebooks import REPO_ROOT, execute, render_html
+from tfg_mm.fusion import ResidualTextFusion
+from tfg_mm.notebooks import REPO_ROOT, execute, notebook_params, render_html
+from tfg_mm.phase2 import depends_on_baseline, run_phase2
+from tfg_mm.train import run_baseline
 
 CLASSES = ["scratch", "perforation", "break", "stain"]
 N_IMAGES = 12
@@ -80,16 +84,14 @@ def _write_run(params, run_dir: Path, noise: float, depends_on: str = "") -> Non
 
 def fake_run(parameters: dict, run_dir: Path) -> None:
     """Stands in for notebook 02 (module level, so that spawned worker processes can import it)."""
-    from tfg_mm.notebooks import notebook_params
-
     p = notebook_params(dict(parameters))
     with open(run_dir.parent / f"calls_{run_dir.name}.txt", "a") as fh:
         fh.write("call\n")
     if p.text_encoder == "none":
         raise RuntimeError("boom: this variant cannot run")
     run_dir = runs.prepare_run_dir(p.run_dir, overwrite=p.overwrite, resume=p.resume)
-    # like a real phase-2 run, its run_id includes the baseline's (tfg_mm.phase2.depends_on_baseline)
-    _write_run(p, run_dir, noise=2.0 + 20 * p.alpha, depends_on=ablations._baseline_id(p))
+    # like a real phase-2 run, its run_id includes the baseline's
+    _write_run(p, run_dir, noise=2.0 + 20 * p.alpha, depends_on=depends_on_baseline(p))
 
 
 def _calls(ablations_dir: Path, variant: str, seed: int = 0) -> int:
@@ -108,10 +110,10 @@ def setup(tmp_path):
     return tmp_path, params_file
 
 
-def _grid_file(tmp_path: Path, variants: str, name: str = "grid.yaml") -> Path:
+def _grid_file(tmp_path: Path, variants: str, name: str = "grid.yaml", hard: str = "[perforation, break]") -> Path:
     path = tmp_path / name
     path.write_text("description: test grid\nbase: {lr_fusion: 0.002}\nseeds: [0]\n"
-                    "hard_classes: [perforation, break]\nvariants:\n" + variants)
+                    + (f"hard_classes: {hard}\n" if hard else "") + "variants:\n" + variants)
     return path
 
 
@@ -133,11 +135,21 @@ def test_shipped_grids_validate():
     assert full["wise"] == {"variant": "minilm", "lambdas": [0.0, 0.25, 0.5, 0.75, 1.0]} and full["seeds"] == [0, 1]
 
 
-def test_grid_errors_name_file_and_key(tmp_path):
+def test_grid_runner_keys_defaults_and_errors_name_file_and_key(tmp_path):
+    plain = ablations.load_ablation_grid(_grid_file(tmp_path, GOOD, name="plain.yaml", hard=""))
+    assert plain["hard_classes"] == list(HARD_CLASSES) and plain["wise"] is None  # the embedded set's fact
     path = _grid_file(tmp_path, GOOD)
     path.write_text(path.read_text() + "wise: {variant: missing}\n")
     with pytest.raises(ConfigError, match=r"grid\.yaml.*wise\.variant: missing"):
         ablations.load_ablation_grid(path)
+    # λs are checked by the schema's `wise_lambdas` (numbers in [0, 1]); the message names the file's key
+    path.write_text(path.read_text().replace("variant: missing", "variant: noisy, lambdas: [0, 1.5]"))
+    with pytest.raises(ConfigError, match=r"grid\.yaml: wise\.lambdas:.*less than or equal to 1"):
+        ablations.load_ablation_grid(path)
+    path.write_text(path.read_text().replace("[0, 1.5]", "[0, 0.5]"))
+    assert ablations.load_ablation_grid(path)["wise"] == {"variant": "noisy", "lambdas": [0.0, 0.5]}
+    with pytest.raises(ConfigError, match="`hard_classes` must be a list of class names"):
+        ablations.load_ablation_grid(_grid_file(tmp_path, GOOD, name="hard.yaml", hard="perforation"))
     bad = _grid_file(tmp_path, "  - name: typo\n    overrides: {lr_fuson: 0.1}\n", name="bad.yaml")
     with pytest.raises(ConfigError) as err:
         ablations.load_ablation_grid(bad)
@@ -209,23 +221,43 @@ def _failing_notebook(path: Path) -> Path:
     return path
 
 
-def test_papermill_failure_names_the_failing_cell(tmp_path):
+@pytest.mark.slow
+def test_papermill_failure_names_the_failing_cell(setup):
+    tmp_path, params_file = setup
     notebook = _failing_notebook(tmp_path / "failing.ipynb")
 
     def run_failing_notebook(parameters: dict, run_dir: Path) -> None:
         execute(notebook, run_dir / "executed.ipynb", {"value": 41}, cwd=tmp_path, progress=False)
 
-    entry = {"variant": "v", "seed": 0, "run_dir": str(tmp_path / "run"), "run_id": None, "reuse": False,
-             "params": load_params({})}
-    result = ablations._execute_run(entry, run_failing_notebook)
+    out = tmp_path / "ablations"
+    record = ablations.run_grid(_grid_file(tmp_path, "  - name: v\n    overrides: {}\n"), out,
+                                params_file=params_file, run_variant=run_failing_notebook, progress=False)
+    [result] = record["runs"]
     assert result["status"] == "failed"
     assert result["error"] == "ValueError: bad cell 42"
     assert result["cell"]["source"] == "raise ValueError(f'bad cell {ok}')"
     assert result["cell"]["index"] == 3  # papermill's injected-parameters cell comes first
-    executed = nbformat.read(tmp_path / "run" / "executed.ipynb", as_version=4)
+    assert json.loads((out / "v" / "seed0" / "failure.json").read_text())["cell"] == result["cell"]
+    executed = nbformat.read(out / "v" / "seed0" / "executed.ipynb", as_version=4)
     assert any(o.get("ename") == "ValueError" for c in executed.cells for o in c.get("outputs", []))
 
 
+def test_a_corrupt_baseline_contract_stops_the_grid_a_missing_baseline_does_not(setup):
+    tmp_path, params_file = setup
+    grid = ablations.load_ablation_grid(_grid_file(tmp_path, GOOD))
+    # no baseline yet: the runs are planned (each would train it or fail with the reason itself)
+    missing = ablations.plan_runs(grid, tmp_path / "ablations", params_file,
+                                  explicit={"baseline": str(tmp_path / "not_trained_yet")})
+    assert [e["variant"] for e in missing] == ["minilm", "noisy"] and not any(e["reuse"] for e in missing)
+    # a baseline contract that cannot be read would change which runs are reused: it is an error
+    contract = tmp_path / "baseline" / "metrics.json"
+    contract.write_text(contract.read_text()[:100])
+    with pytest.raises(DataError) as err:
+        ablations.plan_runs(grid, tmp_path / "ablations", params_file)
+    assert str(contract) in str(err.value) and "overwrite: true" in str(err.value) and "`baseline:" in str(err.value)
+
+
+@pytest.mark.slow
 def test_notebook03_reuses_the_grid_and_renders_a_standalone_report(setup, monkeypatch):
     tmp_path, params_file = setup
     grid = _grid_file(tmp_path, GOOD)
@@ -257,8 +289,6 @@ def test_notebook03_reuses_the_grid_and_renders_a_standalone_report(setup, monke
 
 
 def test_wise_interpolation_of_weights_and_gate():
-    from tfg_mm.fusion import ResidualTextFusion
-
     base = {"w": torch.zeros(3), "n": torch.tensor(1)}
     tuned = {"w": torch.ones(3) * 4, "n": torch.tensor(7)}
     half = ablations.interpolate_state(base, tuned, 0.25)
@@ -278,17 +308,19 @@ def test_wise_interpolation_of_weights_and_gate():
 
 def test_index_without_a_grid_still_links_reports(tmp_path):
     (tmp_path / "01_baseline.html").write_text("<html></html>")
-    index = reports.build_index(tmp_path / "no_grid", reports_dir=tmp_path).read_text()
+    summary = ablations.summarize_if_run(tmp_path / "no_grid")  # what `python -m tfg_mm report` does
+    assert summary is None
+    index = reports.build_index(summary, reports_dir=tmp_path).read_text()
     assert 'href="01_baseline.html"' in index and "No ablation grid has run yet" in index
     assert os.path.exists(tmp_path / "index.html")
+    with pytest.raises(TypeError, match="summarize_if_run"):  # reports draws a summary; it never computes one
+        reports.build_index(tmp_path / "no_grid", reports_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_repredicted_detections_and_wise_endpoints_on_real_checkpoints(tmp_path):
     """Real atto checkpoints (a baseline and a one-step phase-2 run): the re-predicted detections are
     the checkpoints' own, WiSE-FT λ = 0 is the baseline exactly and λ = 1 the fine-tuned model."""
-    from tfg_mm.phase2 import run_phase2
-    from tfg_mm.train import run_baseline
-
     dataset = _make_dataset(tmp_path / "data")
     common = {"dataset": str(dataset), "image_size": 160, "batch_size": 4, "max_steps_per_epoch": 1, "device": "cpu",
               "ema": False, "lr_warmup_steps": 0}

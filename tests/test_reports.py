@@ -6,13 +6,15 @@ import base64
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from tfg_mm import reports
+from tfg_mm import reports, runs
+from tfg_mm.config import load_params
 
 CHROMIUM = Path("/usr/bin/chromium")
 CLASSES = ("scratch", "perforation", "break")
@@ -61,11 +63,26 @@ def test_provenance_names_every_source():
     assert text.startswith("| | |\n|---|---|")
 
 
-def test_extras_under_extra_are_read_too():
+def test_a_written_contract_is_read_as_written(tmp_path):
+    """The phase's extras are read where tfg_mm.runs.write_metrics puts them (top-level keys)."""
     metrics = _metrics()
-    metrics["extra"] = {"baseline": metrics.pop("baseline"), "phase": metrics.pop("phase")}
-    assert reports.baseline_final_of(metrics)["map"] == 0.62
-    assert "phase2" in reports.provenance_markdown(metrics)
+    extra = {k: metrics[k] for k in ("phase", "classes", "detector_mode", "text_encoder", "baseline")}
+    runs.write_metrics(tmp_path, params=load_params({"epochs": 3}), dataset=metrics["dataset"],
+                       history=metrics["history"], final=metrics["final"], extra=extra, status="finished")
+    written = runs.read_metrics(tmp_path)
+    assert reports.baseline_final_of(written)["map"] == 0.62
+    assert reports.contract_field(written, "classes") == list(CLASSES)
+    text = reports.provenance_markdown(written)
+    for expected in ("phase2", "`epochs: 3`", "minilm", "train_frozen", "runs/baseline/checkpoints/best"):
+        assert expected in text, expected
+
+
+def test_reports_imports_no_model_code():
+    """reports only draws: importing it loads neither the grid (which re-predicts) nor any model or training code."""
+    probe = ("import sys, tfg_mm.reports; print(sorted(m for m in sys.modules if m.startswith("
+             "('tfg_mm.ablations', 'tfg_mm.model', 'tfg_mm.train', 'tfg_mm.phase2', 'tfg_mm.evaluate'))))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("per_class_gate", [False, True])
@@ -149,7 +166,7 @@ def test_ablation_table_marks_noise_and_failures():
 def _build(tmp_path: Path) -> Path:
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "02_phase2.html").write_text("<html><body>phase 2</body></html>")
-    return reports.build_index(tmp_path / "ablations", reports_dir=tmp_path / "reports", summary=_summary())
+    return reports.build_index(_summary(), reports_dir=tmp_path / "reports")
 
 
 def test_index_is_standalone_and_writes_table_and_figures(tmp_path):

@@ -111,9 +111,10 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from tfg_mm.reports import build_index
+    from tfg_mm import ablations, reports
 
-    print(build_index(args.ablations_dir))
+    # the statistics first (they may re-predict detections); the index only draws them
+    print(reports.build_index(ablations.summarize_if_run(args.ablations_dir)))
     return 0
 
 

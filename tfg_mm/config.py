@@ -706,7 +706,10 @@ def params_from_notebook(namespace: Mapping[str, Any], ignore: Iterable[str] = (
     return load_params(path, values, source_names=[str(params_file), "notebook parameter"])
 
 
-#: Top-level grid keys that belong to the grid runner (``tfg_mm.ablations``), not to the schema.
+#: Top-level grid keys that belong to the grid runner, not to the schema: :func:`load_grid` passes
+#: them through as written and ``tfg_mm.ablations.load_ablation_grid`` checks them (the hard classes'
+#: default is the dataset's fact, ``tfg_mm.data.synthetic.HARD_CLASSES``; a `wise` variant must be a
+#: variant of the grid).
 GRID_RUNNER_KEYS = ("hard_classes", "wise")
 
 

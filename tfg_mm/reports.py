@@ -1,8 +1,9 @@
 """Thesis-ready figures and tables from run contracts, and the reports index (``reports/index.html``).
 
-Everything here reads only run contracts (``metrics.json``, see :mod:`tfg_mm.runs`) and the
-ablation summary of :mod:`tfg_mm.ablations`, never a model: a report can always be rebuilt from
-the run folders (``python -m tfg_mm report``).
+Everything here only draws what it is given: run contracts (``metrics.json``, see :mod:`tfg_mm.runs`)
+and the ablation summary that :func:`tfg_mm.ablations.summarize` computes from the run folders. It
+never loads a checkpoint or runs a model, so a report can always be rebuilt from the run folders
+(``python -m tfg_mm report`` summarizes the grid, then calls :func:`build_index`).
 
 * Notebook helpers (notebooks 01 / 02): :func:`show_provenance`, :func:`plot_trajectory`,
   :func:`plot_per_class`, :func:`plot_per_class_delta`, :func:`plot_gate`, :func:`plot_losses`,
@@ -14,10 +15,8 @@ the run folders (``python -m tfg_mm report``).
 * :func:`build_index`: ``reports/index.html``, a standalone page (images embedded) that links every
   report and shows the ablation table and figures; the table is also written as CSV and LaTeX.
 
-The output folders can be redirected with environment variables, which papermill kernels inherit:
-``TFG_MM_FIGURES_DIR`` (the ablation runner sets it for every notebook-02 execution of the grid, so
-twenty variants do not overwrite the main run's ``reports/figures/02_phase2_*`` files) and
-``TFG_MM_REPORTS_DIR`` (where :func:`build_index` writes by default; tests use it).
+Figures are written by :func:`tfg_mm.figures.save_figure`; its module says how ``TFG_MM_FIGURES_DIR``
+and ``TFG_MM_REPORTS_DIR`` redirect the output folders.
 """
 
 from __future__ import annotations
@@ -37,13 +36,13 @@ from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from IPython.display import Markdown, display
 
-from tfg_mm.io import atomic_write_bytes, atomic_write_text
+from tfg_mm.config import Params
+from tfg_mm.data.synthetic import HARD_CLASSES
+from tfg_mm.figures import default_reports_dir, save_figure
+from tfg_mm.io import atomic_write_text
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REPORTS = REPO_ROOT / "reports"
-#: Hard classes of the embedded synthetic default (the thesis's "Perforaciones" and "Roturas").
-HARD_CLASSES: tuple[str, ...] = ("perforation", "break")
 #: The notebook reports the pipeline renders, in reading order (linked from the index).
 NOTEBOOK_REPORTS: tuple[tuple[str, str], ...] = (
     ("00_data", "Data: the dataset, its classes and boxes"),
@@ -59,29 +58,6 @@ _SUMMARY_ROWS = (("map", "mAP"), ("map50", "mAP50"), ("map75", "mAP75"), ("map_s
 # --------------------------------------------------------------------------------------------
 # Saving figures
 # --------------------------------------------------------------------------------------------
-def default_reports_dir() -> Path:
-    """``reports/`` unless ``TFG_MM_REPORTS_DIR`` redirects it (see the module docstring)."""
-    override = os.environ.get("TFG_MM_REPORTS_DIR")
-    return Path(override) if override else REPORTS
-
-
-def figures_dir() -> Path:
-    """``<reports>/figures`` unless ``TFG_MM_FIGURES_DIR`` redirects it (see the module docstring)."""
-    override = os.environ.get("TFG_MM_FIGURES_DIR")
-    return Path(override) if override else default_reports_dir() / "figures"
-
-
-def save_figure(fig: plt.Figure, stem: str, folder: str | Path | None = None) -> list[Path]:
-    """Write ``<folder>/<stem>.png`` (150 dpi) and ``.svg`` atomically; returns both paths."""
-    folder = Path(folder) if folder is not None else figures_dir()
-    written = []
-    for ext, kwargs in (("png", {"dpi": 150}), ("svg", {})):
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format=ext, bbox_inches="tight", **kwargs)
-        written.append(atomic_write_bytes(folder / f"{stem}.{ext}", buffer.getvalue()))
-    return written
-
-
 def _finish(fig: plt.Figure, save: str | None) -> plt.Figure:
     fig.tight_layout()
     if save:
@@ -93,10 +69,9 @@ def _finish(fig: plt.Figure, save: str | None) -> plt.Figure:
 # Reading run contracts
 # --------------------------------------------------------------------------------------------
 def contract_field(metrics: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    """A phase's extra entry: top-level (``tfg_mm.runs`` writes extras there) or under ``extra``."""
-    if key in metrics:
-        return metrics[key]
-    return (metrics.get("extra") or {}).get(key, default)
+    """A phase's extra entry (``phase``, ``baseline``, ``text_encoder``, ...): ``tfg_mm.runs.write_metrics``
+    writes a phase's extras as top-level keys of the contract."""
+    return metrics.get(key, default)
 
 
 def baseline_final_of(metrics: Mapping[str, Any]) -> dict | None:
@@ -131,8 +106,6 @@ def _class_names(metrics: Mapping[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 def provenance_markdown(metrics: Mapping[str, Any]) -> str:
     """"Where this number came from" as a markdown table: phase, changed params, data, code, text, mode."""
-    from tfg_mm.config import Params
-
     params = metrics.get("params", {})
     defaults = Params().model_dump(mode="json")
     changed = metrics.get("params_changed")
@@ -180,8 +153,6 @@ def provenance_markdown(metrics: Mapping[str, Any]) -> str:
 
 def show_provenance(metrics: Mapping[str, Any]) -> None:
     """Display :func:`provenance_markdown` in the notebook (every number says where it came from)."""
-    from IPython.display import Markdown, display
-
     display(Markdown(provenance_markdown(metrics)))
 
 
@@ -552,24 +523,20 @@ def _report_links(reports_dir: Path, summary: Mapping[str, Any] | None) -> str:
     return out
 
 
-def build_index(ablations_dir: str | Path = REPO_ROOT / "runs" / "ablations", reports_dir: str | Path | None = None,
-                summary: Mapping[str, Any] | None = None) -> Path:
+def build_index(summary: Mapping[str, Any] | None = None, reports_dir: str | Path | None = None) -> Path:
     """Write ``reports/index.html`` (standalone: CSS inline, figures embedded) and return its path.
 
-    The ablation summary is recomputed from the run folders by :func:`tfg_mm.ablations.summarize`
-    (cheap: detections and bootstrap intervals are cached per run) unless ``summary`` is given.
-    Figures are also saved as PNG + SVG under ``reports/figures/ablations_*``, and the table as
-    ``reports/ablations_table.csv`` and ``.tex``. Without a grid the index still links the reports.
+    ``summary`` is the ablation summary of :func:`tfg_mm.ablations.summarize` (None when no grid has
+    run: the index then only links the reports). Its figures are also saved as PNG + SVG under
+    ``reports/figures/ablations_*``, and the table as ``reports/ablations_table.csv`` and ``.tex``.
     """
-    from tfg_mm.ablations import summarize
-    from tfg_mm.config import resolve_path
-
+    if isinstance(summary, (str, Path)):
+        raise TypeError(f"build_index draws an ablation summary, not a folder ({summary}); compute it first: "
+                        "`reports.build_index(ablations.summarize_if_run(ablations_dir))`")
     reports_dir = Path(reports_dir) if reports_dir is not None else default_reports_dir()
-    ablations_dir = resolve_path(ablations_dir)
-    if summary is None and (ablations_dir / "grid.json").exists():
-        summary = summarize(ablations_dir)
-    parts = [f"<h1>tfg-mm reports</h1><p class='note'>Built {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
-             f"from <code>{html.escape(str(ablations_dir))}</code>.</p>"]
+    source = (summary or {}).get("ablations_dir")
+    parts = [f"<h1>tfg-mm reports</h1><p class='note'>Built {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+             + (f" from <code>{html.escape(str(source))}</code>" if source else "") + ".</p>"]
     parts.append(_report_links(reports_dir, summary))
     if summary:
         table = ablation_table(summary)

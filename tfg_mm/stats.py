@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
 from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.evaluate import (
@@ -265,8 +266,6 @@ def paired_bootstrap(
     class_replicas = {name: np.full(n_resamples, np.nan) for name in classes}
     draws = range(n_resamples)
     if progress:
-        from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
-
         draws = tqdm(draws, desc="bootstrap", leave=False)
     for r in draws:
         draw = rng.integers(0, len(images), size=len(images))

@@ -11,11 +11,15 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
+from matplotlib.patches import Rectangle
 
 from tfg_mm.data.coco import load_coco
 from tfg_mm.data.validate import open_rgb, resolve_images_dir
+from tfg_mm.figures import save_figure
 
 _BOX_COLUMNS = ["split", "image_id", "file_name", "category_id", "category", "x", "y", "w", "h",
                 "area", "rel_size", "image_width", "image_height"]
@@ -55,9 +59,6 @@ def show_samples(ann_file: str | Path, images_dir: str | Path | None = None, n: 
                  ncols: int = 4, image_ids: Sequence[int] | None = None):
     """Draw ``n`` images (random but reproducible with ``seed``, or the given ``image_ids``) with
     their boxes and class names; returns the matplotlib Figure."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
     ann_file = Path(ann_file)
     data = load_coco(ann_file, images_dir=images_dir, check_images=False)
     folder = resolve_images_dir(ann_file, images_dir)
@@ -90,9 +91,6 @@ def show_samples(ann_file: str | Path, images_dir: str | Path | None = None, n: 
 
 def plot_counts(stats: pd.DataFrame, save: str | None = None):
     """Bar chart of boxes per class and split (``stats`` from :func:`class_statistics`)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     fig, ax = plt.subplots(figsize=(7, 3.2))
     sns.countplot(data=stats, x="category", hue="split", ax=ax)
     ax.set_xlabel("")
@@ -105,9 +103,6 @@ def plot_counts(stats: pd.DataFrame, save: str | None = None):
 
 def plot_box_sizes(stats: pd.DataFrame, save: str | None = None):
     """Box side (sqrt of area, px, log scale) per class: the hard classes are the small / thin ones."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     df = stats.assign(side=np.sqrt(stats["area"]), aspect=np.maximum(stats["w"], stats["h"])
                       / np.maximum(1e-6, np.minimum(stats["w"], stats["h"])))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -141,6 +136,4 @@ def samples_per_class(ann_file: str | Path, images_dir: str | Path | None = None
 
 def _maybe_save(fig, stem: str | None) -> None:
     if stem:
-        from tfg_mm.reports import save_figure
-
         save_figure(fig, stem)

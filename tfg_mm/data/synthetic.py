@@ -34,6 +34,8 @@ from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.io import atomic_dir
 
 DEFAULT_CLASSES: tuple[str, ...] = ("scratch", "perforation", "break", "stain", "dent", "inclusion")
+#: The hard classes of the embedded set (the thesis's "Perforaciones" and "Roturas": small holes, thin cracks);
+#: the default of an ablation grid's `hard_classes` and the classes reports highlight.
 HARD_CLASSES: tuple[str, ...] = ("perforation", "break")
 
 #: Bumped whenever the drawing code changes, so a cached set made by older code is regenerated.

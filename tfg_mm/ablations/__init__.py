@@ -1,0 +1,62 @@
+"""The ablation grid of notebook 03: every variant × seed as a papermill run of notebook 02, then statistics.
+
+* :mod:`tfg_mm.ablations.grid`: grid files, the plan of every run (params layering, reuse of
+  finished runs), execution (one process per run when ``workers > 1``) and the failure record.
+* :mod:`tfg_mm.ablations.repredict`: detections of a run's selected checkpoint (re-predicted when
+  the run did not save them) and the WiSE-FT weight interpolation.
+* :mod:`tfg_mm.ablations.summary`: the statistics summary (mean ± sd over seeds, paired-bootstrap
+  intervals against the baseline, cached per run) that notebook 03 and ``reports.build_index`` draw.
+
+The public entry points are re-exported here: ``from tfg_mm import ablations;
+ablations.run_from_notebook(globals())``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from tfg_mm.ablations.grid import (
+    FAILURE_FILE,
+    GRID_RECORD,
+    RunVariant,
+    explicit_parameters,
+    failure_record,
+    load_ablation_grid,
+    notebook_parameters,
+    plan_runs,
+    run_grid,
+    run_notebook02,
+)
+from tfg_mm.ablations.repredict import (
+    DETECTIONS_FILE,
+    interpolate_state,
+    predict_run_detections,
+    run_detections,
+    scale_gate,
+    wise_curve,
+)
+from tfg_mm.ablations.summary import SUMMARY_FILE, summarize, summarize_if_run
+from tfg_mm.notebooks import notebook_params
+
+__all__ = [
+    "DETECTIONS_FILE", "FAILURE_FILE", "GRID_RECORD", "SUMMARY_FILE", "RunVariant", "explicit_parameters",
+    "failure_record", "interpolate_state", "load_ablation_grid", "notebook_parameters", "plan_runs",
+    "predict_run_detections", "run_detections", "run_from_notebook", "run_grid", "run_notebook02", "scale_gate",
+    "summarize", "summarize_if_run", "wise_curve",
+]
+
+
+def run_from_notebook(namespace: Mapping[str, Any], run_variant: RunVariant = run_notebook02,
+                      progress: bool = True) -> dict:
+    """Notebook 03's work: validate its parameters, run the grid, return its summary.
+
+    ``namespace`` is the notebook's ``globals()`` right after the parameters cell.
+    """
+    p = notebook_params(namespace)  # every value validated before any work
+    explicit = explicit_parameters(namespace)
+    run_grid(p.grid, p.run_dir, params_file=namespace.get("params_file") or None, explicit=explicit,
+             seeds=explicit.get("seeds"), workers=p.workers, reuse=p.reuse,
+             bootstrap_resamples=p.bootstrap_resamples, confidence=p.confidence, wise_lambdas=p.wise_lambdas,
+             run_variant=run_variant, progress=progress)
+    return summarize(p.run_dir, progress=progress)

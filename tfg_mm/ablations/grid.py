@@ -1,0 +1,335 @@
+"""The ablation grid (notebook 03): grid files, the plan of every variant × seed, and its execution.
+
+Grid files (``params/ablations/*.yaml``) are flat::
+
+    description: ...
+    base: {flat params shared by every variant}
+    seeds: [0, 1]
+    hard_classes: [perforation, break]          # optional (default: the embedded set's hard classes)
+    wise: {variant: name, lambdas: [0, 0.5, 1]}  # optional WiSE-FT curve of one variant
+    variants:
+      - name: minilm
+        overrides: {text_encoder: minilm}
+
+**Parameters of one run**, later wins: the phase-2 params file (``params_file``), the grid's
+``base``, the variant's ``overrides``, the values given explicitly to notebook 03 (``-p epochs 1``
+shortens every run: the command line wins, as in nanoGPT), then the run's own ``seed``,
+``run_dir`` = ``<ablations_dir>/<variant>/seed<k>``, ``overwrite`` and ``resume``.
+
+**Execution** (:func:`run_grid`): each run executes notebook 02 into its own folder (the
+executed notebook, its HTML and the run contract ``metrics.json``). A run that raises is recorded
+(variant, seed, failing cell, error) in ``failure.json`` and in ``grid.json`` and the grid goes on.
+A finished run whose ``run_id`` (params, dataset hash, code version and the baseline's run id:
+:func:`tfg_mm.runs.run_id`) equals the planned one is reused, not re-run (``reuse: false`` re-runs
+it). ``workers > 1`` runs several notebooks at once in separate processes (each papermill execution
+has its own kernel), each limited to ``cpu_count // workers`` threads.
+The unit of work is injectable (``run_variant(parameters, run_dir)``) so that the orchestration is
+tested without training.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tfg_mm import runs
+from tfg_mm.config import AblationParams, Params, diff_from_default, load_grid, load_params, resolve_path
+from tfg_mm.data.synthetic import HARD_CLASSES
+from tfg_mm.errors import CheckpointError, ConfigError, DataError
+from tfg_mm.io import atomic_write_json
+from tfg_mm.notebooks import NOTEBOOKS, execute, render_html
+from tfg_mm.phase2 import depends_on_baseline
+
+GRID_RECORD = "grid.json"
+FAILURE_FILE = "failure.json"
+#: The schema's defaults of the grid runner's settings (bootstrap resamples, confidence, WiSE-FT λs, ...).
+SCHEMA_DEFAULTS = AblationParams()
+#: Keys that configure the grid itself and are never passed on to a notebook-02 run: the schema's
+#: ablation group, plus the per-run keys the grid runner sets itself.
+_GRID_LEVEL_KEYS = frozenset(AblationParams.model_fields) | {"run_dir", "params_file", "overwrite", "resume"}
+
+RunVariant = Callable[[dict, Path], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Grid files
+# --------------------------------------------------------------------------------------------
+def load_ablation_grid(path: str | Path) -> dict:
+    """A grid file: :func:`tfg_mm.config.load_grid` (base / seeds / variants, validated through the
+    schema; ``hard_classes`` and ``wise`` passed through as written) with those two checked here.
+
+    Returns load_grid's dict with ``hard_classes`` (default :data:`tfg_mm.data.synthetic.HARD_CLASSES`)
+    and ``wise`` (``{"variant", "lambdas"}`` with ``lambdas`` None when the file gives none, or None).
+    """
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = resolve_path(path)
+    grid = load_grid(path)
+    names = [v["name"] for v in grid["variants"]]
+
+    hard = grid.get("hard_classes", list(HARD_CLASSES))
+    if not isinstance(hard, list) or not all(isinstance(h, str) and h for h in hard):
+        raise ConfigError(f"{path}: `hard_classes` must be a list of class names, e.g. [perforation, break]; "
+                          f"got {hard!r}")
+    grid["hard_classes"] = hard
+
+    wise = grid.get("wise")
+    if wise is not None:
+        if not isinstance(wise, dict) or set(wise) - {"variant", "lambdas"} or "variant" not in wise:
+            raise ConfigError(f"{path}: `wise` must be `{{variant: <variant name>, lambdas: [0, 0.5, 1]}}` "
+                              f"(lambdas optional); got {wise!r}")
+        if wise["variant"] not in names:
+            raise ConfigError(f"{path}: `wise.variant: {wise['variant']}` is not a variant of this grid "
+                              f"({', '.join(names)}); name the fine-tuned variant to interpolate towards.")
+        lambdas = wise.get("lambdas")
+        if lambdas is not None:  # the schema's `wise_lambdas` says what a list of λs may hold
+            lambdas = load_params({"wise_lambdas": lambdas}, source_names=[f"{path}: wise.lambdas"]).wise_lambdas
+        wise = {"variant": str(wise["variant"]), "lambdas": lambdas}
+    grid["wise"] = wise
+    return grid
+
+
+def explicit_parameters(namespace: Mapping[str, Any]) -> dict:
+    """The parameters a notebook was given explicitly: schema keys whose value is not ``None``.
+
+    Notebook 03's parameters cell leaves every name at ``None`` ("not given here"), so what remains
+    after papermill's injected cell is exactly what the caller asked for.
+    """
+    return {k: v for k, v in namespace.items() if k in Params.model_fields and v is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------
+def _dataset_hash(params, cache: dict) -> str | None:
+    """The dataset's content hash (cached per grid), or None when the dataset does not exist yet."""
+    key = (params.dataset, params.train_json, params.val_json)
+    if key not in cache:
+        try:
+            cache[key] = runs.dataset_record(params.dataset, params.train_json, params.val_json)["hash"]
+        except DataError:
+            cache[key] = None
+    return cache[key]
+
+
+def plan_runs(grid: Mapping[str, Any], ablations_dir: str | Path, params_file: str | Path | None = None,
+              explicit: Mapping[str, Any] | None = None, seeds: Sequence[int] | None = None,
+              reuse: bool = True) -> list[dict]:
+    """One entry per (variant, seed): its resolved params, the notebook parameters, and whether a
+    finished run with the same ``run_id`` can be reused. See the module docstring for the layering."""
+    ablations_dir = Path(ablations_dir).resolve()
+    given = {k: v for k, v in (explicit or {}).items() if k not in _GRID_LEVEL_KEYS}
+    sources = [params_file] if params_file else []
+    names = ([str(params_file)] if params_file else []) + [f"{grid['path']}: base"]
+    code = runs.code_version()
+    hashes: dict = {}
+    planned = []
+    for variant in grid["variants"]:
+        for seed in (seeds if seeds is not None else grid["seeds"]):
+            run_dir = ablations_dir / variant["name"] / f"seed{seed}"
+            params = load_params(*sources, grid["base"], variant["overrides"], given,
+                                 {"seed": int(seed), "run_dir": str(run_dir)},
+                                 source_names=names + [f"{grid['path']}: variant {variant['name']!r}",
+                                                       "notebook 03 parameter", "grid runner"])
+            dataset_hash = _dataset_hash(params, hashes)
+            expected = runs.run_id(params, dataset_hash, code, _baseline_id(params)) if dataset_hash else None
+            existing = _existing(run_dir)
+            reusable = bool(reuse and expected and existing.get("status") == "finished"
+                            and existing.get("run_id") == expected)
+            # A stale finished run (other params / data / code) is replaced; an interrupted run of the
+            # same id resumes from its last checkpoint; anything else starts from scratch.
+            same = existing.get("run_id") == expected and expected is not None
+            params = load_params(params, {"overwrite": existing.get("status") == "finished",
+                                          "resume": same or not existing})
+            planned.append({"variant": variant["name"], "seed": int(seed), "run_dir": str(run_dir),
+                            "run_id": expected, "reuse": reusable, "params": params})
+    return planned
+
+
+def _baseline_id(params) -> str:
+    """The baseline's part of a phase-2 ``run_id`` (:func:`tfg_mm.phase2.depends_on_baseline`).
+
+    "" when there is no baseline yet (``baseline`` empty, or a folder without a finished
+    checkpoint): the run trains it or fails with the reason itself. A baseline contract that exists
+    but cannot be read is an error: without its run id no finished run could be told reusable.
+    """
+    try:
+        return depends_on_baseline(params)
+    except (ConfigError, CheckpointError):
+        return ""
+    except DataError as exc:
+        raise DataError(f"{exc}\nThe ablation grid needs the run id of the baseline (parameter `baseline: "
+                        f"{params.baseline}`) to decide which finished runs it can reuse. Fix: re-run notebook 01 "
+                        "into that folder (`overwrite: true`) or point `baseline` at another baseline run.") from None
+
+
+def _existing(run_dir: Path) -> dict:
+    """``status`` and ``run_id`` of a run folder's metrics.json ({} when there is none or it is unreadable)."""
+    try:
+        record = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {"status": record.get("status"), "run_id": record.get("run_id")} if isinstance(record, dict) else {}
+
+
+def notebook_parameters(params) -> dict:
+    """What papermill injects into notebook 02: every parameter that differs from its default.
+
+    ``params_file`` is emptied so that the run's params are exactly these (the kernel rebuilds the
+    same :class:`~tfg_mm.config.Params`, hence the same ``run_id``).
+    """
+    dumped = params.model_dump(mode="json")
+    return {"params_file": "", **{k: dumped[k] for k in diff_from_default(params)}}
+
+
+# --------------------------------------------------------------------------------------------
+# The unit of work and its failure record
+# --------------------------------------------------------------------------------------------
+def run_notebook02(parameters: dict, run_dir: Path) -> None:
+    """Execute ``notebooks/02_phase2.ipynb`` into ``run_dir`` (executed notebook + standalone HTML).
+
+    Notebook 02's figures go to ``run_dir/figures`` (``TFG_MM_FIGURES_DIR``), not over the main
+    run's ``reports/figures``. The executed notebook is written even when a cell fails.
+    """
+    run_dir = Path(run_dir)
+    previous = os.environ.get("TFG_MM_FIGURES_DIR")
+    os.environ["TFG_MM_FIGURES_DIR"] = str(run_dir / "figures")
+    try:
+        executed = execute(NOTEBOOKS / "02_phase2.ipynb", run_dir / "02_phase2.ipynb", parameters, progress=False)
+    finally:
+        if previous is None:
+            os.environ.pop("TFG_MM_FIGURES_DIR", None)
+        else:
+            os.environ["TFG_MM_FIGURES_DIR"] = previous
+    render_html(executed, run_dir / "02_phase2.html")
+
+
+def failure_record(exc: BaseException) -> dict:
+    """``{"error", "cell", "traceback"}`` of an exception; the failing cell for papermill errors.
+
+    ``PapermillExecutionError`` carries the cell's index, execution count and source, and the
+    kernel's exception name and value (e.g. ``OfflineError: ...``).
+    """
+    cell = None
+    if hasattr(exc, "ename") and hasattr(exc, "cell_index"):
+        error = f"{exc.ename}: {exc.evalue}"
+        source = str(getattr(exc, "source", "") or "").strip().splitlines()
+        cell = {"index": exc.cell_index, "execution_count": getattr(exc, "exec_count", None),
+                "source": "\n".join(source[:6])}
+        tb = "\n".join(getattr(exc, "traceback", []) or [])[-4000:]
+    else:
+        error = f"{type(exc).__name__}: {exc}"
+        tb = "".join(traceback.format_exception(exc))[-4000:]
+    return {"error": error[:2000], "cell": cell, "traceback": tb}
+
+
+def _execute_run(entry: dict, run_variant: RunVariant) -> dict:
+    """Run one planned entry; never raises (a failure is part of the result)."""
+    run_dir = Path(entry["run_dir"])
+    result = {"variant": entry["variant"], "seed": entry["seed"], "run_dir": str(run_dir), "run_id": entry["run_id"]}
+    if entry["reuse"]:
+        return {**result, "status": "reused", "seconds": 0.0}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    try:
+        run_variant(notebook_parameters(entry["params"]), run_dir)
+        if not runs.is_finished(run_dir):
+            raise DataError(f"{run_dir}: the run ended without a finished metrics.json (run contract); "
+                            "see its executed notebook")
+    except Exception as exc:  # any failure of one run is recorded; the grid goes on
+        record = {**result, "status": "failed", "seconds": round(time.perf_counter() - t0, 1), **failure_record(exc)}
+        atomic_write_json(run_dir / FAILURE_FILE, record)
+        return record
+    return {**result, "status": "finished", "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _worker_init(threads: int) -> None:
+    """Share the CPU between parallel runs: each kernel inherits this process's thread limits."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# The grid
+# --------------------------------------------------------------------------------------------
+def run_grid(grid: Mapping[str, Any] | str | Path, ablations_dir: str | Path, *,
+             params_file: str | Path | None = "params/phase2.yaml", explicit: Mapping[str, Any] | None = None,
+             seeds: Sequence[int] | None = None, workers: int = SCHEMA_DEFAULTS.workers,
+             reuse: bool = SCHEMA_DEFAULTS.reuse, bootstrap_resamples: int = SCHEMA_DEFAULTS.bootstrap_resamples,
+             confidence: float = SCHEMA_DEFAULTS.confidence, wise_lambdas: Sequence[float] | None = None,
+             run_variant: RunVariant = run_notebook02, progress: bool = True) -> dict:
+    """Run every variant × seed (see the module docstring) and write ``<ablations_dir>/grid.json``.
+
+    Returns the grid record: the grid, the settings the statistics need (baseline, bootstrap
+    resamples, confidence, hard classes, WiSE-FT), and one entry per run with ``status`` finished /
+    reused / failed, ``seconds`` and, for a failure, ``error`` and ``cell``. The WiSE-FT λs are, first
+    found: notebook 03's explicit ``wise_lambdas``, the grid's ``wise.lambdas``, ``wise_lambdas``,
+    the schema's default.
+    """
+    if not isinstance(grid, Mapping):
+        grid = load_ablation_grid(grid)
+    ablations_dir = resolve_path(ablations_dir)
+    if params_file and not Path(params_file).is_absolute() and not Path(params_file).exists():
+        params_file = resolve_path(params_file)
+    planned = plan_runs(grid, ablations_dir, params_file, explicit, seeds, reuse)
+    wise = dict(grid.get("wise") or {}) or None
+    if wise is not None:
+        wise["lambdas"] = list((explicit or {}).get("wise_lambdas") or wise.get("lambdas") or wise_lambdas
+                               or SCHEMA_DEFAULTS.wise_lambdas)
+    record = {
+        "grid": {k: grid[k] for k in ("path", "description", "base", "seeds", "variants")},
+        "settings": {
+            "baseline": planned[0]["params"].baseline if planned else "",
+            "bootstrap_resamples": int(bootstrap_resamples), "confidence": float(confidence),
+            "hard_classes": list(grid.get("hard_classes", HARD_CLASSES)), "wise": wise,
+            "params_file": str(params_file or ""), "explicit": dict(explicit or {}), "workers": workers,
+            "reuse": reuse,
+        },
+        "runs": [],
+    }
+    ablations_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[tuple[str, int], dict] = {}
+
+    def done(result: dict) -> None:
+        results[(result["variant"], result["seed"])] = result
+        record["runs"] = [results[(e["variant"], e["seed"])] for e in planned if (e["variant"], e["seed"]) in results]
+        atomic_write_json(ablations_dir / GRID_RECORD, record)
+        if progress:
+            extra = f" ({result['error']})" if result["status"] == "failed" else ""
+            print(f"[ablations] {result['variant']} seed {result['seed']}: {result['status']} "
+                  f"in {result['seconds']:.0f} s{extra}", flush=True)
+
+    to_run = [e for e in planned if not e["reuse"]]
+    for entry in planned:
+        if entry["reuse"]:
+            done(_execute_run(entry, run_variant))
+    if workers <= 1 or len(to_run) <= 1:
+        for entry in to_run:
+            done(_execute_run(entry, run_variant))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        # fork: a worker starts in milliseconds instead of re-importing torch / transformers. A worker
+        # runs no torch op itself (the default unit launches a fresh papermill kernel), so the fork
+        # caveat of OpenMP thread pools does not apply to it.
+        context = multiprocessing.get_context("fork")
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
+                                    initargs=(threads,)) as pool:
+            futures = {pool.submit(_execute_run, entry, run_variant): entry for entry in to_run}
+            for future in cf.as_completed(futures):
+                entry = futures[future]
+                try:
+                    done(future.result())
+                except Exception as exc:  # the worker process itself died: recorded like a failed run
+                    done({"variant": entry["variant"], "seed": entry["seed"], "run_dir": entry["run_dir"],
+                          "run_id": entry["run_id"], "status": "failed", "seconds": 0.0, **failure_record(exc)})
+    if not planned:
+        atomic_write_json(ablations_dir / GRID_RECORD, record)
+    return record
