@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tfg_mm"
 
 #: module (dotted, without ``tfg_mm.``; a package stands for all its modules) -> layer
 LAYERS = {
-    "errors": 0, "io": 0, "figures": 0,
-    "config": 1,
+    "errors": 0, "io": 0,
+    "config": 1, "figures": 1,
     "data": 2, "detector": 2,
     "loss": 3, "convert": 3, "evaluate": 3, "text": 3, "fusion": 3, "shim": 3,
     "model": 4, "stats": 4, "runs": 4, "notebooks": 4,
