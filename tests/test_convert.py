@@ -30,7 +30,7 @@ from tfg_mm.convert import (
     load_official_state_dict,
     main,
 )
-from tfg_mm.detector import TfgDeimv2ForObjectDetection, preset_config
+from tfg_mm.detector import TfgDeimv2ForObjectDetection, load, preset_config, read_metadata
 from tfg_mm.errors import CheckpointError, ConfigError
 
 TOLERANCE = 1e-4
@@ -185,8 +185,6 @@ def test_load_official_prefers_ema_and_rejects_bad_files(tmp_path):
 
 @pytest.mark.parametrize("size", ["atto", "s"])
 def test_convert_checkpoint_writes_a_loadable_checkpoint(size, tmp_path, capsys):
-    from tfg_mm.detector import load, read_metadata
-
     folder = _fixture(size)
     pixel_values, expected, meta = _official_outputs(folder)
     out = tmp_path / size
@@ -207,8 +205,6 @@ def test_convert_checkpoint_writes_a_loadable_checkpoint(size, tmp_path, capsys)
 
 
 def test_other_number_of_classes_reinitialises_only_the_class_heads(tmp_path):
-    from tfg_mm.detector import load, read_metadata
-
     folder = _fixture("atto")
     official, _ = load_official_state_dict(folder / "checkpoint.pth")
     out = convert_checkpoint(folder / "checkpoint.pth", tmp_path / "three", num_classes=3,

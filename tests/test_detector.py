@@ -2,60 +2,28 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 
-from official import official_fixture
 from tfg_mm.detector import (
     CORRECTIONS,
-    PRESETS,
-    TfgDeimv2Config,
     TfgDeimv2ForObjectDetection,
     build,
     freeze,
     from_pretrained,
+    official,
     preset_config,
     trainable_parameter_summary,
     unfreeze,
 )
+from tfg_mm.detector.official import registered_criterion
 from tfg_mm.errors import CheckpointError, ConfigError, OfflineError, TrainingError
+from tfg_mm.loss import compute_loss
 
 PIXELS = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
-
-
-def official_parameter_count(size: str) -> int:
-    return json.loads((official_fixture("architectures") / f"{size}.json").read_text())["num_parameters"]
-
-
-@pytest.mark.parametrize("preset, unused", [("atto", 0), ("n", 0), ("s", 192)])
-def test_presets_have_the_official_parameter_count(preset, unused):
-    model = build(preset, 5, image_size=320, seed=0)
-    # s: DINOv3's mask_token (192) exists only in transformers and is unused without bool_masked_pos.
-    assert sum(p.numel() for p in model.parameters()) == official_parameter_count(preset) + unused
-
-
-@pytest.mark.parametrize("preset", ["atto", "n", "s"])
-def test_presets_match_the_official_criterion_settings(preset):
-    config = preset_config(preset, 5)
-    criterion = json.loads((official_fixture(f"loss_{preset}_dn") / "criterion.json").read_text())
-    assert config.focal_loss_gamma == criterion["gamma"]
-    assert config.use_dense_one_to_one == criterion["use_uni_set"]
-    assert config.criterion_losses == criterion["losses"]
-    assert config.matcher_change_epoch == criterion["matcher"]["matcher_change_epoch"]
-
-
-def test_every_preset_builds_with_official_sizes():
-    for name, settings in PRESETS.items():
-        config = preset_config(name, 4)
-        assert isinstance(config, TfgDeimv2Config) and config.preset == name
-        assert config.d_model == settings["d_model"] and config.num_queries == settings["num_queries"]
-        assert config.decoder_layers == settings["decoder_layers"]
-        assert config.anchor_image_size == [settings["image_size"]] * 2 and config.eval_size is None
-        assert config.freeze_backbone_batch_norms is False
-    assert (PRESETS["atto"]["image_size"], PRESETS["n"]["image_size"]) == (320, 640)
 
 
 def test_preset_config_rejects_bad_input():
@@ -144,24 +112,33 @@ def test_forward_without_loss_builds_denoising_queries():
     assert out.intermediate_logits.shape[1] == model.config.decoder_layers + 1
 
 
-def test_forward_with_loss_uses_the_project_criterion(monkeypatch):
+def test_forward_with_labels_computes_the_official_criterion():
+    """forward(labels=..., epoch=...) gives the loss of tfg_mm.loss.compute_loss on its own outputs."""
     model = build("atto", 3, image_size=320, seed=0).train()
     labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
-    try:
-        import tfg_mm.loss  # noqa: F401
-    except ImportError:
-        with pytest.raises(TrainingError, match="tfg_mm.loss"):
-            model(PIXELS, labels=labels)
-        return
+    assert registered_criterion() is compute_loss  # registered by `import tfg_mm`
+    out = model(PIXELS, labels=labels, epoch=3)
+    total, terms = compute_loss(out, labels, model.config, epoch=3)
+    assert torch.equal(out.loss, total) and out.loss_dict == terms
+    assert "loss_mal_dn_0" in terms and not any("fgl" in name for name in terms)  # atto: mal + boxes only
+
+
+def test_forward_passes_config_and_epoch_to_the_registered_criterion(monkeypatch):
+    model = build("atto", 3, image_size=320, seed=0).train()
+    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
     seen = {}
 
     def fake_criterion(outputs, targets, config, epoch):
-        seen.update(config=config, epoch=epoch)
-        return outputs.logits.sum() * 0, {"loss_mal": torch.tensor(0.0)}
+        seen.update(targets=targets, config=config, epoch=epoch)
+        return outputs.logits.sum() * 0, {"loss_mal": 0.0}
 
-    monkeypatch.setattr("tfg_mm.loss.compute_loss", fake_criterion)
+    monkeypatch.setattr(official, "_registered_criterion", fake_criterion)
     out = model(PIXELS, labels=labels, epoch=3)
-    assert seen == {"config": model.config, "epoch": 3} and out.loss_dict == {"loss_mal": torch.tensor(0.0)}
+    assert seen == {"targets": labels, "config": model.config, "epoch": 3} and out.loss_dict == {"loss_mal": 0.0}
+    monkeypatch.setattr(official, "_registered_criterion", None)
+    with pytest.raises(TrainingError, match="import tfg_mm"):
+        model(PIXELS, labels=labels)
+    assert model(PIXELS, labels=labels, compute_loss=False).loss is None
 
 
 def test_fidelity_transformers_is_the_plain_class():
@@ -200,12 +177,22 @@ def test_from_pretrained_converts_a_transformers_checkpoint(tmp_path):
     assert model.config.eval_size is None and model.config.anchor_image_size == [320, 320]
     assert isinstance(model.model.enc_output, torch.nn.Identity)
     assert torch.equal(model.model.enc_score_head.weight, plain.model.enc_score_head.weight)
+    # the criterion of the size its architecture is (transformers' config has none of it, gamma 2.0)
+    atto = preset_config("atto", 3)
+    assert model.config.preset == "atto"
+    for name in ("criterion_losses", "use_dense_one_to_one", "focal_loss_gamma", "matcher_change_epoch"):
+        assert getattr(model.config, name) == getattr(atto, name), name
+
+
+def test_from_pretrained_refuses_an_architecture_of_no_official_size(tmp_path):
+    plain = build("atto", 3, image_size=320, seed=0, fidelity="transformers", decoder_layers=2)
+    plain.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="no official DEIMv2 size"):
+        from_pretrained(str(tmp_path))
 
 
 def test_from_pretrained_offline_says_how_to_use_a_folder(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants
-
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(OfflineError, match="folder"):
         from_pretrained("Intellindust/DEIMv2_HGNetv2_ATTO_COCO_not_cached")

@@ -13,14 +13,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torchvision
-from transformers import Deimv2Config, Deimv2ForObjectDetection, HGNetV2Config
+from transformers import Deimv2Config
 from transformers.models.deimv2.modeling_deimv2 import distance2bbox, weighting_function
 
-import tfg_mm.detector
 from official import official_fixture
+from tfg_mm.detector import build, preset_config
+from tfg_mm.detector.presets import criterion_settings
 from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.loss import (
-    OFFICIAL_SIZE_SETTINGS,
     OFFICIAL_WEIGHTS,
     DEIMv2Criterion,
     DEIMv2HungarianMatcher,
@@ -99,24 +99,13 @@ def test_every_term_matches_official_fixture(case: str) -> None:
 
 
 @pytest.mark.parametrize("case", LOSS_CASES)
-def test_size_defaults_are_the_official_settings(case: str) -> None:
-    """The per-size table and the constructor defaults are the criterion.json settings."""
-    _, _, settings, _, _ = _load(case)
-    size = case.split("_")[1]
-    table = OFFICIAL_SIZE_SETTINGS[size]
-    assert list(table["losses"]) == settings["losses"]
-    assert table["use_uni_set"] == settings["use_uni_set"]
-    assert table["matcher_change_epoch"] == settings["matcher"]["matcher_change_epoch"]
-    assert {k: float(v) for k, v in settings["weight_dict"].items()} == OFFICIAL_WEIGHTS
-    default = DEIMv2Criterion(num_classes=5, **table)
-    assert default.gamma == settings["gamma"] == 1.5 and default.alpha == settings["alpha"]
-    assert default.mal_alpha is settings["mal_alpha"] and default.reg_max == settings["reg_max"]
-    matcher, official = default.matcher, settings["matcher"]
-    assert (matcher.class_cost, matcher.bbox_cost, matcher.giou_cost) == (
-        official["cost_class"], official["cost_bbox"], official["cost_giou"])
-    assert (matcher.alpha, matcher.gamma, matcher.iou_order_alpha) == (
-        official["alpha"], official["gamma"], official["iou_order_alpha"])
-    assert matcher.iou_order_active(settings["epoch"]) == official["iou_order_cost_active_at_epoch"]
+def test_the_presets_criterion_reproduces_the_official_terms(case: str) -> None:
+    """The criterion of the size's preset (not the fixture's own settings) gives the official terms."""
+    outputs, targets, settings, expected, _ = _load(case)
+    criterion = DEIMv2Criterion(num_classes=settings["num_classes"], **criterion_settings(case.split("_")[1]))
+    _compare(criterion(outputs, targets, epoch=settings["epoch"]), expected)
+    active = settings["matcher"]["iou_order_cost_active_at_epoch"]
+    assert criterion.matcher.iou_order_active(settings["epoch"]) == active
 
 
 @pytest.mark.parametrize("case", ["loss_atto_dn", "loss_n_dn"])
@@ -147,11 +136,14 @@ def test_both_target_formats_give_the_same_terms() -> None:
     _compare(criterion(outputs, hf_targets), expected)
 
 
-def test_from_config_reads_the_project_settings() -> None:
-    """A config carrying the official atto criterion reproduces the atto fixture."""
+@pytest.mark.parametrize("config", [
+    preset_config("atto", 5),
+    SimpleNamespace(num_labels=5, focal_loss_gamma=1.5, criterion_losses=["mal", "boxes"],
+                    use_dense_one_to_one=False, matcher_change_epoch=450),  # the rest from the base criterion
+], ids=["atto_preset", "atto_settings_only"])
+def test_from_config_reads_the_project_settings(config) -> None:
+    """The atto preset's config (or any config carrying its criterion) reproduces the atto fixture."""
     outputs, targets, _, expected, _ = _load("loss_atto_dn")
-    config = SimpleNamespace(num_labels=5, focal_loss_gamma=1.5, criterion_losses=["mal", "boxes"],
-                             use_dense_one_to_one=False, matcher_change_epoch=450)
     criterion = DEIMv2Criterion.from_config(config)
     assert criterion.matcher.change_epoch == 450
     _compare(criterion(outputs, targets, epoch=0), expected)
@@ -224,44 +216,23 @@ def test_criterion_passes_the_epoch_to_the_matcher() -> None:
 # ----------------------------------------------------------------------------------------------
 # official_outputs on a real model
 # ----------------------------------------------------------------------------------------------
-def _tiny_model() -> tuple[torch.nn.Module, int]:
-    """The project's atto detector when ``tfg_mm.detector.build`` exists, else a tiny transformers DEIMv2."""
-    build = getattr(tfg_mm.detector, "build", None)
+def _tiny_model() -> torch.nn.Module:
+    """The project's atto detector with random box-head and LQE last layers.
+
+    The official init zeroes them: every layer would then predict the same corners and DDF would vanish
+    (prediction == teacher); random weights make the layers differ.
+    """
     torch.manual_seed(0)
-    if build is not None:
-        model = build("atto", 5)
-        # the official init zeroes the box heads' last layer (every layer would predict the same
-        # corners and DDF would vanish): random weights make the layers differ
-        with torch.no_grad():
-            for head in model.model.decoder.bbox_embed:
-                head.layers[-1].weight.normal_(std=0.05)
-            for lqe in model.model.decoder.lqe_layers:
-                lqe.reg_conf.layers[-1].weight.normal_(std=0.05)
-        return model, 320
-    backbone = HGNetV2Config(
-        stem_channels=[3, 8, 8], stage_in_channels=[8, 16, 32, 64], stage_mid_channels=[8, 8, 16, 16],
-        stage_out_channels=[16, 32, 64, 128], stage_num_blocks=[1, 1, 1, 1],
-        stage_downsample=[False, True, True, True], stage_light_block=[False, False, True, True],
-        stage_kernel_size=[3, 3, 5, 5], stage_numb_of_layers=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128],
-        out_features=["stage3", "stage4"], use_learnable_affine_block=True,
-    )
-    config = Deimv2Config(
-        backbone_config=backbone, num_labels=5, encoder_in_channels=[64, 128], feat_strides=[16, 32],
-        encoder_hidden_dim=32, encoder_ffn_dim=64, encode_proj_layers=[1], encoder_attention_heads=2,
-        d_model=32, decoder_in_channels=[32, 32], num_feature_levels=2, decoder_n_points=[2, 2],
-        decoder_layers=3, decoder_attention_heads=2, decoder_ffn_dim=64, num_queries=20, num_denoising=10,
-        freeze_backbone_batch_norms=False, hidden_expansion=0.34, depth_mult=0.5, lqe_hidden_dim=16,
-        focal_loss_gamma=1.5,
-    )
-    model = Deimv2ForObjectDetection(config)
-    # transformers zero-initialises the box heads' last layer, so every layer would predict the same
-    # (zero) corners and DDF would vanish (prediction == teacher); random weights make layers differ.
+    model = build("atto", 5)
     with torch.no_grad():
         for head in model.model.decoder.bbox_embed:
             head.layers[-1].weight.normal_(std=0.05)
-    return model, 128
+        for lqe in model.model.decoder.lqe_layers:
+            lqe.reg_conf.layers[-1].weight.normal_(std=0.05)
+    return model
 
 
+IMAGE_SIZE = 320  # atto's official eval size
 LABELS = [
     {"class_labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
     {"class_labels": torch.tensor([4]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
@@ -270,10 +241,10 @@ LABELS = [
 
 @pytest.fixture(scope="module")
 def train_run():
-    model, size = _tiny_model()
+    model = _tiny_model()
     model.train()
     torch.manual_seed(1)
-    output = model(torch.rand(2, 3, size, size), labels=LABELS)
+    output = model(torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE), labels=LABELS)
     return model, output
 
 
@@ -353,7 +324,7 @@ def test_total_loss_reaches_every_decoder_head(train_run) -> None:
 
 def test_small_size_criterion_has_no_local_terms(train_run) -> None:
     model, output = train_run
-    criterion = DEIMv2Criterion(num_classes=model.config.num_labels, **OFFICIAL_SIZE_SETTINGS["atto"])
+    criterion = DEIMv2Criterion(num_classes=model.config.num_labels, **criterion_settings("atto"))
     _, terms = compute_loss(output, LABELS, model.config, criterion=criterion)
     assert terms and not any("fgl" in name or "ddf" in name for name in terms)
     layers = model.config.decoder_layers
@@ -362,11 +333,10 @@ def test_small_size_criterion_has_no_local_terms(train_run) -> None:
 
 def test_official_outputs_in_eval_mode_returns_what_exists(train_run) -> None:
     model, _ = train_run
-    size = 320 if getattr(tfg_mm.detector, "build", None) is not None else 128
     model.eval()
     try:
         with torch.no_grad():
-            output = model(torch.rand(2, 3, size, size))
+            output = model(torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE))
     finally:
         model.train()
     official = official_outputs(output, model.config)

@@ -14,3 +14,4 @@ import warnings as _warnings
 _warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
 
 from tfg_mm import detector as _detector  # noqa: F401  (registers the Auto classes)
+from tfg_mm import loss as _loss  # noqa: F401  (registers the official criterion the detector's forward uses)

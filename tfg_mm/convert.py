@@ -27,11 +27,20 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import Deimv2Config, Deimv2ForObjectDetection
 
+from tfg_mm.detector import (
+    PRESETS,
+    TfgDeimv2ForObjectDetection,
+    load_state_dict_checked,
+    preset_config,
+    save,
+)
+from tfg_mm.detector.presets import architecture_fingerprint, presets_matching
 from tfg_mm.errors import CheckpointError, ConfigError
 
-#: The official DEIMv2 sizes (``configs/deimv2/deimv2_*_coco.yml``).
-SIZES: tuple[str, ...] = ("atto", "femto", "pico", "n", "s", "m", "l", "x")
+#: The official DEIMv2 sizes (``configs/deimv2/deimv2_*_coco.yml``): the project's presets.
+SIZES: tuple[str, ...] = tuple(PRESETS)
 
 # --------------------------------------------------------------------------------------------
 # Key mapping rules
@@ -354,29 +363,8 @@ def checkpoint_fingerprint(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     return fp
 
 
-def config_fingerprint(config: Any) -> dict[str, Any]:
-    """The same facts as ``checkpoint_fingerprint``, read from a (Tfg)Deimv2Config."""
-    fp: dict[str, Any] = {
-        "d_model": config.d_model,
-        "decoder_layers": config.decoder_layers,
-        "decoder_ffn_dim": config.decoder_ffn_dim,
-        "encoder_type": "lite" if config.encoder_type == "lite" else "hybrid",
-        "encoder_hidden_dim": config.encoder_hidden_dim,
-    }
-    backbone = config.backbone_config
-    if _is_dinov3_config(config):
-        fp.update(backbone="dinov3", backbone_width=backbone.hidden_size,
-                  backbone_depth=backbone.num_hidden_layers, adapter=True)
-    else:
-        fp.update(backbone="hgnetv2", backbone_width=tuple(backbone.stage_out_channels),
-                  backbone_depth=tuple(backbone.stage_num_blocks))
-    return fp
-
-
-def _preset_config(size: str, **kwargs: Any) -> Any:
-    from tfg_mm.detector import preset_config
-
-    return preset_config(size, **kwargs)
+#: The same facts as :func:`checkpoint_fingerprint`, read from a (Tfg)Deimv2Config.
+config_fingerprint = architecture_fingerprint
 
 
 def infer_size(state_dict: Mapping[str, Tensor]) -> str:
@@ -387,7 +375,7 @@ def infer_size(state_dict: Mapping[str, Tensor]) -> str:
     presets, so the presets stay the single source of the size table.
     """
     found = checkpoint_fingerprint(state_dict)
-    matches = [s for s in SIZES if config_fingerprint(_preset_config(s, num_classes=1)) == found]
+    matches = presets_matching(found)
     if len(matches) != 1:
         raise CheckpointError(
             f"checkpoint architecture {found} matches {'no' if not matches else 'several'} DEIMv2 preset(s) "
@@ -428,12 +416,8 @@ def infer_image_size(state_dict: Mapping[str, Tensor], feat_strides: Sequence[in
 
 def _model_class(config: Any) -> Callable[[Any], torch.nn.Module]:
     """The project's corrected model for its own configs, transformers' for a plain Deimv2Config."""
-    from transformers import Deimv2Config, Deimv2ForObjectDetection
-
     if type(config) is Deimv2Config:
         return Deimv2ForObjectDetection
-    from tfg_mm.detector import TfgDeimv2ForObjectDetection
-
     return TfgDeimv2ForObjectDetection
 
 
@@ -511,6 +495,40 @@ def convert_state_dict(
     return mapped, unmapped, missing
 
 
+def map_official_shapes(
+    official_shapes: Mapping[str, Sequence[int]], config: Any
+) -> tuple[dict[str, tuple[int, ...]], list[str], list[str]]:
+    """Where each official tensor would land in the model ``config`` describes, by shape only (no weights).
+
+    The same key mapping as :func:`convert_state_dict`, for a table of official state-dict shapes (e.g. the
+    official architecture records in ``tests/fixtures``). Returns ``(mapped, dropped, unmapped)``: ``mapped``
+    is our key -> the shape the official tensor gives it (a fused tensor's chunk, a reshaped token);
+    ``dropped`` the official keys not carried over for a documented reason (:data:`DROPPED_KEYS`);
+    ``unmapped`` the official keys no rule knows. Our keys absent from ``mapped`` receive no official tensor.
+    """
+    rules = _rules_for(config)
+    mapped: dict[str, tuple[int, ...]] = {}
+    dropped: list[str] = []
+    unmapped: list[str] = []
+    for key, shape in official_shapes.items():
+        shape = tuple(int(n) for n in shape)
+        if any(p.match(key) for p, _ in _DROPPED):
+            dropped.append(key)
+            continue
+        target = _map_key(key, rules, config.encoder_type)
+        if target is None:
+            unmapped.append(key)
+            continue
+        names, op = target
+        if op == _SPLIT:
+            mapped.update((name, (shape[0] // len(names), *shape[1:])) for name in names)
+        elif op == _TOKEN:
+            mapped[names[0]] = (1, *shape)  # (1, D) -> transformers' (1, 1, D)
+        else:
+            mapped.update((name, shape) for name in names)
+    return mapped, dropped, unmapped
+
+
 def _only_missing_key_bias(names: Sequence[str], present: Sequence[str], tensor: Tensor) -> bool:
     """A fused q/k/v bias whose k part has no slot (``key_bias=False``) is fine only if it is zero."""
     absent = [n for n in names if n not in present]
@@ -583,7 +601,7 @@ def convert_checkpoint(
     elif size not in SIZES:
         raise ConfigError(f"--size {size!r} is not a DEIMv2 size. Fix: use one of {', '.join(SIZES)} "
                           f"(this checkpoint looks like '{looks_like}').")
-    elif config_fingerprint(_preset_config(size, num_classes=1)) != checkpoint_fingerprint(official):
+    elif config_fingerprint(preset_config(size, num_classes=1)) != checkpoint_fingerprint(official):
         raise CheckpointError(f"{path}: --size {size} does not fit this checkpoint, which looks like '{looks_like}'. "
                               f"Fix: convert with --size {looks_like} (or omit --size).")
 
@@ -597,9 +615,9 @@ def convert_checkpoint(
         reinitialised_from = sorted(k for k in official if _CLASS_DEPENDENT.match(k))
         official = {k: v for k, v in official.items() if k not in reinitialised_from}
 
-    base = _preset_config(size, num_classes=classes)
+    base = preset_config(size, num_classes=classes)
     image_size = infer_image_size(official, base.feat_strides)
-    config = _preset_config(size, num_classes=classes, id2label=dict(id2label) if id2label else None,
+    config = preset_config(size, num_classes=classes, id2label=dict(id2label) if id2label else None,
                             image_size=image_size)
 
     mapped, unmapped, missing = convert_state_dict(official, config)
@@ -629,8 +647,6 @@ def convert_checkpoint(
             "nothing was written. Fix: check --size; if the checkpoint comes from a modified official "
             "config, its architecture is not one of the presets."
         )
-
-    from tfg_mm.detector import TfgDeimv2ForObjectDetection, load_state_dict_checked, save
 
     model = TfgDeimv2ForObjectDetection(config)
     load_state_dict_checked(model, mapped, source=str(path), reinitialised=[*unused, *class_heads])

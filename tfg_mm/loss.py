@@ -1,8 +1,8 @@
 """The official DEIMv2 training criterion, on top of transformers' loss terms.
 
 Why this module exists: transformers' ``Deimv2ForObjectDetectionLoss`` (5.24) computes the right
-*terms* but feeds them the wrong *outputs* and settings (see DESIGN.md, "transformers' DEIMv2 loss
-is not the official criterion"):
+*terms* but feeds them the wrong *outputs* and settings (fed the same official outputs, its total
+is 25 % below the official one on the atto fixture):
 
 - it pairs decoder layers off by one (the pre-output gets layer 0's corners, the second-to-last
   layer gets no MAL / L1 / GIoU, the last denoising layer is dropped, the final layer has no FGL);
@@ -26,7 +26,7 @@ So the module does two things:
    union set, denoising indices, the unimodal distribution focal loss) and reimplements only the
    pairing / normalisation logic, the matcher switch and the FGL / DDF bookkeeping.
 
-It reproduces every term of the official fixtures (``shared/fixtures/deimv2_official/loss_*``)
+It reproduces every term of the official fixtures (``tests/fixtures/deimv2_official/loss_*``)
 for atto, n and s with and without denoising (tests/test_loss.py).
 """
 
@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from transformers.image_transforms import center_to_corners_format
 from transformers.loss.loss_d_fine import bbox2distance
@@ -45,34 +46,19 @@ from transformers.loss.loss_deimv2 import Deimv2Loss
 from transformers.loss.loss_for_object_detection import box_iou
 from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
 
+from tfg_mm.detector.official import register_criterion
+from tfg_mm.detector.presets import OFFICIAL_CRITERION, OFFICIAL_DECODER
 from tfg_mm.errors import ConfigError, DataError, TfgError
 
-#: Loss groups of the official base config (``configs/base/deimv2.yml``): n, s, m, l, x.
-OFFICIAL_LOSSES: tuple[str, ...] = ("mal", "boxes", "local")
-#: Loss groups of the official small sizes (atto, femto, pico): no FGL / DDF.
-SMALL_SIZE_LOSSES: tuple[str, ...] = ("mal", "boxes")
+#: The official base criterion (``configs/base/deimv2.yml``), the defaults of :class:`DEIMv2Criterion`. The
+#: settings of each size (``losses``, ``use_uni_set``, ``matcher_change_epoch``) are in the one per-size table,
+#: ``tfg_mm.detector.presets`` (:func:`~tfg_mm.detector.presets.criterion_settings`), and reach the loss
+#: through the model's config (:meth:`DEIMv2Criterion.from_config`).
+_BASE: Mapping[str, Any] = OFFICIAL_CRITERION
+#: Loss groups of the official base config: all three (the small sizes drop ``local``).
+OFFICIAL_LOSSES: tuple[str, ...] = tuple(_BASE["losses"])
 #: ``weight_dict`` of ``configs/base/deimv2.yml`` (no size overrides it).
-OFFICIAL_WEIGHTS: dict[str, float] = {
-    "loss_mal": 1.0,
-    "loss_bbox": 5.0,
-    "loss_giou": 2.0,
-    "loss_fgl": 0.15,
-    "loss_ddf": 1.5,
-}
-#: Per-size criterion settings of the official COCO configs (repository
-#: ``Intellindust-AI-Lab/DEIMv2``, ``configs/deimv2/*.yml`` over ``configs/base/deimv2.yml``).
-#: ``matcher_change_epoch`` is tuned to each COCO schedule (e.g. 450 of 500 epochs for atto); a
-#: shorter fine-tuning run must choose its own switch epoch or none.
-OFFICIAL_SIZE_SETTINGS: dict[str, dict[str, Any]] = {
-    "atto": {"losses": SMALL_SIZE_LOSSES, "use_uni_set": False, "matcher_change_epoch": 450},
-    "femto": {"losses": SMALL_SIZE_LOSSES, "use_uni_set": False, "matcher_change_epoch": 450},
-    "pico": {"losses": SMALL_SIZE_LOSSES, "use_uni_set": False, "matcher_change_epoch": 450},
-    "n": {"losses": OFFICIAL_LOSSES, "use_uni_set": True, "matcher_change_epoch": 136},
-    "s": {"losses": OFFICIAL_LOSSES, "use_uni_set": True, "matcher_change_epoch": 100},
-    "m": {"losses": OFFICIAL_LOSSES, "use_uni_set": True, "matcher_change_epoch": 80},
-    "l": {"losses": OFFICIAL_LOSSES, "use_uni_set": True, "matcher_change_epoch": 50},
-    "x": {"losses": OFFICIAL_LOSSES, "use_uni_set": True, "matcher_change_epoch": 45},
-}
+OFFICIAL_WEIGHTS: dict[str, float] = dict(_BASE["weight_dict"])
 #: The weighted terms each loss group returns, in order.
 _TERMS_OF_GROUP: dict[str, tuple[str, ...]] = {
     "mal": ("loss_mal",),
@@ -103,13 +89,13 @@ class DEIMv2HungarianMatcher(RTDetrHungarianMatcher):
 
     def __init__(
         self,
-        cost_class: float = 2.0,
-        cost_bbox: float = 5.0,
-        cost_giou: float = 2.0,
-        alpha: float = 0.25,
-        gamma: float = 2.0,
+        cost_class: float = _BASE["matcher_cost_class"],
+        cost_bbox: float = _BASE["matcher_cost_bbox"],
+        cost_giou: float = _BASE["matcher_cost_giou"],
+        alpha: float = _BASE["matcher_alpha"],
+        gamma: float = _BASE["matcher_gamma"],
         change_epoch: int | None = None,
-        iou_order_alpha: float = 4.0,
+        iou_order_alpha: float = _BASE["iou_order_alpha"],
     ) -> None:
         super().__init__(
             SimpleNamespace(
@@ -148,16 +134,9 @@ class DEIMv2HungarianMatcher(RTDetrHungarianMatcher):
             sizes = [len(t["boxes"]) for t in targets]
             indices = []
             for i, block in enumerate(cost.split(sizes, -1)):
-                rows, cols = _linear_sum_assignment(block[i])
+                rows, cols = linear_sum_assignment(block[i])
                 indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return [(i.to(device), j.to(device)) for i, j in indices]
-
-
-def _linear_sum_assignment(cost: Tensor):
-    """scipy's solver, imported lazily like transformers does (scipy is a hard dependency here)."""
-    from scipy.optimize import linear_sum_assignment
-
-    return linear_sum_assignment(cost)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,20 +177,20 @@ class DEIMv2Criterion(Deimv2Loss):
         num_classes: int,
         losses: Sequence[str] = OFFICIAL_LOSSES,
         weight_dict: Mapping[str, float] | None = None,
-        gamma: float = 1.5,
-        alpha: float = 0.75,
-        use_uni_set: bool = True,
-        reg_max: int = 32,
-        matcher_cost_class: float = 2.0,
-        matcher_cost_bbox: float = 5.0,
-        matcher_cost_giou: float = 2.0,
-        matcher_alpha: float = 0.25,
-        matcher_gamma: float = 2.0,
-        matcher_change_epoch: int | None = None,
-        iou_order_alpha: float = 4.0,
-        mal_alpha: float | None = None,
-        reg_scale: float = 4.0,
-        up: float = 0.5,
+        gamma: float = _BASE["gamma"],
+        alpha: float = _BASE["alpha"],
+        use_uni_set: bool = _BASE["use_uni_set"],
+        reg_max: int = OFFICIAL_DECODER["max_num_bins"],
+        matcher_cost_class: float = _BASE["matcher_cost_class"],
+        matcher_cost_bbox: float = _BASE["matcher_cost_bbox"],
+        matcher_cost_giou: float = _BASE["matcher_cost_giou"],
+        matcher_alpha: float = _BASE["matcher_alpha"],
+        matcher_gamma: float = _BASE["matcher_gamma"],
+        matcher_change_epoch: int | None = _BASE["matcher_change_epoch"],
+        iou_order_alpha: float = _BASE["iou_order_alpha"],
+        mal_alpha: float | None = _BASE["mal_alpha"],
+        reg_scale: float = OFFICIAL_DECODER["reg_scale"],
+        up: float = OFFICIAL_DECODER["up"],
     ) -> None:
         unknown = [name for name in losses if name not in OFFICIAL_LOSSES]
         if unknown:
@@ -272,9 +251,9 @@ class DEIMv2Criterion(Deimv2Loss):
         ``matcher_iou_order_alpha``, ``weight_loss_*``, ``matcher_*``, ``mal_alpha``,
         ``max_num_bins``, ``reg_scale`` and ``up``; a missing attribute takes the official base value.
         A missing ``matcher_change_epoch`` means the matcher never switches (the official switch
-        epoch depends on the size and schedule, see :data:`OFFICIAL_SIZE_SETTINGS`). Note that a
-        plain transformers ``Deimv2Config`` carries ``focal_loss_gamma=2.0``: the project's size
-        presets must set the official 1.5.
+        epoch depends on the size and schedule). The project's presets set every one of these
+        (``tfg_mm.detector.presets.criterion_fields``). Note that a plain transformers ``Deimv2Config``
+        carries ``focal_loss_gamma=2.0``, not the official 1.5.
         """
 
         def get(name: str, default: Any) -> Any:
@@ -284,27 +263,21 @@ class DEIMv2Criterion(Deimv2Loss):
         return cls(
             num_classes=config.num_labels,
             losses=tuple(get("criterion_losses", OFFICIAL_LOSSES)),
-            weight_dict={
-                "loss_mal": get("weight_loss_mal", OFFICIAL_WEIGHTS["loss_mal"]),
-                "loss_bbox": get("weight_loss_bbox", OFFICIAL_WEIGHTS["loss_bbox"]),
-                "loss_giou": get("weight_loss_giou", OFFICIAL_WEIGHTS["loss_giou"]),
-                "loss_fgl": get("weight_loss_fgl", OFFICIAL_WEIGHTS["loss_fgl"]),
-                "loss_ddf": get("weight_loss_ddf", OFFICIAL_WEIGHTS["loss_ddf"]),
-            },
-            gamma=get("focal_loss_gamma", 1.5),
-            alpha=get("focal_loss_alpha", 0.75),
-            use_uni_set=bool(get("use_dense_one_to_one", True)),
-            reg_max=get("max_num_bins", 32),
-            matcher_cost_class=get("matcher_class_cost", 2.0),
-            matcher_cost_bbox=get("matcher_bbox_cost", 5.0),
-            matcher_cost_giou=get("matcher_giou_cost", 2.0),
-            matcher_alpha=get("matcher_alpha", 0.25),
-            matcher_gamma=get("matcher_gamma", 2.0),
+            weight_dict={name: get(f"weight_{name}", weight) for name, weight in OFFICIAL_WEIGHTS.items()},
+            gamma=get("focal_loss_gamma", _BASE["gamma"]),
+            alpha=get("focal_loss_alpha", _BASE["alpha"]),
+            use_uni_set=bool(get("use_dense_one_to_one", _BASE["use_uni_set"])),
+            reg_max=get("max_num_bins", OFFICIAL_DECODER["max_num_bins"]),
+            matcher_cost_class=get("matcher_class_cost", _BASE["matcher_cost_class"]),
+            matcher_cost_bbox=get("matcher_bbox_cost", _BASE["matcher_cost_bbox"]),
+            matcher_cost_giou=get("matcher_giou_cost", _BASE["matcher_cost_giou"]),
+            matcher_alpha=get("matcher_alpha", _BASE["matcher_alpha"]),
+            matcher_gamma=get("matcher_gamma", _BASE["matcher_gamma"]),
             matcher_change_epoch=getattr(config, "matcher_change_epoch", None),
-            iou_order_alpha=get("matcher_iou_order_alpha", 4.0),
+            iou_order_alpha=get("matcher_iou_order_alpha", _BASE["iou_order_alpha"]),
             mal_alpha=getattr(config, "mal_alpha", None),
-            reg_scale=get("reg_scale", 4.0),
-            up=get("up", 0.5),
+            reg_scale=get("reg_scale", OFFICIAL_DECODER["reg_scale"]),
+            up=get("up", OFFICIAL_DECODER["up"]),
         )
 
     # ------------------------------------------------------------------------------------------
@@ -646,3 +619,8 @@ def compute_loss(
     terms = criterion(official_outputs(model_output, config), list(labels), epoch=epoch)
     total = sum(terms.values())
     return total, {name: float(value.detach()) for name, value in terms.items()}
+
+
+# The detector's forward(labels=...) computes its loss with this criterion (the detector does not import
+# the loss: it sits below it in the layering). ``import tfg_mm`` imports this module.
+register_criterion(compute_loss)

@@ -19,13 +19,21 @@ from typing import Any
 
 import torch
 import transformers
-from torch import nn
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors.torch import load_file
+from torch import nn
 
+from tfg_mm.detector.official import (
+    CORRECTIONS,
+    MODEL_TYPE,
+    TfgDeimv2Config,
+    TfgDeimv2ForObjectDetection,
+    prior_bias,
+)
+from tfg_mm.detector.presets import PRESETS, architecture_fingerprint, criterion_fields, presets_matching
 from tfg_mm.errors import CheckpointError, OfflineError
-from tfg_mm.io import atomic_write_json, atomic_write_text, atomic_dir
-from tfg_mm.detector.official import MODEL_TYPE, TfgDeimv2Config, TfgDeimv2ForObjectDetection, prior_bias
-from tfg_mm.detector.presets import PRESETS
+from tfg_mm.io import atomic_dir, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +94,11 @@ def save(model: TfgDeimv2ForObjectDetection, folder: str | os.PathLike, metadata
             "metadata": dict(metadata or {}),
             "preset": model.config.preset,
             "num_classes": model.config.num_labels,
-            "corrections": [c for c in _corrections() if model.config.correction_enabled(c)],
+            "corrections": [c for c in CORRECTIONS if model.config.correction_enabled(c)],
             "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
         }
         atomic_write_json(tmp / METADATA_FILE, record)
     return folder
-
-
-def _corrections() -> list[str]:
-    from tfg_mm.detector.official import CORRECTIONS
-
-    return CORRECTIONS
 
 
 def _check_saved_tensors(model: TfgDeimv2ForObjectDetection, folder: Path) -> None:
@@ -330,9 +332,10 @@ def from_pretrained(model_id_or_folder: str, **kwargs: Any) -> TfgDeimv2ForObjec
 
     A ``tfg_deimv2`` folder is loaded with :func:`load` (``kwargs`` are its arguments). A ``deimv2``
     checkpoint (transformers' model type) is converted: its config becomes a ``TfgDeimv2Config``
-    (``eval_size`` moved to ``anchor_image_size``; criterion settings of the lite or full sizes) and its
-    tensors are loaded, minus ``model.enc_output.*`` (a layer the official DEIMv2 does not have). A hub id
-    is downloaded with ``huggingface_hub.snapshot_download``; without network this raises ``OfflineError``.
+    (``eval_size`` moved to ``anchor_image_size``; the official criterion of the size whose architecture it
+    has, a ``CheckpointError`` when it is none of the official sizes) and its tensors are loaded, minus
+    ``model.enc_output.*`` (a layer the official DEIMv2 does not have). A hub id is downloaded with
+    ``huggingface_hub.snapshot_download``; without network this raises ``OfflineError``.
     """
     folder = Path(model_id_or_folder)
     if not folder.is_dir():
@@ -356,24 +359,27 @@ def from_pretrained(model_id_or_folder: str, **kwargs: Any) -> TfgDeimv2ForObjec
 
 
 def _config_from_transformers(config_dict: dict) -> TfgDeimv2Config:
+    """``TfgDeimv2Config`` of a transformers DEIMv2 config: ``eval_size`` moved to ``anchor_image_size`` and the
+    official criterion of the size its architecture is (``tfg_mm.detector.presets``)."""
     values = dict(config_dict)
     for key in ("model_type", "transformers_version", "architectures", "auto_map", "head_dim"):
         values.pop(key, None)
     eval_size = values.pop("eval_size", None)
     if values.get("anchor_image_size") is None and eval_size is not None:
         values["anchor_image_size"] = list(eval_size)
-    lite = values.get("encoder_type") == "lite"
-    values.setdefault("criterion_losses", ["mal", "boxes"] if lite else ["mal", "boxes", "local"])
-    values["use_dense_one_to_one"] = not lite
-    values["focal_loss_gamma"] = 1.5
-    values.setdefault("matcher_change_epoch", 450 if lite else 100)
+    fingerprint = architecture_fingerprint(TfgDeimv2Config(**values))
+    sizes = presets_matching(fingerprint)
+    if len(sizes) != 1:
+        raise CheckpointError(
+            f"transformers DEIMv2 checkpoint with architecture {fingerprint}: it matches "
+            f"{'no' if not sizes else 'several'} official DEIMv2 size(s) {sizes or list(PRESETS)}, so its official "
+            "criterion (losses, union set, matcher switch epoch) is unknown. Only the official sizes are supported."
+        )
+    values.update(criterion_fields(sizes[0]), preset=sizes[0])
     return TfgDeimv2Config(**values)
 
 
 def _download(model_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
-
     try:
         return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.py"]))
     except (RepositoryNotFoundError, HFValidationError) as error:

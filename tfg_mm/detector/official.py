@@ -1,11 +1,11 @@
 """The project's DEIMv2: transformers' ``Deimv2ForObjectDetection`` corrected to the official architecture.
 
 transformers 5.24's DEIMv2 is not numerically the official DEIMv2 (``Intellindust-AI-Lab/DEIMv2``):
-converting an official checkpoint with a correct key mapping gives logit errors of about 2 (see
-``shared/DESIGN.md``). Every model of this project is built here, as :class:`TfgDeimv2ForObjectDetection`,
-whose constructor applies the corrections listed in :data:`CORRECTIONS` *by construction* (module
-replacement, a per-forward cache, configuration checks and explicit tied-weight keys). Nothing in the
-installed transformers package is edited.
+converting an official checkpoint with a correct key mapping gives logit errors of about 2 on every
+size (with the corrections, float32 noise: ``tests/test_convert.py``). Every model of this project is built
+here, as :class:`TfgDeimv2ForObjectDetection`, whose constructor applies the corrections listed in
+:data:`CORRECTIONS` *by construction* (module replacement, a per-forward cache, configuration checks and
+explicit tied-weight keys). Nothing in the installed transformers package is edited.
 
 Each correction can be switched off with ``TfgDeimv2Config.disabled_corrections`` so that a test can show
 that it matters; the only reason to do so outside a test is to reproduce transformers' behaviour.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "tfg_deimv2"
 
-# Name -> the official behaviour it restores. The order is the order of DESIGN.md's list.
+# Name -> the official behaviour it restores.
 CORRECTION_DOCS: dict[str, str] = {
     "enc_output_identity": (
         "Deimv2Model.enc_output (Linear + LayerNorm) does not exist in the official decoder, which scores "
@@ -80,20 +80,43 @@ CORRECTION_DOCS: dict[str, str] = {
 }
 CORRECTIONS: list[str] = list(CORRECTION_DOCS)
 
-# Criterion settings the loss engineer reads from the config (official DEIMCriterion names in comments).
+#: The loss groups the official criterion knows (``DEIMCriterion.losses``); the config default is all three.
 CRITERION_LOSSES = ("mal", "boxes", "local")
+
+
+# -- the training criterion -------------------------------------------------------------------------------
+#: ``criterion(model_output, labels, config, epoch=...) -> (total, {term: float})``.
+Criterion = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+# The detector sits below the loss in the project's layering and does not import it: tfg_mm.loss registers
+# its ``compute_loss`` here when it is imported, and ``import tfg_mm`` imports tfg_mm.loss. Explicit, so a
+# model whose forward is called with labels before any criterion exists says so instead of guessing.
+_registered_criterion: Criterion | None = None
+
+
+def register_criterion(criterion: Criterion | None) -> None:
+    """Set the criterion ``TfgDeimv2ForObjectDetection.forward(labels=...)`` computes its loss with (None: none)."""
+    global _registered_criterion
+    _registered_criterion = criterion
+
+
+def registered_criterion() -> Criterion | None:
+    """The criterion set by :func:`register_criterion` (``tfg_mm.loss.compute_loss`` once tfg_mm is imported)."""
+    return _registered_criterion
 
 
 @strict
 class TfgDeimv2Config(Deimv2Config):
     r"""Configuration of the project's corrected DEIMv2 (``model_type = "tfg_deimv2"``).
 
-    On top of transformers' fields it carries the official criterion settings (read by ``tfg_mm.loss``):
+    On top of transformers' fields it carries the official criterion settings (read by ``tfg_mm.loss``; the
+    values of each size come from ``tfg_mm.detector.presets``, which sets them all):
 
     focal_loss_gamma (`float`, defaults to 1.5): the official MAL ``gamma`` (transformers defaults to 2.0).
     use_dense_one_to_one (`bool`): the official ``use_uni_set`` (False for atto / femto / pico).
     criterion_losses (`list[str]`): official ``losses`` (``["mal", "boxes"]`` for the lite sizes).
-    matcher_change_epoch (`int`): epoch from which the official matcher uses the IoU-order cost.
+    matcher_change_epoch (`int`, *optional*): epoch from which the official matcher uses the IoU-order cost;
+        None never switches.
     preset (`str`, *optional*): the preset the config was made from (for diagnostics and reports).
     disabled_corrections (`list[str]`): names from ``CORRECTIONS`` to *not* apply; tests only.
     """
@@ -102,7 +125,7 @@ class TfgDeimv2Config(Deimv2Config):
 
     focal_loss_gamma: float = 1.5
     criterion_losses: list[str] | tuple[str, ...] = CRITERION_LOSSES
-    matcher_change_epoch: int = 100
+    matcher_change_epoch: int | None = None
     preset: str | None = None
     disabled_corrections: list[str] | tuple[str, ...] = ()
 
@@ -242,9 +265,10 @@ class TfgDeimv2ForObjectDetection(Deimv2ForObjectDetection):
         """Same outputs as transformers' forward; the loss is the project's official criterion.
 
         ``labels`` (list of ``{"class_labels", "boxes"}``, boxes cxcywh normalised) always reach the inner
-        model, so denoising queries are built in training. With ``compute_loss=True`` the loss comes from
-        ``tfg_mm.loss.compute_loss`` (never transformers' ``Deimv2ForObjectDetectionLoss``, which pairs
-        layers off by one); with ``compute_loss=False`` (the multimodal model computes its own loss on fused
+        model, so denoising queries are built in training. With ``compute_loss=True`` the loss comes from the
+        criterion registered with :func:`register_criterion` (``tfg_mm.loss.compute_loss``; never
+        transformers' ``Deimv2ForObjectDetectionLoss``, which pairs layers off by one), called with this
+        config and ``epoch``; with ``compute_loss=False`` (the multimodal model computes its own loss on fused
         logits) ``loss`` is None.
         """
         self._match_anchors_to_input(pixel_values)
@@ -272,15 +296,14 @@ class TfgDeimv2ForObjectDetection(Deimv2ForObjectDetection):
             denoising_meta_values=outputs.denoising_meta_values,
         )
         if labels is not None and compute_loss:
-            try:
-                from tfg_mm.loss import compute_loss as official_criterion
-            except ImportError as error:
+            criterion = registered_criterion()
+            if criterion is None:
                 raise TrainingError(
-                    "TfgDeimv2ForObjectDetection.forward(labels=...): tfg_mm.loss.compute_loss is not available "
-                    f"({error}); the project's official DEIMv2 criterion is required to compute a loss. Pass "
+                    "TfgDeimv2ForObjectDetection.forward(labels=...): no training criterion is registered; "
+                    "`import tfg_mm` (or tfg_mm.loss) registers the official DEIMv2 criterion. Pass "
                     "compute_loss=False to get the outputs without a loss."
-                ) from error
-            result.loss, result.loss_dict = official_criterion(result, labels, self.config, epoch=epoch)
+                )
+            result.loss, result.loss_dict = criterion(result, labels, self.config, epoch=epoch)
         return result
 
 

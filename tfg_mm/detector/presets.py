@@ -1,15 +1,17 @@
-"""Official DEIMv2 sizes as data, and the one factory that turns a preset into a config.
+"""Official DEIMv2 sizes as data: the project's one per-size table, and the factory that turns a preset into a config.
 
 Like open_clip's ``model_configs/*.json``: each preset is a flat dict of the official settings (hidden
-dims, layer counts, query counts, input size, backbone); :func:`preset_config` is the only place that maps
-them onto transformers' ``Deimv2Config`` field names.
+dims, layer counts, query counts, input size, backbone) plus ``criterion``, the official ``DEIMCriterion``
+settings that differ by size. :func:`preset_config` is the only place that maps them onto transformers'
+``Deimv2Config`` field names, and :func:`criterion_settings` the only place that merges a size's criterion
+over the official base criterion :data:`OFFICIAL_CRITERION`. ``tfg_mm.loss`` (the criterion's defaults, via
+the config) and ``tfg_mm.detector.checkpoint`` (criterion of a transformers checkpoint) read them from here.
 
-Sources. atto, n and s are checked against the fully resolved constructor arguments of the official code
-in ``shared/fixtures/deimv2_official/{atto,n,s}_calibrated/meta.json`` (official repo commit 0fff8d4) and
-their criteria against ``loss_*/criterion.json``. The HGNetv2 stage tables of Femto / Pico come from
-transformers' DEIMv2 conversion script. The remaining femto, pico, m, l and x values (widths, queries,
-points, input sizes, STA widths and ``matcher_change_epoch``) are recalled from the official
-``configs/deimv2/*.yml`` and could NOT be verified here: each such preset says so in ``verified``.
+Source: every size is checked against the official model (repository ``Intellindust-AI-Lab/DEIMv2``,
+commit 0fff8d4) built from ``configs/deimv2/deimv2_*_coco.yml`` by the official config system, as recorded
+in ``tests/fixtures/deimv2_official/architectures/<size>.json``: resolved YAML sections, criterion, eval
+size, parameter count and the shape of every state-dict entry (``tests/test_presets.py``). Each preset's
+``verified`` names its fixture.
 """
 
 from __future__ import annotations
@@ -17,12 +19,20 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers import Deimv2Config, Deimv2ForObjectDetection
 from transformers.models.dinov3_vit.configuration_dinov3_vit import DINOv3ViTConfig
 from transformers.models.hgnet_v2.configuration_hgnet_v2 import HGNetV2Config
 
+from tfg_mm.detector.official import (
+    CRITERION_LOSSES,
+    OFFICIAL_PRIOR_PROB,
+    TfgDeimv2Config,
+    TfgDeimv2ForObjectDetection,
+    official_head_init,
+)
 from tfg_mm.errors import ConfigError
-from tfg_mm.detector.official import OFFICIAL_PRIOR_PROB, TfgDeimv2Config
 
 # HGNetv2 stage tables (official engine/backbone/hgnetv2.py arch_configs), as transformers names them.
 HGNETV2_ARCHS: dict[str, dict[str, list]] = {
@@ -73,9 +83,11 @@ HGNETV2_ARCHS: dict[str, dict[str, list]] = {
 }
 
 # ViT backbones of the DINOv3 sizes. vit_tiny / vit_tinyplus are the official distilled ViTs: no layer
-# scale, no register tokens, raw (un-normalised) returned blocks, key bias, LayerNorm eps 1e-6
-# (DESIGN fact 5, s fixture meta.json). dinov3_vits16 / vits16plus are Meta's DINOv3 ViTs, whose returned
-# layers are normalised (get_intermediate_layers(norm=True)).
+# scale, no register tokens, raw (un-normalised) returned blocks, a bias on the keys, LayerNorm eps 1e-6.
+# dinov3_vits16 / vits16plus are Meta's DINOv3 ViTs (layer scale, 4 register tokens), whose returned layers
+# are normalised (get_intermediate_layers(norm=True)). Widths, heads, MLP kinds and token counts are checked
+# by the state-dict shapes of the official models; pos_embed_rescale, apply_layernorm, layer_norm_eps and
+# rope_theta leave no trace in a shape (the s forward fixture checks them for vit_tiny).
 VIT_ARCHS: dict[str, dict[str, Any]] = {
     "vit_tiny": dict(hidden_size=192, num_attention_heads=3, intermediate_size=768, use_gated_mlp=False,
                      layerscale_value=1.0, num_register_tokens=0, pos_embed_rescale=None, apply_layernorm=False),
@@ -88,81 +100,162 @@ VIT_ARCHS: dict[str, dict[str, Any]] = {
                               apply_layernorm=True),
 }
 
-_LITE_CRITERION = dict(criterion_losses=["mal", "boxes"], use_dense_one_to_one=False)
-_FULL_CRITERION = dict(criterion_losses=["mal", "boxes", "local"], use_dense_one_to_one=True)
+#: The official criterion of ``configs/base/deimv2.yml`` (``DEIMCriterion`` and its ``HungarianMatcher``),
+#: shared by every size, in the argument names of ``tfg_mm.loss.DEIMv2Criterion``. A preset's ``criterion``
+#: overrides some of these (:func:`criterion_settings`). MAL's ``gamma`` is 1.5 (transformers' default 2.0 is
+#: not the official value); the matcher's focal class cost has its own alpha 0.25 / gamma 2.0. The FGL bin
+#: count ``reg_max`` is the decoder's (:data:`OFFICIAL_DECODER` ``max_num_bins``).
+OFFICIAL_CRITERION: dict[str, Any] = dict(
+    losses=CRITERION_LOSSES,  # mal, boxes, local
+    weight_dict={"loss_mal": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_fgl": 0.15, "loss_ddf": 1.5},
+    gamma=1.5,
+    alpha=0.75,
+    use_uni_set=True,
+    mal_alpha=None,
+    matcher_cost_class=2.0,
+    matcher_cost_bbox=5.0,
+    matcher_cost_giou=2.0,
+    matcher_alpha=0.25,
+    matcher_gamma=2.0,
+    matcher_change_epoch=None,
+    iou_order_alpha=4.0,
+)
+
+#: Decoder settings of ``configs/base/deimv2.yml`` that no size changes, as ``Deimv2Config`` fields.
+OFFICIAL_DECODER: dict[str, Any] = dict(
+    decoder_attention_heads=8,
+    decoder_activation_function="silu",
+    decoder_method="default",
+    num_denoising=100,
+    label_noise_ratio=0.5,
+    box_noise_scale=1.0,
+    max_num_bins=32,
+    reg_scale=4.0,
+    up=0.5,
+    eval_idx=-1,
+    layer_scale=1,
+)
+
+# The small sizes train without FGL / DDF and without the union set. ``matcher_change_epoch`` (from this
+# 0-based epoch on the matcher uses the -score * IoU^4 cost) is tuned to each size's COCO schedule (e.g. 450
+# of atto's 500 epochs); a shorter fine-tuning run chooses its own switch epoch or none.
+_LITE_CRITERION = dict(losses=("mal", "boxes"), use_uni_set=False)
+
+
+def _verified(size: str) -> str:
+    return f"tests/fixtures/deimv2_official/architectures/{size}.json (official commit 0fff8d4)"
+
 
 # name -> official settings. Keys: backbone ("hgnetv2" | "dinov3"), backbone_arch, return_idx (official
 # 0-based stage / block indices), encoder ("lite" | "hybrid"), encoder_in_channels, encoder_hidden_dim,
 # feat_strides (decoder levels), expansion, depth_mult, encoder_ffn_dim, encoder_idx, d_model,
 # decoder_layers, decoder_ffn_dim, num_queries, num_points, share_bbox_head, use_gateway, image_size
-# (official eval size), sta_inplanes, focal_loss_gamma, criterion_losses, use_dense_one_to_one,
-# matcher_change_epoch, verified.
+# (official eval size), sta_inplanes (DINOv3 adapter width), criterion (official DEIMCriterion settings over
+# OFFICIAL_CRITERION), verified (the official record the preset is checked against).
 PRESETS: dict[str, dict[str, Any]] = {
     "atto": dict(
         backbone="hgnetv2", backbone_arch="Atto", return_idx=[2], encoder="lite", encoder_in_channels=[256],
         encoder_hidden_dim=64, feat_strides=[16, 32], expansion=0.34, depth_mult=0.5, d_model=64,
         decoder_layers=3, decoder_ffn_dim=160, num_queries=100, num_points=[4, 2], share_bbox_head=True,
-        use_gateway=False, image_size=320, focal_loss_gamma=1.5, matcher_change_epoch=450, **_LITE_CRITERION,
-        verified="fixtures atto_calibrated/meta.json and loss_atto_*/criterion.json",
+        use_gateway=False, image_size=320, criterion=dict(**_LITE_CRITERION, matcher_change_epoch=450),
+        verified=_verified("atto"),
     ),
     "femto": dict(
         backbone="hgnetv2", backbone_arch="Femto", return_idx=[2], encoder="lite", encoder_in_channels=[512],
         encoder_hidden_dim=96, feat_strides=[16, 32], expansion=0.34, depth_mult=0.5, d_model=96,
         decoder_layers=3, decoder_ffn_dim=256, num_queries=150, num_points=[4, 2], share_bbox_head=True,
-        use_gateway=False, image_size=416, focal_loss_gamma=1.5, matcher_change_epoch=450, **_LITE_CRITERION,
-        verified="NOT verified: widths, queries, points, image size and matcher_change_epoch recalled from "
-        "configs/deimv2/deimv2_hgnetv2_femto_coco.yml; HGNetv2 Femto table from transformers' converter",
+        use_gateway=False, image_size=416, criterion=dict(**_LITE_CRITERION, matcher_change_epoch=450),
+        verified=_verified("femto"),
     ),
     "pico": dict(
         backbone="hgnetv2", backbone_arch="Pico", return_idx=[2], encoder="lite", encoder_in_channels=[512],
         encoder_hidden_dim=112, feat_strides=[16, 32], expansion=0.34, depth_mult=0.5, d_model=112,
         decoder_layers=3, decoder_ffn_dim=320, num_queries=200, num_points=[4, 2], share_bbox_head=True,
-        use_gateway=False, image_size=640, focal_loss_gamma=1.5, matcher_change_epoch=450, **_LITE_CRITERION,
-        verified="NOT verified: widths, queries, points, image size and matcher_change_epoch recalled from "
-        "configs/deimv2/deimv2_hgnetv2_pico_coco.yml; HGNetv2 Pico table from transformers' converter",
+        use_gateway=False, image_size=640, criterion=dict(**_LITE_CRITERION, matcher_change_epoch=450),
+        verified=_verified("pico"),
     ),
     "n": dict(
         backbone="hgnetv2", backbone_arch="B0", return_idx=[2, 3], encoder="hybrid",
         encoder_in_channels=[512, 1024], encoder_hidden_dim=128, feat_strides=[16, 32], expansion=0.34,
         depth_mult=0.5, encoder_ffn_dim=512, encoder_idx=[1], d_model=128, decoder_layers=3,
         decoder_ffn_dim=512, num_queries=300, num_points=[6, 6], share_bbox_head=False, use_gateway=True,
-        image_size=640, focal_loss_gamma=1.5, matcher_change_epoch=136, **_FULL_CRITERION,
-        verified="fixtures n_calibrated/meta.json and loss_n_*/criterion.json",
+        image_size=640, criterion=dict(matcher_change_epoch=136),
+        verified=_verified("n"),
     ),
     "s": dict(
         backbone="dinov3", backbone_arch="vit_tiny", return_idx=[3, 7, 11], encoder="hybrid",
         encoder_in_channels=[192, 192, 192], encoder_hidden_dim=192, feat_strides=[8, 16, 32], expansion=0.34,
         depth_mult=0.67, encoder_ffn_dim=512, encoder_idx=[2], d_model=192, decoder_layers=4,
         decoder_ffn_dim=512, num_queries=300, num_points=[3, 6, 3], share_bbox_head=False, use_gateway=True,
-        image_size=640, sta_inplanes=16, focal_loss_gamma=1.5, matcher_change_epoch=100, **_FULL_CRITERION,
-        verified="fixtures s_calibrated/meta.json (built there at 320 px; the official eval size is 640) and "
-        "loss_s_*/criterion.json",
+        image_size=640, sta_inplanes=16, criterion=dict(matcher_change_epoch=100),
+        verified=_verified("s"),
     ),
     "m": dict(
         backbone="dinov3", backbone_arch="vit_tinyplus", return_idx=[3, 7, 11], encoder="hybrid",
         encoder_in_channels=[256, 256, 256], encoder_hidden_dim=256, feat_strides=[8, 16, 32], expansion=0.67,
         depth_mult=1.0, encoder_ffn_dim=512, encoder_idx=[2], d_model=256, decoder_layers=4,
         decoder_ffn_dim=512, num_queries=300, num_points=[3, 6, 3], share_bbox_head=False, use_gateway=True,
-        image_size=640, sta_inplanes=16, focal_loss_gamma=1.5, matcher_change_epoch=80, **_FULL_CRITERION,
-        verified="NOT verified: recalled from configs/deimv2/deimv2_dinov3_m_coco.yml",
+        image_size=640, sta_inplanes=16, criterion=dict(matcher_change_epoch=80),
+        verified=_verified("m"),
     ),
     "l": dict(
         backbone="dinov3", backbone_arch="dinov3_vits16", return_idx=[5, 8, 11], encoder="hybrid",
         encoder_in_channels=[224, 224, 224], encoder_hidden_dim=224, feat_strides=[8, 16, 32], expansion=1.0,
         depth_mult=1.0, encoder_ffn_dim=896, encoder_idx=[2], d_model=224, decoder_layers=4,
         decoder_ffn_dim=1792, num_queries=300, num_points=[3, 6, 3], share_bbox_head=False, use_gateway=True,
-        image_size=640, sta_inplanes=32, focal_loss_gamma=1.5, matcher_change_epoch=50, **_FULL_CRITERION,
-        verified="NOT verified: recalled from configs/deimv2/deimv2_dinov3_l_coco.yml",
+        image_size=640, sta_inplanes=32, criterion=dict(matcher_change_epoch=50),
+        verified=_verified("l"),
     ),
     "x": dict(
         backbone="dinov3", backbone_arch="dinov3_vits16plus", return_idx=[5, 8, 11], encoder="hybrid",
         encoder_in_channels=[256, 256, 256], encoder_hidden_dim=256, feat_strides=[8, 16, 32], expansion=1.25,
         depth_mult=1.37, encoder_ffn_dim=1024, encoder_idx=[2], d_model=256, decoder_layers=6,
         decoder_ffn_dim=2048, num_queries=300, num_points=[3, 6, 3], share_bbox_head=False, use_gateway=True,
-        image_size=640, sta_inplanes=64, focal_loss_gamma=1.5, matcher_change_epoch=40, **_FULL_CRITERION,
-        verified="NOT verified: recalled from configs/deimv2/deimv2_dinov3_x_coco.yml",
+        image_size=640, sta_inplanes=64, criterion=dict(matcher_change_epoch=45),
+        verified=_verified("x"),
     ),
 }
+
+
+def _known_preset(preset: str) -> dict[str, Any]:
+    if preset not in PRESETS:
+        raise ConfigError(f"DEIMv2 preset {preset!r} unknown; choose one of {sorted(PRESETS)}.")
+    return PRESETS[preset]
+
+
+def criterion_settings(preset: str) -> dict[str, Any]:
+    """The official criterion of size ``preset``: keyword arguments of ``tfg_mm.loss.DEIMv2Criterion``.
+
+    :data:`OFFICIAL_CRITERION` with the preset's ``criterion`` over it (a fresh copy, safe to modify).
+    """
+    return copy.deepcopy({**OFFICIAL_CRITERION, **_known_preset(preset)["criterion"]})
+
+
+def criterion_fields(preset: str) -> dict[str, Any]:
+    """The criterion of size ``preset`` as ``TfgDeimv2Config`` fields (``DEIMv2Criterion.from_config`` reads them).
+
+    ``iou_order_alpha`` has no config field: the criterion takes it from :data:`OFFICIAL_CRITERION`.
+    """
+    settings = criterion_settings(preset)
+    weights = settings["weight_dict"]
+    return dict(
+        criterion_losses=list(settings["losses"]),
+        weight_loss_mal=weights["loss_mal"],
+        weight_loss_bbox=weights["loss_bbox"],
+        weight_loss_giou=weights["loss_giou"],
+        weight_loss_fgl=weights["loss_fgl"],
+        weight_loss_ddf=weights["loss_ddf"],
+        focal_loss_gamma=settings["gamma"],
+        focal_loss_alpha=settings["alpha"],
+        use_dense_one_to_one=settings["use_uni_set"],
+        mal_alpha=settings["mal_alpha"],
+        matcher_class_cost=settings["matcher_cost_class"],
+        matcher_bbox_cost=settings["matcher_cost_bbox"],
+        matcher_giou_cost=settings["matcher_cost_giou"],
+        matcher_alpha=settings["matcher_alpha"],
+        matcher_gamma=settings["matcher_gamma"],
+        matcher_change_epoch=settings["matcher_change_epoch"],
+    )
 
 
 def _backbone_config(preset: dict[str, Any]) -> HGNetV2Config | DINOv3ViTConfig:
@@ -183,7 +276,7 @@ def _backbone_config(preset: dict[str, Any]) -> HGNetV2Config | DINOv3ViTConfig:
         num_hidden_layers=12,
         patch_size=16,
         rope_theta=100.0,
-        key_bias=True,  # official ViT qkv has a bias for k too (DESIGN fact 5)
+        key_bias=True,  # the official qkv projection has a bias for the keys too
         layer_norm_eps=1e-6,
         reshape_hidden_states=True,
         out_indices=out_indices,
@@ -204,10 +297,10 @@ def preset_config(
     ``aifi_pos_embed_in_eval``). ``overrides`` are ``TfgDeimv2Config`` field names (e.g.
     ``num_denoising=0``, ``freeze_backbone_batch_norms=True`` for a pretrained backbone); an unknown name
     raises ``ConfigError``. BatchNorm is not frozen by default: the official models keep ``freeze_norm``
-    False, and a frozen identity norm makes training from scratch diverge (DESIGN).
+    False, and transformers' frozen identity-like norm makes a model trained from scratch diverge (encoder
+    gradient norms of 1e7 at the first step).
     """
-    if preset not in PRESETS:
-        raise ConfigError(f"DEIMv2 preset {preset!r} unknown; choose one of {sorted(PRESETS)}.")
+    settings = copy.deepcopy(_known_preset(preset))
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes={num_classes!r}: a detector needs a positive integer number of classes.")
     if id2label is not None:
@@ -219,7 +312,6 @@ def preset_config(
             )
     else:
         id2label = {i: f"class_{i}" for i in range(num_classes)}
-    settings = copy.deepcopy(PRESETS[preset])
     size = int(image_size) if image_size is not None else settings["image_size"]
     if size % max(settings["feat_strides"]):
         raise ConfigError(
@@ -242,28 +334,16 @@ def preset_config(
         num_feature_levels=len(settings["feat_strides"]),
         decoder_layers=settings["decoder_layers"],
         decoder_ffn_dim=settings["decoder_ffn_dim"],
-        decoder_attention_heads=8,
         decoder_n_points=settings["num_points"],
-        decoder_activation_function="silu",
         num_queries=settings["num_queries"],
-        num_denoising=100,
-        label_noise_ratio=0.5,
-        box_noise_scale=1.0,
-        max_num_bins=32,
-        reg_scale=4.0,
-        up=0.5,
-        eval_idx=-1,
-        layer_scale=1,
+        **OFFICIAL_DECODER,
         share_bbox_head=settings["share_bbox_head"],
         use_gateway=settings["use_gateway"],
         # DINOv3 sizes use RepNCSPELAN5 blocks without the trailing 3x3 conv (official version "deim").
         encoder_has_trailing_conv=settings["backbone"] == "hgnetv2",
         eval_size=None,
         anchor_image_size=[size, size],
-        focal_loss_gamma=settings["focal_loss_gamma"],
-        criterion_losses=list(settings["criterion_losses"]),
-        use_dense_one_to_one=settings["use_dense_one_to_one"],
-        matcher_change_epoch=settings["matcher_change_epoch"],
+        **criterion_fields(preset),
         preset=preset,
         num_labels=num_classes,
         id2label=id2label,
@@ -299,6 +379,34 @@ def preset_image_size(config: TfgDeimv2Config) -> int:
     return int(config.anchor_image_size[0])
 
 
+def architecture_fingerprint(config: Deimv2Config) -> dict[str, Any]:
+    """The architecture facts that tell the official sizes apart, read from a (Tfg)Deimv2Config.
+
+    Backbone type, widths and depths (and the DINOv3 adapter), encoder type and width, decoder width, depth
+    and FFN width: the facts the tensor shapes of a checkpoint reveal too (``tfg_mm.convert``).
+    """
+    fingerprint: dict[str, Any] = {
+        "d_model": config.d_model,
+        "decoder_layers": config.decoder_layers,
+        "decoder_ffn_dim": config.decoder_ffn_dim,
+        "encoder_type": "lite" if config.encoder_type == "lite" else "hybrid",
+        "encoder_hidden_dim": config.encoder_hidden_dim,
+    }
+    backbone = config.backbone_config
+    if getattr(backbone, "model_type", None) == "dinov3_vit":
+        fingerprint.update(backbone="dinov3", backbone_width=backbone.hidden_size,
+                           backbone_depth=backbone.num_hidden_layers, adapter=True)
+    else:
+        fingerprint.update(backbone="hgnetv2", backbone_width=tuple(backbone.stage_out_channels),
+                           backbone_depth=tuple(backbone.stage_num_blocks))
+    return fingerprint
+
+
+def presets_matching(fingerprint: dict[str, Any]) -> list[str]:
+    """The presets whose architecture has this fingerprint (see :func:`architecture_fingerprint`)."""
+    return [name for name in PRESETS if architecture_fingerprint(preset_config(name, num_classes=1)) == fingerprint]
+
+
 def build(
     preset: str,
     num_classes: int,
@@ -307,7 +415,7 @@ def build(
     seed: int | None = None,
     fidelity: str = "official",
     **overrides: Any,
-):
+) -> TfgDeimv2ForObjectDetection | Deimv2ForObjectDetection:
     """A randomly initialised DEIMv2 of size ``preset`` with from-scratch settings.
 
     ``seed`` (if given) seeds torch before the weights are drawn, so two builds are identical.
@@ -316,11 +424,6 @@ def build(
     ``model.enc_output`` which only it has), so a report can show what the corrections change. Never train
     or evaluate the project's models with it.
     """
-    import torch
-    from transformers import Deimv2Config, Deimv2ForObjectDetection
-
-    from tfg_mm.detector.official import TfgDeimv2ForObjectDetection, official_head_init
-
     if fidelity not in ("official", "transformers"):
         raise ConfigError(f"build(fidelity={fidelity!r}): choose 'official' or 'transformers' (benchmark only).")
     config = preset_config(preset, num_classes, id2label=id2label, image_size=image_size, **overrides)
