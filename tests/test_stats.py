@@ -137,6 +137,7 @@ def test_identical_pair_is_within_noise():
     assert result["n_resamples"] == 50 and result["n_valid"] == 50 and result["n_images"] == 30
 
 
+@pytest.mark.slow  # hundreds of bootstrap resamples
 def test_known_difference_is_covered_and_interval_has_binomial_width():
     # 97 images. A finds images 1-58, B finds images 1-78 (B finds all that A finds, plus 20).
     # AP_A: recall 58/97 = 0.598 -> 60 thresholds -> 60/101; AP_B: 78/97 = 0.804 -> 81/101.
@@ -172,6 +173,7 @@ def test_known_difference_is_covered_and_interval_has_binomial_width():
     assert narrow["confidence"] == 0.5
 
 
+@pytest.mark.slow  # hundreds of bootstrap resamples
 def test_interval_covers_population_difference_at_stated_level():
     """Repeated sampling: how often does the 90 % interval contain the population ΔmAP?
 
