@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from tfg_mm.phase2 import Phase2Task, build_multimodal, run_phase2
-from tfg_mm.train import Trainer, make_data, run_baseline, seed_everything
+from tfg_mm.baseline import run_baseline
+from tfg_mm.data.loaders import make_data
+from tfg_mm.train import Trainer, seed_everything
 
 PHASE2 = {"text_encoder": "minilm", "prompts": "ensemble", "alpha": 0.0, "alpha_learnable": True,
           "fusion": "linear", "warmup_epochs": 1, "epochs": 2, "unfreeze": "heads", "lr_fusion": 1e-3,

@@ -11,10 +11,10 @@ from PIL import Image
 
 from tfg_mm import runs
 from tfg_mm.config import Params, load_params
+from tfg_mm.data.loaders import dataset_record
 from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.runs import (
     code_version,
-    dataset_record,
     is_finished,
     prepare_run_dir,
     read_metrics,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tfg_mm.errors import TrainingError
-from tfg_mm.train import BaselineTask, lr_factor, run_baseline
+from tfg_mm.baseline import BaselineTask, run_baseline
+from tfg_mm.train import lr_factor
 
 
 def test_lr_schedule_shapes():

@@ -72,7 +72,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from tfg_mm.train import run_baseline
+    from tfg_mm.baseline import run_baseline
 
     metrics = run_baseline(_params(args))
     f = metrics["final"]
