@@ -32,6 +32,20 @@ lint: $(STAMP)
 data: $(STAMP)
 	$(VPY) -m tfg_mm generate
 
+## One step of `make all` (its notebook, params file and report); each finds or trains what it needs first
+baseline: $(STAMP)
+	$(VPY) -m tfg_mm pipeline --only 01_baseline
+
+phase2: $(STAMP)
+	$(VPY) -m tfg_mm pipeline --only 02_phase2
+
+ablations: $(STAMP)
+	$(VPY) -m tfg_mm pipeline --only 03_ablations
+
+## Rebuild reports/index.html from the finished runs (trains nothing)
+reports: $(STAMP)
+	$(VPY) -m tfg_mm report
+
 full-grid: $(STAMP)
 	$(VPY) -m tfg_mm pipeline --grid params/ablations/full.yaml
 

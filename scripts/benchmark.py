@@ -30,8 +30,17 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from tfg_mm.baseline import run_baseline
+from tfg_mm.config import load_params, project_root
+from tfg_mm.data.loaders import make_data
+from tfg_mm.data.synthetic import generate
+from tfg_mm.io import atomic_write_json
+from tfg_mm.phase2 import Phase2Task, build_multimodal, ensure_baseline
+from tfg_mm.train import Trainer, seed_everything
+
+REPO = project_root()
 
 
 def _hash_tree(root: Path) -> str:
@@ -43,8 +52,6 @@ def _hash_tree(root: Path) -> str:
 
 
 def bench_data() -> dict:
-    from tfg_mm.data.synthetic import generate
-
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         generate(Path(tmp) / "a", seed=0, progress=False)
@@ -57,9 +64,6 @@ def bench_data() -> dict:
 
 
 def bench_baseline(workdir: Path) -> dict:
-    from tfg_mm.config import load_params
-    from tfg_mm.train import run_baseline
-
     out = {}
     for fidelity in ("official", "transformers"):
         params = load_params(REPO / "params" / "baseline.yaml", {"run_dir": str(workdir / f"baseline_{fidelity}"),
@@ -90,10 +94,6 @@ def _median_latency(fn, x, repeats: int = 30) -> float:
 
 
 def bench_phase2(workdir: Path) -> dict:
-    from tfg_mm.config import load_params
-    from tfg_mm.phase2 import Phase2Task, build_multimodal, ensure_baseline
-    from tfg_mm.train import Trainer, make_data, seed_everything
-
     base_dir = workdir / "baseline_official"
     params = load_params(REPO / "params" / "phase2.yaml", {"baseline": str(base_dir), "augment": False,
                                                            "run_dir": str(workdir / "phase2_bench"),
@@ -176,8 +176,6 @@ def main() -> int:
         report["phase2"] = bench_phase2(workdir)
     if "pipeline" in only:
         report["pipeline"] = bench_pipeline()
-    from tfg_mm.io import atomic_write_json
-
     out = REPO / "reports" / "benchmark.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
     previous.update(report)

@@ -19,14 +19,14 @@ import torch
 from PIL import Image
 
 from tfg_mm import ablations, reports, runs
-from tfg_mm.config import load_params
+from tfg_mm.baseline import run_baseline
+from tfg_mm.config import load_params, project_root
 from tfg_mm.data.synthetic import HARD_CLASSES
 from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.evaluate import coco_evaluate
 from tfg_mm.fusion import ResidualTextFusion
-from tfg_mm.notebooks import REPO_ROOT, execute, notebook_params, render_html
+from tfg_mm.notebooks import execute, notebook_params, render_html
 from tfg_mm.phase2 import depends_on_baseline, run_phase2
-from tfg_mm.train import run_baseline
 
 CLASSES = ["scratch", "perforation", "break", "stain"]
 N_IMAGES = 12
@@ -126,8 +126,8 @@ FAILING = "  - name: no_text\n    overrides: {text_encoder: none}\n"
 # Tests
 # --------------------------------------------------------------------------------------------
 def test_shipped_grids_validate():
-    small = ablations.load_ablation_grid(REPO_ROOT / "params/ablations/small.yaml")
-    full = ablations.load_ablation_grid(REPO_ROOT / "params/ablations/full.yaml")
+    small = ablations.load_ablation_grid(project_root() / "params/ablations/small.yaml")
+    full = ablations.load_ablation_grid(project_root() / "params/ablations/full.yaml")
     assert {v["name"] for v in small["variants"]} == {"minilm", "random", "none", "thesis_original"}
     assert small["hard_classes"] == ["perforation", "break"]
     names = {v["name"] for v in full["variants"]}
@@ -266,7 +266,7 @@ def test_notebook03_reuses_the_grid_and_renders_a_standalone_report(setup, monke
                        progress=False)
     reports_dir = tmp_path / "reports"
     monkeypatch.setenv("TFG_MM_REPORTS_DIR", str(reports_dir))  # the kernel inherits it: no write into reports/
-    executed = execute(REPO_ROOT / "notebooks" / "03_ablations.ipynb", tmp_path / "03.ipynb",
+    executed = execute(project_root() / "notebooks" / "03_ablations.ipynb", tmp_path / "03.ipynb",
                        {"params_file": str(params_file), "grid": str(grid), "baseline": str(tmp_path / "baseline"),
                         "run_dir": str(out), "bootstrap_resamples": 20}, progress=False)
     record = json.loads((out / "grid.json").read_text())

@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
+from tfg_mm import pipeline
+from tfg_mm.errors import ConfigError
 
 
 def test_help_lists_every_command():
@@ -29,3 +33,20 @@ def test_generate_command(tmp_path):
                            "--n-val", "2", "--image-size", "96"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "d" / "instances_train.json").exists()
+
+
+def test_pipeline_only_runs_the_named_steps(monkeypatch, tmp_path):
+    """`make baseline` / `make phase2` / `make ablations`: one notebook each, through the pipeline."""
+    ran = []
+    monkeypatch.setattr(pipeline, "run_and_render", lambda name, parameters, progress: ran.append((name, parameters)))
+    monkeypatch.setattr(pipeline, "REPORTS", tmp_path)
+    pipeline.run_pipeline(only=["02_phase2"], params_dir=tmp_path / "params", progress=False)
+    assert ran == [("02_phase2", {"params_file": str(tmp_path / "params" / "phase2.yaml"), "baseline": "runs/baseline",
+                                  "run_dir": "runs/phase2"})]
+    assert not (tmp_path / "pipeline_timing.json").exists()  # the timings file is the whole pipeline's
+    ran.clear()
+    pipeline.run_pipeline(skip_ablations=True, params_dir=tmp_path, progress=False)
+    assert [name for name, _ in ran] == ["00_data", "01_baseline", "02_phase2"]
+    assert (tmp_path / "pipeline_timing.json").exists()
+    with pytest.raises(ConfigError, match="Unknown pipeline step"):
+        pipeline.run_pipeline(only=["01_basline"])

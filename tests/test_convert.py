@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from official import official_fixture
 from scipy.optimize import linear_sum_assignment
 
-from official import official_fixture
 from tfg_mm.convert import (
     checkpoint_fingerprint,
     config_fingerprint,

@@ -11,9 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from tfg_mm.data import CocoDetection, collate, dataset_fingerprint, load_coco
+from tfg_mm.config import load_params
+from tfg_mm.data import CocoDetection, collate, dataset_fingerprint, load_coco, loaders
 from tfg_mm.data.inspect import class_counts, class_statistics, show_samples
 from tfg_mm.data.synthetic import DEFAULT_CLASSES, generate
+from tfg_mm.errors import ConfigError
 
 matplotlib.use("Agg")
 
@@ -130,3 +132,20 @@ def test_inspection_helpers(synth):
     fig = show_samples(synth / "instances_train.json", n=4, ncols=2)
     assert len(fig.axes) == 4 and sum(len(ax.patches) for ax in fig.axes) > 0
     matplotlib.pyplot.close(fig)
+
+
+def test_make_data_takes_the_runs_dataset_record(synth, monkeypatch):
+    params = load_params({"dataset": str(synth), "image_size": 96, "batch_size": 4, "generate_if_missing": False})
+    gen = torch.Generator().manual_seed(0)
+    fresh = loaders.make_data(params, gen, progress=False)
+    assert fresh.record == loaders.dataset_record(synth, params.train_json, params.val_json, params.images_dir)
+    assert len(fresh.train) == 24 and len(fresh.val) == 6 and fresh.class_names == list(DEFAULT_CLASSES)
+    monkeypatch.setattr(loaders, "dataset_fingerprint", lambda *a, **k: pytest.fail("fingerprinted again"))
+    given = loaders.make_data(params, gen, progress=False, need_train=False, record=fresh.record)
+    assert given.record is fresh.record and given.root == synth and given.train_loader is None
+
+
+def test_missing_dataset_folder_names_the_parameter(tmp_path):
+    params = load_params({"dataset": str(tmp_path / "nowhere"), "generate_if_missing": False})
+    with pytest.raises(ConfigError, match="Parameter `dataset`: folder .*nowhere does not exist"):
+        loaders.resolve_dataset(params, progress=False)

@@ -4,8 +4,8 @@ and the fix - never a stack trace from inside torch."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest

@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torchvision
+from official import official_fixture
 from transformers import Deimv2Config
 from transformers.models.deimv2.modeling_deimv2 import distance2bbox, weighting_function
 
-from official import official_fixture
 from tfg_mm.detector import build, preset_config
 from tfg_mm.detector.presets import criterion_settings
 from tfg_mm.errors import ConfigError, DataError

@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import TINY
+from tfg_mm import detector
+from tfg_mm.baseline import run_baseline
+from tfg_mm.config import load_params
+from tfg_mm.data.loaders import make_data
 from tfg_mm.phase2 import Phase2Task, build_multimodal, run_phase2
-from tfg_mm.train import Trainer, make_data, run_baseline, seed_everything
+from tfg_mm.train import Trainer, seed_everything
 
 PHASE2 = {"text_encoder": "minilm", "prompts": "ensemble", "alpha": 0.0, "alpha_learnable": True,
           "fusion": "linear", "warmup_epochs": 1, "epochs": 2, "unfreeze": "heads", "lr_fusion": 1e-3,
@@ -15,9 +20,6 @@ PHASE2 = {"text_encoder": "minilm", "prompts": "ensemble", "alpha": 0.0, "alpha_
 
 @pytest.fixture(scope="module")
 def baseline_run(tiny_dataset, tmp_path_factory):
-    from tfg_mm.config import load_params
-    from tests.conftest import TINY
-
     run_dir = tmp_path_factory.mktemp("p2") / "baseline"
     params = load_params({**TINY, "dataset": str(tiny_dataset), "run_dir": str(run_dir), "epochs": 1})
     metrics = run_baseline(params, progress=False)
@@ -27,8 +29,6 @@ def baseline_run(tiny_dataset, tmp_path_factory):
 @pytest.mark.parametrize("mode", ["train_frozen", "eval_shim"])
 def test_exact_start_alpha_zero(baseline_run, tiny_params, tmp_path, mode):
     """alpha = 0: boxes and scores equal the baseline's; epoch-0 mAP equals the baseline's mAP exactly."""
-    from tfg_mm import detector
-
     run_dir, base_metrics = baseline_run
     params = tiny_params(**{**PHASE2, "epochs": 1}, baseline=str(run_dir), detector_mode=mode,
                          run_dir=str(tmp_path / mode))
@@ -46,11 +46,10 @@ def test_exact_start_alpha_zero(baseline_run, tiny_params, tmp_path, mode):
     assert metrics["history"][0]["epoch"] == 0
     assert metrics["history"][0]["map"] == base_metrics["final"]["map"]
     assert metrics["history"][0]["map50"] == base_metrics["final"]["map50"]
+    assert metrics["phase"] == "phase2" and metrics["cache_seconds"] >= 0.0  # recorded in the contract
 
 
 def test_frozen_detector_is_bit_identical_after_training(baseline_run, tiny_params, tmp_path):
-    from tfg_mm import detector
-
     run_dir, _ = baseline_run
     params = tiny_params(**{**PHASE2, "unfreeze": "none", "alpha": 0.05, "ema": False},
                          baseline=str(run_dir), run_dir=str(tmp_path / "frozen"))
@@ -79,6 +78,7 @@ def test_cached_warmup_reuses_the_cache(baseline_run, tiny_params, tmp_path):
     trainer._train_one_epoch(1)
     assert set(task.cache) == set(data.train.image_ids)
     first = task.cache_seconds
+    assert first > 0 and task.contract_extra() == {"cache_seconds": round(first, 2)}
     trainer._train_one_epoch(2)
     assert task.cache_seconds == first  # nothing recomputed in the second warm-up epoch
     assert data.train.load_images is False  # ... and no image decoded either
@@ -92,6 +92,7 @@ def test_no_text_branch_skips_stage_a(baseline_run, tiny_params, tmp_path):
     params = tiny_params(**{**PHASE2, "text_encoder": "none"}, baseline=str(run_dir), run_dir=str(tmp_path / "none"))
     metrics = run_phase2(params, progress=False)
     assert [h["stage"] for h in metrics["history"]] == ["B", "B", "B"]
+    assert metrics["cache_seconds"] == 0.0  # no stage A, no cache
     assert metrics["history"][0]["map"] == base_metrics["final"]["map"]
 
 

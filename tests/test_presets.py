@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 import torch
-
 from official import official_fixture
+
 from tfg_mm.convert import map_official_shapes
 from tfg_mm.detector import PRESETS, TfgDeimv2Config, TfgDeimv2ForObjectDetection, preset_config
 from tfg_mm.detector.presets import HGNETV2_ARCHS, OFFICIAL_CRITERION, VIT_ARCHS, criterion_settings

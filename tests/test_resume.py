@@ -14,6 +14,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT, TINY
+from tfg_mm.baseline import run_baseline
+from tfg_mm.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -65,9 +67,6 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_dataset, tmp_path):
 
 
 def test_finished_run_is_not_overwritten(tiny_params):
-    from tfg_mm.errors import ConfigError
-    from tfg_mm.train import run_baseline
-
     params = tiny_params(epochs=1)
     run_baseline(params, progress=False)
     before = (Path(params.run_dir) / "metrics.json").read_bytes()

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import tfg_mm
 from tfg_mm import runs
-from tfg_mm.config import Params, load_params
+from tfg_mm.config import Params, RunPaths, load_params, project_root
+from tfg_mm.data.loaders import dataset_record
 from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.runs import (
     code_version,
-    dataset_record,
+    finished_run,
     is_finished,
     prepare_run_dir,
     read_metrics,
@@ -68,11 +71,20 @@ def dataset(tmp_path):
 # ---------------------------------------------------------------------------------- identity
 
 
+def _head_commit(folder: Path) -> str | None:
+    """What git says the checkout's commit is (None: not a clone, e.g. an unpacked archive, or no git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=False)
+    except OSError:
+        return None
+    return head.stdout.strip() if head.returncode == 0 else None
+
+
 def test_code_version_in_and_outside_git(monkeypatch, tmp_path):
     code = code_version()
     assert set(code) == {"package", "git_commit", "git_dirty", "source_sha256"}
     assert code["package"] and len(code["source_sha256"]) == 64
-    assert code["git_commit"] is None or len(code["git_commit"]) == 40
+    assert code["git_commit"] == _head_commit(Path(tfg_mm.__file__).parent)
     # no git executable at all: no crash, unknown commit
     assert runs._git(["rev-parse", "HEAD"], tmp_path) is None  # tmp_path is not a repository
     runs._code_version.cache_clear()
@@ -206,6 +218,29 @@ def test_finished_run_is_protected_unless_overwrite(tmp_path, dataset):
     assert prepare_run_dir(run_dir, overwrite=True) == run_dir
     assert sorted(p.name for p in run_dir.iterdir()) == [runs.MARKER_FILE]
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["baseline"]
+
+
+def test_a_finished_run_is_reused_only_with_the_same_run_id(tmp_path, dataset):
+    run_dir = prepare_run_dir(tmp_path / "run")
+    assert finished_run(run_dir, "0" * 16) is None  # nothing there yet
+    write_metrics(run_dir, params=Params(), dataset=dataset, history=[_entry(0, 0.1)], final=None)
+    rid = read_metrics(run_dir)["run_id"]
+    assert finished_run(run_dir, rid) is None  # running, not finished
+    _finish(run_dir, dataset)
+    assert finished_run(run_dir, rid) == read_metrics(run_dir)
+    assert finished_run(run_dir, "0" * 16) is None  # another run
+
+
+def test_run_paths_are_resolved_once_and_params_keep_them_as_written(tmp_path):
+    params = load_params({"dataset": "data/other", "run_dir": "runs/x", "checkpoint": str(tmp_path / "ckpt")})
+    paths = RunPaths.of(params)
+    assert paths == RunPaths(dataset=project_root() / "data/other", run_dir=project_root() / "runs/x",
+                             source=tmp_path / "ckpt")
+    assert (params.dataset, params.run_dir) == ("data/other", "runs/x")  # the contract stores them relative
+    assert RunPaths.of(load_params({"pretrained": "weights"})).source == project_root() / "weights"
+    assert RunPaths.of(Params()).source is None  # random init
+    with pytest.raises(AttributeError):
+        paths.run_dir = Path("/elsewhere")  # frozen
 
 
 def test_interrupted_run_is_kept_for_resume_or_cleared_without(tmp_path, dataset):

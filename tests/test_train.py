@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from tfg_mm import detector
+from tfg_mm.baseline import BaselineTask, run_baseline
+from tfg_mm.config import load_params
+from tfg_mm.data import CocoDetection, collate, loaders
+from tfg_mm.data.synthetic import DEFAULT_CLASSES, generate
 from tfg_mm.errors import TrainingError
-from tfg_mm.train import BaselineTask, lr_factor, run_baseline
+from tfg_mm.train import build_optimizer, lr_factor
 
 
 def test_lr_schedule_shapes():
@@ -23,9 +29,6 @@ def test_lr_schedule_shapes():
 @pytest.mark.slow
 def test_tiny_model_overfits_a_handful_of_images(tiny_dataset, tmp_path):
     """Train and validate on the same 4 images: the detector must learn them (mAP50 >= 0.9)."""
-    from tfg_mm.config import load_params
-    from tfg_mm.data.synthetic import generate
-
     root = generate(tmp_path / "four", seed=11, n_train=4, n_val=4, image_size=160, defect_free_fraction=0.0,
                     progress=False)
     # validate on the training images themselves
@@ -39,10 +42,6 @@ def test_tiny_model_overfits_a_handful_of_images(tiny_dataset, tmp_path):
 
 
 def test_frozen_parameters_unchanged_after_a_step(tiny_params):
-    from tfg_mm import detector
-    from tfg_mm.data import CocoDetection, collate
-    from tfg_mm.train import build_optimizer
-
     params = tiny_params()
     ds = CocoDetection(params.dataset, params.train_json, params.images_dir, image_size=160, train=True, augment=False)
     model = detector.build("atto", len(ds.categories), image_size=160, seed=0)
@@ -79,9 +78,13 @@ def test_run_contract_keys(tiny_params):
     entry = m["history"][-1]
     for key in ("epoch", "map", "map50", "map75", "per_class", "lr", "losses", "seconds"):
         assert key in entry, key
-    assert set(entry["per_class"]) == set(m["dataset"].get("classes", entry["per_class"]))
+    # one AP per class of the dataset (the tiny set has the generator's default classes)
+    assert m["classes"] == list(DEFAULT_CLASSES)
+    assert list(entry["per_class"]) == m["classes"] == list(m["final"]["per_class"])
     assert all({"ap", "ap50"} <= set(v) for v in entry["per_class"].values())
-    assert m["dataset"]["hash"] if "hash" in m["dataset"] else m["dataset"]
+    # the dataset's content hash, as a fresh fingerprint of the same folder gives it
+    p = tiny_params()
+    assert m["dataset"]["hash"] == loaders.dataset_record(p.dataset, p.train_json, p.val_json, p.images_dir)["hash"]
     assert m["params"]["epochs"] == 1
 
 
@@ -102,9 +105,37 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny_params, monke
     msg = str(err.value)
     assert "epoch 2" in msg and "step 0" in msg and "loss_mal" in msg and "lr" in msg
     run_dir = params.run_dir
-    from pathlib import Path
-
     assert (Path(run_dir) / "state" / "last.pt").exists()
     assert (Path(run_dir) / "checkpoints" / "last").exists()
     history = json.loads((Path(run_dir) / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [0, 1]
+
+
+def test_a_run_fingerprints_its_dataset_once_and_reuses_a_finished_run(tiny_params, monkeypatch):
+    calls = []
+    fingerprint = loaders.dataset_fingerprint
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return fingerprint(*args, **kwargs)
+
+    monkeypatch.setattr(loaders, "dataset_fingerprint", counted)
+    params = tiny_params(epochs=0)  # the epoch-0 evaluation only
+    first = run_baseline(params, progress=False)
+    assert len(calls) == 1  # one content hash per run: the reuse check and the contract share it
+    written = (Path(params.run_dir) / "metrics.json").read_bytes()
+    again = run_baseline(params, progress=False)
+    assert len(calls) == 2 and again == first  # same params, dataset and code: reused, not rerun
+    assert (Path(params.run_dir) / "metrics.json").read_bytes() == written
+
+
+def test_evaluation_only_of_a_checkpoint(tiny_params, tmp_path):
+    base = run_baseline(tiny_params(epochs=0, run_dir=str(tmp_path / "base")), progress=False)
+    m = run_baseline(tiny_params(checkpoint=str(tmp_path / "base"), run_dir=str(tmp_path / "eval")), progress=False)
+    assert m["status"] == "finished" and [h["epoch"] for h in m["history"]] == [0]
+    assert m["final"]["selected_by"] == "evaluation only"
+    assert m["final"]["checkpoint"] == str(tmp_path / "base" / "checkpoints" / "best")  # a run_dir: its best
+    assert m["model"]["source"] == m["final"]["checkpoint"] and m["phase"] == "baseline"
+    assert {k: m["final"][k] for k in ("map", "map50", "per_class")} == \
+        {k: base["final"][k] for k in ("map", "map50", "per_class")}  # the same weights, the same numbers
+    assert not (tmp_path / "eval" / "checkpoints").exists()  # nothing trained, nothing saved

@@ -22,6 +22,7 @@ import difflib
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, NoneType, UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -587,6 +588,28 @@ def resolve_path(path: str | Path) -> Path:
     """An absolute path: relative ones are taken against :func:`project_root`."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else project_root() / path
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The absolute paths of one run, resolved once (:func:`resolve_path`) from its validated params.
+
+    The params keep the paths as written: relative ones stay relative in the run contract, so a
+    run's id does not depend on where the checkout lives. The code that runs uses these.
+    """
+
+    #: ``dataset`` (the embedded default is generated there on first use)
+    dataset: Path
+    #: ``run_dir``
+    run_dir: Path
+    #: where the detector's weights come from: ``checkpoint``, else ``pretrained``; None for a random init
+    source: Path | None
+
+    @classmethod
+    def of(cls, params: Params) -> RunPaths:
+        source = params.checkpoint or params.pretrained
+        return cls(dataset=resolve_path(params.dataset), run_dir=resolve_path(params.run_dir),
+                   source=resolve_path(source) if source else None)
 
 
 def read_yaml(path: str | Path) -> dict:

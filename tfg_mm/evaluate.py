@@ -85,7 +85,7 @@ def postprocess(logits: Tensor, pred_boxes: Tensor, orig_sizes: Tensor, top_k: i
     scale = torch.stack([width, height, width, height], dim=-1)  # [B, 4]
     boxes = box_convert(pred_boxes, in_fmt="cxcywh", out_fmt="xyxy") * scale[:, None, :]
     boxes = boxes.gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
-    return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+    return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]
 
 
 def to_coco_detections(results: list[dict], image_ids: list[int], label_to_cat_id: list[int]) -> list[dict]:

@@ -11,26 +11,31 @@ import logging
 import os
 from pathlib import Path
 
+import nbformat
+from nbconvert import HTMLExporter
+
+from tfg_mm.config import params_from_notebook, project_root
 from tfg_mm.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = REPO_ROOT / "notebooks"
-REPORTS = REPO_ROOT / "reports"
+NOTEBOOKS = project_root() / "notebooks"
+REPORTS = project_root() / "reports"
 
 
 def execute(notebook: str | Path, output: str | Path, parameters: dict | None = None, cwd: str | Path | None = None,
             progress: bool = True, kernel_name: str = "python3") -> Path:
     """Run ``notebook`` with papermill into ``output`` (the executed copy, kept even when a cell fails)."""
+    # imported here: papermill takes ~4 s to import (measured), and every notebook kernel imports this
+    # module for `notebook_params` alone
     import papermill as pm
 
     notebook = Path(notebook)
     if not notebook.is_absolute() and not notebook.exists():
-        notebook = REPO_ROOT / notebook
+        notebook = project_root() / notebook
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    env_cwd = str(cwd or REPO_ROOT)
+    env_cwd = str(cwd or project_root())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     pm.execute_notebook(str(notebook), str(output), parameters=parameters or {}, cwd=env_cwd,
                         kernel_name=kernel_name, progress_bar=progress, log_output=False)
@@ -39,9 +44,6 @@ def execute(notebook: str | Path, output: str | Path, parameters: dict | None = 
 
 def render_html(executed: str | Path, html: str | Path, with_code: bool = False) -> Path:
     """Render an executed notebook to a standalone HTML file (atomic write)."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
     nb = nbformat.read(str(executed), as_version=4)
     exporter = HTMLExporter(exclude_input=not with_code, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb)
@@ -53,7 +55,7 @@ def run_and_render(name: str, parameters: dict | None = None, executed_dir: str 
     """Execute ``notebooks/{name}.ipynb`` and render ``reports/{name}.html``; returns the HTML path."""
     executed_dir = Path(executed_dir)
     if not executed_dir.is_absolute():
-        executed_dir = REPO_ROOT / executed_dir
+        executed_dir = project_root() / executed_dir
     executed = execute(NOTEBOOKS / f"{name}.ipynb", executed_dir / f"{name}.ipynb", parameters, progress=progress)
     return render_html(executed, Path(html_dir) / f"{name}.html")
 
@@ -66,6 +68,4 @@ def notebook_params(namespace: dict):
     ``-p name value`` / ``-f file.yaml`` inject. A misspelled injected name fails with a
     did-you-mean (:func:`tfg_mm.config.params_from_notebook`).
     """
-    from tfg_mm.config import params_from_notebook
-
     return params_from_notebook({k: v for k, v in namespace.items() if v is not None})

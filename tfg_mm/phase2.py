@@ -23,16 +23,21 @@ without augmentation when the cache is on; stage B uses ``augment`` as set.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tfg_mm.config import Unfreeze
+from tfg_mm import detector as deimv2
+from tfg_mm import runs
+from tfg_mm.baseline import run_baseline
+from tfg_mm.config import RunPaths, Unfreeze, load_params, resolve_path
+from tfg_mm.data.loaders import Data
 from tfg_mm.errors import CheckpointError, ConfigError
-from tfg_mm.train import Task, Trainer, resolve_path, seed_everything, split_decay
+from tfg_mm.experiment import Setup, run_experiment
+from tfg_mm.model import MultimodalDetector
+from tfg_mm.train import Task, Trainer, split_decay
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +85,6 @@ def build_fusion_from_config(cfg: dict, text: torch.Tensor) -> nn.Module:
 
 def baseline_folder(baseline: str) -> tuple[Path, dict | None]:
     """``baseline`` is a checkpoint folder or a run_dir of notebook 01: the checkpoint and its metrics."""
-    from tfg_mm import runs
-
     if not baseline:
         raise ConfigError("Parameter `baseline` is empty. Fix: set it to the run_dir of notebook 01 "
                           "(e.g. `runs/baseline`) or to a checkpoint folder.")
@@ -104,12 +107,9 @@ def baseline_folder(baseline: str) -> tuple[Path, dict | None]:
 # ----------------------------------------------------------------------------------------------
 class Phase2Task(Task):
     def __init__(self, model, class_names: list[str], params, train_dataset=None):
-        from tfg_mm import detector as det
-
         self.model = model
         self.class_names = class_names
         self.params = params
-        self.det = det
         self.stage = None
         self.cache: dict[int, dict] = {}
         #: stage A trains in the cached mode (no denoising, un-augmented images) when cache_warmup is on
@@ -117,8 +117,8 @@ class Phase2Task(Task):
         #: whether the cached mode reads the cache (False: recompute every step, same results, slower)
         self.use_cache = self.cached_mode
         self.train_dataset = train_dataset
+        #: seconds spent filling the warm-up cache (detector forward passes), recorded in the run contract
         self.cache_seconds = 0.0
-        self.stage_seconds: dict[str, float] = {}
 
     # which parameters train in stage B
     def _stage_b_params(self) -> list[tuple[str, nn.Parameter]]:
@@ -128,8 +128,8 @@ class Phase2Task(Task):
         det = self.model.detector
         # temporarily unfreeze to discover the parameter set, then restore
         saved = {n: p.requires_grad for n, p in det.named_parameters()}
-        self.det.freeze(det, ["all"])
-        self.det.unfreeze(det, parts)
+        deimv2.freeze(det, ["all"])
+        deimv2.unfreeze(det, parts)
         chosen = [(n, p) for n, p in det.named_parameters() if p.requires_grad]
         for n, p in det.named_parameters():
             p.requires_grad_(saved[n])
@@ -157,11 +157,11 @@ class Phase2Task(Task):
             return
         self.stage = stage
         det = self.model.detector
-        self.det.freeze(det, ["all"])
+        deimv2.freeze(det, ["all"])
         if stage == "B":
             parts = UNFREEZE_PARTS[self.params.unfreeze]
             if parts:
-                self.det.unfreeze(det, parts)
+                deimv2.unfreeze(det, parts)
             log.info("phase 2 stage B from epoch %d: unfreeze=%s (%d trainable detector tensors)", epoch,
                      self.params.unfreeze, sum(p.requires_grad for p in det.parameters()))
             if self.train_dataset is not None:
@@ -213,6 +213,9 @@ class Phase2Task(Task):
             extra.update(model.fusion.state_summary())
         return extra
 
+    def contract_extra(self) -> dict:
+        return {"cache_seconds": round(self.cache_seconds, 2)}
+
     def state_dict(self) -> dict:
         return {"stage": self.stage}
 
@@ -248,12 +251,13 @@ def _stack(items: list):
 # ----------------------------------------------------------------------------------------------
 # Notebook 02's work
 # ----------------------------------------------------------------------------------------------
-def build_multimodal(params, class_names: list[str]):
-    from tfg_mm import detector as det
-    from tfg_mm.model import MultimodalDetector
+def build_multimodal(params, class_names: list[str], baseline: tuple[Path, dict | None] | None = None):
+    """The multimodal model on the frozen baseline detector, the baseline's provenance and the text's.
 
-    ckpt, baseline_metrics = baseline_folder(params.baseline)
-    detector = det.load(ckpt)
+    ``baseline``: :func:`baseline_folder` of ``params.baseline`` when the caller has read it already.
+    """
+    ckpt, baseline_metrics = baseline if baseline is not None else baseline_folder(params.baseline)
+    detector = deimv2.load(ckpt)
     names = [detector.config.id2label[i] for i in range(detector.config.num_labels)]
     if names != list(class_names):
         raise CheckpointError(f"Baseline checkpoint {ckpt} was trained on classes {names}, the dataset has "
@@ -263,39 +267,29 @@ def build_multimodal(params, class_names: list[str]):
     fusion = None
     if text is not None:
         fusion = build_fusion_from_config(fusion_config(params, detector.config.d_model), text)
-    det.freeze(detector, ["all"])
+    deimv2.freeze(detector, ["all"])
     model = MultimodalDetector(detector, fusion, params.detector_mode, params.kd_weight)
     return model, {"checkpoint": str(ckpt), "metrics": baseline_metrics}, text_info
 
 
 def run_phase2(params, progress: bool = True) -> dict:
-    from tfg_mm import runs
-    from tfg_mm.train import finished_same_run, make_data
+    """Notebook 02's work: progressive fine-tuning on top of the baseline, and the run contract.
 
-    depends = depends_on_baseline(params)
-    existing, _ = finished_same_run(params, progress, depends_on=depends)
-    if existing is not None:
-        return existing
-    run_dir = runs.prepare_run_dir(resolve_path(params.run_dir), overwrite=params.overwrite, resume=params.resume)
-    loader_gen = seed_everything(params.seed, params.deterministic)
-    data = make_data(params, loader_gen, progress=progress)
-    model, baseline, text_info = build_multimodal(params, data.class_names)
-    base_final = (baseline["metrics"] or {}).get("final")
-    extra = {"phase": "phase2", "baseline": {"checkpoint": baseline["checkpoint"], "final": base_final},
-             "text_encoder": text_info, "detector_mode": params.detector_mode, "classes": data.class_names,
-             "cached_warmup_mode": "detector_mode outputs on un-augmented images, no denoising queries, "
-                                   "no encoder fusion" if params.cache_warmup else None}
+    A finished run of the same params, dataset, code and baseline run in ``run_dir`` is returned as it is.
+    """
+    baseline = baseline_folder(params.baseline)  # read once: identity of the result and the starting detector
 
-    def contract(history, final, status):
-        runs.write_metrics(run_dir, params=params, dataset=data.record, history=history, final=final, extra=extra,
-                           status=status, depends_on=depends)
+    def build(data: Data) -> Setup:
+        model, base, text_info = build_multimodal(params, data.class_names, baseline)
+        base_final = (base["metrics"] or {}).get("final")
+        extra = {"baseline": {"checkpoint": base["checkpoint"], "final": base_final},
+                 "text_encoder": text_info, "detector_mode": params.detector_mode, "classes": data.class_names,
+                 "cached_warmup_mode": "detector_mode outputs on un-augmented images, no denoising queries, "
+                                       "no encoder fusion" if params.cache_warmup else None}
+        return Setup(Phase2Task(model, data.class_names, params, data.train), extra)
 
-    task = Phase2Task(model, data.class_names, params, data.train)
-    trainer = Trainer(params, task, data.train_loader, data.val_loader, data.val.coco, data.cat_ids, run_dir,
-                      loader_gen, contract, progress)
-    trainer.fit()
-    extra["cache_seconds"] = round(task.cache_seconds, 2)
-    return runs.read_metrics(run_dir)
+    return run_experiment(params, RunPaths.of(params), "phase2", build, depends_on=_baseline_identity(*baseline),
+                          progress=progress)
 
 
 def depends_on_baseline(params) -> str:
@@ -304,7 +298,10 @@ def depends_on_baseline(params) -> str:
     Folded into the phase-2 ``run_id``, so retraining the baseline in the same folder invalidates
     the phase-2 runs built on the old one. A plain checkpoint folder is identified by its files.
     """
-    ckpt, base_metrics = baseline_folder(params.baseline)
+    return _baseline_identity(*baseline_folder(params.baseline))
+
+
+def _baseline_identity(ckpt: Path, base_metrics: dict | None) -> str:
     return (base_metrics or {}).get("run_id") or _folder_stamp(ckpt)
 
 
@@ -318,23 +315,21 @@ def ensure_baseline(params, baseline_params_file: str = "params/baseline.yaml", 
     """Find the baseline ``params.baseline`` names, or train it first (notebook 01's work).
 
     A finished baseline run is reused as it is; a missing one is trained with ``baseline_params_file``
-    on the same dataset and seed, into ``params.baseline`` as its run_dir.
+    (relative: from the working directory, else the project root) on the same dataset and seed, into
+    ``params.baseline`` as its run_dir.
     """
-    from tfg_mm import runs
-    from tfg_mm.config import load_params
-    from tfg_mm.train import REPO_ROOT, run_baseline
-
     path = resolve_path(params.baseline) if params.baseline else None
     if path is not None and (runs.is_finished(path) or (path.is_dir() and not (path / "state").exists()
                                                         and any(path.glob("*.safetensors")))):
         return path
     if not params.baseline:
-        raise ConfigError("Parameter `baseline` is empty. Fix: set it to a run_dir of notebook 01 (e.g. `runs/baseline`).")
+        raise ConfigError("Parameter `baseline` is empty. Fix: set it to a run_dir of notebook 01 "
+                          "(e.g. `runs/baseline`).")
     src = Path(baseline_params_file)
-    if not src.is_absolute() and not src.exists():
-        src = REPO_ROOT / src
+    if not src.exists():
+        src = resolve_path(src)
     base_params = load_params(src, {"run_dir": params.baseline, "dataset": params.dataset, "seed": params.seed,
                                     "image_size": params.image_size, "preset": params.preset})
     log.info("baseline %s not found: training it first with %s", params.baseline, src)
     run_baseline(base_params, progress=progress)
-    return resolve_path(params.baseline)
+    return path

@@ -27,16 +27,16 @@ import io
 import math
 import os
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
+from matplotlib.ticker import MaxNLocator
 
 from tfg_mm.config import Params
 from tfg_mm.data.synthetic import HARD_CLASSES
@@ -535,7 +535,7 @@ def build_index(summary: Mapping[str, Any] | None = None, reports_dir: str | Pat
                         "`reports.build_index(ablations.summarize_if_run(ablations_dir))`")
     reports_dir = Path(reports_dir) if reports_dir is not None else default_reports_dir()
     source = (summary or {}).get("ablations_dir")
-    parts = [f"<h1>tfg-mm reports</h1><p class='note'>Built {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    parts = [f"<h1>tfg-mm reports</h1><p class='note'>Built {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
              + (f" from <code>{html.escape(str(source))}</code>" if source else "") + ".</p>"]
     parts.append(_report_links(reports_dir, summary))
     if summary:

@@ -6,7 +6,7 @@
 * ``run_id`` — hash of (params that affect the result, dataset content hash, code version): the
   ablation runner reuses a finished run with the same id instead of re-running it;
 * ``params`` — all of them, defaults filled in; ``params_changed`` — those that differ from the default;
-* ``dataset`` — paths and a content hash (:func:`dataset_record`);
+* ``dataset`` — paths and a content hash (:func:`tfg_mm.data.loaders.dataset_record`);
 * ``code_version`` — package version, git commit and dirty flag, hash of the package sources;
 * ``history`` — one entry per evaluated epoch with at least ``epoch``, ``map``, ``map50``, ``map75``,
   ``per_class`` = {class name: {``ap``, ``ap50``}}, ``lr``, ``losses`` = {term: value}, ``seconds``;
@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,7 +65,7 @@ RUN_ID_EXCLUDED = frozenset(
 
 
 # --------------------------------------------------------------------------------------------
-# Code and dataset identity
+# Code and run identity
 # --------------------------------------------------------------------------------------------
 
 
@@ -107,49 +107,6 @@ def code_version() -> dict:
     return dict(_code_version())
 
 
-def _fallback_fingerprint(root: Path) -> str:
-    """sha256 over the relative path and bytes of every non-hidden file under ``root``, sorted."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        relative = path.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        digest.update(relative.as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def dataset_record(root: str | Path, train_json: str, val_json: str, images_dir: str = "images") -> dict:
-    """Paths and content hash of a COCO dataset: ``{"root", "train_json", "val_json", "hash", "hash_method"}``.
-
-    The hash is ``tfg_mm.data.dataset_fingerprint`` (annotation files and the bytes of the images
-    they reference, under ``images_dir``) when that module provides it, else a sha256 of every
-    file under the dataset root.
-    """
-    root_path = resolve_path(root)
-    annotations = [root_path / train_json, root_path / val_json]
-    for path, key in zip(annotations, ("train_json", "val_json")):
-        if not path.is_file():
-            raise DataError(
-                f"{path}: annotation file not found (dataset `{root}`, {key} `{path.name}`); check the "
-                f"`dataset` and `{key}` parameters, or generate the synthetic set with `python -m tfg_mm generate`"
-            )
-    try:
-        from tfg_mm.data import dataset_fingerprint
-    except ImportError:
-        digest, method = _fallback_fingerprint(root_path), "sha256 of every file under root (tfg_mm.runs)"
-    else:
-        digest = dataset_fingerprint(root_path, [str(p) for p in annotations], images_dir=images_dir)
-        method = "tfg_mm.data.dataset_fingerprint"
-    return {
-        "root": str(root_path),
-        "train_json": str(annotations[0]),
-        "val_json": str(annotations[1]),
-        "hash": digest,
-        "hash_method": method,
-    }
-
-
 def run_id(params: Params | Mapping[str, Any], dataset_hash: str, code: Mapping[str, Any],
            depends_on: str = "") -> str:
     """Stable 16-hex-digit id of what determines a run's result.
@@ -188,6 +145,20 @@ def is_finished(run_dir: str | Path) -> bool:
         return json.loads(path.read_text(encoding="utf-8")).get("status") == "finished"
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def finished_run(run_dir: str | Path, run_id: str) -> dict | None:
+    """The contract of the finished run in ``run_dir`` when it is this very run (same ``run_id``), else None.
+
+    A run is the same when its params, dataset content hash and code version (and what it depends
+    on, :func:`run_id`) match, so re-running a notebook or the pipeline reuses it instead of
+    training again. A finished run with another id is refused by :func:`prepare_run_dir` unless
+    ``overwrite``.
+    """
+    if not is_finished(run_dir):
+        return None
+    existing = read_metrics(run_dir)
+    return existing if existing.get("run_id") == run_id else None
 
 
 def _clear(path: Path) -> None:
@@ -231,7 +202,7 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool = False, resume: bool =
     if not (path / MARKER_FILE).exists():
         atomic_write_json(
             path / MARKER_FILE,
-            {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "package": tfg_mm.__version__},
+            {"created": datetime.now(UTC).isoformat(timespec="seconds"), "package": tfg_mm.__version__},
         )
     return path
 
@@ -355,7 +326,7 @@ def write_metrics(
         "schema_version": SCHEMA_VERSION,
         "status": status,
         "run_id": run_id(params, dataset["hash"], code, depends_on),
-        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "updated": datetime.now(UTC).isoformat(timespec="seconds"),
         "params": params.model_dump(mode="json"),
         "params_changed": _json_safe(diff_from_default(params)),
         "dataset": _json_safe(dict(dataset)),

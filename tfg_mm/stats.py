@@ -79,7 +79,7 @@ class _ByImage:
     columns: dict[str, list]
 
     @classmethod
-    def build(cls, image_pos: np.ndarray, n_images: int, columns: dict[str, np.ndarray]) -> "_ByImage":
+    def build(cls, image_pos: np.ndarray, n_images: int, columns: dict[str, np.ndarray]) -> _ByImage:
         order = np.argsort(image_pos, kind="stable")  # stable: keeps the original order within an image
         count = np.bincount(image_pos, minlength=n_images)
         start = np.cumsum(count) - count

@@ -2,8 +2,9 @@
 
 The loop (:class:`Trainer`) knows nothing about DEIMv2 or text: a :class:`Task` supplies the
 model, its loss, its prediction function, its parameter groups and how to save it. Phase 1
-(:class:`BaselineTask`, :func:`run_baseline`) trains or evaluates the detector alone; phase 2
-(``tfg_mm.phase2``) plugs its multimodal task into the same loop.
+(:mod:`tfg_mm.baseline`) trains or evaluates the detector alone; phase 2 (:mod:`tfg_mm.phase2`)
+plugs its multimodal task into the same loop. :mod:`tfg_mm.experiment` is the sequence around it
+(reuse check, run folder, seeding, data, the phase's task, the run contract).
 
 What the loop guarantees, for every phase:
 - AdamW (or SGD) with the task's parameter groups; linear warm-up then flat-cosine / cosine;
@@ -26,24 +27,23 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
-from tfg_mm.config import resolve_path
 from tfg_mm.errors import CheckpointError, ConfigError, TrainingError
+from tfg_mm.evaluate import evaluate
 from tfg_mm.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,11 +176,15 @@ class Task:
         """Put the model in training mode (phase 2 keeps a frozen detector in eval or frozen-train mode)."""
         model.train()
 
-    def on_epoch_start(self, epoch: int, trainer: "Trainer") -> None:
+    def on_epoch_start(self, epoch: int, trainer: Trainer) -> None:
         """Stage switches (phase 2) happen here. Called before every epoch, also after resume."""
 
     def epoch_extra(self, model: nn.Module) -> dict:
         """Extra per-epoch numbers for the history (e.g. alpha, logit scale)."""
+        return {}
+
+    def contract_extra(self) -> dict:
+        """Top-level run-contract entries measured while training, rewritten with every contract write."""
         return {}
 
     def state_dict(self) -> dict:
@@ -205,8 +209,6 @@ class Trainer:
     def __init__(self, params, task: Task, train_loader: DataLoader, val_loader: DataLoader, coco_gt,
                  cat_ids: list[int], run_dir: Path, loader_gen: torch.Generator,
                  write_contract: Callable[[list[dict], dict | None, str], None], progress: bool = True):
-        from accelerate import Accelerator
-
         self.params = params
         self.task = task
         self.run_dir = Path(run_dir)
@@ -219,7 +221,8 @@ class Trainer:
         self.write_contract = write_contract
         cpu = params.device == "cpu" or (params.device == "auto" and not torch.cuda.is_available())
         if params.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("Parameter `device: cuda` but no CUDA device is visible. Fix: set `device: auto` or `cpu`.")
+            raise ConfigError("Parameter `device: cuda` but no CUDA device is visible. "
+                              "Fix: set `device: auto` or `cpu`.")
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=params.amp)
         if self.accelerator.num_processes > 1:
             # The loop uses accelerate for device placement, mixed precision and backward; it does not
@@ -318,8 +321,6 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> tuple[dict, list[dict]]:
-        from tfg_mm.evaluate import evaluate
-
         model = self.eval_model()
         was_training = model.training
         model.eval()
@@ -454,198 +455,3 @@ def _to_device(batch: dict, device) -> dict:
     out["pixel_values"] = batch["pixel_values"].to(device)
     out["labels"] = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in batch["labels"]]
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Data for every phase
-# ----------------------------------------------------------------------------------------------
-DEFAULT_DATASET = "data/synthetic"
-
-
-def resolve_dataset(params, progress: bool = True) -> Path:
-    """The dataset folder; the embedded synthetic set is generated when it is the default and absent."""
-    root = resolve_path(params.dataset)
-    if params.dataset == DEFAULT_DATASET and params.generate_if_missing:
-        # (re)generated when absent or made by other generator settings / version; a no-op otherwise
-        from tfg_mm.data.synthetic import generate
-
-        root = generate(REPO_ROOT / DEFAULT_DATASET, seed=params.synthetic_seed, n_train=params.synthetic_train,
-                        n_val=params.synthetic_val, image_size=params.synthetic_image_size, progress=progress)
-    if not root.exists():
-        raise ConfigError(f"Parameter `dataset`: folder {root} does not exist. Fix: point `dataset` at a COCO folder "
-                          f"with `{params.images_dir}/`, `{params.train_json}` and `{params.val_json}`, or use the "
-                          f"embedded default `{DEFAULT_DATASET}` (generated on first use).")
-    return root
-
-
-@dataclass
-class Data:
-    root: Path
-    train: Any
-    val: Any
-    train_loader: DataLoader
-    val_loader: DataLoader
-    class_names: list[str]
-    cat_ids: list[int]
-    record: dict
-
-
-def make_data(params, loader_gen: torch.Generator, progress: bool = True, need_train: bool = True) -> Data:
-    from tfg_mm.data import CocoDetection, collate
-    from tfg_mm.runs import dataset_record
-
-    root = resolve_dataset(params, progress=progress)
-    val = CocoDetection(root, params.val_json, params.images_dir, image_size=params.image_size, train=False,
-                        augment=False)
-    train = None
-    train_loader = None
-    if need_train:
-        train = CocoDetection(root, params.train_json, params.images_dir, image_size=params.image_size, train=True,
-                              augment=params.augment)
-        if list(train.categories) != list(val.categories):
-            raise ConfigError(f"The train and val annotation files of {root} list different categories "
-                              f"({train.categories} vs {val.categories}). Fix: use one category list in both.")
-        train_loader = DataLoader(train, batch_size=params.batch_size, shuffle=True, generator=loader_gen,
-                                  collate_fn=collate, num_workers=params.num_workers,
-                                  drop_last=len(train) > params.batch_size)
-    val_loader = DataLoader(val, batch_size=params.batch_size, shuffle=False, collate_fn=collate,
-                            num_workers=params.num_workers)
-    return Data(root, train, val, train_loader, val_loader, list(val.categories), list(val.cat_ids),
-                dataset_record(root, params.train_json, params.val_json, params.images_dir))
-
-
-# ----------------------------------------------------------------------------------------------
-# Phase 1: the DEIMv2 baseline
-# ----------------------------------------------------------------------------------------------
-def _is_project_model(model: nn.Module) -> bool:
-    from tfg_mm.detector import TfgDeimv2ForObjectDetection
-
-    return isinstance(model, TfgDeimv2ForObjectDetection)
-
-
-class BaselineTask(Task):
-    """The detector alone, trained with the official DEIMv2 criterion (``tfg_mm.loss``)."""
-
-    def __init__(self, model: nn.Module, class_names: list[str]):
-        self.model = model
-        self.class_names = class_names
-
-    def param_groups(self, params) -> list[dict]:
-        backbone, rest = [], []
-        for name, prm in self.model.named_parameters():
-            (backbone if name.startswith("model.conv_encoder.") else rest).append((name, prm))
-        return (split_decay(backbone, params.lr_backbone, params.weight_decay, "backbone")
-                + split_decay(rest, params.lr, params.weight_decay, "detector"))
-
-    def loss(self, model, batch, epoch):
-        kwargs = {"epoch": epoch} if _is_project_model(model) else {}
-        out = model(batch["pixel_values"], labels=batch["labels"], **kwargs)
-        terms = {k: float(v) for k, v in (out.loss_dict or {}).items()}
-        return out.loss, terms
-
-    def predict_fn(self, model):
-        def fn(pixel_values):
-            out = model(pixel_values)
-            return out.logits, out.pred_boxes
-
-        return fn
-
-    def save_model(self, model, folder, metadata):
-        from tfg_mm import detector
-
-        if _is_project_model(model):
-            detector.save(model, folder, metadata)
-        else:  # the uncorrected upstream model (benchmark comparison only)
-            from tfg_mm.io import atomic_dir
-
-            with atomic_dir(folder) as tmp:
-                model.save_pretrained(tmp)
-
-
-def build_baseline_model(params, data: Data) -> tuple[nn.Module, dict]:
-    """The detector a baseline run trains or evaluates, and where it came from."""
-    from tfg_mm import detector
-
-    id2label = dict(enumerate(data.class_names))
-    n = params.num_classes or len(data.class_names)
-    if params.num_classes and params.num_classes != len(data.class_names):
-        raise ConfigError(f"Parameter `num_classes: {params.num_classes}` but the dataset {data.root} has "
-                          f"{len(data.class_names)} classes ({data.class_names}). Fix: remove `num_classes` to use "
-                          f"the dataset's classes.")
-    source = params.checkpoint or params.pretrained
-    if source:
-        path = resolve_path(source)
-        if path.is_dir() and (path / "metrics.json").exists() and (path / "checkpoints" / "best").exists():
-            path = path / "checkpoints" / "best"  # a run_dir of notebook 01
-        if path.is_dir():
-            model = detector.load(path, num_classes=n, reinit_class_heads=params.reinit_class_heads, id2label=id2label)
-        else:
-            model = detector.from_pretrained(str(source))
-        return model, {"source": str(path), "preset": params.preset}
-    model = detector.build(params.preset, n, id2label=id2label, image_size=params.image_size, seed=params.seed,
-                           fidelity=params.fidelity)
-    return model, {"source": "random init", "preset": params.preset, "fidelity": params.fidelity}
-
-
-def finished_same_run(params, progress: bool = False, depends_on: str = "") -> tuple[dict | None, str]:
-    """``(metrics, run_id)``: the finished run in ``params.run_dir`` if it is this very run, else None.
-
-    A run is the same when its ``run_id`` (params, dataset content hash, code version) matches, so
-    re-running a notebook or the pipeline reuses it instead of training again. A finished run with
-    another id is refused by :func:`tfg_mm.runs.prepare_run_dir` unless ``overwrite: true``.
-    ``depends_on`` names what else the result depends on (phase 2: the baseline run's id).
-    """
-    from tfg_mm import runs
-
-    root = resolve_dataset(params, progress=progress)
-    record = runs.dataset_record(root, params.train_json, params.val_json, params.images_dir)
-    rid = runs.run_id(params, record["hash"], runs.code_version(), depends_on)
-    run_dir = resolve_path(params.run_dir)
-    if runs.is_finished(run_dir) and not params.overwrite:
-        existing = runs.read_metrics(run_dir)
-        if existing.get("run_id") == rid:
-            log.info("reusing the finished run %s (same params, dataset and code)", run_dir)
-            return existing, rid
-    return None, rid
-
-
-def run_baseline(params, progress: bool = True) -> dict:
-    """Notebook 01's work: train (or only evaluate ``checkpoint``) and write the run contract.
-
-    A finished run of the same params, dataset and code in ``run_dir`` is returned as it is.
-    """
-    from tfg_mm import runs
-    from tfg_mm.detector import CORRECTIONS
-
-    existing, _ = finished_same_run(params, progress)
-    if existing is not None:
-        return existing
-    run_dir = runs.prepare_run_dir(resolve_path(params.run_dir), overwrite=params.overwrite, resume=params.resume)
-    loader_gen = seed_everything(params.seed, params.deterministic)
-    data = make_data(params, loader_gen, progress=progress, need_train=not params.checkpoint)
-    model, origin = build_baseline_model(params, data)
-    n_params = sum(p.numel() for p in model.parameters())
-    extra = {"phase": "baseline", "model": {**origin, "parameters": n_params,
-                                            "corrections": list(CORRECTIONS) if params.fidelity == "official" else []},
-             "classes": data.class_names}
-
-    def contract(history, final, status):
-        runs.write_metrics(run_dir, params=params, dataset=data.record, history=history, final=final, extra=extra,
-                           status=status)
-
-    task = BaselineTask(model, data.class_names)
-    if params.checkpoint:  # evaluate an existing checkpoint, no training
-        trainer = Trainer(params, task, data.val_loader, data.val_loader, data.val.coco, data.cat_ids, run_dir,
-                          loader_gen, contract, progress)
-        task.model.to(trainer.accelerator.device)
-        metrics, _ = trainer.evaluate()
-        entry = {"epoch": 0, **{k: metrics[k] for k in ("map", "map50", "map75", "map_small", "map_medium",
-                                                        "map_large", "per_class")},
-                 "lr": 0.0, "loss": None, "losses": {}, "seconds": 0.0}
-        final = {**entry, "selected_by": "evaluation only", "checkpoint": origin["source"]}
-        contract([entry], final, "finished")
-        return runs.read_metrics(run_dir)
-    trainer = Trainer(params, task, data.train_loader, data.val_loader, data.val.coco, data.cat_ids, run_dir,
-                      loader_gen, contract, progress)
-    trainer.fit()
-    return runs.read_metrics(run_dir)

@@ -41,6 +41,7 @@ from typing import Any
 
 from tfg_mm import runs
 from tfg_mm.config import AblationParams, Params, diff_from_default, load_grid, load_params, resolve_path
+from tfg_mm.data.loaders import dataset_record
 from tfg_mm.data.synthetic import HARD_CLASSES
 from tfg_mm.errors import CheckpointError, ConfigError, DataError
 from tfg_mm.io import atomic_write_json
@@ -113,7 +114,7 @@ def _dataset_hash(params, cache: dict) -> str | None:
     key = (params.dataset, params.train_json, params.val_json)
     if key not in cache:
         try:
-            cache[key] = runs.dataset_record(params.dataset, params.train_json, params.val_json)["hash"]
+            cache[key] = dataset_record(params.dataset, params.train_json, params.val_json)["hash"]
         except DataError:
             cache[key] = None
     return cache[key]

@@ -27,16 +27,15 @@ from typing import Any
 import torch
 
 from tfg_mm import detector as det
+from tfg_mm.baseline import BaselineTask
 from tfg_mm.config import load_params
+from tfg_mm.data.loaders import make_data
 from tfg_mm.errors import DataError
 from tfg_mm.evaluate import evaluate
 from tfg_mm.io import atomic_write_json
 from tfg_mm.model import MultimodalDetector
-
-# The data building, seeding, phase-1 prediction and fusion construction of the training code:
-# every import of the grid from train / phase2 that another module may take over sits here.
 from tfg_mm.phase2 import build_fusion_from_config
-from tfg_mm.train import BaselineTask, make_data, seed_everything
+from tfg_mm.train import seed_everything
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset

@@ -8,8 +8,8 @@ seaborn histograms of box sizes per class), ``class_counts`` the per-class table
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np

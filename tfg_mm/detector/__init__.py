@@ -3,6 +3,13 @@
 Importing this package registers the model type ``tfg_deimv2`` with transformers' Auto classes.
 """
 
+from tfg_mm.detector.checkpoint import (
+    from_pretrained,
+    load,
+    load_state_dict_checked,
+    read_metadata,
+    save,
+)
 from tfg_mm.detector.official import (
     CORRECTION_DOCS,
     CORRECTIONS,
@@ -14,13 +21,6 @@ from tfg_mm.detector.official import (
     register_auto_classes,
     trainable_parameter_summary,
     unfreeze,
-)
-from tfg_mm.detector.checkpoint import (
-    from_pretrained,
-    load,
-    load_state_dict_checked,
-    read_metadata,
-    save,
 )
 from tfg_mm.detector.presets import PRESETS, build, preset_config, preset_image_size
 

@@ -363,7 +363,7 @@ def apply_corrections(model: TfgDeimv2ForObjectDetection) -> None:
 OFFICIAL_PRIOR_PROB = 0.01
 
 
-def official_head_init(model: "TfgDeimv2ForObjectDetection") -> None:
+def official_head_init(model: TfgDeimv2ForObjectDetection) -> None:
     """Initialise the heads as the official decoder's ``_reset_parameters`` does.
 
     transformers' ``_init_weights`` is not applied to the heads of this subclass as it is to its own

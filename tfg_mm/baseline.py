@@ -1,0 +1,102 @@
+"""Phase 1: the DEIMv2 detector alone (notebook 01).
+
+:func:`run_baseline` trains the detector with the official DEIMv2 criterion (``tfg_mm.loss``), or
+only evaluates an existing ``checkpoint``, through the one run sequence of
+:mod:`tfg_mm.experiment`. Every later number (phase 2, ablations) is compared with this run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from tfg_mm import detector
+from tfg_mm.config import RunPaths
+from tfg_mm.data.loaders import Data
+from tfg_mm.errors import ConfigError
+from tfg_mm.experiment import Setup, run_experiment
+from tfg_mm.io import atomic_dir
+from tfg_mm.train import Task, split_decay
+
+
+def _is_project_model(model: nn.Module) -> bool:
+    return isinstance(model, detector.TfgDeimv2ForObjectDetection)
+
+
+class BaselineTask(Task):
+    """The detector alone, trained with the official DEIMv2 criterion (``tfg_mm.loss``)."""
+
+    def __init__(self, model: nn.Module, class_names: list[str]):
+        self.model = model
+        self.class_names = class_names
+
+    def param_groups(self, params) -> list[dict]:
+        backbone, rest = [], []
+        for name, prm in self.model.named_parameters():
+            (backbone if name.startswith("model.conv_encoder.") else rest).append((name, prm))
+        return (split_decay(backbone, params.lr_backbone, params.weight_decay, "backbone")
+                + split_decay(rest, params.lr, params.weight_decay, "detector"))
+
+    def loss(self, model, batch, epoch):
+        kwargs = {"epoch": epoch} if _is_project_model(model) else {}
+        out = model(batch["pixel_values"], labels=batch["labels"], **kwargs)
+        terms = {k: float(v) for k, v in (out.loss_dict or {}).items()}
+        return out.loss, terms
+
+    def predict_fn(self, model):
+        def fn(pixel_values):
+            out = model(pixel_values)
+            return out.logits, out.pred_boxes
+
+        return fn
+
+    def save_model(self, model, folder, metadata):
+        if _is_project_model(model):
+            detector.save(model, folder, metadata)
+        else:  # the uncorrected upstream model (benchmark comparison only)
+            with atomic_dir(folder) as tmp:
+                model.save_pretrained(tmp)
+
+
+def build_baseline_model(params, data: Data, source: Path | None) -> tuple[nn.Module, dict]:
+    """The detector a baseline run trains or evaluates, and where it came from.
+
+    ``source`` is ``checkpoint`` (else ``pretrained``) resolved (:attr:`tfg_mm.config.RunPaths.source`);
+    None builds the preset with a random init.
+    """
+    id2label = dict(enumerate(data.class_names))
+    n = params.num_classes or len(data.class_names)
+    if params.num_classes and params.num_classes != len(data.class_names):
+        raise ConfigError(f"Parameter `num_classes: {params.num_classes}` but the dataset {data.root} has "
+                          f"{len(data.class_names)} classes ({data.class_names}). Fix: remove `num_classes` to use "
+                          f"the dataset's classes.")
+    if source is not None:
+        path = source
+        if path.is_dir() and (path / "metrics.json").exists() and (path / "checkpoints" / "best").exists():
+            path = path / "checkpoints" / "best"  # a run_dir of notebook 01
+        if path.is_dir():
+            model = detector.load(path, num_classes=n, reinit_class_heads=params.reinit_class_heads, id2label=id2label)
+        else:  # a Hugging Face id, as written in the params
+            model = detector.from_pretrained(params.checkpoint or params.pretrained)
+        return model, {"source": str(path), "preset": params.preset}
+    model = detector.build(params.preset, n, id2label=id2label, image_size=params.image_size, seed=params.seed,
+                           fidelity=params.fidelity)
+    return model, {"source": "random init", "preset": params.preset, "fidelity": params.fidelity}
+
+
+def run_baseline(params, progress: bool = True) -> dict:
+    """Notebook 01's work: train (or only evaluate ``checkpoint``) and write the run contract.
+
+    A finished run of the same params, dataset and code in ``run_dir`` is returned as it is.
+    """
+    paths = RunPaths.of(params)
+
+    def build(data: Data) -> Setup:
+        model, origin = build_baseline_model(params, data, paths.source)
+        n_params = sum(p.numel() for p in model.parameters())
+        corrections = list(detector.CORRECTIONS) if params.fidelity == "official" else []
+        extra = {"model": {**origin, "parameters": n_params, "corrections": corrections}, "classes": data.class_names}
+        return Setup(BaselineTask(model, data.class_names), extra, evaluated=origin["source"])
+
+    return run_experiment(params, paths, "baseline", build, train=not params.checkpoint, progress=progress)

@@ -1,0 +1,108 @@
+"""The data a run trains and evaluates on: where the dataset is, what it is, and its loaders.
+
+- :func:`resolve_dataset`: the dataset folder of ``params.dataset``; the embedded synthetic set is
+  generated on first use when it is the default.
+- :func:`dataset_record`: the dataset's paths and content hash, as stored in the run contract and
+  folded into the run id. A run computes it once and passes it on.
+- :func:`make_data`: the COCO datasets and their loaders (:class:`Data`). The train loader shuffles
+  with the generator that :func:`tfg_mm.train.seed_everything` returns, so the data order is a
+  function of the seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from tfg_mm.config import resolve_path
+from tfg_mm.data.coco import CocoDetection, collate, dataset_fingerprint
+from tfg_mm.data.synthetic import generate
+from tfg_mm.errors import ConfigError, DataError
+
+#: The embedded default dataset (relative to the project root), generated on first use.
+DEFAULT_DATASET = "data/synthetic"
+
+
+def resolve_dataset(params, progress: bool = True, root: Path | None = None) -> Path:
+    """The dataset folder; the embedded synthetic set is generated when it is the default and absent.
+
+    ``root``: ``params.dataset`` already resolved (:attr:`tfg_mm.config.RunPaths.dataset`).
+    """
+    root = resolve_path(params.dataset) if root is None else root
+    if params.dataset == DEFAULT_DATASET and params.generate_if_missing:
+        # (re)generated when absent or made by other generator settings / version; a no-op otherwise
+        root = generate(root, seed=params.synthetic_seed, n_train=params.synthetic_train,
+                        n_val=params.synthetic_val, image_size=params.synthetic_image_size, progress=progress)
+    if not root.exists():
+        raise ConfigError(f"Parameter `dataset`: folder {root} does not exist. Fix: point `dataset` at a COCO folder "
+                          f"with `{params.images_dir}/`, `{params.train_json}` and `{params.val_json}`, or use the "
+                          f"embedded default `{DEFAULT_DATASET}` (generated on first use).")
+    return root
+
+
+def dataset_record(root: str | Path, train_json: str, val_json: str, images_dir: str = "images") -> dict:
+    """Paths and content hash of a COCO dataset: ``{"root", "train_json", "val_json", "hash", "hash_method"}``.
+
+    The hash is :func:`tfg_mm.data.coco.dataset_fingerprint`: the annotation files and the bytes of
+    the images they reference, under ``images_dir``.
+    """
+    root_path = resolve_path(root)
+    annotations = [root_path / train_json, root_path / val_json]
+    for path, key in zip(annotations, ("train_json", "val_json")):
+        if not path.is_file():
+            raise DataError(
+                f"{path}: annotation file not found (dataset `{root}`, {key} `{path.name}`); check the "
+                f"`dataset` and `{key}` parameters, or generate the synthetic set with `python -m tfg_mm generate`"
+            )
+    return {
+        "root": str(root_path),
+        "train_json": str(annotations[0]),
+        "val_json": str(annotations[1]),
+        "hash": dataset_fingerprint(root_path, [str(p) for p in annotations], images_dir=images_dir),
+        "hash_method": "tfg_mm.data.dataset_fingerprint",
+    }
+
+
+@dataclass
+class Data:
+    root: Path
+    train: Any
+    val: Any
+    train_loader: DataLoader
+    val_loader: DataLoader
+    class_names: list[str]
+    cat_ids: list[int]
+    record: dict
+
+
+def make_data(params, loader_gen: torch.Generator, progress: bool = True, need_train: bool = True,
+              record: dict | None = None) -> Data:
+    """The run's datasets and loaders (the train ones only when ``need_train``).
+
+    ``record`` is the run's :func:`dataset_record` when the caller has already located and
+    fingerprinted the dataset (a run does it once, before its reuse check); without it the dataset
+    is located here and fingerprinted after loading.
+    """
+    root = Path(record["root"]) if record is not None else resolve_dataset(params, progress=progress)
+    val = CocoDetection(root, params.val_json, params.images_dir, image_size=params.image_size, train=False,
+                        augment=False)
+    train = None
+    train_loader = None
+    if need_train:
+        train = CocoDetection(root, params.train_json, params.images_dir, image_size=params.image_size, train=True,
+                              augment=params.augment)
+        if list(train.categories) != list(val.categories):
+            raise ConfigError(f"The train and val annotation files of {root} list different categories "
+                              f"({train.categories} vs {val.categories}). Fix: use one category list in both.")
+        train_loader = DataLoader(train, batch_size=params.batch_size, shuffle=True, generator=loader_gen,
+                                  collate_fn=collate, num_workers=params.num_workers,
+                                  drop_last=len(train) > params.batch_size)
+    val_loader = DataLoader(val, batch_size=params.batch_size, shuffle=False, collate_fn=collate,
+                            num_workers=params.num_workers)
+    if record is None:
+        record = dataset_record(root, params.train_json, params.val_json, params.images_dir)
+    return Data(root, train, val, train_loader, val_loader, list(val.categories), list(val.cat_ids), record)

@@ -1,0 +1,85 @@
+"""The one sequence of a training run, shared by phase 1 (:mod:`tfg_mm.baseline`) and phase 2 (:mod:`tfg_mm.phase2`).
+
+:func:`run_experiment`, in this order:
+
+1. the dataset is located (the embedded default is generated on first use) and fingerprinted,
+   once: the record is stored in the run contract and folded into the run id;
+2. a finished run with the same run id in ``run_dir`` is returned as it is (reuse);
+3. ``run_dir`` is prepared (another finished run there is refused unless ``overwrite``);
+4. every RNG is seeded, then the data are loaded, then the phase builds its model and task. This
+   order fixes which random numbers each step draws, so it is part of a run's result;
+5. the loop (:class:`~tfg_mm.train.Trainer`) trains and rewrites the run contract after every
+   evaluated epoch, or, for an evaluation-only run, the checkpoint is evaluated once;
+6. the run contract, as written, is returned.
+
+The phase supplies its paths (:class:`~tfg_mm.config.RunPaths`, resolved once when the run
+starts), its name, what else its result depends on, and a ``build`` step that turns the loaded
+:class:`~tfg_mm.data.loaders.Data` into a :class:`Setup`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tfg_mm import runs
+from tfg_mm.config import RunPaths
+from tfg_mm.data.loaders import Data, dataset_record, make_data, resolve_dataset
+from tfg_mm.train import Task, Trainer, seed_everything
+
+log = logging.getLogger(__name__)
+
+#: The per-class / size metrics an evaluation-only run records, as a training run's history does.
+_EVAL_KEYS = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "per_class")
+
+
+@dataclass
+class Setup:
+    """What a phase builds once its data are loaded."""
+
+    task: Task
+    #: the phase's top-level entries of the run contract (they follow ``phase``)
+    extra: dict
+    #: an evaluation-only run: the checkpoint it evaluates, named in ``final``
+    evaluated: str = ""
+
+
+def run_experiment(params, paths: RunPaths, phase: str, build: Callable[[Data], Setup], *, depends_on: str = "",
+                   train: bool = True, progress: bool = True) -> dict:
+    """Run one phase-1 / phase-2 experiment (the steps in the module docstring); returns its run contract.
+
+    ``depends_on`` names what else the result depends on (phase 2: the baseline run's id); it is
+    folded into the run id. ``train=False`` evaluates the model ``build`` loads instead of training.
+    """
+    root = resolve_dataset(params, progress=progress, root=paths.dataset)
+    record = dataset_record(root, params.train_json, params.val_json, params.images_dir)
+    if not params.overwrite:
+        rid = runs.run_id(params, record["hash"], runs.code_version(), depends_on)
+        existing = runs.finished_run(paths.run_dir, rid)
+        if existing is not None:
+            log.info("reusing the finished run %s (same params, dataset and code)", paths.run_dir)
+            return existing
+    runs.prepare_run_dir(paths.run_dir, overwrite=params.overwrite, resume=params.resume)
+    loader_gen = seed_everything(params.seed, params.deterministic)
+    data = make_data(params, loader_gen, progress=progress, need_train=train, record=record)
+    setup = build(data)
+    task = setup.task
+
+    def contract(history: list[dict], final: dict | None, status: str) -> None:
+        runs.write_metrics(paths.run_dir, params=params, dataset=record, history=history, final=final,
+                           extra={"phase": phase, **setup.extra, **task.contract_extra()}, status=status,
+                           depends_on=depends_on)
+
+    if train:
+        Trainer(params, task, data.train_loader, data.val_loader, data.val.coco, data.cat_ids, paths.run_dir,
+                loader_gen, contract, progress).fit()
+    else:
+        trainer = Trainer(params, task, data.val_loader, data.val_loader, data.val.coco, data.cat_ids,
+                          paths.run_dir, loader_gen, contract, progress)
+        task.model.to(trainer.accelerator.device)
+        metrics, _ = trainer.evaluate()
+        entry = {"epoch": 0, **{k: metrics[k] for k in _EVAL_KEYS}, "lr": 0.0, "loss": None, "losses": {},
+                 "seconds": 0.0}
+        contract([entry], {**entry, "selected_by": "evaluation only", "checkpoint": setup.evaluated}, "finished")
+    return runs.read_metrics(paths.run_dir)
