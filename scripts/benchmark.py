@@ -66,18 +66,30 @@ def bench_data() -> dict:
 def bench_baseline(workdir: Path) -> dict:
     out = {}
     for fidelity in ("official", "transformers"):
-        params = load_params(REPO / "params" / "baseline.yaml", {"run_dir": str(workdir / f"baseline_{fidelity}"),
-                                                                 "fidelity": fidelity, "overwrite": True,
-                                                                 "resume": False})
+        params = load_params(
+            REPO / "params" / "baseline.yaml",
+            {
+                "run_dir": str(workdir / f"baseline_{fidelity}"),
+                "fidelity": fidelity,
+                "overwrite": True,
+                "resume": False,
+            },
+        )
         t0 = time.perf_counter()
         m = run_baseline(params, progress=False)
         seconds = time.perf_counter() - t0
         f = m["final"]
-        out[fidelity] = {"map50": f["map50"], "map": f["map"], "seconds": round(seconds, 1),
-                         "per_class_ap50": {k: v["ap50"] for k, v in f["per_class"].items()},
-                         "epoch": f["epoch"]}
-        print(f"[baseline/{fidelity}] mAP50 {f['map50']:.4f}  mAP50:95 {f['map']:.4f}  {seconds:.0f} s  "
-              f"per-class AP50 { {k: round(v['ap50'], 3) for k, v in f['per_class'].items()} }")
+        out[fidelity] = {
+            "map50": f["map50"],
+            "map": f["map"],
+            "seconds": round(seconds, 1),
+            "per_class_ap50": {k: v["ap50"] for k, v in f["per_class"].items()},
+            "epoch": f["epoch"],
+        }
+        print(
+            f"[baseline/{fidelity}] mAP50 {f['map50']:.4f}  mAP50:95 {f['map']:.4f}  {seconds:.0f} s  "
+            f"per-class AP50 { {k: round(v['ap50'], 3) for k, v in f['per_class'].items()} }"
+        )
     return out
 
 
@@ -95,9 +107,16 @@ def _median_latency(fn, x, repeats: int = 30) -> float:
 
 def bench_phase2(workdir: Path) -> dict:
     base_dir = workdir / "baseline_official"
-    params = load_params(REPO / "params" / "phase2.yaml", {"baseline": str(base_dir), "augment": False,
-                                                           "run_dir": str(workdir / "phase2_bench"),
-                                                           "overwrite": True, "resume": False})
+    params = load_params(
+        REPO / "params" / "phase2.yaml",
+        {
+            "baseline": str(base_dir),
+            "augment": False,
+            "run_dir": str(workdir / "phase2_bench"),
+            "overwrite": True,
+            "resume": False,
+        },
+    )
     ensure_baseline(params)
     gen = seed_everything(params.seed)
     data = make_data(params, gen, progress=False)
@@ -109,8 +128,10 @@ def bench_phase2(workdir: Path) -> dict:
     t_det = _median_latency(lambda v: det(v), x)
     t_mm = _median_latency(lambda v: model.predict(v), x)
     overhead = (t_mm / t_det - 1) * 100
-    print(f"[phase2] latency batch 1 @ {params.image_size}px: detector {t_det * 1e3:.2f} ms, multimodal "
-          f"{t_mm * 1e3:.2f} ms, overhead {overhead:+.1f} % (target <= 5 %)")
+    print(
+        f"[phase2] latency batch 1 @ {params.image_size}px: detector {t_det * 1e3:.2f} ms, multimodal "
+        f"{t_mm * 1e3:.2f} ms, overhead {overhead:+.1f} % (target <= 5 %)"
+    )
 
     # stage-A warm-up epoch: from the cache vs full forward passes (same cached-mode definition), at
     # the embedded default's 160 px and at atto's official input size 320 px (images upsampled)
@@ -124,8 +145,18 @@ def bench_phase2(workdir: Path) -> dict:
             model, _, _ = build_multimodal(sized, data.class_names)
             task = Phase2Task(model, data.class_names, sized, data.train)
             task.use_cache = use_cache
-            trainer = Trainer(sized, task, data.train_loader, data.val_loader, data.val.coco, data.cat_ids,
-                              Path(tempfile.mkdtemp()), gen, lambda *a: None, progress=False)
+            trainer = Trainer(
+                sized,
+                task,
+                data.train_loader,
+                data.val_loader,
+                data.val.coco,
+                data.cat_ids,
+                Path(tempfile.mkdtemp()),
+                gen,
+                lambda *a: None,
+                progress=False,
+            )
             task.on_epoch_start(1, trainer)
             trainer.rebuild_optimizer()
             model.to(trainer.accelerator.device)
@@ -136,16 +167,25 @@ def bench_phase2(workdir: Path) -> dict:
                 times.append(time.perf_counter() - t0)
             results[use_cache] = {"epoch_seconds": times, "fusion": copy.deepcopy(model.fusion.state_dict())}
         cached, full = results[True], results[False]
-        diff = max((cached["fusion"][k].float() - full["fusion"][k].float()).abs().max().item()
-                   for k in cached["fusion"])
+        diff = max(
+            (cached["fusion"][k].float() - full["fusion"][k].float()).abs().max().item() for k in cached["fusion"]
+        )
         speedup = full["epoch_seconds"][1] / cached["epoch_seconds"][1]
-        print(f"[phase2] warm-up epoch @ {size}px: full forward {full['epoch_seconds'][1]:.2f} s, from cache "
-              f"{cached['epoch_seconds'][1]:.2f} s (first, cache-building epoch {cached['epoch_seconds'][0]:.2f} s): "
-              f"{speedup:.1f}x (target >= 10x); max |fusion param diff| after 2 epochs = {diff:.2e}")
-        warmup[str(size)] = {"full_forward_seconds": full["epoch_seconds"], "cached_seconds": cached["epoch_seconds"],
-                             "speedup": speedup, "cached_vs_full_max_param_diff": diff}
-    return {"latency_ms": {"detector": t_det * 1e3, "multimodal": t_mm * 1e3, "overhead_percent": overhead},
-            "warmup": warmup}
+        print(
+            f"[phase2] warm-up epoch @ {size}px: full forward {full['epoch_seconds'][1]:.2f} s, from cache "
+            f"{cached['epoch_seconds'][1]:.2f} s (first, cache-building epoch {cached['epoch_seconds'][0]:.2f} s): "
+            f"{speedup:.1f}x (target >= 10x); max |fusion param diff| after 2 epochs = {diff:.2e}"
+        )
+        warmup[str(size)] = {
+            "full_forward_seconds": full["epoch_seconds"],
+            "cached_seconds": cached["epoch_seconds"],
+            "speedup": speedup,
+            "cached_vs_full_max_param_diff": diff,
+        }
+    return {
+        "latency_ms": {"detector": t_det * 1e3, "multimodal": t_mm * 1e3, "overhead_percent": overhead},
+        "warmup": warmup,
+    }
 
 
 def bench_pipeline() -> dict:
@@ -166,8 +206,14 @@ def main() -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(","))
-    report = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}}
+    report = {
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+        }
+    }
     if "data" in only:
         report["data"] = bench_data()
     if "baseline" in only:

@@ -27,5 +27,7 @@ def official_fixture(name: str) -> Path:
     for root in roots:
         if (root / name).is_dir():
             return root / name
-    pytest.skip(f"official DEIMv2 fixture `{name}` is not in tests/fixtures/deimv2_official/: set {ENV_VAR} "
-                f"to a deimv2_official folder that holds it")
+    pytest.skip(
+        f"official DEIMv2 fixture `{name}` is not in tests/fixtures/deimv2_official/: set {ENV_VAR} "
+        f"to a deimv2_official folder that holds it"
+    )

@@ -21,6 +21,7 @@ from PIL import Image
 from tfg_mm import ablations, reports, runs
 from tfg_mm.baseline import run_baseline
 from tfg_mm.config import load_params, project_root
+from tfg_mm.data.loaders import dataset_record
 from tfg_mm.data.synthetic import HARD_CLASSES
 from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.evaluate import coco_evaluate
@@ -44,10 +45,21 @@ def _make_dataset(root: Path) -> Path:
         images.append({"id": i, "file_name": f"{i}.png", "width": 64, "height": 64})
         for cat in range(1, len(CLASSES) + 1):
             x, y = rng.uniform(0, 30), rng.uniform(0, 30)
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": cat,
-                                "bbox": [x, y, 20.0, 20.0], "area": 400.0, "iscrowd": 0})
-    coco = {"images": images, "annotations": annotations,
-            "categories": [{"id": k + 1, "name": n} for k, n in enumerate(CLASSES)]}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": cat,
+                    "bbox": [x, y, 20.0, 20.0],
+                    "area": 400.0,
+                    "iscrowd": 0,
+                }
+            )
+    coco = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": k + 1, "name": n} for k, n in enumerate(CLASSES)],
+    }
     for split in ("train", "val"):
         (root / f"instances_{split}.json").write_text(json.dumps(coco))
     return root
@@ -61,25 +73,49 @@ def _detections(val_json: str, noise: float, seed: int) -> list[dict]:
     for ann in gt["annotations"]:
         x, y, w, h = ann["bbox"]
         dx, dy = rng.normal(0, noise, 2)
-        out.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": [x + dx, y + dy, w, h],
-                    "score": float(rng.uniform(0.3, 1.0))})
+        out.append(
+            {
+                "image_id": ann["image_id"],
+                "category_id": ann["category_id"],
+                "bbox": [x + dx, y + dy, w, h],
+                "score": float(rng.uniform(0.3, 1.0)),
+            }
+        )
     return out
 
 
 def _write_run(params, run_dir: Path, noise: float, depends_on: str = "") -> None:
-    record = runs.dataset_record(params.dataset, params.train_json, params.val_json)
+    record = dataset_record(params.dataset, params.train_json, params.val_json)
     detections = _detections(record["val_json"], noise, params.seed)
     metrics = coco_evaluate(record["val_json"], detections)
     (run_dir / "checkpoints" / "best").mkdir(parents=True, exist_ok=True)
     (run_dir / "detections_val.json").write_text(json.dumps(detections))
     history = []
     for epoch in range(3):
-        history.append({"epoch": epoch, **{k: metrics[k] for k in ("map", "map50", "map75")},
-                        "per_class": metrics["per_class"], "lr": 1e-4, "loss": None, "losses": {"loss_mal": 1.0 / (epoch + 1)},
-                        "seconds": 0.1, "stage": "A" if epoch < 2 else "B", "alpha_mean": params.alpha + 0.01 * epoch})
+        history.append(
+            {
+                "epoch": epoch,
+                **{k: metrics[k] for k in ("map", "map50", "map75")},
+                "per_class": metrics["per_class"],
+                "lr": 1e-4,
+                "loss": None,
+                "losses": {"loss_mal": 1.0 / (epoch + 1)},
+                "seconds": 0.1,
+                "stage": "A" if epoch < 2 else "B",
+                "alpha_mean": params.alpha + 0.01 * epoch,
+            }
+        )
     final = {**history[-1], "checkpoint": str(run_dir / "checkpoints" / "best"), "selected_by": "map"}
-    runs.write_metrics(run_dir, params=params, dataset=record, history=history, final=final,
-                       extra={"phase": "phase2", "classes": CLASSES}, status="finished", depends_on=depends_on)
+    runs.write_metrics(
+        run_dir,
+        params=params,
+        dataset=record,
+        history=history,
+        final=final,
+        extra={"phase": "phase2", "classes": CLASSES},
+        status="finished",
+        depends_on=depends_on,
+    )
 
 
 def fake_run(parameters: dict, run_dir: Path) -> None:
@@ -112,13 +148,16 @@ def setup(tmp_path):
 
 def _grid_file(tmp_path: Path, variants: str, name: str = "grid.yaml", hard: str = "[perforation, break]") -> Path:
     path = tmp_path / name
-    path.write_text("description: test grid\nbase: {lr_fusion: 0.002}\nseeds: [0]\n"
-                    + (f"hard_classes: {hard}\n" if hard else "") + "variants:\n" + variants)
+    path.write_text(
+        "description: test grid\nbase: {lr_fusion: 0.002}\nseeds: [0]\n"
+        + (f"hard_classes: {hard}\n" if hard else "")
+        + "variants:\n"
+        + variants
+    )
     return path
 
 
-GOOD = ("  - name: minilm\n    overrides: {text_encoder: minilm}\n"
-        "  - name: noisy\n    overrides: {alpha: 0.5}\n")
+GOOD = "  - name: minilm\n    overrides: {text_encoder: minilm}\n  - name: noisy\n    overrides: {alpha: 0.5}\n"
 FAILING = "  - name: no_text\n    overrides: {text_encoder: none}\n"
 
 
@@ -164,8 +203,11 @@ def test_failing_variant_is_recorded_and_finished_runs_are_reused(setup):
 
     record = ablations.run_grid(grid, out, **kwargs)
     status = {r["variant"]: r for r in record["runs"]}
-    assert {k: v["status"] for k, v in status.items()} == {"minilm": "finished", "noisy": "finished",
-                                                          "no_text": "failed"}
+    assert {k: v["status"] for k, v in status.items()} == {
+        "minilm": "finished",
+        "noisy": "finished",
+        "no_text": "failed",
+    }
     assert status["no_text"]["error"] == "RuntimeError: boom: this variant cannot run"
     failure = json.loads((out / "no_text" / "seed0" / "failure.json").read_text())
     assert failure["variant"] == "no_text" and failure["seed"] == 0 and "boom" in failure["traceback"]
@@ -186,8 +228,11 @@ def test_failing_variant_is_recorded_and_finished_runs_are_reused(setup):
 
     # second run: the finished runs are reused, the failed one is tried again
     record = ablations.run_grid(grid, out, **kwargs)
-    assert {r["variant"]: r["status"] for r in record["runs"]} == {"minilm": "reused", "noisy": "reused",
-                                                                  "no_text": "failed"}
+    assert {r["variant"]: r["status"] for r in record["runs"]} == {
+        "minilm": "reused",
+        "noisy": "reused",
+        "no_text": "failed",
+    }
     assert (_calls(out, "minilm"), _calls(out, "noisy"), _calls(out, "no_text")) == (1, 1, 2)
     # opt-out: reuse=False re-runs (overwriting the finished run)
     ablations.run_grid(_grid_file(tmp_path, GOOD), out, reuse=False, **kwargs)
@@ -202,21 +247,36 @@ def test_failing_variant_is_recorded_and_finished_runs_are_reused(setup):
 def test_parallel_workers_run_every_variant(setup):
     tmp_path, params_file = setup
     out = tmp_path / "ablations"
-    record = ablations.run_grid(_grid_file(tmp_path, GOOD + FAILING), out, params_file=params_file, workers=2,
-                                seeds=[0, 1], run_variant=fake_run, progress=False)
+    record = ablations.run_grid(
+        _grid_file(tmp_path, GOOD + FAILING),
+        out,
+        params_file=params_file,
+        workers=2,
+        seeds=[0, 1],
+        run_variant=fake_run,
+        progress=False,
+    )
     assert sorted((r["variant"], r["seed"], r["status"]) for r in record["runs"]) == [
-        ("minilm", 0, "finished"), ("minilm", 1, "finished"), ("no_text", 0, "failed"), ("no_text", 1, "failed"),
-        ("noisy", 0, "finished"), ("noisy", 1, "finished")]
+        ("minilm", 0, "finished"),
+        ("minilm", 1, "finished"),
+        ("no_text", 0, "failed"),
+        ("no_text", 1, "failed"),
+        ("noisy", 0, "finished"),
+        ("noisy", 1, "finished"),
+    ]
     assert json.loads((out / "grid.json").read_text())["runs"] == record["runs"]
 
 
 def _failing_notebook(path: Path) -> Path:
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("value = 1", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell("ok = value + 1"),
-        nbformat.v4.new_code_cell("raise ValueError(f'bad cell {ok}')"),
-        nbformat.v4.new_code_cell("never = True"),
-    ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("value = 1", metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell("ok = value + 1"),
+            nbformat.v4.new_code_cell("raise ValueError(f'bad cell {ok}')"),
+            nbformat.v4.new_code_cell("never = True"),
+        ],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    )
     nbformat.write(nb, path)
     return path
 
@@ -230,8 +290,13 @@ def test_papermill_failure_names_the_failing_cell(setup):
         execute(notebook, run_dir / "executed.ipynb", {"value": 41}, cwd=tmp_path, progress=False)
 
     out = tmp_path / "ablations"
-    record = ablations.run_grid(_grid_file(tmp_path, "  - name: v\n    overrides: {}\n"), out,
-                                params_file=params_file, run_variant=run_failing_notebook, progress=False)
+    record = ablations.run_grid(
+        _grid_file(tmp_path, "  - name: v\n    overrides: {}\n"),
+        out,
+        params_file=params_file,
+        run_variant=run_failing_notebook,
+        progress=False,
+    )
     [result] = record["runs"]
     assert result["status"] == "failed"
     assert result["error"] == "ValueError: bad cell 42"
@@ -246,8 +311,9 @@ def test_a_corrupt_baseline_contract_stops_the_grid_a_missing_baseline_does_not(
     tmp_path, params_file = setup
     grid = ablations.load_ablation_grid(_grid_file(tmp_path, GOOD))
     # no baseline yet: the runs are planned (each would train it or fail with the reason itself)
-    missing = ablations.plan_runs(grid, tmp_path / "ablations", params_file,
-                                  explicit={"baseline": str(tmp_path / "not_trained_yet")})
+    missing = ablations.plan_runs(
+        grid, tmp_path / "ablations", params_file, explicit={"baseline": str(tmp_path / "not_trained_yet")}
+    )
     assert [e["variant"] for e in missing] == ["minilm", "noisy"] and not any(e["reuse"] for e in missing)
     # a baseline contract that cannot be read would change which runs are reused: it is an error
     contract = tmp_path / "baseline" / "metrics.json"
@@ -262,13 +328,21 @@ def test_notebook03_reuses_the_grid_and_renders_a_standalone_report(setup, monke
     tmp_path, params_file = setup
     grid = _grid_file(tmp_path, GOOD)
     out = tmp_path / "ablations"
-    ablations.run_grid(grid, out, params_file=params_file, bootstrap_resamples=20, run_variant=fake_run,
-                       progress=False)
+    ablations.run_grid(grid, out, params_file=params_file, bootstrap_resamples=20, run_variant=fake_run, progress=False)
     reports_dir = tmp_path / "reports"
     monkeypatch.setenv("TFG_MM_REPORTS_DIR", str(reports_dir))  # the kernel inherits it: no write into reports/
-    executed = execute(project_root() / "notebooks" / "03_ablations.ipynb", tmp_path / "03.ipynb",
-                       {"params_file": str(params_file), "grid": str(grid), "baseline": str(tmp_path / "baseline"),
-                        "run_dir": str(out), "bootstrap_resamples": 20}, progress=False)
+    executed = execute(
+        project_root() / "notebooks" / "03_ablations.ipynb",
+        tmp_path / "03.ipynb",
+        {
+            "params_file": str(params_file),
+            "grid": str(grid),
+            "baseline": str(tmp_path / "baseline"),
+            "run_dir": str(out),
+            "bootstrap_resamples": 20,
+        },
+        progress=False,
+    )
     record = json.loads((out / "grid.json").read_text())
     assert {r["status"] for r in record["runs"]} == {"reused"}  # nothing re-ran inside the notebook
     assert (_calls(out, "minilm"), _calls(out, "noisy")) == (1, 1)
@@ -322,12 +396,32 @@ def test_repredicted_detections_and_wise_endpoints_on_real_checkpoints(tmp_path)
     """Real atto checkpoints (a baseline and a one-step phase-2 run): the re-predicted detections are
     the checkpoints' own, WiSE-FT λ = 0 is the baseline exactly and λ = 1 the fine-tuned model."""
     dataset = _make_dataset(tmp_path / "data")
-    common = {"dataset": str(dataset), "image_size": 160, "batch_size": 4, "max_steps_per_epoch": 1, "device": "cpu",
-              "ema": False, "lr_warmup_steps": 0}
+    common = {
+        "dataset": str(dataset),
+        "image_size": 160,
+        "batch_size": 4,
+        "max_steps_per_epoch": 1,
+        "device": "cpu",
+        "ema": False,
+        "lr_warmup_steps": 0,
+    }
     base = run_baseline(load_params(common, {"run_dir": str(tmp_path / "baseline"), "epochs": 0}), progress=False)
-    tuned = run_phase2(load_params(common, {"run_dir": str(tmp_path / "p2"), "baseline": str(tmp_path / "baseline"),
-                                            "epochs": 1, "text_encoder": "random", "warmup_epochs": 0,
-                                            "unfreeze": "heads", "lr_detector": 1e-2, "alpha": 0.5}), progress=False)
+    tuned = run_phase2(
+        load_params(
+            common,
+            {
+                "run_dir": str(tmp_path / "p2"),
+                "baseline": str(tmp_path / "baseline"),
+                "epochs": 1,
+                "text_encoder": "random",
+                "warmup_epochs": 0,
+                "unfreeze": "heads",
+                "lr_detector": 1e-2,
+                "alpha": 0.5,
+            },
+        ),
+        progress=False,
+    )
     base_dets, base_eval = ablations.predict_run_detections(base)
     assert base_eval["map"] == base["final"]["map"]
     # Untrained models score ~0 on the real boxes; score them against the baseline's own top boxes instead.
@@ -337,9 +431,16 @@ def test_repredicted_detections_and_wise_endpoints_on_real_checkpoints(tmp_path)
     for det in sorted(base_dets, key=lambda d: -d["score"]):
         x, y, w, h = det["bbox"]
         if sum(a["image_id"] == det["image_id"] for a in gt["annotations"]) < 3 and w > 2 and h > 2:
-            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": det["image_id"],
-                                      "category_id": det["category_id"], "bbox": det["bbox"], "area": w * h,
-                                      "iscrowd": 0})
+            gt["annotations"].append(
+                {
+                    "id": len(gt["annotations"]) + 1,
+                    "image_id": det["image_id"],
+                    "category_id": det["category_id"],
+                    "bbox": det["bbox"],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
     val.write_text(json.dumps(gt))
     base_dets, base_eval = ablations.predict_run_detections(base)
     tuned_dets, tuned_eval = ablations.predict_run_detections(tuned)

@@ -13,24 +13,55 @@ from tfg_mm.errors import ConfigError
 
 
 def test_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "tfg_mm", "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
-                         check=True).stdout
-    for command in ("generate", "import-voc", "import-yolo", "convert", "train", "phase2", "pipeline", "report",
-                    "params-doc"):
+    out = subprocess.run(
+        [sys.executable, "-m", "tfg_mm", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    for command in (
+        "generate",
+        "import-voc",
+        "import-yolo",
+        "convert",
+        "train",
+        "phase2",
+        "pipeline",
+        "report",
+        "params-doc",
+    ):
         assert command in out, command
 
 
 def test_bad_parameter_gives_clear_error_and_exit_code(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tfg_mm", "train", f"run_dir={tmp_path / 'r'}", "epocs=3"],
-                          cwd=REPO_ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfg_mm", "train", f"run_dir={tmp_path / 'r'}", "epocs=3"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "epocs" in proc.stderr and "did you mean `epochs`" in proc.stderr
     assert not (tmp_path / "r").exists()
 
 
 def test_generate_command(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tfg_mm", "generate", "--out", str(tmp_path / "d"), "--n-train", "3",
-                           "--n-val", "2", "--image-size", "96"], cwd=REPO_ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tfg_mm",
+            "generate",
+            "--out",
+            str(tmp_path / "d"),
+            "--n-train",
+            "3",
+            "--n-val",
+            "2",
+            "--image-size",
+            "96",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "d" / "instances_train.json").exists()
 
@@ -41,8 +72,16 @@ def test_pipeline_only_runs_the_named_steps(monkeypatch, tmp_path):
     monkeypatch.setattr(pipeline, "run_and_render", lambda name, parameters, progress: ran.append((name, parameters)))
     monkeypatch.setattr(pipeline, "REPORTS", tmp_path)
     pipeline.run_pipeline(only=["02_phase2"], params_dir=tmp_path / "params", progress=False)
-    assert ran == [("02_phase2", {"params_file": str(tmp_path / "params" / "phase2.yaml"), "baseline": "runs/baseline",
-                                  "run_dir": "runs/phase2"})]
+    assert ran == [
+        (
+            "02_phase2",
+            {
+                "params_file": str(tmp_path / "params" / "phase2.yaml"),
+                "baseline": "runs/baseline",
+                "run_dir": "runs/phase2",
+            },
+        )
+    ]
     assert not (tmp_path / "pipeline_timing.json").exists()  # the timings file is the whole pipeline's
     ran.clear()
     pipeline.run_pipeline(skip_ablations=True, params_dir=tmp_path, progress=False)

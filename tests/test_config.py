@@ -252,8 +252,16 @@ def test_empty_missing_and_non_mapping_files(tmp_path):
 
 def test_params_from_notebook_takes_known_keys_and_skips_kernel_objects():
     namespace = {
-        "__name__": "__main__", "_": 3, "In": [""], "Out": {}, "get_ipython": print, "os": os,
-        "Path": Path, "epochs": 2, "lr": 0.002, "run_dir": "runs/nb",
+        "__name__": "__main__",
+        "_": 3,
+        "In": [""],
+        "Out": {},
+        "get_ipython": print,
+        "os": os,
+        "Path": Path,
+        "epochs": 2,
+        "lr": 0.002,
+        "run_dir": "runs/nb",
     }
     p = params_from_notebook(namespace)
     assert (p.epochs, p.lr, p.run_dir) == (2, 0.002, "runs/nb")
@@ -309,7 +317,9 @@ def test_every_shipped_params_file_validates(path):
 
 def test_the_expected_params_files_are_shipped():
     assert {"default.yaml", "baseline.yaml", "phase2.yaml"} <= {p.name for p in (ROOT / "params").glob("*.yaml")}
-    assert load_params(ROOT / "params" / "phase2.yaml").run_dir != load_params(ROOT / "params" / "baseline.yaml").run_dir
+    assert (
+        load_params(ROOT / "params" / "phase2.yaml").run_dir != load_params(ROOT / "params" / "baseline.yaml").run_dir
+    )
 
 
 def test_the_phase2_params_file_writes_out_the_one_template_list():
@@ -344,8 +354,9 @@ def test_load_grid_validates_every_variant_through_the_schema(tmp_path):
     assert grid["variants"][2]["overrides"] == {}
     # the grid runner's own keys (hard_classes, wise) are allowed by default, nothing else is
     with pytest.raises(ConfigError, match="unknown grid key `wise`"):
-        load_grid(_write(tmp_path / "wise.yaml", "wise: {variant: alpha0}\nvariants: [{name: alpha0}]\n"),
-                  extra_keys=())
+        load_grid(
+            _write(tmp_path / "wise.yaml", "wise: {variant: alpha0}\nvariants: [{name: alpha0}]\n"), extra_keys=()
+        )
     assert load_grid(tmp_path / "wise.yaml")["wise"] == {"variant": "alpha0"}
     with pytest.raises(ConfigError, match="unknown grid key `wize`: did you mean `wise`"):
         load_grid(_write(tmp_path / "wize.yaml", "wize: {variant: alpha0}\nvariants: [{name: alpha0}]\n"))

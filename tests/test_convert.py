@@ -57,7 +57,9 @@ def _matched_max_diff(logits, boxes, expected, meta) -> tuple[float, float]:
         rows, cols = linear_sum_assignment(torch.cdist(ours, theirs, p=float("inf")).numpy())
         prefix = meta["robustness"]["per_image"][image]["order_stable_prefix"]
         assert (rows[:prefix] == cols[:prefix]).all(), f"image {image}: order differs within the stable prefix"
-        worst_logits = max(worst_logits, (logits[image][rows] - expected["pred_logits"][image][cols]).abs().max().item())
+        worst_logits = max(
+            worst_logits, (logits[image][rows] - expected["pred_logits"][image][cols]).abs().max().item()
+        )
         worst_boxes = max(worst_boxes, (boxes[image][rows] - expected["pred_boxes"][image][cols]).abs().max().item())
     return worst_logits, worst_boxes
 
@@ -67,8 +69,9 @@ def _converted_model(folder: Path) -> tuple[TfgDeimv2ForObjectDetection, list[st
     assert source == "ema.module"
     size = infer_size(official)
     strides = preset_config(size, num_classes=1).feat_strides
-    config = preset_config(size, num_classes=infer_num_classes(official),
-                           image_size=infer_image_size(official, strides))
+    config = preset_config(
+        size, num_classes=infer_num_classes(official), image_size=infer_image_size(official, strides)
+    )
     mapped, unmapped, missing = convert_state_dict(official, config)
     model = TfgDeimv2ForObjectDetection(config)
     result = model.load_state_dict(mapped, strict=False)
@@ -99,8 +102,9 @@ def test_official_weights_reproduce_official_outputs(size, record_property):
 
 
 def test_fixture_sizes_are_told_apart_and_wrong_size_is_refused(tmp_path):
-    fingerprints = {s: checkpoint_fingerprint(load_official_state_dict(_fixture(s) / "checkpoint.pth")[0])
-                    for s in FIXTURE_SIZES}
+    fingerprints = {
+        s: checkpoint_fingerprint(load_official_state_dict(_fixture(s) / "checkpoint.pth")[0]) for s in FIXTURE_SIZES
+    }
     assert fingerprints["atto"] == config_fingerprint(preset_config("atto", num_classes=5))
     assert fingerprints["s"]["backbone"] == "dinov3" and fingerprints["s"]["adapter"]
     assert fingerprints["atto"]["encoder_type"] == "lite" and fingerprints["n"]["encoder_type"] == "hybrid"
@@ -154,8 +158,8 @@ def test_fused_tensors_are_split_in_official_order():
     mapped, unmapped, missing = convert_state_dict(official, config)
     layer = "model.decoder.layers.1"
     assert torch.equal(mapped[f"{layer}.self_attn.q_proj.weight"], in_proj[:d])
-    assert torch.equal(mapped[f"{layer}.self_attn.k_proj.weight"], in_proj[d:2 * d])
-    assert torch.equal(mapped[f"{layer}.self_attn.v_proj.weight"], in_proj[2 * d:])
+    assert torch.equal(mapped[f"{layer}.self_attn.k_proj.weight"], in_proj[d : 2 * d])
+    assert torch.equal(mapped[f"{layer}.self_attn.v_proj.weight"], in_proj[2 * d :])
     assert torch.equal(mapped[f"{layer}.mlp.gate_proj.weight"], w12[:hidden])
     assert torch.equal(mapped[f"{layer}.mlp.up_proj.weight"], w12[hidden:])
     assert torch.equal(mapped[f"{layer}.final_layer_norm.weight"], torch.full((d,), 2.0))
@@ -207,13 +211,15 @@ def test_convert_checkpoint_writes_a_loadable_checkpoint(size, tmp_path, capsys)
 def test_other_number_of_classes_reinitialises_only_the_class_heads(tmp_path):
     folder = _fixture("atto")
     official, _ = load_official_state_dict(folder / "checkpoint.pth")
-    out = convert_checkpoint(folder / "checkpoint.pth", tmp_path / "three", num_classes=3,
-                             id2label={0: "hole", 1: "crack", 2: "stain"})
+    out = convert_checkpoint(
+        folder / "checkpoint.pth", tmp_path / "three", num_classes=3, id2label={0: "hole", 1: "crack", 2: "stain"}
+    )
     model, report = load(out), read_metadata(out)["conversion"]
     assert report["num_classes"] == 3 and report["checkpoint_num_classes"] == 5
     assert "model.enc_score_head.weight" in report["reinitialised_class_heads"]
     assert model.config.id2label[1] == "crack"
     state = model.state_dict()
     assert state["model.enc_score_head.weight"].shape == (3, 64)
-    assert torch.equal(state["model.decoder.pre_bbox_head.layers.0.weight"],
-                       official["decoder.pre_bbox_head.layers.0.weight"])
+    assert torch.equal(
+        state["model.decoder.pre_bbox_head.layers.0.weight"], official["decoder.pre_bbox_head.layers.0.weight"]
+    )

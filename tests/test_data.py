@@ -22,8 +22,7 @@ matplotlib.use("Agg")
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("syn") / "set", seed=5, n_train=24, n_val=6, image_size=96,
-                    progress=False)
+    return generate(tmp_path_factory.mktemp("syn") / "set", seed=5, n_train=24, n_val=6, image_size=96, progress=False)
 
 
 def test_item_format_and_plain_resize(synth):
@@ -40,8 +39,9 @@ def test_item_format_and_plain_resize(synth):
         assert target["orig_size"].tolist() == [96, 96] and target["image_id"] == ds.image_ids[index]
         # boxes are the annotations, normalised cxcywh (unchanged by the square resize)
         anns = [a for a in data["annotations"] if a["image_id"] == target["image_id"]]
-        expected = torch.tensor([[(x + w / 2) / 96, (y + h / 2) / 96, w / 96, h / 96] for x, y, w, h in
-                                 (a["bbox"] for a in anns)]).reshape(-1, 4)
+        expected = torch.tensor(
+            [[(x + w / 2) / 96, (y + h / 2) / 96, w / 96, h / 96] for x, y, w, h in (a["bbox"] for a in anns)]
+        ).reshape(-1, 4)
         torch.testing.assert_close(target["boxes"], expected, atol=1e-5, rtol=0)
         assert target["class_labels"].tolist() == [a["category_id"] - 1 for a in anns]
 

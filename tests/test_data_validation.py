@@ -24,10 +24,21 @@ def _folder(tmp_path: Path, mutate: Callable[[dict], None] | None = None, n_imag
     for i in range(1, n_images + 1):
         Image.new("RGB", (W, H), (100 + i, 100, 100)).save(tmp_path / "images" / f"img{i}.png")
         images.append({"id": i, "file_name": f"img{i}.png", "width": W, "height": H})
-        annotations.append({"id": i, "image_id": i, "category_id": 1 + i % 2, "bbox": [2.0, 3.0, 10.0, 8.0],
-                            "area": 80.0, "iscrowd": 0})
-    data = {"images": images, "annotations": annotations,
-            "categories": [{"id": 1, "name": "scratch"}, {"id": 2, "name": "dent"}]}
+        annotations.append(
+            {
+                "id": i,
+                "image_id": i,
+                "category_id": 1 + i % 2,
+                "bbox": [2.0, 3.0, 10.0, 8.0],
+                "area": 80.0,
+                "iscrowd": 0,
+            }
+        )
+    data = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "scratch"}, {"id": 2, "name": "dent"}],
+    }
     if mutate:
         mutate(data)
     (tmp_path / "instances.json").write_text(json.dumps(data))
@@ -60,18 +71,24 @@ def test_missing_top_level_key(tmp_path):
     _error(_folder(tmp_path, lambda d: d.pop("categories")), "missing top-level key(s) ['categories']")
 
 
-@pytest.mark.parametrize("section, key, needle", [
-    ("images", "width", "images[0] (id 1) is missing key(s) ['width']"),
-    ("annotations", "bbox", "annotations[0] (id 1) is missing key(s) ['bbox']"),
-    ("categories", "name", "categories[0] (id 1) is missing key(s) ['name']"),
-])
+@pytest.mark.parametrize(
+    "section, key, needle",
+    [
+        ("images", "width", "images[0] (id 1) is missing key(s) ['width']"),
+        ("annotations", "bbox", "annotations[0] (id 1) is missing key(s) ['bbox']"),
+        ("categories", "name", "categories[0] (id 1) is missing key(s) ['name']"),
+    ],
+)
 def test_entry_missing_key(tmp_path, section, key, needle):
     _error(_folder(tmp_path, lambda d: d[section][0].pop(key)), needle)
 
 
 def test_unknown_category_and_image_ids(tmp_path):
-    _error(_folder(tmp_path, lambda d: d["annotations"][1].update(category_id=7)),
-           "annotation id 2 -> category_id 7", "known category ids: [1, 2]")
+    _error(
+        _folder(tmp_path, lambda d: d["annotations"][1].update(category_id=7)),
+        "annotation id 2 -> category_id 7",
+        "known category ids: [1, 2]",
+    )
     _error(_folder(tmp_path, lambda d: d["annotations"][2].update(image_id=99)), "annotation id 3 -> image_id 99")
 
 
@@ -100,8 +117,11 @@ def test_zero_area_box_is_an_error_or_dropped_when_not_strict(tmp_path):
 
 
 def test_non_numeric_bbox(tmp_path):
-    _error(_folder(tmp_path, lambda d: d["annotations"][0].update(bbox=["2", 3, 10, 8])),
-           "annotation id 1 (image id 1) has bbox", "four finite numbers")
+    _error(
+        _folder(tmp_path, lambda d: d["annotations"][0].update(bbox=["2", 3, 10, 8])),
+        "annotation id 1 (image id 1) has bbox",
+        "four finite numbers",
+    )
 
 
 def test_missing_image_file(tmp_path):
@@ -121,15 +141,24 @@ def test_empty_dataset_and_no_annotations(tmp_path):
 def test_duplicate_ids_and_file_referenced_twice(tmp_path):
     _error(_folder(tmp_path, lambda d: d["images"][1].update(id=1)), "duplicate image id(s) 1")
     _error(_folder(tmp_path, lambda d: d["annotations"][1].update(id=1)), "duplicate annotation id(s) 1")
-    _error(_folder(tmp_path, lambda d: d["images"][2].update(file_name="img1.png")),
-           "referenced by more than one entry", "'img1.png' (ids [1, 3])", "merge the entries")
+    _error(
+        _folder(tmp_path, lambda d: d["images"][2].update(file_name="img1.png")),
+        "referenced by more than one entry",
+        "'img1.png' (ids [1, 3])",
+        "merge the entries",
+    )
 
 
 def test_category_name_collisions(tmp_path):
-    _error(_folder(tmp_path, lambda d: d["categories"].append({"id": 3, "name": "Scratch "})),
-           "category names collide", "id 1 'scratch' / id 3 'Scratch '", "merge them")
-    _error(_folder(tmp_path, lambda d: d["categories"].append({"id": 2, "name": "stain"})),
-           "duplicate category id(s) [2]")
+    _error(
+        _folder(tmp_path, lambda d: d["categories"].append({"id": 3, "name": "Scratch "})),
+        "category names collide",
+        "id 1 'scratch' / id 3 'Scratch '",
+        "merge them",
+    )
+    _error(
+        _folder(tmp_path, lambda d: d["categories"].append({"id": 2, "name": "stain"})), "duplicate category id(s) [2]"
+    )
 
 
 def test_boxes_in_corner_format_are_detected(tmp_path):
@@ -138,15 +167,19 @@ def test_boxes_in_corner_format_are_detected(tmp_path):
         for a, box in zip(d["annotations"], boxes):
             a["bbox"] = [float(v) for v in box]
 
-    _error(_folder(tmp_path, to_xyxy), "3 of 3 boxes extend past", "[x1, y1, x2, y2]",
-           "convert each 'bbox' to [x1, y1, x2 - x1, y2 - y1]")
+    _error(
+        _folder(tmp_path, to_xyxy),
+        "3 of 3 boxes extend past",
+        "[x1, y1, x2, y2]",
+        "convert each 'bbox' to [x1, y1, x2 - x1, y2 - y1]",
+    )
 
 
 def test_non_rgb_images_are_converted_with_a_counted_warning(tmp_path):
     path = _folder(tmp_path)
     Image.new("L", (W, H), 120).save(tmp_path / "images" / "img1.png")
     Image.new("RGBA", (W, H), (1, 2, 3, 255)).save(tmp_path / "images" / "img2.png")
-    sixteen = (np.full((H, W), 40000, dtype=np.uint16))
+    sixteen = np.full((H, W), 40000, dtype=np.uint16)
     Image.fromarray(sixteen).save(tmp_path / "images" / "img3.png")  # 16-bit grayscale
     report = validate_coco(path)
     assert report.counts["non-RGB image converted"] == 3

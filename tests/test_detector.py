@@ -104,7 +104,9 @@ def test_anchors_follow_the_eval_input_size():
 
 def test_forward_without_loss_builds_denoising_queries():
     model = build("atto", 3, image_size=320, seed=0).train()
-    labels = [{"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.2]])}]
+    labels = [
+        {"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.2]])}
+    ]
     out = model(PIXELS, labels=labels, compute_loss=False)
     assert out.loss is None
     denoising, queries = out.denoising_meta_values["dn_num_split"]

@@ -32,10 +32,21 @@ def _gt(num_images: int, categories=((1, "hole"),), boxes_per_image=None) -> dic
     annotations = []
     for image_id, boxes in boxes_per_image.items():
         for cat, box in boxes:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat, "bbox": list(box),
-                                "area": box[2] * box[3], "iscrowd": 0})
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": cat_id, "name": name} for cat_id, name in categories]}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "bbox": list(box),
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
+    return {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": cat_id, "name": name} for cat_id, name in categories],
+    }
 
 
 def _det(image_id: int, box, score: float, cat: int = 1) -> dict:
@@ -85,8 +96,11 @@ def test_postprocess_caps_top_k_and_matches_transformers_rt_detr_post_processor(
 
 def test_to_coco_detections_xywh_and_category_ids():
     results = [
-        {"scores": torch.tensor([0.9, 0.2]), "labels": torch.tensor([1, 0]),
-         "boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0], [0.0, 0.0, 5.0, 5.0]])},
+        {
+            "scores": torch.tensor([0.9, 0.2]),
+            "labels": torch.tensor([1, 0]),
+            "boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0], [0.0, 0.0, 5.0, 5.0]]),
+        },
         {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)},
     ]
     dets = to_coco_detections(results, [7, 8], label_to_cat_id=[3, 5])
@@ -104,9 +118,15 @@ def test_to_coco_detections_xywh_and_category_ids():
 @pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
 def test_ground_truth_as_predictions_gives_ap_one(backend):
     small, medium = [10.0, 10.0, 20.0, 20.0], [200.0, 200.0, 50.0, 50.0]
-    gt = _gt(3, categories=((1, "hole"), (2, "crack"), (4, "stain")), boxes_per_image={
-        1: [(1, BOX), (2, small)], 2: [(2, medium)], 3: [(1, small), (1, medium)],
-    })
+    gt = _gt(
+        3,
+        categories=((1, "hole"), (2, "crack"), (4, "stain")),
+        boxes_per_image={
+            1: [(1, BOX), (2, small)],
+            2: [(2, medium)],
+            3: [(1, small), (1, medium)],
+        },
+    )
     dets = [_det(a["image_id"], a["bbox"], 0.9, a["category_id"]) for a in gt["annotations"]]
     metrics = coco_evaluate(gt, dets, backend=backend)
     for key in ("map", "map50", "map75", "map_small", "map_medium", "map_large"):
@@ -173,13 +193,28 @@ def test_summary_equals_pycocotools_summarize_and_backends_agree(tmp_path):
     from pycocotools.cocoeval import COCOeval
 
     rng = np.random.default_rng(0)
-    boxes = {i: [(int(rng.integers(1, 4)), [*rng.uniform(0, 300, 2), *rng.uniform(5, 150, 2)])
-                 for _ in range(int(rng.integers(1, 5)))] for i in range(1, 21)}
+    boxes = {
+        i: [
+            (int(rng.integers(1, 4)), [*rng.uniform(0, 300, 2), *rng.uniform(5, 150, 2)])
+            for _ in range(int(rng.integers(1, 5)))
+        ]
+        for i in range(1, 21)
+    }
     gt = _gt(20, categories=((1, "a"), (2, "b"), (3, "c")), boxes_per_image=boxes)
-    dets = [_det(a["image_id"], [v + rng.normal(0, 4) for v in a["bbox"]], float(rng.uniform()), a["category_id"])
-            for a in gt["annotations"] if rng.uniform() < 0.8]
-    dets += [_det(int(rng.integers(1, 21)), [*rng.uniform(0, 300, 2), *rng.uniform(5, 150, 2)],
-                  float(rng.uniform(0, 0.5)), int(rng.integers(1, 4))) for _ in range(60)]
+    dets = [
+        _det(a["image_id"], [v + rng.normal(0, 4) for v in a["bbox"]], float(rng.uniform()), a["category_id"])
+        for a in gt["annotations"]
+        if rng.uniform() < 0.8
+    ]
+    dets += [
+        _det(
+            int(rng.integers(1, 21)),
+            [*rng.uniform(0, 300, 2), *rng.uniform(5, 150, 2)],
+            float(rng.uniform(0, 0.5)),
+            int(rng.integers(1, 4)),
+        )
+        for _ in range(60)
+    ]
     path = tmp_path / "instances_val.json"
     path.write_text(json.dumps(gt))
     dets_before = copy.deepcopy(dets)
@@ -231,10 +266,15 @@ def test_evaluate_runs_model_over_loader_and_scores_perfect_outputs():
     gt = {
         "images": [{"id": i, "height": h, "width": w} for i, (h, w) in sizes.items()],
         "annotations": [
-            {"id": 1, "image_id": 10, "category_id": 7, "bbox": [64.0, 48.0, 128.0, 96.0], "area": 12288.0,
-             "iscrowd": 0},
-            {"id": 2, "image_id": 11, "category_id": 9, "bbox": [20.0, 30.0, 40.0, 60.0], "area": 2400.0,
-             "iscrowd": 0},
+            {
+                "id": 1,
+                "image_id": 10,
+                "category_id": 7,
+                "bbox": [64.0, 48.0, 128.0, 96.0],
+                "area": 12288.0,
+                "iscrowd": 0,
+            },
+            {"id": 2, "image_id": 11, "category_id": 9, "bbox": [20.0, 30.0, 40.0, 60.0], "area": 2400.0, "iscrowd": 0},
         ],
         "categories": [{"id": 7, "name": "hole"}, {"id": 9, "name": "crack"}],
     }
@@ -253,11 +293,15 @@ def test_evaluate_runs_model_over_loader_and_scores_perfect_outputs():
         indices = pixel_values[:, 0, 0, 0].long().tolist()
         return torch.stack([outputs[i][0] for i in indices]), torch.stack([outputs[i][1] for i in indices])
 
-    loader = [{
-        "pixel_values": torch.arange(2, dtype=torch.float32).view(2, 1, 1, 1).expand(2, 3, 8, 8),
-        "labels": [{"image_id": torch.tensor([10]), "orig_size": torch.tensor([480, 640])},
-                   {"image_id": torch.tensor([11]), "orig_size": torch.tensor([300, 200])}],
-    }]
+    loader = [
+        {
+            "pixel_values": torch.arange(2, dtype=torch.float32).view(2, 1, 1, 1).expand(2, 3, 8, 8),
+            "labels": [
+                {"image_id": torch.tensor([10]), "orig_size": torch.tensor([480, 640])},
+                {"image_id": torch.tensor([11]), "orig_size": torch.tensor([300, 200])},
+            ],
+        }
+    ]
     metrics, dets = evaluate(model_fn, loader, gt, class_names=["hole", "crack"], cat_ids=[7, 9], top_k=4)
     assert len(dets) == 8 and {d["image_id"] for d in dets} == {10, 11}
     best = max((d for d in dets if d["image_id"] == 11), key=lambda d: d["score"])

@@ -93,8 +93,12 @@ def test_param_groups_separate_gate_scale_bias_from_the_projection():
 
     fixed = make_fusion(alpha_learnable=False, logit_scale_learnable=False, fusion_bias=False, alpha=0.1)
     assert [g["name"] for g in fixed.param_groups(1e-3, 1e-2, 0.05)] == ["fusion"]
-    assert fixed.state_summary() == {"alpha_mean": pytest.approx(0.1), "alpha": pytest.approx(0.1),
-                                     "scale": pytest.approx(10.0), "bias": None}
+    assert fixed.state_summary() == {
+        "alpha_mean": pytest.approx(0.1),
+        "alpha": pytest.approx(0.1),
+        "scale": pytest.approx(10.0),
+        "bias": None,
+    }
     per_class = make_fusion(gate="per_class", alpha=0.01)
     assert per_class.state_summary()["alpha"] == pytest.approx([0.01] * C)
 
@@ -139,8 +143,10 @@ def test_apply_fusion_fuses_every_decoder_entry_and_nothing_else():
     assert outputs["aux_outputs"][0]["teacher_logits"] is outputs["pred_logits"]
 
     at_zero = apply_fusion(make_fusion(alpha=0.0), outputs)
-    assert all(torch.equal(a["pred_logits"], b["pred_logits"])
-               for a, b in zip(_decoder_entries(at_zero), _decoder_entries(outputs)))
+    assert all(
+        torch.equal(a["pred_logits"], b["pred_logits"])
+        for a, b in zip(_decoder_entries(at_zero), _decoder_entries(outputs))
+    )
 
 
 def test_apply_fusion_none_is_identity_and_missing_hidden_is_an_error():
@@ -156,8 +162,18 @@ def test_apply_fusion_none_is_identity_and_missing_hidden_is_an_error():
 
 def test_constructor_takes_the_schema_names_and_defaults():
     signature = inspect.signature(ResidualTextFusion)
-    assert FUSION_PARAMS == ("fusion", "fusion_hidden", "dropout", "logit_scale", "logit_scale_learnable",
-                             "fusion_bias", "gate", "alpha", "alpha_learnable", "gate_tanh")
+    assert FUSION_PARAMS == (
+        "fusion",
+        "fusion_hidden",
+        "dropout",
+        "logit_scale",
+        "logit_scale_learnable",
+        "fusion_bias",
+        "gate",
+        "alpha",
+        "alpha_learnable",
+        "gate_tanh",
+    )
     for name in FUSION_PARAMS:
         assert name in Params.model_fields
         assert signature.parameters[name].default == default_of(name), name
@@ -182,9 +198,20 @@ def test_errors_name_the_schema_parameter_and_the_fix(settings, expected):
 
 
 def test_checkpoint_config_round_trip_under_the_schema_names():
-    params = load_params({"fusion": "mlp", "fusion_hidden": 32, "logit_scale": 3.0, "logit_scale_learnable": False,
-                          "fusion_bias": False, "gate": "per_class", "alpha": 0.25, "alpha_learnable": False,
-                          "gate_tanh": True, "dropout": 0.1})
+    params = load_params(
+        {
+            "fusion": "mlp",
+            "fusion_hidden": 32,
+            "logit_scale": 3.0,
+            "logit_scale_learnable": False,
+            "fusion_bias": False,
+            "gate": "per_class",
+            "alpha": 0.25,
+            "alpha_learnable": False,
+            "gate_tanh": True,
+            "dropout": 0.1,
+        }
+    )
     cfg = fusion_config(params, D)
     assert cfg == {"hidden_dim": D, **{name: getattr(params, name) for name in FUSION_PARAMS}}
     torch.manual_seed(0)
@@ -195,17 +222,43 @@ def test_checkpoint_config_round_trip_under_the_schema_names():
     assert "gate" in dict(built.named_buffers()) and "log_scale" in dict(built.named_buffers()) and built.bias is None
 
     # the state_dict keys stay those of the first checkpoints
-    assert set(make_fusion().state_dict()) == {"text_embeddings", "projection.1.weight", "projection.1.bias",
-                                               "log_scale", "bias", "gate"}
+    assert set(make_fusion().state_dict()) == {
+        "text_embeddings",
+        "projection.1.weight",
+        "projection.1.bias",
+        "log_scale",
+        "bias",
+        "gate",
+    }
 
 
 def test_checkpoint_config_with_the_old_names_still_loads():
-    old = {"hidden_dim": D, "projection": "linear", "fusion_hidden": 256, "dropout": 0.0, "scale_init": 2.0,
-           "scale_learnable": True, "bias": True, "gate": "scalar", "gate_init": 0.1, "gate_learnable": True,
-           "gate_tanh": False}
+    old = {
+        "hidden_dim": D,
+        "projection": "linear",
+        "fusion_hidden": 256,
+        "dropout": 0.0,
+        "scale_init": 2.0,
+        "scale_learnable": True,
+        "bias": True,
+        "gate": "scalar",
+        "gate_init": 0.1,
+        "gate_learnable": True,
+        "gate_tanh": False,
+    }
     fusion = build_fusion_from_config(old, torch.randn(C, T))
-    assert fusion.config == {"hidden_dim": D, "fusion": "linear", "fusion_hidden": 256, "dropout": 0.0,
-                             "logit_scale": 2.0, "logit_scale_learnable": True, "fusion_bias": True, "gate": "scalar",
-                             "alpha": 0.1, "alpha_learnable": True, "gate_tanh": False}
+    assert fusion.config == {
+        "hidden_dim": D,
+        "fusion": "linear",
+        "fusion_hidden": 256,
+        "dropout": 0.0,
+        "logit_scale": 2.0,
+        "logit_scale_learnable": True,
+        "fusion_bias": True,
+        "gate": "scalar",
+        "alpha": 0.1,
+        "alpha_learnable": True,
+        "gate_tanh": False,
+    }
     with pytest.raises(CheckpointError, match="unknown entries"):
         build_fusion_from_config({**old, "fusion_gate_init": 0.1}, torch.randn(C, T))

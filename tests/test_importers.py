@@ -15,8 +15,7 @@ from tfg_mm.errors import DataError
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("syn") / "set", seed=11, n_train=12, n_val=3, image_size=96,
-                    progress=False)
+    return generate(tmp_path_factory.mktemp("syn") / "set", seed=11, n_train=12, n_val=3, image_size=96, progress=False)
 
 
 def _by_file(data: dict) -> dict[str, list[tuple[str, list[float]]]]:
@@ -36,8 +35,9 @@ def test_voc_round_trip(synth, tmp_path):
     back = json.loads(out.read_text())
     assert [c["name"] for c in back["categories"]] == [c["name"] for c in src["categories"]]
     assert _by_file(back) == _by_file(src)  # integer boxes survive exactly (1-based VOC corners)
-    assert {(im["file_name"], im["width"], im["height"]) for im in back["images"]} == \
-        {(im["file_name"], im["width"], im["height"]) for im in src["images"]}
+    assert {(im["file_name"], im["width"], im["height"]) for im in back["images"]} == {
+        (im["file_name"], im["width"], im["height"]) for im in src["images"]
+    }
 
 
 def test_voc_import_with_default_classes_and_extensionless_filenames(synth, tmp_path):
@@ -46,7 +46,9 @@ def test_voc_import_with_default_classes_and_extensionless_filenames(synth, tmp_
         xml.write_text(xml.read_text().replace(".png</filename>", "</filename>"))
     back = json.loads(voc_to_coco(voc / "Annotations", tmp_path / "v.json", images_dir=voc / "JPEGImages").read_text())
     src = json.loads((synth / "instances_val.json").read_text())
-    present = sorted({c["name"] for c in src["categories"] if any(a["category_id"] == c["id"] for a in src["annotations"])})
+    present = sorted(
+        {c["name"] for c in src["categories"] if any(a["category_id"] == c["id"] for a in src["annotations"])}
+    )
     assert [c["name"] for c in back["categories"]] == present  # sorted names found
     assert {im["file_name"] for im in back["images"]} == {im["file_name"] for im in src["images"]}
 
@@ -56,7 +58,9 @@ def test_yolo_round_trip(synth, tmp_path):
     yolo = coco_to_yolo(synth / "instances_train.json", tmp_path / "yolo", images_dir=synth / "images")
     assert (yolo / "classes.txt").read_text().split() == [c["name"] for c in src["categories"]]
     assert len(list((yolo / "labels").glob("*.txt"))) == 12  # one per image, empty when defect-free
-    back = json.loads(yolo_to_coco(yolo / "labels", yolo / "images", yolo / "classes.txt", tmp_path / "y.json").read_text())
+    back = json.loads(
+        yolo_to_coco(yolo / "labels", yolo / "images", yolo / "classes.txt", tmp_path / "y.json").read_text()
+    )
     a, b = _by_file(src), _by_file(back)
     assert a.keys() == b.keys()
     for name in a:
@@ -76,13 +80,16 @@ def _tiny_yolo(tmp_path: Path, line: str) -> tuple[Path, Path]:
     return images, labels
 
 
-@pytest.mark.parametrize("line, match", [
-    ("0 12 10 5 5", "pixel coordinates"),
-    ("3 0.5 0.5 0.1 0.1", "class index 3"),
-    ("0 0.5 0.5 0.1", "expected 5 fields"),
-    ("0 0.5 0.5 0.1 0.1 0.9", "predictions file"),
-    ("zero 0.5 0.5 0.1 0.1", "is not 'int float"),
-])
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ("0 12 10 5 5", "pixel coordinates"),
+        ("3 0.5 0.5 0.1 0.1", "class index 3"),
+        ("0 0.5 0.5 0.1", "expected 5 fields"),
+        ("0 0.5 0.5 0.1 0.1 0.9", "predictions file"),
+        ("zero 0.5 0.5 0.1 0.1", "is not 'int float"),
+    ],
+)
 def test_yolo_errors_name_file_line_and_fix(tmp_path, line, match):
     images, labels = _tiny_yolo(tmp_path, line)
     with pytest.raises(DataError, match=match) as err:
@@ -101,25 +108,38 @@ def test_yolo_orphan_label_is_a_counted_warning(tmp_path):
     assert data["annotations"][0]["bbox"] == pytest.approx([16.0, 12.0, 8.0, 6.0])
 
 
-def _voc_xml(name: str, objects: str, size: str = "<size><width>40</width><height>30</height><depth>3</depth></size>") -> str:
+def _voc_xml(
+    name: str, objects: str, size: str = "<size><width>40</width><height>30</height><depth>3</depth></size>"
+) -> str:
     return f"<annotation><filename>{name}</filename>{size}{objects}</annotation>"
 
 
 def _obj(label: str, box: tuple) -> str:
     x1, y1, x2, y2 = box
-    return (f"<object><name>{label}</name><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
-            f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
+    return (
+        f"<object><name>{label}</name><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
+        f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+    )
 
 
-@pytest.mark.parametrize("files, classes, match", [
-    ({"a.xml": _voc_xml("a.png", _obj("rust", (1, 1, 5, 5)))}, ["scratch"], "'rust' is not in classes"),
-    ({"a.xml": "<annotation><filename>a.png</filename"}, None, "not valid XML"),
-    ({"a.xml": _voc_xml("a.png", _obj("scratch", (9, 1, 5, 5)))}, None, "xmax < xmin"),
-    ({"a.xml": _voc_xml("a.png", "<object><name>scratch</name></object>")}, None, "lacks <bndbox>"),
-    ({"a.xml": _voc_xml("a.png", _obj("scratch", (1, 1, 5, 5))),
-      "b.xml": _voc_xml("a.png", _obj("scratch", (2, 2, 6, 6)))}, None, "already annotated"),
-    ({"a.xml": _voc_xml("a.png", _obj("scratch", (1, 1, 5, 5)), size="")}, None, "no usable <size>"),
-])
+@pytest.mark.parametrize(
+    "files, classes, match",
+    [
+        ({"a.xml": _voc_xml("a.png", _obj("rust", (1, 1, 5, 5)))}, ["scratch"], "'rust' is not in classes"),
+        ({"a.xml": "<annotation><filename>a.png</filename"}, None, "not valid XML"),
+        ({"a.xml": _voc_xml("a.png", _obj("scratch", (9, 1, 5, 5)))}, None, "xmax < xmin"),
+        ({"a.xml": _voc_xml("a.png", "<object><name>scratch</name></object>")}, None, "lacks <bndbox>"),
+        (
+            {
+                "a.xml": _voc_xml("a.png", _obj("scratch", (1, 1, 5, 5))),
+                "b.xml": _voc_xml("a.png", _obj("scratch", (2, 2, 6, 6))),
+            },
+            None,
+            "already annotated",
+        ),
+        ({"a.xml": _voc_xml("a.png", _obj("scratch", (1, 1, 5, 5)), size="")}, None, "no usable <size>"),
+    ],
+)
 def test_voc_errors_name_file_object_and_fix(tmp_path, files, classes, match):
     ann = tmp_path / "Annotations"
     ann.mkdir()

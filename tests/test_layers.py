@@ -14,16 +14,31 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tfg_mm"
 
 #: module (dotted, without ``tfg_mm.``; a package stands for all its modules) -> layer
 LAYERS = {
-    "errors": 0, "io": 0,
-    "config": 1, "figures": 1,
-    "data": 2, "detector": 2,
-    "loss": 3, "convert": 3, "evaluate": 3, "text": 3, "fusion": 3, "shim": 3,
-    "model": 4, "stats": 4, "runs": 4, "notebooks": 4,
+    "errors": 0,
+    "io": 0,
+    "config": 1,
+    "figures": 1,
+    "data": 2,
+    "detector": 2,
+    "loss": 3,
+    "convert": 3,
+    "evaluate": 3,
+    "text": 3,
+    "fusion": 3,
+    "shim": 3,
+    "model": 4,
+    "stats": 4,
+    "runs": 4,
+    "notebooks": 4,
     "train": 5,
-    "experiment": 6, "baseline": 6, "phase2": 6,
+    "experiment": 6,
+    "baseline": 6,
+    "phase2": 6,
     "ablations": 7,
     "reports": 8,
-    "pipeline": 9, "cli": 9, "__main__": 9,
+    "pipeline": 9,
+    "cli": 9,
+    "__main__": 9,
 }
 
 
@@ -51,7 +66,7 @@ def _imports(path: Path, module: str) -> set[str]:
     package = module.rsplit(".", 1)[0] if path.name != "__init__.py" else module
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            found |= {a.name[len("tfg_mm."):] for a in node.names if a.name.startswith("tfg_mm.")}
+            found |= {a.name[len("tfg_mm.") :] for a in node.names if a.name.startswith("tfg_mm.")}
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative import
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
@@ -60,7 +75,7 @@ def _imports(path: Path, module: str) -> set[str]:
                 found |= {a.name for a in node.names}
                 continue
             elif node.module and node.module.startswith("tfg_mm."):
-                target = node.module[len("tfg_mm."):]
+                target = node.module[len("tfg_mm.") :]
             else:
                 continue
             found.add(target)
@@ -74,8 +89,11 @@ def test_every_module_has_a_layer():
 @pytest.mark.parametrize("module, path", _modules(), ids=[m for m, _ in _modules()])
 def test_no_module_imports_a_module_above_it(module, path):
     mine = _layer(module)
-    upward = sorted(f"{target} (layer {_layer(target)})" for target in _imports(path, module)
-                    if _layer(target) is not None and _layer(target) > mine)
+    upward = sorted(
+        f"{target} (layer {_layer(target)})"
+        for target in _imports(path, module)
+        if _layer(target) is not None and _layer(target) > mine
+    )
     assert upward == [], f"tfg_mm.{module} (layer {mine}) imports modules above it: {upward}"
 
 

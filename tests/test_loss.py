@@ -136,11 +136,20 @@ def test_both_target_formats_give_the_same_terms() -> None:
     _compare(criterion(outputs, hf_targets), expected)
 
 
-@pytest.mark.parametrize("config", [
-    preset_config("atto", 5),
-    SimpleNamespace(num_labels=5, focal_loss_gamma=1.5, criterion_losses=["mal", "boxes"],
-                    use_dense_one_to_one=False, matcher_change_epoch=450),  # the rest from the base criterion
-], ids=["atto_preset", "atto_settings_only"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        preset_config("atto", 5),
+        SimpleNamespace(
+            num_labels=5,
+            focal_loss_gamma=1.5,
+            criterion_losses=["mal", "boxes"],
+            use_dense_one_to_one=False,
+            matcher_change_epoch=450,
+        ),  # the rest from the base criterion
+    ],
+    ids=["atto_preset", "atto_settings_only"],
+)
 def test_from_config_reads_the_project_settings(config) -> None:
     """The atto preset's config (or any config carrying its criterion) reproduces the atto fixture."""
     outputs, targets, _, expected, _ = _load("loss_atto_dn")
@@ -190,8 +199,10 @@ def test_matcher_switches_to_iou_order_cost_at_change_epoch() -> None:
     outputs, targets = _switch_case()
     view = {"logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
     # Independent reference for the switched cost: argmax of sigmoid score * IoU^4 (torchvision IoU).
-    iou = torchvision.ops.box_iou(torchvision.ops.box_convert(view["pred_boxes"][0], "cxcywh", "xyxy"),
-                                  torchvision.ops.box_convert(targets[0]["boxes"], "cxcywh", "xyxy"))[:, 0]
+    iou = torchvision.ops.box_iou(
+        torchvision.ops.box_convert(view["pred_boxes"][0], "cxcywh", "xyxy"),
+        torchvision.ops.box_convert(targets[0]["boxes"], "cxcywh", "xyxy"),
+    )[:, 0]
     quality = view["logits"][0, :, 1].sigmoid() * iou**4
     assert int(quality.argmax()) == 0
 
@@ -275,11 +286,14 @@ def test_official_outputs_pairs_layers_like_the_official_decoder(train_run) -> N
             scores = decoder.lqe_layers[layer](decoder.class_embed[layer](h), entry["pred_corners"])
             torch.testing.assert_close(entry["pred_logits"], scores)
             # ... and its boxes are its own corners decoded against the initial reference boxes.
-            boxes = distance2bbox(entry["ref_points"], decoder.integral(entry["pred_corners"], project),
-                                  decoder.reg_scale)
+            boxes = distance2bbox(
+                entry["ref_points"], decoder.integral(entry["pred_corners"], project), decoder.reg_scale
+            )
             torch.testing.assert_close(entry["pred_boxes"], boxes)
-        parts = (("pre_outputs", slice(num_dn, None), official["ref_points"]),
-                 ("dn_pre_outputs", slice(0, num_dn), official["dn_outputs"][0]["ref_points"]))
+        parts = (
+            ("pre_outputs", slice(num_dn, None), official["ref_points"]),
+            ("dn_pre_outputs", slice(0, num_dn), official["dn_outputs"][0]["ref_points"]),
+        )
         for key, queries, initial_boxes in parts:
             pre = official[key]
             assert "pred_corners" not in pre
@@ -305,7 +319,9 @@ def test_total_loss_reaches_every_decoder_head(train_run) -> None:
     expected = ["loss_mal", "loss_bbox", "loss_giou", "loss_fgl"]
     for i in range(layers - 1):
         expected += [f"loss_{t}_aux_{i}" for t in ("mal", "bbox", "giou", "fgl", "ddf")]
-    expected += [f"loss_{t}_pre" for t in ("mal", "bbox", "giou")] + [f"loss_{t}_enc_0" for t in ("mal", "bbox", "giou")]
+    expected += [f"loss_{t}_pre" for t in ("mal", "bbox", "giou")] + [
+        f"loss_{t}_enc_0" for t in ("mal", "bbox", "giou")
+    ]
     for i in range(layers):
         expected += [f"loss_{t}_dn_{i}" for t in ("mal", "bbox", "giou", "fgl")]
         expected += [f"loss_ddf_dn_{i}"] if i < layers - 1 else []
@@ -345,8 +361,15 @@ def test_official_outputs_in_eval_mode_returns_what_exists(train_run) -> None:
     torch.testing.assert_close(official["hidden"], output.intermediate_hidden_states[-1])
     criterion = DEIMv2Criterion(num_classes=model.config.num_labels)
     terms = criterion(official, LABELS)
-    assert set(terms) == {"loss_mal", "loss_bbox", "loss_giou", "loss_fgl",
-                          "loss_mal_enc_0", "loss_bbox_enc_0", "loss_giou_enc_0"}
+    assert set(terms) == {
+        "loss_mal",
+        "loss_bbox",
+        "loss_giou",
+        "loss_fgl",
+        "loss_mal_enc_0",
+        "loss_bbox_enc_0",
+        "loss_giou_enc_0",
+    }
     assert all(torch.isfinite(v) for v in terms.values())
 
 

@@ -12,8 +12,15 @@ pytestmark = pytest.mark.slow
 
 
 def _tiny(tiny_dataset) -> dict:
-    return {"dataset": str(tiny_dataset), "image_size": 160, "batch_size": 4, "generate_if_missing": False,
-            "preset": "atto", "top_k": 50, "ema": False}
+    return {
+        "dataset": str(tiny_dataset),
+        "image_size": 160,
+        "batch_size": 4,
+        "generate_if_missing": False,
+        "preset": "atto",
+        "top_k": 50,
+        "ema": False,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +32,12 @@ def executed_01(tiny_dataset, tmp_path_factory):
 
 
 def test_notebook_00_runs_and_renders(tiny_dataset, tmp_path):
-    nb = execute(NOTEBOOKS / "00_data.ipynb", tmp_path / "00.ipynb",
-                 {"dataset": str(tiny_dataset), "run_dir": str(tmp_path / "data")}, progress=False)
+    nb = execute(
+        NOTEBOOKS / "00_data.ipynb",
+        tmp_path / "00.ipynb",
+        {"dataset": str(tiny_dataset), "run_dir": str(tmp_path / "data")},
+        progress=False,
+    )
     html = render_html(nb, tmp_path / "00.html").read_text()
     assert "data:image/png;base64" in html
     record = json.loads((tmp_path / "data" / "dataset.json").read_text())
@@ -47,8 +58,7 @@ def test_notebook_01_with_params_file(tiny_dataset, tmp_path):
 
     params_file = tmp_path / "p.yaml"
     params_file.write_text(yaml.safe_dump({**_tiny(tiny_dataset), "epochs": 1, "run_dir": str(tmp_path / "run")}))
-    execute(NOTEBOOKS / "01_baseline.ipynb", tmp_path / "01.ipynb", {"params_file": str(params_file)},
-            progress=False)
+    execute(NOTEBOOKS / "01_baseline.ipynb", tmp_path / "01.ipynb", {"params_file": str(params_file)}, progress=False)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "finished"
 
 
@@ -56,16 +66,26 @@ def test_notebook_rejects_misspelled_parameter(tiny_dataset, tmp_path):
     from papermill.exceptions import PapermillExecutionError
 
     with pytest.raises(PapermillExecutionError) as err:
-        execute(NOTEBOOKS / "01_baseline.ipynb", tmp_path / "bad.ipynb",
-                {**_tiny(tiny_dataset), "epocs": 1, "run_dir": str(tmp_path / "r")}, progress=False)
+        execute(
+            NOTEBOOKS / "01_baseline.ipynb",
+            tmp_path / "bad.ipynb",
+            {**_tiny(tiny_dataset), "epocs": 1, "run_dir": str(tmp_path / "r")},
+            progress=False,
+        )
     assert "did you mean `epochs`" in str(err.value)
     assert not (tmp_path / "r").exists()  # validated before any work
 
 
 def test_notebook_02_runs_alpha_zero(executed_01, tiny_dataset, tmp_path):
     out, _ = executed_01
-    params = {**_tiny(tiny_dataset), "alpha": 0.0, "epochs": 2, "warmup_epochs": 1,
-              "baseline": str(out / "baseline"), "run_dir": str(tmp_path / "phase2")}
+    params = {
+        **_tiny(tiny_dataset),
+        "alpha": 0.0,
+        "epochs": 2,
+        "warmup_epochs": 1,
+        "baseline": str(out / "baseline"),
+        "run_dir": str(tmp_path / "phase2"),
+    }
     nb = execute(NOTEBOOKS / "02_phase2.ipynb", tmp_path / "02.ipynb", params, progress=False)
     metrics = json.loads((tmp_path / "phase2" / "metrics.json").read_text())
     base = json.loads((out / "baseline" / "metrics.json").read_text())

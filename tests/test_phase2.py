@@ -13,9 +13,22 @@ from tfg_mm.data.loaders import make_data
 from tfg_mm.phase2 import Phase2Task, build_multimodal, run_phase2
 from tfg_mm.train import Trainer, seed_everything
 
-PHASE2 = {"text_encoder": "minilm", "prompts": "ensemble", "alpha": 0.0, "alpha_learnable": True,
-          "fusion": "linear", "warmup_epochs": 1, "epochs": 2, "unfreeze": "heads", "lr_fusion": 1e-3,
-          "lr_gate": 1e-2, "lr_detector": 1e-5}
+#: every test here trains a tiny baseline (module fixture) and phase-2 runs on top of it
+pytestmark = pytest.mark.slow
+
+PHASE2 = {
+    "text_encoder": "minilm",
+    "prompts": "ensemble",
+    "alpha": 0.0,
+    "alpha_learnable": True,
+    "fusion": "linear",
+    "warmup_epochs": 1,
+    "epochs": 2,
+    "unfreeze": "heads",
+    "lr_fusion": 1e-3,
+    "lr_gate": 1e-2,
+    "lr_detector": 1e-5,
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +43,9 @@ def baseline_run(tiny_dataset, tmp_path_factory):
 def test_exact_start_alpha_zero(baseline_run, tiny_params, tmp_path, mode):
     """alpha = 0: boxes and scores equal the baseline's; epoch-0 mAP equals the baseline's mAP exactly."""
     run_dir, base_metrics = baseline_run
-    params = tiny_params(**{**PHASE2, "epochs": 1}, baseline=str(run_dir), detector_mode=mode,
-                         run_dir=str(tmp_path / mode))
+    params = tiny_params(
+        **{**PHASE2, "epochs": 1}, baseline=str(run_dir), detector_mode=mode, run_dir=str(tmp_path / mode)
+    )
     data = make_data(params, seed_everything(0), progress=False, need_train=False)
     model, _, _ = build_multimodal(params, data.class_names)
     base = detector.load(run_dir / "checkpoints" / "best").eval()
@@ -51,8 +65,11 @@ def test_exact_start_alpha_zero(baseline_run, tiny_params, tmp_path, mode):
 
 def test_frozen_detector_is_bit_identical_after_training(baseline_run, tiny_params, tmp_path):
     run_dir, _ = baseline_run
-    params = tiny_params(**{**PHASE2, "unfreeze": "none", "alpha": 0.05, "ema": False},
-                         baseline=str(run_dir), run_dir=str(tmp_path / "frozen"))
+    params = tiny_params(
+        **{**PHASE2, "unfreeze": "none", "alpha": 0.05, "ema": False},
+        baseline=str(run_dir),
+        run_dir=str(tmp_path / "frozen"),
+    )
     metrics = run_phase2(params, progress=False)
     before = detector.load(run_dir / "checkpoints" / "best").state_dict()
     after = detector.load(tmp_path / "frozen" / "checkpoints" / "last" / "detector").state_dict()
@@ -64,14 +81,28 @@ def test_frozen_detector_is_bit_identical_after_training(baseline_run, tiny_para
 
 def test_cached_warmup_reuses_the_cache(baseline_run, tiny_params, tmp_path):
     run_dir, _ = baseline_run
-    params = tiny_params(**{**PHASE2, "warmup_epochs": 2, "epochs": 2}, baseline=str(run_dir),
-                         run_dir=str(tmp_path / "cache"), augment=True)
+    params = tiny_params(
+        **{**PHASE2, "warmup_epochs": 2, "epochs": 2},
+        baseline=str(run_dir),
+        run_dir=str(tmp_path / "cache"),
+        augment=True,
+    )
     gen = seed_everything(0)
     data = make_data(params, gen, progress=False)
     model, _, _ = build_multimodal(params, data.class_names)
     task = Phase2Task(model, data.class_names, params, data.train)
-    trainer = Trainer(params, task, data.train_loader, data.val_loader, data.val.coco, data.cat_ids,
-                      tmp_path / "cache", gen, lambda *a: None, progress=False)
+    trainer = Trainer(
+        params,
+        task,
+        data.train_loader,
+        data.val_loader,
+        data.val.coco,
+        data.cat_ids,
+        tmp_path / "cache",
+        gen,
+        lambda *a: None,
+        progress=False,
+    )
     task.on_epoch_start(1, trainer)
     assert data.train.augment is False  # the cached mode is defined on un-augmented images
     trainer.rebuild_optimizer()

@@ -179,8 +179,17 @@ NO_COUNTERPART: dict[str, dict[str, str]] = {
     },
     "schedule": {
         key: "the official COCO training schedule; the project trains every size with its own TrainingParams"
-        for key in ("epoches", "warmup_iter", "flat_epoch", "no_aug_epoch", "lr_gamma", "optimizer",
-                    "train_batch_size", "ema", "stop_epoch")
+        for key in (
+            "epoches",
+            "warmup_iter",
+            "flat_epoch",
+            "no_aug_epoch",
+            "lr_gamma",
+            "optimizer",
+            "train_batch_size",
+            "ema",
+            "stop_epoch",
+        )
     },
     "postprocessor": {},
 }
@@ -198,8 +207,11 @@ def _backbone_sections_in_use(record: dict[str, Any]) -> dict[str, dict[str, Any
 def test_constructor_values_are_the_official_ones(size):
     config, model = ours(size)
     record = official(size)
-    sections = {**_backbone_sections_in_use(record), "schedule": record["schedule"],
-                "postprocessor": record["postprocessor"]}
+    sections = {
+        **_backbone_sections_in_use(record),
+        "schedule": record["schedule"],
+        "postprocessor": record["postprocessor"],
+    }
     checked, differ, unexplained = [], [], []
     for section, values in sections.items():
         for key, official_value in values.items():
@@ -238,7 +250,10 @@ def test_criterion_is_the_official_one(size):
     assert criterion.mal_alpha is None
     assert matcher["type"] == "HungarianMatcher" and matcher["change_matcher"]
     assert (criterion.matcher.class_cost, criterion.matcher.bbox_cost, criterion.matcher.giou_cost) == (
-        matcher["weight_dict"]["cost_class"], matcher["weight_dict"]["cost_bbox"], matcher["weight_dict"]["cost_giou"])
+        matcher["weight_dict"]["cost_class"],
+        matcher["weight_dict"]["cost_bbox"],
+        matcher["weight_dict"]["cost_giou"],
+    )
     assert (criterion.matcher.alpha, criterion.matcher.gamma) == (matcher["alpha"], matcher["gamma"])
     assert criterion.matcher.iou_order_alpha == matcher["iou_order_alpha"]
     assert criterion.matcher.change_epoch == matcher["matcher_change_epoch"]
@@ -286,8 +301,7 @@ def test_state_dict_shapes_are_the_official_ones(size, record_property):
     mapped, dropped, unmapped = map_official_shapes(official_shapes, config)
 
     assert unmapped == []
-    wrong = {name: (shape, our_shapes.get(name)) for name, shape in mapped.items()
-             if our_shapes.get(name) != shape}
+    wrong = {name: (shape, our_shapes.get(name)) for name, shape in mapped.items() if our_shapes.get(name) != shape}
     assert wrong == {}, "official shape vs ours"
     assert set(our_shapes) - set(mapped) == UNFILLED.get(size, set())
     for name in UNFILLED.get(size, ()):
@@ -304,8 +318,10 @@ def test_state_dict_shapes_are_the_official_ones(size, record_property):
         backbone = config.backbone_config
         assert periods == [[backbone.hidden_size // backbone.num_attention_heads // 4]]
     record_property("shapes_checked", len(mapped))
-    print(f"\n{size}: {len(official_shapes)} official entries, {len(mapped)} of our tensors checked, "
-          f"{len(dropped)} dropped (recomputed / duplicates)")
+    print(
+        f"\n{size}: {len(official_shapes)} official entries, {len(mapped)} of our tensors checked, "
+        f"{len(dropped)} dropped (recomputed / duplicates)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import pytest
 from tfg_mm import reports, runs
 from tfg_mm.config import load_params
 
-CHROMIUM = Path("/usr/bin/chromium")
+#: Debian's package puts it on PATH (.ci/run installs it)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CLASSES = ("scratch", "perforation", "break")
 
 
@@ -27,24 +28,39 @@ def _per_class(shift: float) -> dict:
 def _metrics(per_class_gate: bool = False) -> dict:
     history = []
     for epoch in range(4):
-        entry = {"epoch": epoch, "map": 0.60 + 0.01 * epoch, "map50": 0.80 + 0.01 * epoch, "map75": 0.6,
-                 "per_class": _per_class(0.01 * epoch), "lr": 1e-4, "losses": {} if epoch == 0 else
-                 {"loss_mal": 1.0 / epoch, "loss_bbox": 0.5 / epoch}, "seconds": 1.0,
-                 "stage": "A" if epoch <= 2 else "B", "alpha_mean": 0.02 * epoch, "scale": 10.0, "bias": 0.0}
+        entry = {
+            "epoch": epoch,
+            "map": 0.60 + 0.01 * epoch,
+            "map50": 0.80 + 0.01 * epoch,
+            "map75": 0.6,
+            "per_class": _per_class(0.01 * epoch),
+            "lr": 1e-4,
+            "losses": {} if epoch == 0 else {"loss_mal": 1.0 / epoch, "loss_bbox": 0.5 / epoch},
+            "seconds": 1.0,
+            "stage": "A" if epoch <= 2 else "B",
+            "alpha_mean": 0.02 * epoch,
+            "scale": 10.0,
+            "bias": 0.0,
+        }
         entry["alpha"] = [0.02 * epoch + 0.01 * c for c in range(3)] if per_class_gate else 0.02 * epoch
         history.append(entry)
     return {
-        "status": "finished", "run_id": "abc123", "params": {"run_dir": "runs/phase2", "seed": 0, "alpha": 0.0,
-                                                             "epochs": 3, "detector_mode": "train_frozen"},
-        "params_changed": {"epochs": 3}, "dataset": {"root": "data/synthetic", "hash": "f" * 64,
-                                                     "hash_method": "tfg_mm.data.dataset_fingerprint"},
+        "status": "finished",
+        "run_id": "abc123",
+        "params": {"run_dir": "runs/phase2", "seed": 0, "alpha": 0.0, "epochs": 3, "detector_mode": "train_frozen"},
+        "params_changed": {"epochs": 3},
+        "dataset": {"root": "data/synthetic", "hash": "f" * 64, "hash_method": "tfg_mm.data.dataset_fingerprint"},
         "code_version": {"package": "0.1.0", "git_commit": "deadbeef", "git_dirty": True, "source_sha256": "1" * 64},
-        "history": history, "final": {**history[-1], "checkpoint": "runs/phase2/checkpoints/best",
-                                      "selected_by": "map"},
-        "phase": "phase2", "classes": list(CLASSES), "detector_mode": "train_frozen",
+        "history": history,
+        "final": {**history[-1], "checkpoint": "runs/phase2/checkpoints/best", "selected_by": "map"},
+        "phase": "phase2",
+        "classes": list(CLASSES),
+        "detector_mode": "train_frozen",
         "text_encoder": {"kind": "minilm", "model": "all-MiniLM-L6-v2", "weights": "sha256:1234", "dim": 384},
-        "baseline": {"checkpoint": "runs/baseline/checkpoints/best",
-                     "final": {"map": 0.62, "map50": 0.81, "map75": 0.6, "per_class": _per_class(0.0)}},
+        "baseline": {
+            "checkpoint": "runs/baseline/checkpoints/best",
+            "final": {"map": 0.62, "map50": 0.81, "map75": 0.6, "per_class": _per_class(0.0)},
+        },
     }
 
 
@@ -57,8 +73,19 @@ def figures_in_tmp(tmp_path, monkeypatch):
 
 def test_provenance_names_every_source():
     text = reports.provenance_markdown(_metrics())
-    for expected in ("phase2", "`epochs: 3`", "data/synthetic", "ffffffffffffffff", "deadbeef", "(dirty)",
-                     "minilm", "sha256:1234", "train_frozen", "runs/baseline/checkpoints/best", "epoch 3"):
+    for expected in (
+        "phase2",
+        "`epochs: 3`",
+        "data/synthetic",
+        "ffffffffffffffff",
+        "deadbeef",
+        "(dirty)",
+        "minilm",
+        "sha256:1234",
+        "train_frozen",
+        "runs/baseline/checkpoints/best",
+        "epoch 3",
+    ):
         assert expected in text, expected
     assert text.startswith("| | |\n|---|---|")
 
@@ -67,8 +94,15 @@ def test_a_written_contract_is_read_as_written(tmp_path):
     """The phase's extras are read where tfg_mm.runs.write_metrics puts them (top-level keys)."""
     metrics = _metrics()
     extra = {k: metrics[k] for k in ("phase", "classes", "detector_mode", "text_encoder", "baseline")}
-    runs.write_metrics(tmp_path, params=load_params({"epochs": 3}), dataset=metrics["dataset"],
-                       history=metrics["history"], final=metrics["final"], extra=extra, status="finished")
+    runs.write_metrics(
+        tmp_path,
+        params=load_params({"epochs": 3}),
+        dataset=metrics["dataset"],
+        history=metrics["history"],
+        final=metrics["final"],
+        extra=extra,
+        status="finished",
+    )
     written = runs.read_metrics(tmp_path)
     assert reports.baseline_final_of(written)["map"] == 0.62
     assert reports.contract_field(written, "classes") == list(CLASSES)
@@ -79,8 +113,10 @@ def test_a_written_contract_is_read_as_written(tmp_path):
 
 def test_reports_imports_no_model_code():
     """reports only draws: importing it loads neither the grid (which re-predicts) nor any model or training code."""
-    probe = ("import sys, tfg_mm.reports; print(sorted(m for m in sys.modules if m.startswith("
-             "('tfg_mm.ablations', 'tfg_mm.model', 'tfg_mm.train', 'tfg_mm.phase2', 'tfg_mm.evaluate'))))")
+    probe = (
+        "import sys, tfg_mm.reports; print(sorted(m for m in sys.modules if m.startswith("
+        "('tfg_mm.ablations', 'tfg_mm.model', 'tfg_mm.train', 'tfg_mm.phase2', 'tfg_mm.evaluate'))))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -128,28 +164,59 @@ def test_final_table_with_and_without_baseline():
 
 
 def _summary() -> dict:
-    run_history = [{"epoch": e, "map": 0.6 + 0.01 * e, "map50": 0.8, "alpha_mean": 0.01 * e, "stage": "A"}
-                   for e in range(3)]
+    run_history = [
+        {"epoch": e, "map": 0.6 + 0.01 * e, "map50": 0.8, "alpha_mean": 0.01 * e, "stage": "A"} for e in range(3)
+    ]
     interval = {"delta": 0.01, "lo": -0.005, "hi": 0.02, "verdict": "within noise"}
     return {
-        "grid": "params/ablations/small.yaml", "description": "test", "bootstrap_resamples": 50, "confidence": 0.95,
-        "baseline_run": "runs/baseline", "hard_classes": ["perforation", "break"], "notes": [],
+        "grid": "params/ablations/small.yaml",
+        "description": "test",
+        "bootstrap_resamples": 50,
+        "confidence": 0.95,
+        "baseline_run": "runs/baseline",
+        "hard_classes": ["perforation", "break"],
+        "notes": [],
         "baseline": {"checkpoint": "x", "final": {"map": 0.62, "map50": 0.81, "per_class": _per_class(0.0)}},
         "variants": [
-            {"name": "minilm", "status": "finished", "seeds_finished": [0, 1], "errors": [],
-             "runs": [{"seed": 0, "status": "finished", "history": run_history, "report": None}],
-             "stats": {"map": {"mean": 0.63, "sd": 0.004, "n": 2}, "map50": {"mean": 0.82, "sd": 0.01, "n": 2},
-                       "ap:perforation": {"mean": 0.6, "sd": 0.02, "n": 2}, "ap:break": {"mean": 0.7, "sd": 0.0, "n": 2}},
-             "delta": {"map": interval, "per_class": {"perforation": interval,
-                                                      "break": {**interval, "lo": 0.001, "verdict": "improves"}}},
-             "per_class_delta": {"scratch": 0.01, "perforation": -0.02, "break": 0.03}},
-            {"name": "text_open_clip", "status": "failed", "seeds_finished": [], "stats": {}, "delta": {},
-             "per_class_delta": {}, "runs": [{"seed": 0, "status": "failed"}],
-             "errors": [{"seed": 0, "error": "OfflineError: open_clip weights need the network", "cell": {"index": 2}}]},
+            {
+                "name": "minilm",
+                "status": "finished",
+                "seeds_finished": [0, 1],
+                "errors": [],
+                "runs": [{"seed": 0, "status": "finished", "history": run_history, "report": None}],
+                "stats": {
+                    "map": {"mean": 0.63, "sd": 0.004, "n": 2},
+                    "map50": {"mean": 0.82, "sd": 0.01, "n": 2},
+                    "ap:perforation": {"mean": 0.6, "sd": 0.02, "n": 2},
+                    "ap:break": {"mean": 0.7, "sd": 0.0, "n": 2},
+                },
+                "delta": {
+                    "map": interval,
+                    "per_class": {"perforation": interval, "break": {**interval, "lo": 0.001, "verdict": "improves"}},
+                },
+                "per_class_delta": {"scratch": 0.01, "perforation": -0.02, "break": 0.03},
+            },
+            {
+                "name": "text_open_clip",
+                "status": "failed",
+                "seeds_finished": [],
+                "stats": {},
+                "delta": {},
+                "per_class_delta": {},
+                "runs": [{"seed": 0, "status": "failed"}],
+                "errors": [
+                    {"seed": 0, "error": "OfflineError: open_clip weights need the network", "cell": {"index": 2}}
+                ],
+            },
         ],
-        "wise": {"variant": "minilm", "lambdas": [0, 0.5, 1], "note": "WiSE-FT note",
-                 "curves": [{"seed": 0, "points": [{"lambda": lam, "map": 0.62 + 0.01 * lam, "map50": 0.8}
-                                                   for lam in (0, 0.5, 1)]}]},
+        "wise": {
+            "variant": "minilm",
+            "lambdas": [0, 0.5, 1],
+            "note": "WiSE-FT note",
+            "curves": [
+                {"seed": 0, "points": [{"lambda": lam, "map": 0.62 + 0.01 * lam, "map50": 0.8} for lam in (0, 0.5, 1)]}
+            ],
+        },
     }
 
 
@@ -181,29 +248,52 @@ def test_index_is_standalone_and_writes_table_and_figures(tmp_path):
     assert "OfflineError" in page and "within noise" in page
     out = tmp_path / "reports"
     assert {p.name for p in (out / "figures").iterdir()} == {
-        f"ablations_{s}.{e}" for s in ("trajectories", "per_class_delta", "alpha", "wise") for e in ("png", "svg")}
+        f"ablations_{s}.{e}" for s in ("trajectories", "per_class_delta", "alpha", "wise") for e in ("png", "svg")
+    }
     assert pd.read_csv(out / "ablations_table.csv")["variant"].tolist() == ["baseline", "minilm", "text_open_clip"]
     assert "\\begin{tabular}" in (out / "ablations_table.tex").read_text()
 
 
-@pytest.mark.skipif(not CHROMIUM.exists() and shutil.which("chromium") is None,
-                    reason="needs a headless Chromium at /usr/bin/chromium (apt-get install -y chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="needs a headless Chromium on PATH (apt-get install -y chromium)",
+)
 def test_index_renders_in_headless_chromium(tmp_path):
     index = _build(tmp_path)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     # The DOM after layout, with a script that reports every image the browser failed to decode.
     probe = index.with_name("probe.html")
-    probe.write_text(index.read_text().replace(
-        "</body>", "<script>window.addEventListener('load', () => { document.body.setAttribute('data-images', "
-                   "[...document.images].map(i => i.complete && i.naturalWidth > 0 ? 'ok' : 'broken').join(',')); "
-                   "});</script></body>"))
-    dom = subprocess.run([str(CHROMIUM), *flags, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    probe.write_text(
+        index.read_text().replace(
+            "</body>",
+            "<script>window.addEventListener('load', () => { document.body.setAttribute('data-images', "
+            "[...document.images].map(i => i.complete && i.naturalWidth > 0 ? 'ok' : 'broken').join(',')); "
+            "});</script></body>",
+        )
+    )
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert 'data-images="ok,ok,ok,ok"' in dom.stdout
     assert dom.stdout.count("<tr>") >= 3 and "text_open_clip" in dom.stdout  # the table is in the DOM
     shot = tmp_path / "index.png"
-    result = subprocess.run([str(CHROMIUM), *flags, "--window-size=1200,2400", f"--screenshot={shot}", index.as_uri()],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [CHROMIUM, *flags, "--window-size=1200,2400", f"--screenshot={shot}", index.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000

@@ -21,8 +21,15 @@ pytestmark = pytest.mark.slow
 
 
 def _params_file(tmp_path: Path, dataset: Path, run_dir: Path) -> Path:
-    values = {**TINY, "dataset": str(dataset), "run_dir": str(run_dir), "epochs": 4, "ema": True,
-              "augment": True, "ema_warmup": 5}
+    values = {
+        **TINY,
+        "dataset": str(dataset),
+        "run_dir": str(run_dir),
+        "epochs": 4,
+        "ema": True,
+        "augment": True,
+        "ema_warmup": 5,
+    }
     path = tmp_path / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
@@ -30,8 +37,14 @@ def _params_file(tmp_path: Path, dataset: Path, run_dir: Path) -> Path:
 
 def _train(params_file: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "tfg_mm", "train", "--params", str(params_file)], cwd=REPO_ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tfg_mm", "train", "--params", str(params_file)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _history(run_dir: Path) -> list[dict]:

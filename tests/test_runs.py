@@ -41,8 +41,16 @@ def _coco_folder(root: Path) -> Path:
     for split, image in (("train", images[0]), ("val", images[1])):
         coco = {
             "images": [image],
-            "annotations": [{"id": image["id"], "image_id": image["id"], "category_id": 1,
-                             "bbox": [4, 4, 10, 10], "area": 100, "iscrowd": 0}],
+            "annotations": [
+                {
+                    "id": image["id"],
+                    "image_id": image["id"],
+                    "category_id": 1,
+                    "bbox": [4, 4, 10, 10],
+                    "area": 100,
+                    "iscrowd": 0,
+                }
+            ],
             "categories": categories,
         }
         (root / f"instances_{split}.json").write_text(json.dumps(coco))
@@ -114,8 +122,9 @@ def test_run_id_is_stable_and_ignores_only_storage_and_execution_settings():
     code = {"package": "0.1.0", "git_commit": "a" * 40, "git_dirty": False, "source_sha256": "b" * 64}
     base = run_id(Params(), "hash1", code)
     assert len(base) == 16 and base == run_id(Params(), "hash1", code)
-    same = load_params(run_dir="runs/elsewhere", overwrite=True, resume=False, device="cpu", num_workers=4,
-                       seeds=[0, 1, 2], workers=3)
+    same = load_params(
+        run_dir="runs/elsewhere", overwrite=True, resume=False, device="cpu", num_workers=4, seeds=[0, 1, 2], workers=3
+    )
     assert run_id(same, "hash1", code) == base
     assert run_id(Params(), "hash1", {**code, "git_dirty": True}) == base
     assert run_id({"epochs": 12}, "hash1", code) == base  # a mapping is validated to the same params
@@ -133,8 +142,15 @@ def test_metrics_round_trip(tmp_path, dataset):
     params = load_params(epochs=2, run_dir=str(run_dir), alpha=0.1)
     history = [_entry(0, 0.30), _entry(1, 0.40)]
     final = {k: v for k, v in history[1].items() if k in ("map", "map50", "map75", "per_class")} | {"epoch": 1}
-    path = write_metrics(run_dir, params=params, dataset=dataset, history=history, final=final,
-                         extra={"alpha_history": [0.1, 0.12]}, status="finished")
+    path = write_metrics(
+        run_dir,
+        params=params,
+        dataset=dataset,
+        history=history,
+        final=final,
+        extra={"alpha_history": [0.1, 0.12]},
+        status="finished",
+    )
     assert path == run_dir / "metrics.json"
     raw = path.read_text()
     assert "NaN" not in raw  # strict JSON: non-finite numbers are null
@@ -166,13 +182,23 @@ def test_broken_contract_is_refused_and_nothing_is_written(tmp_path, dataset):
     bad_entry = _entry(1, 0.2)
     del bad_entry["map75"]
     with pytest.raises(DataError) as excinfo:
-        write_metrics(run_dir, params=Params(), dataset=dataset,
-                      history=[_entry(0, 0.1), bad_entry, _entry(0, 0.3) | {"per_class": {"scratch": {"ap": 0.1}}}],
-                      final=None, extra={"history": []}, status="finished")
+        write_metrics(
+            run_dir,
+            params=Params(),
+            dataset=dataset,
+            history=[_entry(0, 0.1), bad_entry, _entry(0, 0.3) | {"per_class": {"scratch": {"ap": 0.1}}}],
+            final=None,
+            extra={"history": []},
+            status="finished",
+        )
     message = str(excinfo.value)
-    for text in ("history[1]: missing map75", "history[2]: `epoch` must be an integer greater",
-                 "per_class['scratch'] must have `ap` and `ap50`", "`final` is required when status is finished",
-                 "`extra` may not replace contract keys: history"):
+    for text in (
+        "history[1]: missing map75",
+        "history[2]: `epoch` must be an integer greater",
+        "per_class['scratch'] must have `ap` and `ap50`",
+        "`final` is required when status is finished",
+        "`extra` may not replace contract keys: history",
+    ):
         assert text in message, text
     assert (run_dir / "metrics.json").read_bytes() == before
     with pytest.raises(ConfigError, match="unknown key `lr_fuson`"):
@@ -234,8 +260,9 @@ def test_a_finished_run_is_reused_only_with_the_same_run_id(tmp_path, dataset):
 def test_run_paths_are_resolved_once_and_params_keep_them_as_written(tmp_path):
     params = load_params({"dataset": "data/other", "run_dir": "runs/x", "checkpoint": str(tmp_path / "ckpt")})
     paths = RunPaths.of(params)
-    assert paths == RunPaths(dataset=project_root() / "data/other", run_dir=project_root() / "runs/x",
-                             source=tmp_path / "ckpt")
+    assert paths == RunPaths(
+        dataset=project_root() / "data/other", run_dir=project_root() / "runs/x", source=tmp_path / "ckpt"
+    )
     assert (params.dataset, params.run_dir) == ("data/other", "runs/x")  # the contract stores them relative
     assert RunPaths.of(load_params({"pretrained": "weights"})).source == project_root() / "weights"
     assert RunPaths.of(Params()).source is None  # random init

@@ -33,8 +33,10 @@ BOX = [20.0, 30.0, 50.0, 40.0]
 def _one_box_per_image(n: int) -> dict:
     return {
         "images": [{"id": i, "height": 200, "width": 300} for i in range(1, n + 1)],
-        "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": list(BOX), "area": 2000.0, "iscrowd": 0}
-                        for i in range(1, n + 1)],
+        "annotations": [
+            {"id": i, "image_id": i, "category_id": 1, "bbox": list(BOX), "area": 2000.0, "iscrowd": 0}
+            for i in range(1, n + 1)
+        ],
         "categories": [{"id": 1, "name": "hole"}],
     }
 
@@ -105,15 +107,35 @@ def test_identity_draw_reproduces_full_evaluation_including_top100_pruning():
         for _ in range(int(rng.integers(1, 4))):
             box = [*rng.uniform(0, 250, 2), *rng.uniform(10, 120, 2)]
             cat = int(rng.integers(1, 3))
-            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": cat, "bbox": box,
-                                "area": box[2] * box[3], "iscrowd": 0})
-            dets.append({"image_id": image["id"], "category_id": cat, "bbox": [v + rng.normal(0, 3) for v in box],
-                         "score": float(rng.uniform(0.2, 1.0))})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image["id"],
+                    "category_id": cat,
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
+            dets.append(
+                {
+                    "image_id": image["id"],
+                    "category_id": cat,
+                    "bbox": [v + rng.normal(0, 3) for v in box],
+                    "score": float(rng.uniform(0.2, 1.0)),
+                }
+            )
     # 150 low-score false positives of class "a" on image 1: more than COCOeval's 100 per
     # (image, category), so the bootstrap's pruning must keep exactly the ones COCOeval uses.
     for _ in range(150):
-        dets.append({"image_id": 1, "category_id": 1, "bbox": [*rng.uniform(0, 250, 2), *rng.uniform(10, 120, 2)],
-                     "score": float(rng.uniform(0.0, 0.6))})
+        dets.append(
+            {
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [*rng.uniform(0, 250, 2), *rng.uniform(10, 120, 2)],
+                "score": float(rng.uniform(0.0, 0.6)),
+            }
+        )
     gt = {"images": images, "annotations": annotations, "categories": categories}
     full = coco_evaluate(gt, dets, backend="faster_coco_eval")
     redrawn = _evaluate_draw(gt, dets, list(range(8)))
@@ -189,8 +211,12 @@ def test_interval_covers_population_difference_at_stated_level():
         u, scores = rng.uniform(size=n_images), rng.uniform(0.1, 1.0, size=n_images)
         ids = np.arange(1, n_images + 1)
         result = paired_bootstrap(
-            _one_box_per_image(n_images), _finds(ids[u < 0.555], scores[u < 0.555]),
-            _finds(ids[u < 0.755], scores[u < 0.755]), n_resamples=100, confidence=confidence, seed=k,
+            _one_box_per_image(n_images),
+            _finds(ids[u < 0.555], scores[u < 0.555]),
+            _finds(ids[u < 0.755], scores[u < 0.755]),
+            n_resamples=100,
+            confidence=confidence,
+            seed=k,
         )
         covered += result["lo"] <= true_delta <= result["hi"]
     # A procedure that covers 90 % of the time covers at most 30 of 40 with probability < 1 %

@@ -76,7 +76,7 @@ def test_hard_classes_are_the_small_or_faint_ones(synth):
                 continue
             pixels = np.asarray(Image.open(synth / "images" / img_of[a["image_id"]]).convert("L"), dtype=float)
             x, y, w, h = (int(v) for v in a["bbox"])
-            values.append(np.median(pixels) - pixels[y:y + h, x:x + w].min())
+            values.append(np.median(pixels) - pixels[y : y + h, x : x + w].min())
         return float(np.median(values))
 
     assert contrast("break") < contrast("inclusion")
@@ -93,8 +93,16 @@ def test_identical_manifest_skips_regeneration_and_new_params_regenerate(tmp_pat
 
 
 def test_class_subset_and_parameter_errors(tmp_path):
-    out = generate(tmp_path / "sub", seed=0, n_train=4, n_val=1, image_size=64, classes=["stain", "break"],
-                   defect_free_fraction=0.0, progress=False)
+    out = generate(
+        tmp_path / "sub",
+        seed=0,
+        n_train=4,
+        n_val=1,
+        image_size=64,
+        classes=["stain", "break"],
+        defect_free_fraction=0.0,
+        progress=False,
+    )
     cats = json.loads((out / "instances_train.json").read_text())["categories"]
     assert [(c["id"], c["name"]) for c in cats] == [(1, "stain"), (2, "break")]
     with pytest.raises(ConfigError, match="classes"):

@@ -174,8 +174,12 @@ def test_sentence_encoder_offline_hub_id_and_bad_folder(monkeypatch, tmp_path):
 
 def test_random_prototypes_are_seeded_unit_vectors():
     a = build_text_encoder("random", seed=1, num_classes=4)
-    assert isinstance(a, RandomPrototypes) and a.description == {"kind": "random", "model": "",
-                                                                   "weights": "seed=1", "dim": 384}
+    assert isinstance(a, RandomPrototypes) and a.description == {
+        "kind": "random",
+        "model": "",
+        "weights": "seed=1",
+        "dim": 384,
+    }
     prompts = class_prompts(["w", "x", "y", "z"])
     emb = class_embeddings(a, prompts)
     assert emb.shape == (4, 384)

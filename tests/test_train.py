@@ -29,18 +29,37 @@ def test_lr_schedule_shapes():
 @pytest.mark.slow
 def test_tiny_model_overfits_a_handful_of_images(tiny_dataset, tmp_path):
     """Train and validate on the same 4 images: the detector must learn them (mAP50 >= 0.9)."""
-    root = generate(tmp_path / "four", seed=11, n_train=4, n_val=4, image_size=160, defect_free_fraction=0.0,
-                    progress=False)
+    root = generate(
+        tmp_path / "four", seed=11, n_train=4, n_val=4, image_size=160, defect_free_fraction=0.0, progress=False
+    )
     # validate on the training images themselves
     (root / "instances_val.json").write_text((root / "instances_train.json").read_text())
-    params = load_params({"preset": "atto", "image_size": 160, "batch_size": 4, "epochs": 150, "lr": 2e-3,
-                          "lr_backbone": 2e-3, "lr_warmup_steps": 5, "scheduler": "flatcosine", "ema": False,
-                          "augment": False, "eval_every": 75, "save_every": 75, "top_k": 50, "dataset": str(root),
-                          "run_dir": str(tmp_path / "run"), "generate_if_missing": False, "weight_decay": 0.0})
+    params = load_params(
+        {
+            "preset": "atto",
+            "image_size": 160,
+            "batch_size": 4,
+            "epochs": 150,
+            "lr": 2e-3,
+            "lr_backbone": 2e-3,
+            "lr_warmup_steps": 5,
+            "scheduler": "flatcosine",
+            "ema": False,
+            "augment": False,
+            "eval_every": 75,
+            "save_every": 75,
+            "top_k": 50,
+            "dataset": str(root),
+            "run_dir": str(tmp_path / "run"),
+            "generate_if_missing": False,
+            "weight_decay": 0.0,
+        }
+    )
     metrics = run_baseline(params, progress=False)
     assert metrics["final"]["map50"] >= 0.9, metrics["final"]
 
 
+@pytest.mark.slow
 def test_frozen_parameters_unchanged_after_a_step(tiny_params):
     params = tiny_params()
     ds = CocoDetection(params.dataset, params.train_json, params.images_dir, image_size=160, train=True, augment=False)
@@ -71,6 +90,7 @@ def test_two_runs_same_seed_identical_history(tiny_params, tmp_path):
     assert a["history"][-1]["losses"]
 
 
+@pytest.mark.slow
 def test_run_contract_keys(tiny_params):
     m = run_baseline(tiny_params(epochs=1), progress=False)
     for key in ("params", "dataset", "code_version", "history", "final"):
@@ -88,6 +108,7 @@ def test_run_contract_keys(tiny_params):
     assert m["params"]["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny_params, monkeypatch):
     params = tiny_params(epochs=3)
     original = BaselineTask.loss
@@ -111,6 +132,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny_params, monke
     assert [h["epoch"] for h in history] == [0, 1]
 
 
+@pytest.mark.slow
 def test_a_run_fingerprints_its_dataset_once_and_reuses_a_finished_run(tiny_params, monkeypatch):
     calls = []
     fingerprint = loaders.dataset_fingerprint
@@ -129,6 +151,7 @@ def test_a_run_fingerprints_its_dataset_once_and_reuses_a_finished_run(tiny_para
     assert (Path(params.run_dir) / "metrics.json").read_bytes() == written
 
 
+@pytest.mark.slow
 def test_evaluation_only_of_a_checkpoint(tiny_params, tmp_path):
     base = run_baseline(tiny_params(epochs=0, run_dir=str(tmp_path / "base")), progress=False)
     m = run_baseline(tiny_params(checkpoint=str(tmp_path / "base"), run_dir=str(tmp_path / "eval")), progress=False)
@@ -136,6 +159,7 @@ def test_evaluation_only_of_a_checkpoint(tiny_params, tmp_path):
     assert m["final"]["selected_by"] == "evaluation only"
     assert m["final"]["checkpoint"] == str(tmp_path / "base" / "checkpoints" / "best")  # a run_dir: its best
     assert m["model"]["source"] == m["final"]["checkpoint"] and m["phase"] == "baseline"
-    assert {k: m["final"][k] for k in ("map", "map50", "per_class")} == \
-        {k: base["final"][k] for k in ("map", "map50", "per_class")}  # the same weights, the same numbers
+    assert {k: m["final"][k] for k in ("map", "map50", "per_class")} == {
+        k: base["final"][k] for k in ("map", "map50", "per_class")
+    }  # the same weights, the same numbers
     assert not (tmp_path / "eval" / "checkpoints").exists()  # nothing trained, nothing saved

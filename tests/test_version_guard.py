@@ -52,7 +52,12 @@ def test_upstream_still_has_enc_output_layernorm(upstream_atto):
 
 def test_upstream_box_and_lqe_mlps_still_default_to_relu(upstream_atto):
     decoder = upstream_atto.model.decoder
-    for mlp in [upstream_atto.model.enc_bbox_head, decoder.pre_bbox_head, decoder.bbox_embed[0], decoder.lqe_layers[0].reg_conf]:
+    for mlp in [
+        upstream_atto.model.enc_bbox_head,
+        decoder.pre_bbox_head,
+        decoder.bbox_embed[0],
+        decoder.lqe_layers[0].reg_conf,
+    ]:
         assert isinstance(mlp.act, torch.nn.ReLU), RECHECK
 
 

@@ -35,8 +35,9 @@ class BaselineTask(Task):
         backbone, rest = [], []
         for name, prm in self.model.named_parameters():
             (backbone if name.startswith("model.conv_encoder.") else rest).append((name, prm))
-        return (split_decay(backbone, params.lr_backbone, params.weight_decay, "backbone")
-                + split_decay(rest, params.lr, params.weight_decay, "detector"))
+        return split_decay(backbone, params.lr_backbone, params.weight_decay, "backbone") + split_decay(
+            rest, params.lr, params.weight_decay, "detector"
+        )
 
     def loss(self, model, batch, epoch):
         kwargs = {"epoch": epoch} if _is_project_model(model) else {}
@@ -68,9 +69,11 @@ def build_baseline_model(params, data: Data, source: Path | None) -> tuple[nn.Mo
     id2label = dict(enumerate(data.class_names))
     n = params.num_classes or len(data.class_names)
     if params.num_classes and params.num_classes != len(data.class_names):
-        raise ConfigError(f"Parameter `num_classes: {params.num_classes}` but the dataset {data.root} has "
-                          f"{len(data.class_names)} classes ({data.class_names}). Fix: remove `num_classes` to use "
-                          f"the dataset's classes.")
+        raise ConfigError(
+            f"Parameter `num_classes: {params.num_classes}` but the dataset {data.root} has "
+            f"{len(data.class_names)} classes ({data.class_names}). Fix: remove `num_classes` to use "
+            f"the dataset's classes."
+        )
     if source is not None:
         path = source
         if path.is_dir() and (path / "metrics.json").exists() and (path / "checkpoints" / "best").exists():
@@ -80,8 +83,9 @@ def build_baseline_model(params, data: Data, source: Path | None) -> tuple[nn.Mo
         else:  # a Hugging Face id, as written in the params
             model = detector.from_pretrained(params.checkpoint or params.pretrained)
         return model, {"source": str(path), "preset": params.preset}
-    model = detector.build(params.preset, n, id2label=id2label, image_size=params.image_size, seed=params.seed,
-                           fidelity=params.fidelity)
+    model = detector.build(
+        params.preset, n, id2label=id2label, image_size=params.image_size, seed=params.seed, fidelity=params.fidelity
+    )
     return model, {"source": "random init", "preset": params.preset, "fidelity": params.fidelity}
 
 

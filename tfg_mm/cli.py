@@ -47,8 +47,9 @@ def _params(args):
 
 def cmd_generate(args) -> int:
     t0 = time.perf_counter()
-    out = generate(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, image_size=args.image_size,
-                   progress=True)
+    out = generate(
+        args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, image_size=args.image_size, progress=True
+    )
     print(f"synthetic dataset in {out} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
@@ -60,8 +61,11 @@ def cmd_import_voc(args) -> int:
 
 
 def cmd_import_yolo(args) -> int:
-    names = [c.strip() for c in args.classes.split(",")] if "," in args.classes or not Path(args.classes).exists() \
+    names = (
+        [c.strip() for c in args.classes.split(",")]
+        if "," in args.classes or not Path(args.classes).exists()
         else [line.strip() for line in Path(args.classes).read_text().splitlines() if line.strip()]
+    )
     out = yolo_to_coco(args.labels_dir, args.images_dir, names, args.out_json)
     print(f"wrote {out}")
     return 0
@@ -110,8 +114,11 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tfg_mm", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tfg_mm",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -142,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="atto, femto, pico, n, s, m, l or x (inferred when omitted)")
     p.set_defaults(func=cmd_convert)
 
-    for name, func, helptext in (("train", cmd_train, "phase 1: train / evaluate the DEIMv2 baseline"),
-                                 ("phase2", cmd_phase2, "phase 2: progressive fine-tuning with the text branch")):
+    for name, func, helptext in (
+        ("train", cmd_train, "phase 1: train / evaluate the DEIMv2 baseline"),
+        ("phase2", cmd_phase2, "phase 2: progressive fine-tuning with the text branch"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--params", action="append", help="flat YAML parameter file (repeatable, merged in order)")
         p.add_argument("set", nargs="*", help="key=value overrides, e.g. epochs=3 run_dir=runs/try")
@@ -153,8 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default=None, help="ablation grid file (default: the small grid)")
     p.add_argument("--params-dir", default=str(project_root() / "params"))
     p.add_argument("--skip-ablations", action="store_true")
-    p.add_argument("--only", action="append", choices=STEPS, default=None,
-                   help="run only this step (repeatable); each finds or trains what it needs first")
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=STEPS,
+        default=None,
+        help="run only this step (repeatable); each finds or trains what it needs first",
+    )
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("report", help="rebuild reports/index.html from finished runs")
@@ -169,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except (TfgError, TrainingError) as exc:

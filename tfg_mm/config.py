@@ -106,7 +106,9 @@ class DataParams(BaseModel):
     synthetic_seed: int = Field(0, ge=0, description="Seed of the synthetic generator (same seed, same bytes).")
     synthetic_train: int = Field(400, ge=1, description="Number of synthetic training images.")
     synthetic_val: int = Field(100, ge=1, description="Number of synthetic validation images.")
-    synthetic_image_size: int = Field(160, ge=32, le=4096, description="Side of the square synthetic images, in pixels.")
+    synthetic_image_size: int = Field(
+        160, ge=32, le=4096, description="Side of the square synthetic images, in pixels."
+    )
 
 
 class DetectorParams(BaseModel):
@@ -168,7 +170,9 @@ class TrainingParams(BaseModel):
         "then cosine down to `min_lr_ratio`.",
     )
     lr_warmup_steps: int = Field(50, ge=0, description="Linear learning-rate warm-up, in optimiser steps.")
-    flat_fraction: float = Field(0.5, ge=0, le=1, description="Share of training at the flat learning rate (flatcosine).")
+    flat_fraction: float = Field(
+        0.5, ge=0, le=1, description="Share of training at the flat learning rate (flatcosine)."
+    )
     min_lr_ratio: float = Field(0.05, ge=0, le=1, description="Final learning rate as a fraction of the initial one.")
     grad_clip: float = Field(0.1, ge=0, description="Maximum global gradient norm; 0 = no clipping.")
     ema: bool = Field(True, description="Keep an exponential moving average of the weights and evaluate it.")
@@ -208,8 +212,7 @@ class Phase2Params(BaseModel):
     )
     alpha: float = Field(
         0.0,
-        description="Initial gate α of `fused = base + α·(logit_scale·cos + bias)`; 0 reproduces the baseline "
-        "exactly.",
+        description="Initial gate α of `fused = base + α·(logit_scale·cos + bias)`; 0 reproduces the baseline exactly.",
     )
     alpha_learnable: bool = Field(True, description="Learn α (otherwise it stays at its initial value).")
     gate: Gate = Field("scalar", description="One α for all classes, or one per class.")
@@ -225,8 +228,11 @@ class Phase2Params(BaseModel):
     )
     fusion_hidden: int = Field(256, ge=1, description="Hidden width of the `mlp` projection.")
     dropout: float = Field(
-        0.0, ge=0, lt=1, description="Dropout on the hidden state before the `linear` projection, or between the "
-        "two layers of the `mlp` projection."
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the hidden state before the `linear` projection, or between the "
+        "two layers of the `mlp` projection.",
     )
     logit_scale: float = Field(10.0, gt=0, description="Initial multiplier of the cosine similarity (text logits).")
     logit_scale_learnable: bool = Field(True, description="Learn the logit scale.")
@@ -234,7 +240,7 @@ class Phase2Params(BaseModel):
     prompts: Prompts = Field(
         "ensemble",
         description="`single` = one prompt per class (its description, else "
-        f"\"{SINGLE_TEMPLATE.format('{class name}')}\"); `ensemble` = every template (plus the description, if "
+        f'"{SINGLE_TEMPLATE.format("{class name}")}"); `ensemble` = every template (plus the description, if '
         "any), each embedding normalised, averaged, renormalised.",
     )
     class_descriptions: dict[str, str] = Field(
@@ -260,7 +266,9 @@ class Phase2Params(BaseModel):
     text_cache_dir: str = Field(".cache/text", description="Folder of the cached class embeddings.")
     lr_fusion: float = Field(1e-3, gt=0, description="Learning rate of the fusion projection.")
     lr_detector: float = Field(1e-5, ge=0, description="Learning rate of the unfrozen detector parts.")
-    lr_gate: float = Field(1e-2, gt=0, description="Learning rate of α, the logit scale and the bias (no weight decay).")
+    lr_gate: float = Field(
+        1e-2, gt=0, description="Learning rate of α, the logit scale and the bias (no weight decay)."
+    )
     warmup_epochs: int = Field(
         2, ge=0, description="Epochs that train only the fusion (detector frozen) before `unfreeze` applies."
     )
@@ -290,9 +298,7 @@ class AblationParams(BaseModel):
         default_factory=lambda: [0], min_length=1, description="Seeds each variant runs with."
     )
     workers: int = Field(1, ge=1, description="Variants run in parallel processes.")
-    reuse: bool = Field(
-        True, description="Reuse a finished run with the same params, dataset hash and code version."
-    )
+    reuse: bool = Field(True, description="Reuse a finished run with the same params, dataset hash and code version.")
     bootstrap_resamples: int = Field(500, ge=10, description="Paired bootstrap resamples of the validation images.")
     confidence: float = Field(0.95, ge=0.5, le=0.999, description="Confidence level of the bootstrap intervals.")
     wise_lambdas: list[Annotated[float, Field(ge=0, le=1)]] = Field(
@@ -515,9 +521,7 @@ def _allowed_text(name: str) -> str:
     if get_origin(info.annotation) is list:
         (item,) = get_args(info.annotation)
         if get_origin(item) is Annotated:
-            item_bounds = _bounds_text(
-                m for extra in get_args(item)[1:] for m in getattr(extra, "metadata", [extra])
-            )
+            item_bounds = _bounds_text(m for extra in get_args(item)[1:] for m in getattr(extra, "metadata", [extra]))
             if item_bounds:
                 text += f"; each item {item_bounds}"
     return text
@@ -608,8 +612,11 @@ class RunPaths:
     @classmethod
     def of(cls, params: Params) -> RunPaths:
         source = params.checkpoint or params.pretrained
-        return cls(dataset=resolve_path(params.dataset), run_dir=resolve_path(params.run_dir),
-                   source=resolve_path(source) if source else None)
+        return cls(
+            dataset=resolve_path(params.dataset),
+            run_dir=resolve_path(params.run_dir),
+            source=resolve_path(source) if source else None,
+        )
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -724,7 +731,11 @@ def params_from_notebook(namespace: Mapping[str, Any], ignore: Iterable[str] = (
         if from_file[key] != values[key]:
             logger.warning(
                 "notebook parameter %s = %r overrides %s = %r from params_file %s",
-                key, values[key], key, from_file[key], params_file,
+                key,
+                values[key],
+                key,
+                from_file[key],
+                params_file,
             )
     return load_params(path, values, source_names=[str(params_file), "notebook parameter"])
 
@@ -785,7 +796,9 @@ def load_grid(path: str | Path, extra_keys: Iterable[str] = GRID_RUNNER_KEYS) ->
             )
         name = str(variant["name"])
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            problems.append(f"{where}: variant name {name!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
+            problems.append(
+                f"{where}: variant name {name!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
+            )
         if name in names:
             problems.append(f"{where}: duplicate variant name {name!r}")
         names.add(name)

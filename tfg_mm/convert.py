@@ -89,7 +89,7 @@ def _hgnet_rename(key: str) -> str | None:
         ("backbone.stages.", "model.conv_encoder.model.encoder.stages."),
     ):
         if key.startswith(prefix):
-            parts = key[len(prefix):].split(".")
+            parts = key[len(prefix) :].split(".")
             return ours + ".".join(_HGNET_SEGMENTS.get(p, p) for p in parts)
     return None
 
@@ -98,10 +98,10 @@ def _elan_rename(key: str, official_prefix: str, our_prefix: str) -> str | None:
     """One official encoder block (RepNCSPELAN4 / RepNCSPELAN5, ``cv1..cv4``) → transformers' ``Deimv2RepNCSPELAN5``."""
     if not key.startswith(official_prefix):
         return None
-    rest = key[len(official_prefix):]
+    rest = key[len(official_prefix) :]
     for official, ours in _ELAN_SUBMODULES.items():
         if rest.startswith(official + "."):
-            return f"{our_prefix}{ours}.{rest[len(official) + 1:]}"
+            return f"{our_prefix}{ours}.{rest[len(official) + 1 :]}"
     return None
 
 
@@ -110,10 +110,16 @@ def _common_rules() -> list[_Rule]:
     dec = "model.decoder"
     return [
         # Decoder layers.
-        _rule(r"decoder\.decoder\.layers\.(\d+)\.self_attn\.in_proj_weight",
-              *(rf"{dec}.layers.\1.self_attn.{p}_proj.weight" for p in "qkv"), op=_SPLIT),
-        _rule(r"decoder\.decoder\.layers\.(\d+)\.self_attn\.in_proj_bias",
-              *(rf"{dec}.layers.\1.self_attn.{p}_proj.bias" for p in "qkv"), op=_SPLIT),
+        _rule(
+            r"decoder\.decoder\.layers\.(\d+)\.self_attn\.in_proj_weight",
+            *(rf"{dec}.layers.\1.self_attn.{p}_proj.weight" for p in "qkv"),
+            op=_SPLIT,
+        ),
+        _rule(
+            r"decoder\.decoder\.layers\.(\d+)\.self_attn\.in_proj_bias",
+            *(rf"{dec}.layers.\1.self_attn.{p}_proj.bias" for p in "qkv"),
+            op=_SPLIT,
+        ),
         _rule(rf"decoder\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.{_WB}", rf"{dec}.layers.\1.self_attn.o_proj.\2"),
         _rule(r"decoder\.decoder\.layers\.(\d+)\.norm1\.scale", rf"{dec}.layers.\1.self_attn_layer_norm.weight"),
         _rule(r"decoder\.decoder\.layers\.(\d+)\.cross_attn\.(.+)", rf"{dec}.layers.\1.encoder_attn.\2"),
@@ -121,8 +127,12 @@ def _common_rules() -> list[_Rule]:
         _rule(rf"decoder\.decoder\.layers\.(\d+)\.gateway\.gate\.{_WB}", rf"{dec}.layers.\1.gateway.gate.\2"),
         _rule(r"decoder\.decoder\.layers\.(\d+)\.gateway\.norm\.scale", rf"{dec}.layers.\1.gateway.norm.weight"),
         # SwiGLU: the official w12 is [gate; up] along the output dim, gate goes through SiLU.
-        _rule(rf"decoder\.decoder\.layers\.(\d+)\.swish_ffn\.w12\.{_WB}",
-              rf"{dec}.layers.\1.mlp.gate_proj.\2", rf"{dec}.layers.\1.mlp.up_proj.\2", op=_SPLIT),
+        _rule(
+            rf"decoder\.decoder\.layers\.(\d+)\.swish_ffn\.w12\.{_WB}",
+            rf"{dec}.layers.\1.mlp.gate_proj.\2",
+            rf"{dec}.layers.\1.mlp.up_proj.\2",
+            op=_SPLIT,
+        ),
         _rule(rf"decoder\.decoder\.layers\.(\d+)\.swish_ffn\.w3\.{_WB}", rf"{dec}.layers.\1.mlp.down_proj.\2"),
         _rule(r"decoder\.decoder\.layers\.(\d+)\.norm3\.scale", rf"{dec}.layers.\1.final_layer_norm.weight"),
         _rule(r"decoder\.decoder\.lqe_layers\.(.+)", rf"{dec}.lqe_layers.\1"),
@@ -130,8 +140,11 @@ def _common_rules() -> list[_Rule]:
         # Heads. The detection heads exist twice in transformers (the decoder's copy used for the
         # iterative refinement and the top-level copy used by the loss); both get the tensor.
         _rule(rf"decoder\.dec_score_head\.(\d+)\.{_WB}", rf"{dec}.class_embed.\1.\2", r"class_embed.\1.\2"),
-        _rule(rf"decoder\.dec_bbox_head\.(\d+)\.layers\.(\d+)\.{_WB}",
-              rf"{dec}.bbox_embed.\1.layers.\2.\3", r"bbox_embed.\1.layers.\2.\3"),
+        _rule(
+            rf"decoder\.dec_bbox_head\.(\d+)\.layers\.(\d+)\.{_WB}",
+            rf"{dec}.bbox_embed.\1.layers.\2.\3",
+            r"bbox_embed.\1.layers.\2.\3",
+        ),
         _rule(r"decoder\.pre_bbox_head\.(.+)", rf"{dec}.pre_bbox_head.\1"),
         _rule(r"decoder\.query_pos_head\.(.+)", rf"{dec}.query_pos_head.\1"),
         _rule(r"decoder\.enc_score_head\.(.+)", r"model.enc_score_head.\1"),
@@ -150,10 +163,16 @@ def _hybrid_encoder_rules() -> list[_Rule]:
     aifi = r"model.encoder.aifi.\1.layers.\2"
     return [
         _rule(r"encoder\.input_proj\.(\d+)\.(conv\.weight|norm\..+)", r"model.conv_encoder.encoder_input_proj.\1.\2"),
-        _rule(r"encoder\.encoder\.(\d+)\.layers\.(\d+)\.self_attn\.in_proj_weight",
-              *(rf"{aifi}.self_attn.{p}_proj.weight" for p in "qkv"), op=_SPLIT),
-        _rule(r"encoder\.encoder\.(\d+)\.layers\.(\d+)\.self_attn\.in_proj_bias",
-              *(rf"{aifi}.self_attn.{p}_proj.bias" for p in "qkv"), op=_SPLIT),
+        _rule(
+            r"encoder\.encoder\.(\d+)\.layers\.(\d+)\.self_attn\.in_proj_weight",
+            *(rf"{aifi}.self_attn.{p}_proj.weight" for p in "qkv"),
+            op=_SPLIT,
+        ),
+        _rule(
+            r"encoder\.encoder\.(\d+)\.layers\.(\d+)\.self_attn\.in_proj_bias",
+            *(rf"{aifi}.self_attn.{p}_proj.bias" for p in "qkv"),
+            op=_SPLIT,
+        ),
         _rule(rf"encoder\.encoder\.(\d+)\.layers\.(\d+)\.self_attn\.out_proj\.{_WB}", rf"{aifi}.self_attn.o_proj.\3"),
         _rule(rf"encoder\.encoder\.(\d+)\.layers\.(\d+)\.linear1\.{_WB}", rf"{aifi}.mlp.layers.0.\3"),
         _rule(rf"encoder\.encoder\.(\d+)\.layers\.(\d+)\.linear2\.{_WB}", rf"{aifi}.mlp.layers.1.\3"),
@@ -244,7 +263,10 @@ def _map_key(key: str, rules: Sequence[_Rule], encoder_type: str) -> tuple[list[
     if hgnet is not None:
         return [hgnet], _COPY
     if encoder_type == "lite":
-        blocks = (("encoder.fpn_block.", "model.encoder.fpn_block."), ("encoder.pan_block.", "model.encoder.pan_block."))
+        blocks = (
+            ("encoder.fpn_block.", "model.encoder.fpn_block."),
+            ("encoder.pan_block.", "model.encoder.pan_block."),
+        )
     else:
         index = re.match(r"^encoder\.(fpn|pan)_blocks\.(\d+)\.", key)
         blocks = ((index.group(0), f"model.encoder.{index.group(1)}_blocks.{index.group(2)}."),) if index else ()
@@ -286,8 +308,10 @@ def load_official_state_dict(path: str | Path) -> tuple[dict[str, Tensor], str]:
             "{'model': ck['model']}, 'weights.pth')."
         ) from exc
     if not isinstance(checkpoint, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a dict. Expected the official "
-                              "layout {'model': state_dict, 'ema': {'module': state_dict}}.")
+        raise CheckpointError(
+            f"{path}: holds a {type(checkpoint).__name__}, not a dict. Expected the official "
+            "layout {'model': state_dict, 'ema': {'module': state_dict}}."
+        )
     ema = checkpoint.get("ema")
     if isinstance(ema, Mapping) and isinstance(ema.get("module"), Mapping):
         state_dict, source = ema["module"], "ema.module"
@@ -302,11 +326,15 @@ def load_official_state_dict(path: str | Path) -> tuple[dict[str, Tensor], str]:
         )
     bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
     if bad or not state_dict:
-        raise CheckpointError(f"{path}: entry '{source}' is not a state dict of tensors "
-                              f"({'empty' if not state_dict else f'non-tensor values at {bad[:5]}'}).")
+        raise CheckpointError(
+            f"{path}: entry '{source}' is not a state dict of tensors "
+            f"({'empty' if not state_dict else f'non-tensor values at {bad[:5]}'})."
+        )
     if not any(k.startswith("decoder.") for k in state_dict):
-        raise CheckpointError(f"{path}: entry '{source}' has no 'decoder.*' tensors; it is not a DEIMv2 "
-                              f"detector (first keys: {list(state_dict)[:5]}).")
+        raise CheckpointError(
+            f"{path}: entry '{source}' has no 'decoder.*' tensors; it is not a DEIMv2 "
+            f"detector (first keys: {list(state_dict)[:5]})."
+        )
     return dict(state_dict), source
 
 
@@ -327,8 +355,10 @@ def checkpoint_fingerprint(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         d_model = int(state_dict["decoder.query_pos_head.layers.0.weight"].shape[0])
         ffn = int(state_dict["decoder.decoder.layers.0.swish_ffn.w12.weight"].shape[0])
     except KeyError as exc:
-        raise CheckpointError(f"checkpoint has no {exc.args[0]!r}: not an official DEIMv2 decoder "
-                              "(DEIMv2 decoder layers have a SwiGLU 'swish_ffn').") from exc
+        raise CheckpointError(
+            f"checkpoint has no {exc.args[0]!r}: not an official DEIMv2 decoder "
+            "(DEIMv2 decoder layers have a SwiGLU 'swish_ffn')."
+        ) from exc
     fp: dict[str, Any] = {
         "d_model": d_model,
         "decoder_layers": _count_indices(state_dict, "decoder.decoder.layers."),
@@ -339,12 +369,16 @@ def checkpoint_fingerprint(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         fp["encoder_hidden_dim"] = int(state_dict["encoder.input_proj.0.conv.weight"].shape[0])
     else:
         fp["encoder_hidden_dim"] = int(state_dict["encoder.lateral_convs.0.conv.weight"].shape[0])
-    cls_token = next((v for k, v in state_dict.items() if re.match(r"^backbone\.dinov3\.(_model\.)?cls_token$", k)), None)
+    cls_token = next(
+        (v for k, v in state_dict.items() if re.match(r"^backbone\.dinov3\.(_model\.)?cls_token$", k)), None
+    )
     if cls_token is not None:
         fp["backbone"] = "dinov3"
         fp["backbone_width"] = int(cls_token.shape[-1])
-        fp["backbone_depth"] = max(_count_indices(state_dict, "backbone.dinov3._model.blocks."),
-                                   _count_indices(state_dict, "backbone.dinov3.blocks."))
+        fp["backbone_depth"] = max(
+            _count_indices(state_dict, "backbone.dinov3._model.blocks."),
+            _count_indices(state_dict, "backbone.dinov3.blocks."),
+        )
         fp["adapter"] = any(k.startswith("backbone.sta.") for k in state_dict)
     elif "backbone.stem.stem1.conv.weight" in state_dict:
         fp["backbone"] = "hgnetv2"
@@ -358,8 +392,10 @@ def checkpoint_fingerprint(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         fp["backbone_width"] = tuple(widths)
         fp["backbone_depth"] = tuple(blocks)
     else:
-        raise CheckpointError("checkpoint has neither an HGNetv2 ('backbone.stem.*') nor a DINOv3 "
-                              "('backbone.dinov3.*') backbone; it is not an official DEIMv2 model.")
+        raise CheckpointError(
+            "checkpoint has neither an HGNetv2 ('backbone.stem.*') nor a DINOv3 "
+            "('backbone.dinov3.*') backbone; it is not an official DEIMv2 model."
+        )
     return fp
 
 
@@ -428,9 +464,7 @@ def expected_state_dict(config: Any) -> dict[str, Tensor]:
     return model.state_dict()
 
 
-def convert_state_dict(
-    official: Mapping[str, Tensor], config: Any
-) -> tuple[dict[str, Tensor], list[str], list[str]]:
+def convert_state_dict(official: Mapping[str, Tensor], config: Any) -> tuple[dict[str, Tensor], list[str], list[str]]:
     """Map an official state dict onto the model that ``config`` describes.
 
     Returns ``(mapped, unmapped_official, missing_ours)``: ``mapped`` is ready for
@@ -592,24 +626,32 @@ def convert_checkpoint(
     """
     path, out_dir = Path(path), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise CheckpointError(f"{out_dir}: already exists and is not empty; converting would replace it. "
-                              "Fix: choose a new output folder or delete this one first.")
+        raise CheckpointError(
+            f"{out_dir}: already exists and is not empty; converting would replace it. "
+            "Fix: choose a new output folder or delete this one first."
+        )
     official, source = load_official_state_dict(path)
     looks_like = infer_size(official) if size is None else _guess_size(official)
     if size is None:
         size = looks_like
     elif size not in SIZES:
-        raise ConfigError(f"--size {size!r} is not a DEIMv2 size. Fix: use one of {', '.join(SIZES)} "
-                          f"(this checkpoint looks like '{looks_like}').")
+        raise ConfigError(
+            f"--size {size!r} is not a DEIMv2 size. Fix: use one of {', '.join(SIZES)} "
+            f"(this checkpoint looks like '{looks_like}')."
+        )
     elif config_fingerprint(preset_config(size, num_classes=1)) != checkpoint_fingerprint(official):
-        raise CheckpointError(f"{path}: --size {size} does not fit this checkpoint, which looks like '{looks_like}'. "
-                              f"Fix: convert with --size {looks_like} (or omit --size).")
+        raise CheckpointError(
+            f"{path}: --size {size} does not fit this checkpoint, which looks like '{looks_like}'. "
+            f"Fix: convert with --size {looks_like} (or omit --size)."
+        )
 
     checkpoint_classes = infer_num_classes(official)
     classes = checkpoint_classes if num_classes is None else int(num_classes)
     if id2label is not None and len(id2label) != classes:
-        raise ConfigError(f"id2label has {len(id2label)} entries but the model has {classes} classes. "
-                          "Fix: give one name per class (or pass num_classes to match).")
+        raise ConfigError(
+            f"id2label has {len(id2label)} entries but the model has {classes} classes. "
+            "Fix: give one name per class (or pass num_classes to match)."
+        )
     reinitialised_from = []
     if classes != checkpoint_classes:
         reinitialised_from = sorted(k for k in official if _CLASS_DEPENDENT.match(k))
@@ -617,8 +659,9 @@ def convert_checkpoint(
 
     base = preset_config(size, num_classes=classes)
     image_size = infer_image_size(official, base.feat_strides)
-    config = preset_config(size, num_classes=classes, id2label=dict(id2label) if id2label else None,
-                            image_size=image_size)
+    config = preset_config(
+        size, num_classes=classes, id2label=dict(id2label) if id2label else None, image_size=image_size
+    )
 
     mapped, unmapped, missing = convert_state_dict(official, config)
     unused = _unused_explanations(missing)
@@ -692,8 +735,9 @@ def format_report(report: Mapping[str, Any]) -> str:
     for key, why in report["unused_ours"].items():
         lines.append(f"    {key}: {why}")
     if report["reinitialised_class_heads"]:
-        lines.append(f"  class heads re-initialised for {report['num_classes']} classes: "
-                     f"{report['reinitialised_class_heads']}")
+        lines.append(
+            f"  class heads re-initialised for {report['num_classes']} classes: {report['reinitialised_class_heads']}"
+        )
     return "\n".join(lines)
 
 
@@ -703,8 +747,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="official DEIMv2 .pth (ema.module is preferred over model)")
     parser.add_argument("out_dir", help="new folder for the project's checkpoint")
     parser.add_argument("--size", choices=SIZES, default=None, help="DEIMv2 size (inferred when omitted)")
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="number of classes (default: the checkpoint's; another value re-initialises the class heads)")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="number of classes (default: the checkpoint's; another value re-initialises the class heads)",
+    )
     args = parser.parse_args(argv)
     try:
         out = convert_checkpoint(args.checkpoint, args.out_dir, size=args.size, num_classes=args.num_classes)

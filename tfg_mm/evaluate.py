@@ -187,8 +187,10 @@ def load_coco_gt(coco_gt: str | Path | dict | Any, backend: str = "pycocotools")
     image_ids = {image["id"] for image in dataset["images"]}
     for ann in dataset["annotations"]:
         if ann.get("image_id") not in image_ids:
-            raise DataError(f"{source}: annotation id {ann.get('id')} refers to image_id {ann.get('image_id')!r}, "
-                            "which is not in 'images'; fix or drop the annotation")
+            raise DataError(
+                f"{source}: annotation id {ann.get('id')} refers to image_id {ann.get('image_id')!r}, "
+                "which is not in 'images'; fix or drop the annotation"
+            )
         if "bbox" not in ann or len(ann["bbox"]) != 4:
             raise DataError(f"{source}: annotation id {ann.get('id')} has no 4-number 'bbox' [x, y, w, h]")
         ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))

@@ -45,8 +45,16 @@ class Setup:
     evaluated: str = ""
 
 
-def run_experiment(params, paths: RunPaths, phase: str, build: Callable[[Data], Setup], *, depends_on: str = "",
-                   train: bool = True, progress: bool = True) -> dict:
+def run_experiment(
+    params,
+    paths: RunPaths,
+    phase: str,
+    build: Callable[[Data], Setup],
+    *,
+    depends_on: str = "",
+    train: bool = True,
+    progress: bool = True,
+) -> dict:
     """Run one phase-1 / phase-2 experiment (the steps in the module docstring); returns its run contract.
 
     ``depends_on`` names what else the result depends on (phase 2: the baseline run's id); it is
@@ -67,19 +75,52 @@ def run_experiment(params, paths: RunPaths, phase: str, build: Callable[[Data], 
     task = setup.task
 
     def contract(history: list[dict], final: dict | None, status: str) -> None:
-        runs.write_metrics(paths.run_dir, params=params, dataset=record, history=history, final=final,
-                           extra={"phase": phase, **setup.extra, **task.contract_extra()}, status=status,
-                           depends_on=depends_on)
+        runs.write_metrics(
+            paths.run_dir,
+            params=params,
+            dataset=record,
+            history=history,
+            final=final,
+            extra={"phase": phase, **setup.extra, **task.contract_extra()},
+            status=status,
+            depends_on=depends_on,
+        )
 
     if train:
-        Trainer(params, task, data.train_loader, data.val_loader, data.val.coco, data.cat_ids, paths.run_dir,
-                loader_gen, contract, progress).fit()
+        Trainer(
+            params,
+            task,
+            data.train_loader,
+            data.val_loader,
+            data.val.coco,
+            data.cat_ids,
+            paths.run_dir,
+            loader_gen,
+            contract,
+            progress,
+        ).fit()
     else:
-        trainer = Trainer(params, task, data.val_loader, data.val_loader, data.val.coco, data.cat_ids,
-                          paths.run_dir, loader_gen, contract, progress)
+        trainer = Trainer(
+            params,
+            task,
+            data.val_loader,
+            data.val_loader,
+            data.val.coco,
+            data.cat_ids,
+            paths.run_dir,
+            loader_gen,
+            contract,
+            progress,
+        )
         task.model.to(trainer.accelerator.device)
         metrics, _ = trainer.evaluate()
-        entry = {"epoch": 0, **{k: metrics[k] for k in _EVAL_KEYS}, "lr": 0.0, "loss": None, "losses": {},
-                 "seconds": 0.0}
+        entry = {
+            "epoch": 0,
+            **{k: metrics[k] for k in _EVAL_KEYS},
+            "lr": 0.0,
+            "loss": None,
+            "losses": {},
+            "seconds": 0.0,
+        }
         contract([entry], {**entry, "selected_by": "evaluation only", "checkpoint": setup.evaluated}, "finished")
     return runs.read_metrics(paths.run_dir)

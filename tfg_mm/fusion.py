@@ -104,28 +104,41 @@ class ResidualTextFusion(nn.Module):
     ):
         super().__init__()
         if text_embeddings.ndim != 2:
-            raise ConfigError("The class text embeddings must be a [num_classes, dim] matrix, got shape "
-                              f"{tuple(text_embeddings.shape)}. Fix: build them with tfg_mm.text.class_embeddings.")
+            raise ConfigError(
+                "The class text embeddings must be a [num_classes, dim] matrix, got shape "
+                f"{tuple(text_embeddings.shape)}. Fix: build them with tfg_mm.text.class_embeddings."
+            )
         if fusion not in get_args(Fusion):
             raise ConfigError(f"`fusion: {fusion}` is unknown. Fix: use one of {list(get_args(Fusion))}.")
         if gate not in get_args(Gate):
             raise ConfigError(f"`gate: {gate}` is unknown. Fix: use one of {list(get_args(Gate))}.")
         if not logit_scale > 0:
-            raise ConfigError(f"`logit_scale: {logit_scale}` must be > 0 (it multiplies a cosine). Fix: e.g. "
-                              "`logit_scale: 10.0`.")
+            raise ConfigError(
+                f"`logit_scale: {logit_scale}` must be > 0 (it multiplies a cosine). Fix: e.g. `logit_scale: 10.0`."
+            )
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"`dropout: {dropout}` must be in [0, 1). Fix: e.g. `dropout: 0.1`.")
         if gate_tanh and not -1.0 < alpha < 1.0:
-            raise ConfigError(f"`alpha: {alpha}` must be in (-1, 1) with `gate_tanh: true` (α is then the gate's "
-                              "value after tanh). Fix: choose `alpha` in (-1, 1), or set `gate_tanh: false`.")
+            raise ConfigError(
+                f"`alpha: {alpha}` must be in (-1, 1) with `gate_tanh: true` (α is then the gate's "
+                "value after tanh). Fix: choose `alpha` in (-1, 1), or set `gate_tanh: false`."
+            )
 
         num_classes, text_dim = text_embeddings.shape
         self.num_classes = int(num_classes)
         #: The schema-named settings this module was built from; ``from_config`` rebuilds it.
         self.config = {
-            "hidden_dim": hidden_dim, "fusion": fusion, "fusion_hidden": fusion_hidden, "dropout": dropout,
-            "logit_scale": logit_scale, "logit_scale_learnable": logit_scale_learnable, "fusion_bias": fusion_bias,
-            "gate": gate, "alpha": alpha, "alpha_learnable": alpha_learnable, "gate_tanh": gate_tanh,
+            "hidden_dim": hidden_dim,
+            "fusion": fusion,
+            "fusion_hidden": fusion_hidden,
+            "dropout": dropout,
+            "logit_scale": logit_scale,
+            "logit_scale_learnable": logit_scale_learnable,
+            "fusion_bias": fusion_bias,
+            "gate": gate,
+            "alpha": alpha,
+            "alpha_learnable": alpha_learnable,
+            "gate_tanh": gate_tanh,
         }
         self.gate_tanh = gate_tanh
         self.register_buffer("text_embeddings", F.normalize(text_embeddings.detach().float(), dim=-1).clone())
@@ -186,12 +199,16 @@ class ResidualTextFusion(nn.Module):
 
     def forward(self, base_logits: Tensor, hidden: Tensor) -> Tensor:
         if base_logits.shape[-1] != self.num_classes:
-            raise TfgError(f"The detector gives {base_logits.shape[-1]} class logits but the fusion has "
-                           f"{self.num_classes} class embeddings. Fix: build the text embeddings from the "
-                           "dataset's class names.")
+            raise TfgError(
+                f"The detector gives {base_logits.shape[-1]} class logits but the fusion has "
+                f"{self.num_classes} class embeddings. Fix: build the text embeddings from the "
+                "dataset's class names."
+            )
         if base_logits.shape[:-1] != hidden.shape[:-1]:
-            raise TfgError(f"logits {tuple(base_logits.shape)} and hidden states {tuple(hidden.shape)} do not "
-                           "describe the same queries (denoising queries not split off?).")
+            raise TfgError(
+                f"logits {tuple(base_logits.shape)} and hidden states {tuple(hidden.shape)} do not "
+                "describe the same queries (denoising queries not split off?)."
+            )
         return base_logits + self.alpha() * self.text_term(hidden)
 
     def param_groups(self, lr_fusion: float, lr_gate: float, weight_decay: float) -> list[dict]:
@@ -203,8 +220,12 @@ class ResidualTextFusion(nn.Module):
         """
         gate_like = [p for p in (self.gate, self.log_scale, self.bias) if isinstance(p, nn.Parameter)]
         groups = [
-            {"name": "fusion", "params": list(self.projection.parameters()), "lr": lr_fusion,
-             "weight_decay": weight_decay},
+            {
+                "name": "fusion",
+                "params": list(self.projection.parameters()),
+                "lr": lr_fusion,
+                "weight_decay": weight_decay,
+            },
             {"name": "fusion_gate", "params": gate_like, "lr": lr_gate, "weight_decay": 0.0},
         ]
         return [g for g in groups if g["params"]]
@@ -255,8 +276,10 @@ def apply_fusion(fusion: ResidualTextFusion | None, outputs: dict) -> dict:
         else:
             result[key] = [_fuse_entry(fusion, entry, f"{key}[{i}]") for i, entry in enumerate(value)]
 
-    for key, teacher in (("aux_outputs", result["pred_logits"]),
-                         ("dn_outputs", result["dn_outputs"][-1]["pred_logits"] if result.get("dn_outputs") else None)):
+    for key, teacher in (
+        ("aux_outputs", result["pred_logits"]),
+        ("dn_outputs", result["dn_outputs"][-1]["pred_logits"] if result.get("dn_outputs") else None),
+    ):
         for entry in result.get(key, []):
             if "teacher_logits" in entry:
                 entry["teacher_logits"] = teacher
@@ -265,8 +288,10 @@ def apply_fusion(fusion: ResidualTextFusion | None, outputs: dict) -> dict:
 
 def _fuse_entry(fusion: ResidualTextFusion, entry: dict, where: str) -> dict:
     if "hidden" not in entry:
-        raise TfgError(f"Output entry {where} has decoder logits but no 'hidden' state, so it cannot be fused. "
-                       "Fix: build the outputs with tfg_mm.loss.official_outputs, which adds each layer's hidden state.")
+        raise TfgError(
+            f"Output entry {where} has decoder logits but no 'hidden' state, so it cannot be fused. "
+            "Fix: build the outputs with tfg_mm.loss.official_outputs, which adds each layer's hidden state."
+        )
     fused = dict(entry)
     fused["pred_logits"] = fusion(entry["pred_logits"], entry["hidden"])
     return fused

@@ -48,12 +48,18 @@ class MultimodalDetector(nn.Module):
     ``detector_mode`` and ``kd_weight`` are the schema parameters of the same name.
     """
 
-    def __init__(self, detector: nn.Module, fusion: ResidualTextFusion | None,
-                 detector_mode: DetectorMode = default_of("detector_mode"), kd_weight: float = default_of("kd_weight")):
+    def __init__(
+        self,
+        detector: nn.Module,
+        fusion: ResidualTextFusion | None,
+        detector_mode: DetectorMode = default_of("detector_mode"),
+        kd_weight: float = default_of("kd_weight"),
+    ):
         super().__init__()
         if detector_mode not in get_args(DetectorMode):
-            raise ConfigError(f"`detector_mode: {detector_mode}` is unknown. Fix: use one of "
-                              f"{list(get_args(DetectorMode))}.")
+            raise ConfigError(
+                f"`detector_mode: {detector_mode}` is unknown. Fix: use one of {list(get_args(DetectorMode))}."
+            )
         self.detector = detector
         self.fusion = fusion
         self.detector_mode = detector_mode
@@ -66,8 +72,9 @@ class MultimodalDetector(nn.Module):
         if self.kd_weight > 0:
             dec = detector.model.decoder
             idx = dec.eval_idx
-            teacher = nn.ModuleDict({"score": copy.deepcopy(dec.class_embed[idx]),
-                                     "lqe": copy.deepcopy(dec.lqe_layers[idx])}).eval()
+            teacher = nn.ModuleDict(
+                {"score": copy.deepcopy(dec.class_embed[idx]), "lqe": copy.deepcopy(dec.lqe_layers[idx])}
+            ).eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
             self._teacher = [teacher]
@@ -92,16 +99,17 @@ class MultimodalDetector(nn.Module):
             # stage B: the unfrozen part trains; the frozen parts keep their BatchNorm statistics
             for module in self.detector.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-                        p.requires_grad for p in module.parameters()):
+                    p.requires_grad for p in module.parameters()
+                ):
                     module.eval()
 
     # -- detector outputs in the official layout -------------------------------------------------
-    def detector_outputs(self, pixel_values: torch.Tensor, labels: list[dict] | None = None,
-                         epoch: int = 0) -> dict:
+    def detector_outputs(self, pixel_values: torch.Tensor, labels: list[dict] | None = None, epoch: int = 0) -> dict:
         frozen = self.detector_frozen()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            out = self.detector(pixel_values, labels=labels if self.detector.training else None, epoch=epoch,
-                                compute_loss=False)
+            out = self.detector(
+                pixel_values, labels=labels if self.detector.training else None, epoch=epoch, compute_loss=False
+            )
             outputs = official_outputs(out, self.detector.config)
         if self.training and not self.detector.training:
             outputs = add_aux_outputs(outputs, self.detector.config.decoder_layers)
@@ -119,8 +127,9 @@ class MultimodalDetector(nn.Module):
         if self._teacher is not None:
             teacher = self._teacher[0].to(outputs["pred_logits"].device)
             with torch.no_grad():
-                target = teacher["lqe"](teacher["score"](outputs["hidden"].detach()),
-                                        outputs["pred_corners"].detach()).sigmoid()
+                target = teacher["lqe"](
+                    teacher["score"](outputs["hidden"].detach()), outputs["pred_corners"].detach()
+                ).sigmoid()
             kd = F.binary_cross_entropy_with_logits(fused["pred_logits"], target) * self.kd_weight
             total = total + kd
             logged["loss_kd"] = float(kd.detach())

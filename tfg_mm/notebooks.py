@@ -23,8 +23,14 @@ NOTEBOOKS = project_root() / "notebooks"
 REPORTS = project_root() / "reports"
 
 
-def execute(notebook: str | Path, output: str | Path, parameters: dict | None = None, cwd: str | Path | None = None,
-            progress: bool = True, kernel_name: str = "python3") -> Path:
+def execute(
+    notebook: str | Path,
+    output: str | Path,
+    parameters: dict | None = None,
+    cwd: str | Path | None = None,
+    progress: bool = True,
+    kernel_name: str = "python3",
+) -> Path:
     """Run ``notebook`` with papermill into ``output`` (the executed copy, kept even when a cell fails)."""
     # imported here: papermill takes ~4 s to import (measured), and every notebook kernel imports this
     # module for `notebook_params` alone
@@ -37,8 +43,15 @@ def execute(notebook: str | Path, output: str | Path, parameters: dict | None = 
     output.parent.mkdir(parents=True, exist_ok=True)
     env_cwd = str(cwd or project_root())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    pm.execute_notebook(str(notebook), str(output), parameters=parameters or {}, cwd=env_cwd,
-                        kernel_name=kernel_name, progress_bar=progress, log_output=False)
+    pm.execute_notebook(
+        str(notebook),
+        str(output),
+        parameters=parameters or {},
+        cwd=env_cwd,
+        kernel_name=kernel_name,
+        progress_bar=progress,
+        log_output=False,
+    )
     return output
 
 
@@ -50,8 +63,13 @@ def render_html(executed: str | Path, html: str | Path, with_code: bool = False)
     return atomic_write_text(html, body)
 
 
-def run_and_render(name: str, parameters: dict | None = None, executed_dir: str | Path = "runs/notebooks",
-                   html_dir: str | Path = REPORTS, progress: bool = True) -> Path:
+def run_and_render(
+    name: str,
+    parameters: dict | None = None,
+    executed_dir: str | Path = "runs/notebooks",
+    html_dir: str | Path = REPORTS,
+    progress: bool = True,
+) -> Path:
     """Execute ``notebooks/{name}.ipynb`` and render ``reports/{name}.html``; returns the HTML path."""
     executed_dir = Path(executed_dir)
     if not executed_dir.is_absolute():

@@ -68,8 +68,13 @@ def text_embeddings(params, class_names: list[str]) -> tuple[torch.Tensor | None
 
     if params.text_encoder == "none":
         return None, {"kind": "none"}
-    encoder = build_text_encoder(params.text_encoder, model=params.text_model, pretrained=params.text_pretrained,
-                                 seed=params.seed, num_classes=len(class_names))
+    encoder = build_text_encoder(
+        params.text_encoder,
+        model=params.text_model,
+        pretrained=params.text_pretrained,
+        seed=params.seed,
+        num_classes=len(class_names),
+    )
     prompts = class_prompts(class_names, params.prompts, params.class_descriptions or None, params.templates)
     emb = class_embeddings(encoder, prompts, cache_dir=resolve_path(params.text_cache_dir))
     return emb, {**encoder.description, "prompts": prompts}
@@ -86,20 +91,26 @@ def build_fusion_from_config(cfg: dict, text: torch.Tensor) -> nn.Module:
 def baseline_folder(baseline: str) -> tuple[Path, dict | None]:
     """``baseline`` is a checkpoint folder or a run_dir of notebook 01: the checkpoint and its metrics."""
     if not baseline:
-        raise ConfigError("Parameter `baseline` is empty. Fix: set it to the run_dir of notebook 01 "
-                          "(e.g. `runs/baseline`) or to a checkpoint folder.")
+        raise ConfigError(
+            "Parameter `baseline` is empty. Fix: set it to the run_dir of notebook 01 "
+            "(e.g. `runs/baseline`) or to a checkpoint folder."
+        )
     path = resolve_path(baseline)
     if (path / "metrics.json").exists():
         metrics = runs.read_metrics(path)
         ckpt = path / "checkpoints" / "best"
         if not ckpt.exists():
-            raise CheckpointError(f"Baseline run {path} has no checkpoints/best. Fix: finish that run "
-                                  f"(notebook 01) or point `baseline` at a checkpoint folder.")
+            raise CheckpointError(
+                f"Baseline run {path} has no checkpoints/best. Fix: finish that run "
+                f"(notebook 01) or point `baseline` at a checkpoint folder."
+            )
         return ckpt, metrics
     if path.is_dir():
         return path, None
-    raise CheckpointError(f"Parameter `baseline: {baseline}`: {path} is neither a run_dir of notebook 01 nor a "
-                          f"checkpoint folder. Fix: run notebook 01 first (`make all` does) or fix the path.")
+    raise CheckpointError(
+        f"Parameter `baseline: {baseline}`: {path} is neither a run_dir of notebook 01 nor a "
+        f"checkpoint folder. Fix: run notebook 01 first (`make all` does) or fix the path."
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,8 +173,12 @@ class Phase2Task(Task):
             parts = UNFREEZE_PARTS[self.params.unfreeze]
             if parts:
                 deimv2.unfreeze(det, parts)
-            log.info("phase 2 stage B from epoch %d: unfreeze=%s (%d trainable detector tensors)", epoch,
-                     self.params.unfreeze, sum(p.requires_grad for p in det.parameters()))
+            log.info(
+                "phase 2 stage B from epoch %d: unfreeze=%s (%d trainable detector tensors)",
+                epoch,
+                self.params.unfreeze,
+                sum(p.requires_grad for p in det.parameters()),
+            )
             if self.train_dataset is not None:
                 self.train_dataset.load_images = True
                 self.train_dataset.augment = self.params.augment
@@ -237,8 +252,12 @@ def _slice(obj, j: int):
 def _stack(items: list):
     first = items[0]
     if torch.is_tensor(first):
-        if first.ndim >= 1 and all(t.shape == first.shape for t in items) and first.ndim > 0 \
-                and not (first.ndim == 1 and first.numel() == 1):
+        if (
+            first.ndim >= 1
+            and all(t.shape == first.shape for t in items)
+            and first.ndim > 0
+            and not (first.ndim == 1 and first.numel() == 1)
+        ):
             return torch.stack(items)
         return first
     if isinstance(first, dict):
@@ -260,9 +279,11 @@ def build_multimodal(params, class_names: list[str], baseline: tuple[Path, dict 
     detector = deimv2.load(ckpt)
     names = [detector.config.id2label[i] for i in range(detector.config.num_labels)]
     if names != list(class_names):
-        raise CheckpointError(f"Baseline checkpoint {ckpt} was trained on classes {names}, the dataset has "
-                              f"{list(class_names)}. Fix: use the baseline trained on this dataset, or retrain "
-                              f"notebook 01 on it.")
+        raise CheckpointError(
+            f"Baseline checkpoint {ckpt} was trained on classes {names}, the dataset has "
+            f"{list(class_names)}. Fix: use the baseline trained on this dataset, or retrain "
+            f"notebook 01 on it."
+        )
     text, text_info = text_embeddings(params, class_names)
     fusion = None
     if text is not None:
@@ -282,14 +303,21 @@ def run_phase2(params, progress: bool = True) -> dict:
     def build(data: Data) -> Setup:
         model, base, text_info = build_multimodal(params, data.class_names, baseline)
         base_final = (base["metrics"] or {}).get("final")
-        extra = {"baseline": {"checkpoint": base["checkpoint"], "final": base_final},
-                 "text_encoder": text_info, "detector_mode": params.detector_mode, "classes": data.class_names,
-                 "cached_warmup_mode": "detector_mode outputs on un-augmented images, no denoising queries, "
-                                       "no encoder fusion" if params.cache_warmup else None}
+        extra = {
+            "baseline": {"checkpoint": base["checkpoint"], "final": base_final},
+            "text_encoder": text_info,
+            "detector_mode": params.detector_mode,
+            "classes": data.class_names,
+            "cached_warmup_mode": "detector_mode outputs on un-augmented images, no denoising queries, "
+            "no encoder fusion"
+            if params.cache_warmup
+            else None,
+        }
         return Setup(Phase2Task(model, data.class_names, params, data.train), extra)
 
-    return run_experiment(params, RunPaths.of(params), "phase2", build, depends_on=_baseline_identity(*baseline),
-                          progress=progress)
+    return run_experiment(
+        params, RunPaths.of(params), "phase2", build, depends_on=_baseline_identity(*baseline), progress=progress
+    )
 
 
 def depends_on_baseline(params) -> str:
@@ -319,17 +347,27 @@ def ensure_baseline(params, baseline_params_file: str = "params/baseline.yaml", 
     ``params.baseline`` as its run_dir.
     """
     path = resolve_path(params.baseline) if params.baseline else None
-    if path is not None and (runs.is_finished(path) or (path.is_dir() and not (path / "state").exists()
-                                                        and any(path.glob("*.safetensors")))):
+    if path is not None and (
+        runs.is_finished(path) or (path.is_dir() and not (path / "state").exists() and any(path.glob("*.safetensors")))
+    ):
         return path
     if not params.baseline:
-        raise ConfigError("Parameter `baseline` is empty. Fix: set it to a run_dir of notebook 01 "
-                          "(e.g. `runs/baseline`).")
+        raise ConfigError(
+            "Parameter `baseline` is empty. Fix: set it to a run_dir of notebook 01 (e.g. `runs/baseline`)."
+        )
     src = Path(baseline_params_file)
     if not src.exists():
         src = resolve_path(src)
-    base_params = load_params(src, {"run_dir": params.baseline, "dataset": params.dataset, "seed": params.seed,
-                                    "image_size": params.image_size, "preset": params.preset})
+    base_params = load_params(
+        src,
+        {
+            "run_dir": params.baseline,
+            "dataset": params.dataset,
+            "seed": params.seed,
+            "image_size": params.image_size,
+            "preset": params.preset,
+        },
+    )
     log.info("baseline %s not found: training it first with %s", params.baseline, src)
     run_baseline(base_params, progress=progress)
     return path

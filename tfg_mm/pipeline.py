@@ -30,13 +30,25 @@ def pipeline_steps(params_dir: Path, grid: str | None) -> list[tuple[str, dict]]
         ("00_data", {"params_file": rel("default.yaml"), "run_dir": "runs/data"}),
         ("01_baseline", {"params_file": rel("baseline.yaml"), "run_dir": "runs/baseline"}),
         ("02_phase2", {"params_file": rel("phase2.yaml"), "baseline": "runs/baseline", "run_dir": "runs/phase2"}),
-        ("03_ablations", {"params_file": rel("phase2.yaml"), "baseline": "runs/baseline",
-                          "grid": grid or rel("ablations/small.yaml"), "run_dir": "runs/ablations"}),
+        (
+            "03_ablations",
+            {
+                "params_file": rel("phase2.yaml"),
+                "baseline": "runs/baseline",
+                "grid": grid or rel("ablations/small.yaml"),
+                "run_dir": "runs/ablations",
+            },
+        ),
     ]
 
 
-def run_pipeline(grid: str | None = None, skip_ablations: bool = False, params_dir: str | Path | None = None,
-                 progress: bool = True, only: Sequence[str] | None = None) -> dict:
+def run_pipeline(
+    grid: str | None = None,
+    skip_ablations: bool = False,
+    params_dir: str | Path | None = None,
+    progress: bool = True,
+    only: Sequence[str] | None = None,
+) -> dict:
     """Execute and render the notebooks (all, or the steps named in ``only``); returns seconds per step.
 
     ``reports/pipeline_timing.json`` records the timings of a whole run (not of ``only`` runs).

@@ -51,8 +51,14 @@ NOTEBOOK_REPORTS: tuple[tuple[str, str], ...] = (
     ("03_ablations", "Ablations: every hypothesis with seeds and bootstrap intervals"),
 )
 _HARD_COLOR = "#c0392b"
-_SUMMARY_ROWS = (("map", "mAP"), ("map50", "mAP50"), ("map75", "mAP75"), ("map_small", "mAP small"),
-                 ("map_medium", "mAP medium"), ("map_large", "mAP large"))
+_SUMMARY_ROWS = (
+    ("map", "mAP"),
+    ("map50", "mAP50"),
+    ("map75", "mAP75"),
+    ("map_small", "mAP small"),
+    ("map_medium", "mAP medium"),
+    ("map_large", "mAP large"),
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,8 +98,9 @@ def _number(value: Any) -> float:
 
 
 def _history_frame(metrics: Mapping[str, Any]) -> pd.DataFrame:
-    return pd.DataFrame([{k: v for k, v in h.items() if not isinstance(v, (dict, list))}
-                         for h in metrics.get("history", [])])
+    return pd.DataFrame(
+        [{k: v for k, v in h.items() if not isinstance(v, (dict, list))} for h in metrics.get("history", [])]
+    )
 
 
 def _class_names(metrics: Mapping[str, Any]) -> list[str]:
@@ -105,7 +112,7 @@ def _class_names(metrics: Mapping[str, Any]) -> list[str]:
 # Notebook helpers
 # --------------------------------------------------------------------------------------------
 def provenance_markdown(metrics: Mapping[str, Any]) -> str:
-    """"Where this number came from" as a markdown table: phase, changed params, data, code, text, mode."""
+    """ "Where this number came from" as a markdown table: phase, changed params, data, code, text, mode."""
     params = metrics.get("params", {})
     defaults = Params().model_dump(mode="json")
     changed = metrics.get("params_changed")
@@ -126,13 +133,18 @@ def provenance_markdown(metrics: Mapping[str, Any]) -> str:
         ("run id", metrics.get("run_id", "?")),
         ("run_dir", params.get("run_dir", "?")),
         ("seed", params.get("seed", "?")),
-        ("params that differ from the defaults",
-         ", ".join(f"`{k}: {v}`" for k, v in changed.items()) or "none"),
-        ("dataset", f"{dataset.get('root', '?')} (hash `{str(dataset.get('hash', '?'))[:16]}`, "
-                    f"{dataset.get('hash_method', '')})"),
-        ("code version", f"tfg_mm {code.get('package', '?')}, commit `{code.get('git_commit') or 'none'}`"
-                         f"{' (dirty)' if code.get('git_dirty') else ''}, sources "
-                         f"`{str(code.get('source_sha256', '?'))[:16]}`"),
+        ("params that differ from the defaults", ", ".join(f"`{k}: {v}`" for k, v in changed.items()) or "none"),
+        (
+            "dataset",
+            f"{dataset.get('root', '?')} (hash `{str(dataset.get('hash', '?'))[:16]}`, "
+            f"{dataset.get('hash_method', '')})",
+        ),
+        (
+            "code version",
+            f"tfg_mm {code.get('package', '?')}, commit `{code.get('git_commit') or 'none'}`"
+            f"{' (dirty)' if code.get('git_dirty') else ''}, sources "
+            f"`{str(code.get('source_sha256', '?'))[:16]}`",
+        ),
     ]
     if model:
         rows.append(("detector", ", ".join(f"{k}: {v}" for k, v in model.items() if k != "corrections")))
@@ -145,8 +157,12 @@ def provenance_markdown(metrics: Mapping[str, Any]) -> str:
         rows.append(("baseline checkpoint", baseline["checkpoint"]))
     final = metrics.get("final") or {}
     if final:
-        rows.append(("selected checkpoint", f"epoch {final.get('epoch', '?')} by {final.get('selected_by', '?')}"
-                                            f" ({final.get('checkpoint', '?')})"))
+        rows.append(
+            (
+                "selected checkpoint",
+                f"epoch {final.get('epoch', '?')} by {final.get('selected_by', '?')} ({final.get('checkpoint', '?')})",
+            )
+        )
     lines = ["| | |", "|---|---|"] + [f"| **{cell(k)}** | {cell(v)} |" for k, v in rows]
     return "\n".join(lines)
 
@@ -168,13 +184,22 @@ def _shade_stages(ax: plt.Axes, history: pd.DataFrame) -> None:
             lo = epochs[start] - 0.5
             hi = epochs[i - 1] + 0.5
             ax.axvspan(lo, hi, color=colors.get(stages[start], "#eeeeee"), alpha=0.6, lw=0, zorder=0)
-            ax.text((lo + hi) / 2, 1.0, f"stage {stages[start]}", transform=ax.get_xaxis_transform(),
-                    ha="center", va="bottom", fontsize=8, color="#555555")
+            ax.text(
+                (lo + hi) / 2,
+                1.0,
+                f"stage {stages[start]}",
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="#555555",
+            )
             start = i
 
 
-def plot_trajectory(metrics: Mapping[str, Any], baseline: Mapping[str, Any] | None = None,
-                    save: str | None = None) -> plt.Figure:
+def plot_trajectory(
+    metrics: Mapping[str, Any], baseline: Mapping[str, Any] | None = None, save: str | None = None
+) -> plt.Figure:
     """mAP and mAP50 per evaluated epoch; the baseline's final values as dashed lines; stage shading.
 
     ``baseline`` is a baseline contract or its ``final`` dict; by default the baseline recorded in
@@ -212,8 +237,9 @@ def _highlight_hard(ax: plt.Axes, hard_classes: Sequence[str]) -> None:
             label.set_fontweight("bold")
 
 
-def plot_per_class(metrics: Mapping[str, Any], hard_classes: Sequence[str] = HARD_CLASSES,
-                   save: str | None = None) -> plt.Figure:
+def plot_per_class(
+    metrics: Mapping[str, Any], hard_classes: Sequence[str] = HARD_CLASSES, save: str | None = None
+) -> plt.Figure:
     """AP50 and AP50:95 per class of the selected checkpoint; hard classes in bold red."""
     frame = _per_class_frame(metrics.get("final") or {})
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * frame["class"].nunique() + 2), 3.6))
@@ -228,16 +254,21 @@ def plot_per_class(metrics: Mapping[str, Any], hard_classes: Sequence[str] = HAR
     return _finish(fig, save)
 
 
-def plot_per_class_delta(metrics: Mapping[str, Any], baseline_final: Mapping[str, Any] | None,
-                         hard_classes: Sequence[str] = HARD_CLASSES, save: str | None = None) -> plt.Figure:
+def plot_per_class_delta(
+    metrics: Mapping[str, Any],
+    baseline_final: Mapping[str, Any] | None,
+    hard_classes: Sequence[str] = HARD_CLASSES,
+    save: str | None = None,
+) -> plt.Figure:
     """Δ AP50 and Δ AP50:95 per class against the baseline (positive = better than the baseline)."""
     base = _as_final(baseline_final) if baseline_final is not None else baseline_final_of(metrics)
     run = _per_class_frame(metrics.get("final") or {})
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * run["class"].nunique() + 2), 3.6))
     if base and not run.empty:
         ref = _per_class_frame(base).set_index(["class", "metric"])["value"]
-        run["value"] = [v - ref.get((c, m), math.nan) for c, m, v in run[["class", "metric", "value"]].itertuples(
-            index=False)]
+        run["value"] = [
+            v - ref.get((c, m), math.nan) for c, m, v in run[["class", "metric", "value"]].itertuples(index=False)
+        ]
         sns.barplot(run, x="class", y="value", hue="metric", ax=ax, palette=["#fdae6b", "#e6550d"])
     else:
         ax.text(0.5, 0.5, "no baseline to compare with", ha="center", va="center", transform=ax.transAxes)
@@ -272,8 +303,9 @@ def plot_gate(metrics: Mapping[str, Any], save: str | None = None) -> plt.Figure
         values = [_number(h.get(key)) for h in history]
         ax.plot(epochs, values, marker="o", color="black", label="mean" if key == "alpha_mean" else key)
         if key == "alpha_mean" and any(isinstance(h.get("alpha"), list) for h in history):
-            per_class = np.array([h["alpha"] if isinstance(h.get("alpha"), list) else [math.nan] for h in history],
-                                 dtype=object)
+            per_class = np.array(
+                [h["alpha"] if isinstance(h.get("alpha"), list) else [math.nan] for h in history], dtype=object
+            )
             names = contract_field(metrics, "classes") or _class_names(metrics)
             width = max(len(row) for row in per_class)
             for c in range(width):
@@ -288,8 +320,11 @@ def plot_gate(metrics: Mapping[str, Any], save: str | None = None) -> plt.Figure
 
 def plot_losses(metrics: Mapping[str, Any], save: str | None = None) -> plt.Figure:
     """Training loss terms per epoch (the ``losses`` dict of each history entry, grouped by kind)."""
-    rows = [{"epoch": h["epoch"], "term": k, "value": _number(v)}
-            for h in metrics.get("history", []) for k, v in (h.get("losses") or {}).items()]
+    rows = [
+        {"epoch": h["epoch"], "term": k, "value": _number(v)}
+        for h in metrics.get("history", [])
+        for k, v in (h.get("losses") or {}).items()
+    ]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     if rows:
         sns.lineplot(pd.DataFrame(rows), x="epoch", y="value", hue="term", marker="o", ax=ax)
@@ -306,6 +341,7 @@ def final_table(metrics: Mapping[str, Any], baseline_final: Mapping[str, Any] | 
 
     With ``baseline_final``: columns ``run``, ``baseline`` and ``Δ``.
     """
+
     def rows(final: Mapping[str, Any]) -> dict[str, float]:
         out = {label: _number(final.get(key)) for key, label in _SUMMARY_ROWS}
         for name, values in (final.get("per_class") or {}).items():
@@ -351,14 +387,22 @@ def ablation_table(summary: Mapping[str, Any]) -> pd.DataFrame:
     rows = []
     base = summary.get("baseline") or {}
     if base.get("final"):
-        row = {"variant": "baseline", "status": "reference", "seeds": "",
-               "mAP": f"{base['final']['map']:.4f}", "mAP50": f"{base['final']['map50']:.4f}"}
+        row = {
+            "variant": "baseline",
+            "status": "reference",
+            "seeds": "",
+            "mAP": f"{base['final']['map']:.4f}",
+            "mAP50": f"{base['final']['map50']:.4f}",
+        }
         for name in hard:
             row[f"AP {name}"] = f"{_number(base['final']['per_class'].get(name, {}).get('ap')):.4f}"
         rows.append(row)
     for variant in summary.get("variants", []):
-        row = {"variant": variant["name"], "status": variant["status"],
-               "seeds": ", ".join(str(s) for s in variant.get("seeds_finished", []))}
+        row = {
+            "variant": variant["name"],
+            "status": variant["status"],
+            "seeds": ", ".join(str(s) for s in variant.get("seeds_finished", [])),
+        }
         stats = variant.get("stats", {})
         row["mAP"] = _fmt_mean_sd(stats.get("map"))
         row["mAP50"] = _fmt_mean_sd(stats.get("map50"))
@@ -388,14 +432,17 @@ def _variant_runs(summary: Mapping[str, Any]):
 def plot_ablation_trajectories(summary: Mapping[str, Any], save: str | None = None) -> plt.Figure:
     """mAP per epoch of every variant (one line per seed) overlaid on the baseline's final mAP."""
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    palette = dict(zip([v["name"] for v in summary.get("variants", [])],
-                       sns.color_palette("tab20", max(1, len(summary.get("variants", []))))))
+    palette = dict(
+        zip(
+            [v["name"] for v in summary.get("variants", [])],
+            sns.color_palette("tab20", max(1, len(summary.get("variants", [])))),
+        )
+    )
     labelled = set()
     for name, run in _variant_runs(summary):
         epochs = [h["epoch"] for h in run["history"]]
         values = [_number(h.get("map")) for h in run["history"]]
-        ax.plot(epochs, values, marker=".", color=palette[name], alpha=0.85,
-                label=None if name in labelled else name)
+        ax.plot(epochs, values, marker=".", color=palette[name], alpha=0.85, label=None if name in labelled else name)
         labelled.add(name)
     base = (summary.get("baseline") or {}).get("final")
     if base:
@@ -420,8 +467,17 @@ def plot_delta_heatmap(summary: Mapping[str, Any], save: str | None = None) -> p
         return _finish(fig, save)
     frame = frame.astype(float)
     bound = float(np.nanmax(np.abs(frame.to_numpy()))) if np.isfinite(frame.to_numpy()).any() else 1.0
-    sns.heatmap(frame, annot=True, fmt="+.3f", cmap="RdBu", center=0.0, vmin=-bound or -1, vmax=bound or 1,
-                ax=ax, cbar_kws={"label": "Δ AP50:95 vs baseline"})
+    sns.heatmap(
+        frame,
+        annot=True,
+        fmt="+.3f",
+        cmap="RdBu",
+        center=0.0,
+        vmin=-bound or -1,
+        vmax=bound or 1,
+        ax=ax,
+        cbar_kws={"label": "Δ AP50:95 vs baseline"},
+    )
     for label in ax.get_xticklabels():
         if label.get_text() in summary.get("hard_classes", []):
             label.set_color(_HARD_COLOR)
@@ -462,11 +518,19 @@ def plot_wise_curve(summary: Mapping[str, Any], save: str | None = None) -> plt.
     for curve in curves:
         lambdas = [p["lambda"] for p in curve["points"]]
         ax.plot(lambdas, [p["map"] for p in curve["points"]], marker="o", label=f"mAP (seed {curve['seed']})")
-        ax.plot(lambdas, [p["map50"] for p in curve["points"]], marker="s", ls=":",
-                label=f"mAP50 (seed {curve['seed']})")
+        ax.plot(
+            lambdas, [p["map50"] for p in curve["points"]], marker="s", ls=":", label=f"mAP50 (seed {curve['seed']})"
+        )
     if not curves:
-        ax.text(0.5, 0.5, wise.get("note", "no WiSE-FT curve in this grid"), ha="center", va="center",
-                transform=ax.transAxes, wrap=True)
+        ax.text(
+            0.5,
+            0.5,
+            wise.get("note", "no WiSE-FT curve in this grid"),
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            wrap=True,
+        )
     ax.set_xlabel("λ (0 = baseline, 1 = fine-tuned)")
     ax.set_ylabel("validation AP")
     ax.set_title(f"WiSE-FT interpolation: {wise.get('variant', '')}")
@@ -515,8 +579,10 @@ def _report_links(reports_dir: Path, summary: Mapping[str, Any] | None) -> str:
             report = run.get("report")
             if report and Path(report).exists():
                 rel = os.path.relpath(report, reports_dir)
-                runs.append(f'<li><a href="{html.escape(rel)}">{html.escape(variant["name"])} · seed {run["seed"]}'
-                            f'</a> ({html.escape(run["status"])})</li>')
+                runs.append(
+                    f'<li><a href="{html.escape(rel)}">{html.escape(variant["name"])} · seed {run["seed"]}'
+                    f"</a> ({html.escape(run['status'])})</li>"
+                )
     out = "<h2>Reports</h2><ul>" + "".join(items) + "</ul>"
     if runs:
         out += "<h3>Every ablation run (executed notebook 02)</h3><ul>" + "".join(runs) + "</ul>"
@@ -531,51 +597,82 @@ def build_index(summary: Mapping[str, Any] | None = None, reports_dir: str | Pat
     ``reports/figures/ablations_*``, and the table as ``reports/ablations_table.csv`` and ``.tex``.
     """
     if isinstance(summary, (str, Path)):
-        raise TypeError(f"build_index draws an ablation summary, not a folder ({summary}); compute it first: "
-                        "`reports.build_index(ablations.summarize_if_run(ablations_dir))`")
+        raise TypeError(
+            f"build_index draws an ablation summary, not a folder ({summary}); compute it first: "
+            "`reports.build_index(ablations.summarize_if_run(ablations_dir))`"
+        )
     reports_dir = Path(reports_dir) if reports_dir is not None else default_reports_dir()
     source = (summary or {}).get("ablations_dir")
-    parts = [f"<h1>tfg-mm reports</h1><p class='note'>Built {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
-             + (f" from <code>{html.escape(str(source))}</code>" if source else "") + ".</p>"]
+    parts = [
+        f"<h1>tfg-mm reports</h1><p class='note'>Built {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+        + (f" from <code>{html.escape(str(source))}</code>" if source else "")
+        + ".</p>"
+    ]
     parts.append(_report_links(reports_dir, summary))
     if summary:
         table = ablation_table(summary)
         atomic_write_text(reports_dir / "ablations_table.csv", table.to_csv(index=False))
-        atomic_write_text(reports_dir / "ablations_table.tex",
-                          table.to_latex(index=False, escape=True, caption="Ablations against the DEIMv2 baseline "
-                                         f"(mean ± sd over seeds; paired bootstrap {summary.get('confidence')} "
-                                         "intervals over validation images).", label="tab:ablations"))
+        atomic_write_text(
+            reports_dir / "ablations_table.tex",
+            table.to_latex(
+                index=False,
+                escape=True,
+                caption="Ablations against the DEIMv2 baseline "
+                f"(mean ± sd over seeds; paired bootstrap {summary.get('confidence')} "
+                "intervals over validation images).",
+                label="tab:ablations",
+            ),
+        )
         parts.append("<h2>Ablations</h2>")
-        parts.append(f"<p class='note'>Grid <code>{html.escape(str(summary.get('grid', '')))}</code>; "
-                     f"{html.escape(summary.get('description', ''))}. Values are mean ± sd over seeds; "
-                     f"Δ is the seed mean of (variant − baseline) with a paired bootstrap "
-                     f"{round(100 * summary.get('confidence', 0.95))}% interval over validation images "
-                     f"({summary.get('bootstrap_resamples')} resamples); an interval that contains 0 is "
-                     f"<em>within noise</em>. Baseline: <code>{html.escape(str(summary.get('baseline_run', '')))}"
-                     f"</code>. {html.escape(summary.get('interval_note', ''))}</p>")
+        parts.append(
+            f"<p class='note'>Grid <code>{html.escape(str(summary.get('grid', '')))}</code>; "
+            f"{html.escape(summary.get('description', ''))}. Values are mean ± sd over seeds; "
+            f"Δ is the seed mean of (variant − baseline) with a paired bootstrap "
+            f"{round(100 * summary.get('confidence', 0.95))}% interval over validation images "
+            f"({summary.get('bootstrap_resamples')} resamples); an interval that contains 0 is "
+            f"<em>within noise</em>. Baseline: <code>{html.escape(str(summary.get('baseline_run', '')))}"
+            f"</code>. {html.escape(summary.get('interval_note', ''))}</p>"
+        )
         parts.append(table.to_html(index=False, escape=True, border=0, classes="ablations"))
         figures = (
-            ("ablations_trajectories", plot_ablation_trajectories, "mAP trajectories of all variants; dashed: "
-             "the baseline's final mAP."),
+            (
+                "ablations_trajectories",
+                plot_ablation_trajectories,
+                "mAP trajectories of all variants; dashed: the baseline's final mAP.",
+            ),
             ("ablations_per_class_delta", plot_delta_heatmap, "Per-class Δ AP50:95 against the baseline."),
             ("ablations_alpha", plot_ablation_gates, "Gate α trajectories."),
-            ("ablations_wise", plot_wise_curve, (summary.get("wise") or {}).get(
-                "note", "WiSE-FT weight interpolation between the baseline and a fine-tuned variant.")),
+            (
+                "ablations_wise",
+                plot_wise_curve,
+                (summary.get("wise") or {}).get(
+                    "note", "WiSE-FT weight interpolation between the baseline and a fine-tuned variant."
+                ),
+            ),
         )
         for stem, plot, caption in figures:
             fig = plot(summary)
             save_figure(fig, stem, reports_dir / "figures")
-            parts.append(f'<figure><img alt="{stem}" src="data:image/png;base64,{_embedded_png(fig)}">'
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+            parts.append(
+                f'<figure><img alt="{stem}" src="data:image/png;base64,{_embedded_png(fig)}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
             plt.close(fig)
         failed = [(v["name"], e) for v in summary.get("variants", []) for e in v.get("errors", [])]
         if failed:
-            rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{e.get('seed')}</td><td>{html.escape(str(e.get('cell')))}"
-                           f"</td><td>{html.escape(str(e.get('error')))}</td></tr>" for name, e in failed)
-            parts.append("<h3>Failed runs</h3><table><tr><th>variant</th><th>seed</th><th>failing cell</th>"
-                         f"<th>error</th></tr>{rows}</table>")
+            rows = "".join(
+                f"<tr><td>{html.escape(name)}</td><td>{e.get('seed')}</td><td>{html.escape(str(e.get('cell')))}"
+                f"</td><td>{html.escape(str(e.get('error')))}</td></tr>"
+                for name, e in failed
+            )
+            parts.append(
+                "<h3>Failed runs</h3><table><tr><th>variant</th><th>seed</th><th>failing cell</th>"
+                f"<th>error</th></tr>{rows}</table>"
+            )
     else:
         parts.append("<p class='note'>No ablation grid has run yet (notebook 03 / <code>make all</code>).</p>")
-    page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tfg-mm reports</title>"
-            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+    page = (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tfg-mm reports</title>"
+        f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
     return atomic_write_text(reports_dir / "index.html", page)

@@ -46,20 +46,38 @@ STATUSES = ("running", "finished", "failed")
 HISTORY_KEYS = ("epoch", "map", "map50", "map75", "per_class", "lr", "losses", "seconds")
 FINAL_KEYS = ("map", "map50", "map75", "per_class")
 CONTRACT_KEYS = (
-    "schema_version", "status", "run_id", "updated", "params", "params_changed", "dataset", "code_version",
-    "history", "final",
+    "schema_version",
+    "status",
+    "run_id",
+    "updated",
+    "params",
+    "params_changed",
+    "dataset",
+    "code_version",
+    "history",
+    "final",
 )
 
 #: Parameters that cannot change a run's result, so two runs differing only in them share a run id.
 RUN_ID_EXCLUDED = frozenset(
     {
         # where and how the run is stored and executed (the brief's list)
-        "run_dir", "overwrite", "resume", "device", "num_workers",
+        "run_dir",
+        "overwrite",
+        "resume",
+        "device",
+        "num_workers",
         # checkpoint frequency and the embedding cache location change no number
-        "save_every", "text_cache_dir",
+        "save_every",
+        "text_cache_dir",
         # grid-level settings of the ablation runner: adding a seed to `seeds` must not invalidate
         # the finished runs of the other seeds
-        "grid", "seeds", "workers", "reuse", "bootstrap_resamples", "confidence",
+        "grid",
+        "seeds",
+        "workers",
+        "reuse",
+        "bootstrap_resamples",
+        "confidence",
     }
 )
 
@@ -72,9 +90,7 @@ RUN_ID_EXCLUDED = frozenset(
 def _git(args: Sequence[str], cwd: Path) -> str | None:
     """Output of a read-only git command, or None outside a repository / without git."""
     try:
-        result = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
-        )
+        result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout if result.returncode == 0 else None
@@ -107,8 +123,7 @@ def code_version() -> dict:
     return dict(_code_version())
 
 
-def run_id(params: Params | Mapping[str, Any], dataset_hash: str, code: Mapping[str, Any],
-           depends_on: str = "") -> str:
+def run_id(params: Params | Mapping[str, Any], dataset_hash: str, code: Mapping[str, Any], depends_on: str = "") -> str:
     """Stable 16-hex-digit id of what determines a run's result.
 
     Hashes the params minus :data:`RUN_ID_EXCLUDED`, the dataset hash, and the code version minus
@@ -363,7 +378,8 @@ def read_metrics(run_dir: str | Path) -> dict:
     problems += _contract_problems(record.get("history"), record.get("final"), record.get("status"))
     if problems:
         raise DataError(
-            f"{path}: does not follow the run contract:\n" + "\n".join(f"  - {p}" for p in problems)
+            f"{path}: does not follow the run contract:\n"
+            + "\n".join(f"  - {p}" for p in problems)
             + "\nRe-run the notebook with `overwrite: true` to rewrite it."
         )
     return record

@@ -47,14 +47,18 @@ def add_aux_outputs(outputs: dict, num_decoder_layers: int) -> dict:
     result = dict(outputs)
     aux = outputs.get("aux_outputs") or []
     if len(aux) not in (0, num_decoder_layers - 1):
-        raise TfgError(f"The outputs have {len(aux)} aux_outputs but a {num_decoder_layers}-layer decoder has "
-                       f"{num_decoder_layers - 1}. Fix: pass the detector's config.decoder_layers.")
+        raise TfgError(
+            f"The outputs have {len(aux)} aux_outputs but a {num_decoder_layers}-layer decoder has "
+            f"{num_decoder_layers - 1}. Fix: pass the detector's config.decoder_layers."
+        )
     if len(aux) == num_decoder_layers - 1 and "pre_outputs" in outputs and outputs.get("enc_aux_outputs"):
         return result  # already complete (train mode): nothing to replicate
     missing = [k for k in _FINAL_KEYS if k not in outputs]
     if missing:
-        raise TfgError(f"The eval-mode outputs lack {missing}, so the shim cannot replicate them. Fix: build them "
-                       "with tfg_mm.loss.official_outputs from the detector's output.")
+        raise TfgError(
+            f"The eval-mode outputs lack {missing}, so the shim cannot replicate them. Fix: build them "
+            "with tfg_mm.loss.official_outputs from the detector's output."
+        )
 
     final = {k: outputs[k] for k in _FINAL_KEYS}
     carried = {"hidden": outputs["hidden"]} if "hidden" in outputs else {}
@@ -96,8 +100,10 @@ def set_train_frozen(detector: nn.Module) -> None:
     structural = (Deimv2ForObjectDetection, Deimv2Model, Deimv2Decoder)
     found = [m for m in detector.modules() if isinstance(m, structural)]
     if not any(isinstance(m, Deimv2Decoder) for m in found):
-        raise TfgError(f"set_train_frozen expects a DEIMv2 detector, got {type(detector).__name__} (no Deimv2Decoder "
-                       "inside). Fix: pass the model from tfg_mm.detector.build / from_pretrained.")
+        raise TfgError(
+            f"set_train_frozen expects a DEIMv2 detector, got {type(detector).__name__} (no Deimv2Decoder "
+            "inside). Fix: pass the model from tfg_mm.detector.build / from_pretrained."
+        )
     for parameter in detector.parameters():
         parameter.requires_grad_(False)
     detector.eval()

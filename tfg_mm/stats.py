@@ -156,8 +156,15 @@ def _resampled_detections(dets: _ByImage, images: list[dict], categories: list[d
     """The detections' COCO dataset, with the fields ``COCO.loadRes`` would add (id, area, iscrowd)."""
     c, image_ids = dets.gather(draw)
     annotations = [
-        {"id": det_id, "image_id": image_id, "category_id": cat, "bbox": box, "score": score, "area": area,
-         "iscrowd": 0}
+        {
+            "id": det_id,
+            "image_id": image_id,
+            "category_id": cat,
+            "bbox": box,
+            "score": score,
+            "area": area,
+            "iscrowd": 0,
+        }
         for det_id, image_id, cat, box, score, area in zip(
             range(1, len(image_ids) + 1), image_ids, c["category_id"], c["bbox"], c["score"], c["area"]
         )
@@ -182,8 +189,9 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _interval(delta: float, values_a: float, values_b: float, replicas: np.ndarray, confidence: float,
-              n_resamples: int) -> dict:
+def _interval(
+    delta: float, values_a: float, values_b: float, replicas: np.ndarray, confidence: float, n_resamples: int
+) -> dict:
     """Percentile interval of the replicas that are defined (a class may be absent from a draw)."""
     valid = replicas[np.isfinite(replicas)]
     if valid.size == 0:
@@ -191,8 +199,15 @@ def _interval(delta: float, values_a: float, values_b: float, replicas: np.ndarr
     tail = (1.0 - confidence) / 2.0
     lo, hi = (float(q) for q in np.quantile(valid, [tail, 1.0 - tail]))
     return {
-        "a": values_a, "b": values_b, "delta": delta, "lo": lo, "hi": hi, "confidence": confidence,
-        "n_resamples": n_resamples, "n_valid": int(valid.size), "verdict": verdict(lo, hi),
+        "a": values_a,
+        "b": values_b,
+        "delta": delta,
+        "lo": lo,
+        "hi": hi,
+        "confidence": confidence,
+        "n_resamples": n_resamples,
+        "n_valid": int(valid.size),
+        "verdict": verdict(lo, hi),
     }
 
 
@@ -274,8 +289,11 @@ def paired_bootstrap(
             gt_r = coco_from_dict(_resampled_ground_truth(gt_arrays, new_images, categories, draw), backend)
             side = [
                 cocoeval_metrics(
-                    gt_r, coco_from_dict(_resampled_detections(dets, new_images, categories, draw), backend),
-                    class_names, cat_ids, backend,
+                    gt_r,
+                    coco_from_dict(_resampled_detections(dets, new_images, categories, draw), backend),
+                    class_names,
+                    cat_ids,
+                    backend,
                 )
                 for dets in det_arrays
             ]
@@ -284,8 +302,9 @@ def paired_bootstrap(
             class_replicas[name][r] = side[1]["per_class"][name]["ap"] - side[0]["per_class"][name]["ap"]
 
     result = {"metric": metric}
-    result.update(_interval(full_b[metric] - full_a[metric], full_a[metric], full_b[metric], replicas, confidence,
-                            n_resamples))
+    result.update(
+        _interval(full_b[metric] - full_a[metric], full_a[metric], full_b[metric], replicas, confidence, n_resamples)
+    )
     result.update({"seed": seed, "n_images": len(images), "backend": backend})
     result["per_class"] = {}
     for name in classes:

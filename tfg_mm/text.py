@@ -174,14 +174,18 @@ class OpenClipTextEncoder:
 
         self.device = torch.device(device)
         if not model:
-            raise ConfigError("`text_model` is empty for `text_encoder: open_clip`. Fix: name an open_clip "
-                              f"architecture, e.g. `text_model: ViT-B-32` (known: {open_clip.list_models()[:8]} …).")
+            raise ConfigError(
+                "`text_model` is empty for `text_encoder: open_clip`. Fix: name an open_clip "
+                f"architecture, e.g. `text_model: ViT-B-32` (known: {open_clip.list_models()[:8]} …)."
+            )
         name, identity = model, model
         if model.endswith(".json"):
             config_file = Path(model)
             if not config_file.is_file():
-                raise ConfigError(f"`text_model`: the open_clip model config {config_file} does not exist. "
-                                  "Fix: give an existing JSON file or a built-in name such as ViT-B-32.")
+                raise ConfigError(
+                    f"`text_model`: the open_clip model config {config_file} does not exist. "
+                    "Fix: give an existing JSON file or a built-in name such as ViT-B-32."
+                )
             open_clip.add_model_config(config_file)
             name = config_file.stem
             # The architecture is part of the encoder's identity: a changed config file must not
@@ -189,8 +193,10 @@ class OpenClipTextEncoder:
             identity = f"{config_file.resolve()} sha256:{_sha256_files([config_file])}"
         has_schema = name.startswith(("hf-hub:", "local-dir:"))
         if not has_schema and name.replace("/", "-") not in open_clip.list_models():
-            raise ConfigError(f"`text_model: {model}` is not an open_clip architecture. Fix: use one of "
-                              f"open_clip.list_models() (e.g. ViT-B-32), `local-dir:DIR`, or a config JSON path.")
+            raise ConfigError(
+                f"`text_model: {model}` is not an open_clip architecture. Fix: use one of "
+                f"open_clip.list_models() (e.g. ViT-B-32), `local-dir:DIR`, or a config JSON path."
+            )
 
         if pretrained and not has_schema:
             is_tag = bool(get_pretrained_cfg(name.replace("/", "-"), pretrained))
@@ -205,7 +211,7 @@ class OpenClipTextEncoder:
                     "path of a downloaded checkpoint (.bin / .pt / .safetensors)."
                 )
         elif name.startswith("local-dir:"):
-            weights = _weights_of_folder(Path(name[len("local-dir:"):]).resolve())
+            weights = _weights_of_folder(Path(name[len("local-dir:") :]).resolve())
         elif name.startswith("hf-hub:"):
             weights = name
         else:
@@ -244,9 +250,11 @@ def _offline_fix(name: str, pretrained: str) -> str:
     from open_clip.pretrained import get_pretrained_cfg, get_pretrained_url
 
     if name.startswith("hf-hub:"):
-        repo_id = name[len("hf-hub:"):]
-        return (f"on a machine with network run `hf download {repo_id} --local-dir DIR`, copy DIR here "
-                "and set `text_model: local-dir:DIR`")
+        repo_id = name[len("hf-hub:") :]
+        return (
+            f"on a machine with network run `hf download {repo_id} --local-dir DIR`, copy DIR here "
+            "and set `text_model: local-dir:DIR`"
+        )
     tag_cfg = get_pretrained_cfg(name.replace("/", "-"), pretrained)
     hub = tag_cfg.get("hf_hub", "")
     if hub:
@@ -254,8 +262,10 @@ def _offline_fix(name: str, pretrained: str) -> str:
         source = f"`hf download {repo_id} {filename or 'open_clip_pytorch_model.bin'} --local-dir DIR`"
     else:
         source = f"a download of {get_pretrained_url(name.replace('/', '-'), pretrained)}"
-    return (f"on a machine with network get the checkpoint ({source}), copy it here and set "
-            "`text_pretrained: /path/to/that/file` (a local checkpoint works offline)")
+    return (
+        f"on a machine with network get the checkpoint ({source}), copy it here and set "
+        "`text_pretrained: /path/to/that/file` (a local checkpoint works offline)"
+    )
 
 
 class RandomPrototypes:
@@ -268,11 +278,15 @@ class RandomPrototypes:
 
     def __init__(self, num_classes: int, dim: int = MINILM_DIM, seed: int = 0):
         if num_classes is None or num_classes < 1:
-            raise ConfigError("`text_encoder: random` needs the number of classes (num_classes ≥ 1). "
-                              "Fix: pass num_classes=len(class_names) to build_text_encoder.")
+            raise ConfigError(
+                "`text_encoder: random` needs the number of classes (num_classes ≥ 1). "
+                "Fix: pass num_classes=len(class_names) to build_text_encoder."
+            )
         if dim < 2:
-            raise ConfigError(f"build_text_encoder(..., dim={dim}): random prototypes need dim ≥ 2. Fix: pass a "
-                              f"dim ≥ 2, or leave it at its default {MINILM_DIM} (MiniLM's dimension).")
+            raise ConfigError(
+                f"build_text_encoder(..., dim={dim}): random prototypes need dim ≥ 2. Fix: pass a "
+                f"dim ≥ 2, or leave it at its default {MINILM_DIM} (MiniLM's dimension)."
+            )
         generator = torch.Generator().manual_seed(seed)
         self.prototypes = F.normalize(torch.randn(num_classes, dim, generator=generator), dim=-1)
         self.num_classes = num_classes
@@ -301,8 +315,10 @@ def build_text_encoder(
         return HFSentenceEncoder(str(minilm_folder()), kind="minilm", device=device)
     if kind == "sentence":
         if not model:
-            raise ConfigError("`text_model` is empty for `text_encoder: sentence`. Fix: give a sentence-encoder id "
-                              "(sentence-transformers/all-mpnet-base-v2) or a local model folder.")
+            raise ConfigError(
+                "`text_model` is empty for `text_encoder: sentence`. Fix: give a sentence-encoder id "
+                "(sentence-transformers/all-mpnet-base-v2) or a local model folder."
+            )
         return HFSentenceEncoder(model, kind="sentence", device=device)
     if kind == "open_clip":
         return OpenClipTextEncoder(model, pretrained=pretrained, device=device, seed=seed)
@@ -344,8 +360,10 @@ def class_prompts(
         raise ConfigError(f"class_names has duplicates {duplicates}. Fix: give every class a unique name.")
     unknown = sorted(set(descriptions) - set(names))
     if unknown:
-        raise ConfigError(f"`class_descriptions` has entries {unknown} that are not classes {names}. "
-                          "Fix: key each description by a class name exactly as in the dataset.")
+        raise ConfigError(
+            f"`class_descriptions` has entries {unknown} that are not classes {names}. "
+            "Fix: key each description by a class name exactly as in the dataset."
+        )
     for name, text in descriptions.items():
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"`class_descriptions: {name}` is empty. Fix: write a sentence or remove the entry.")
@@ -358,8 +376,10 @@ def class_prompts(
             raise ConfigError("`templates` is empty. Fix: give at least one template such as 'a photo of a {}.'.")
         for template in templates:
             if template.count("{}") != 1:
-                raise ConfigError(f"`templates` entry {template!r} must contain exactly one '{{}}' for the "
-                                  "class name. Fix: e.g. 'a {} defect.'.")
+                raise ConfigError(
+                    f"`templates` entry {template!r} must contain exactly one '{{}}' for the "
+                    "class name. Fix: e.g. 'a {} defect.'."
+                )
         prompts = []
         for n in names:
             per_class = [t.format(_readable(n)) for t in templates]
@@ -395,8 +415,10 @@ def class_embeddings(
         raise ConfigError("Every class needs at least one prompt. Fix: build them with class_prompts().")
     if isinstance(encoder, RandomPrototypes):
         if len(prompts) != encoder.num_classes:
-            raise ConfigError(f"`text_encoder: random` was built for {encoder.num_classes} classes but got "
-                              f"prompts for {len(prompts)}. Fix: pass num_classes=len(class_names).")
+            raise ConfigError(
+                f"`text_encoder: random` was built for {encoder.num_classes} classes but got "
+                f"prompts for {len(prompts)}. Fix: pass num_classes=len(class_names)."
+            )
         return encoder.prototypes.clone()
 
     path = Path(cache_dir) / f"{cache_key(encoder.description, prompts)}.pt" if cache_dir is not None else None
@@ -413,7 +435,7 @@ def class_embeddings(
     encoded = F.normalize(encoder.encode(flat).float(), dim=-1)
     rows, start = [], 0
     for per_class in prompts:
-        rows.append(encoded[start:start + len(per_class)].mean(dim=0))
+        rows.append(encoded[start : start + len(per_class)].mean(dim=0))
         start += len(per_class)
     embeddings = F.normalize(torch.stack(rows), dim=-1).contiguous()
 

@@ -206,9 +206,19 @@ class TrainResult:
 class Trainer:
     """The loop. See the module docstring for what it guarantees."""
 
-    def __init__(self, params, task: Task, train_loader: DataLoader, val_loader: DataLoader, coco_gt,
-                 cat_ids: list[int], run_dir: Path, loader_gen: torch.Generator,
-                 write_contract: Callable[[list[dict], dict | None, str], None], progress: bool = True):
+    def __init__(
+        self,
+        params,
+        task: Task,
+        train_loader: DataLoader,
+        val_loader: DataLoader,
+        coco_gt,
+        cat_ids: list[int],
+        run_dir: Path,
+        loader_gen: torch.Generator,
+        write_contract: Callable[[list[dict], dict | None, str], None],
+        progress: bool = True,
+    ):
         self.params = params
         self.task = task
         self.run_dir = Path(run_dir)
@@ -221,8 +231,9 @@ class Trainer:
         self.write_contract = write_contract
         cpu = params.device == "cpu" or (params.device == "auto" and not torch.cuda.is_available())
         if params.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("Parameter `device: cuda` but no CUDA device is visible. "
-                              "Fix: set `device: auto` or `cpu`.")
+            raise ConfigError(
+                "Parameter `device: cuda` but no CUDA device is visible. Fix: set `device: auto` or `cpu`."
+            )
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=params.amp)
         if self.accelerator.num_processes > 1:
             # The loop uses accelerate for device placement, mixed precision and backward; it does not
@@ -231,7 +242,8 @@ class Trainer:
                 f"`accelerate launch` started {self.accelerator.num_processes} processes, but tfg_mm's training "
                 "loop runs on one device per run. Fix: launch with one process (`accelerate launch "
                 "--num_processes 1` or plain `python -m tfg_mm ...`) and run seeds / variants in parallel "
-                "instead (`workers` in notebook 03).")
+                "instead (`workers` in notebook 03)."
+            )
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.history: list[dict] = []
@@ -258,17 +270,20 @@ class Trainer:
 
     def set_lr(self) -> float:
         p = self.params
-        f = lr_factor(self.global_step, self.total_steps(), p.lr_warmup_steps, p.scheduler, p.flat_fraction,
-                      p.min_lr_ratio)
+        f = lr_factor(
+            self.global_step, self.total_steps(), p.lr_warmup_steps, p.scheduler, p.flat_fraction, p.min_lr_ratio
+        )
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * f
         return self.optimizer.param_groups[0]["lr"]
 
     def make_ema(self) -> None:
         if self.params.ema:
-            self.ema = AveragedModel(self.task.model, multi_avg_fn=ema_multi_avg_fn(self.params.ema_decay,
-                                                                                    self.params.ema_warmup),
-                                     use_buffers=True)
+            self.ema = AveragedModel(
+                self.task.model,
+                multi_avg_fn=ema_multi_avg_fn(self.params.ema_decay, self.params.ema_warmup),
+                use_buffers=True,
+            )
             self.ema.to(self.accelerator.device)
 
     def eval_model(self) -> nn.Module:
@@ -300,8 +315,10 @@ class Trainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # a truncated file cannot happen (atomic writes), but be explicit
-            raise CheckpointError(f"Cannot read the resume state {path}: {exc}. Fix: delete {path} to restart "
-                                  f"the run from scratch, or set `resume: false`.") from exc
+            raise CheckpointError(
+                f"Cannot read the resume state {path}: {exc}. Fix: delete {path} to restart "
+                f"the run from scratch, or set `resume: false`."
+            ) from exc
         self.task.load_state_dict(state.get("task", {}))
         self.task.on_epoch_start(state["epoch"] + 1, self)  # restore the stage's trainable set first
         self.task.model.load_state_dict(state["model"])
@@ -325,9 +342,16 @@ class Trainer:
         was_training = model.training
         model.eval()
         try:
-            metrics, dets = evaluate(self.task.predict_fn(model), self.val_loader, self.coco_gt, self.task.class_names,
-                                     self.cat_ids, top_k=self.params.top_k, device=self.accelerator.device,
-                                     progress=self.progress)
+            metrics, dets = evaluate(
+                self.task.predict_fn(model),
+                self.val_loader,
+                self.coco_gt,
+                self.task.class_names,
+                self.cat_ids,
+                top_k=self.params.top_k,
+                device=self.accelerator.device,
+                progress=self.progress,
+            )
         finally:
             model.train(was_training)
         return metrics, dets
@@ -362,8 +386,9 @@ class Trainer:
         steps = len(self.train_loader)
         if p.max_steps_per_epoch:
             steps = min(steps, p.max_steps_per_epoch)
-        bar = tqdm(self.train_loader, total=steps, desc=f"epoch {epoch}/{p.epochs}", disable=not self.progress,
-                   leave=False)
+        bar = tqdm(
+            self.train_loader, total=steps, desc=f"epoch {epoch}/{p.epochs}", disable=not self.progress, leave=False
+        )
         for step, batch in enumerate(bar):
             if step >= steps:
                 break
@@ -383,8 +408,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)
             if p.grad_clip > 0:
-                self.accelerator.clip_grad_norm_([q for g in self.optimizer.param_groups for q in g["params"]],
-                                                 p.grad_clip)
+                self.accelerator.clip_grad_norm_(
+                    [q for g in self.optimizer.param_groups for q in g["params"]], p.grad_clip
+                )
             self.optimizer.step()
             self.global_step += 1
             if self.ema is not None:

@@ -40,23 +40,50 @@ from tfg_mm.ablations.summary import SUMMARY_FILE, summarize, summarize_if_run
 from tfg_mm.notebooks import notebook_params
 
 __all__ = [
-    "DETECTIONS_FILE", "FAILURE_FILE", "GRID_RECORD", "SUMMARY_FILE", "RunVariant", "explicit_parameters",
-    "failure_record", "interpolate_state", "load_ablation_grid", "notebook_parameters", "plan_runs",
-    "predict_run_detections", "run_detections", "run_from_notebook", "run_grid", "run_notebook02", "scale_gate",
-    "summarize", "summarize_if_run", "wise_curve",
+    "DETECTIONS_FILE",
+    "FAILURE_FILE",
+    "GRID_RECORD",
+    "SUMMARY_FILE",
+    "RunVariant",
+    "explicit_parameters",
+    "failure_record",
+    "interpolate_state",
+    "load_ablation_grid",
+    "notebook_parameters",
+    "plan_runs",
+    "predict_run_detections",
+    "run_detections",
+    "run_from_notebook",
+    "run_grid",
+    "run_notebook02",
+    "scale_gate",
+    "summarize",
+    "summarize_if_run",
+    "wise_curve",
 ]
 
 
-def run_from_notebook(namespace: Mapping[str, Any], run_variant: RunVariant = run_notebook02,
-                      progress: bool = True) -> dict:
+def run_from_notebook(
+    namespace: Mapping[str, Any], run_variant: RunVariant = run_notebook02, progress: bool = True
+) -> dict:
     """Notebook 03's work: validate its parameters, run the grid, return its summary.
 
     ``namespace`` is the notebook's ``globals()`` right after the parameters cell.
     """
     p = notebook_params(namespace)  # every value validated before any work
     explicit = explicit_parameters(namespace)
-    run_grid(p.grid, p.run_dir, params_file=namespace.get("params_file") or None, explicit=explicit,
-             seeds=explicit.get("seeds"), workers=p.workers, reuse=p.reuse,
-             bootstrap_resamples=p.bootstrap_resamples, confidence=p.confidence, wise_lambdas=p.wise_lambdas,
-             run_variant=run_variant, progress=progress)
+    run_grid(
+        p.grid,
+        p.run_dir,
+        params_file=namespace.get("params_file") or None,
+        explicit=explicit,
+        seeds=explicit.get("seeds"),
+        workers=p.workers,
+        reuse=p.reuse,
+        bootstrap_resamples=p.bootstrap_resamples,
+        confidence=p.confidence,
+        wise_lambdas=p.wise_lambdas,
+        run_variant=run_variant,
+        progress=progress,
+    )
     return summarize(p.run_dir, progress=progress)

@@ -77,18 +77,23 @@ def load_ablation_grid(path: str | Path) -> dict:
 
     hard = grid.get("hard_classes", list(HARD_CLASSES))
     if not isinstance(hard, list) or not all(isinstance(h, str) and h for h in hard):
-        raise ConfigError(f"{path}: `hard_classes` must be a list of class names, e.g. [perforation, break]; "
-                          f"got {hard!r}")
+        raise ConfigError(
+            f"{path}: `hard_classes` must be a list of class names, e.g. [perforation, break]; got {hard!r}"
+        )
     grid["hard_classes"] = hard
 
     wise = grid.get("wise")
     if wise is not None:
         if not isinstance(wise, dict) or set(wise) - {"variant", "lambdas"} or "variant" not in wise:
-            raise ConfigError(f"{path}: `wise` must be `{{variant: <variant name>, lambdas: [0, 0.5, 1]}}` "
-                              f"(lambdas optional); got {wise!r}")
+            raise ConfigError(
+                f"{path}: `wise` must be `{{variant: <variant name>, lambdas: [0, 0.5, 1]}}` "
+                f"(lambdas optional); got {wise!r}"
+            )
         if wise["variant"] not in names:
-            raise ConfigError(f"{path}: `wise.variant: {wise['variant']}` is not a variant of this grid "
-                              f"({', '.join(names)}); name the fine-tuned variant to interpolate towards.")
+            raise ConfigError(
+                f"{path}: `wise.variant: {wise['variant']}` is not a variant of this grid "
+                f"({', '.join(names)}); name the fine-tuned variant to interpolate towards."
+            )
         lambdas = wise.get("lambdas")
         if lambdas is not None:  # the schema's `wise_lambdas` says what a list of λs may hold
             lambdas = load_params({"wise_lambdas": lambdas}, source_names=[f"{path}: wise.lambdas"]).wise_lambdas
@@ -120,9 +125,14 @@ def _dataset_hash(params, cache: dict) -> str | None:
     return cache[key]
 
 
-def plan_runs(grid: Mapping[str, Any], ablations_dir: str | Path, params_file: str | Path | None = None,
-              explicit: Mapping[str, Any] | None = None, seeds: Sequence[int] | None = None,
-              reuse: bool = True) -> list[dict]:
+def plan_runs(
+    grid: Mapping[str, Any],
+    ablations_dir: str | Path,
+    params_file: str | Path | None = None,
+    explicit: Mapping[str, Any] | None = None,
+    seeds: Sequence[int] | None = None,
+    reuse: bool = True,
+) -> list[dict]:
     """One entry per (variant, seed): its resolved params, the notebook parameters, and whether a
     finished run with the same ``run_id`` can be reused. See the module docstring for the layering."""
     ablations_dir = Path(ablations_dir).resolve()
@@ -133,24 +143,39 @@ def plan_runs(grid: Mapping[str, Any], ablations_dir: str | Path, params_file: s
     hashes: dict = {}
     planned = []
     for variant in grid["variants"]:
-        for seed in (seeds if seeds is not None else grid["seeds"]):
+        for seed in seeds if seeds is not None else grid["seeds"]:
             run_dir = ablations_dir / variant["name"] / f"seed{seed}"
-            params = load_params(*sources, grid["base"], variant["overrides"], given,
-                                 {"seed": int(seed), "run_dir": str(run_dir)},
-                                 source_names=names + [f"{grid['path']}: variant {variant['name']!r}",
-                                                       "notebook 03 parameter", "grid runner"])
+            params = load_params(
+                *sources,
+                grid["base"],
+                variant["overrides"],
+                given,
+                {"seed": int(seed), "run_dir": str(run_dir)},
+                source_names=names
+                + [f"{grid['path']}: variant {variant['name']!r}", "notebook 03 parameter", "grid runner"],
+            )
             dataset_hash = _dataset_hash(params, hashes)
             expected = runs.run_id(params, dataset_hash, code, _baseline_id(params)) if dataset_hash else None
             existing = _existing(run_dir)
-            reusable = bool(reuse and expected and existing.get("status") == "finished"
-                            and existing.get("run_id") == expected)
+            reusable = bool(
+                reuse and expected and existing.get("status") == "finished" and existing.get("run_id") == expected
+            )
             # A stale finished run (other params / data / code) is replaced; an interrupted run of the
             # same id resumes from its last checkpoint; anything else starts from scratch.
             same = existing.get("run_id") == expected and expected is not None
-            params = load_params(params, {"overwrite": existing.get("status") == "finished",
-                                          "resume": same or not existing})
-            planned.append({"variant": variant["name"], "seed": int(seed), "run_dir": str(run_dir),
-                            "run_id": expected, "reuse": reusable, "params": params})
+            params = load_params(
+                params, {"overwrite": existing.get("status") == "finished", "resume": same or not existing}
+            )
+            planned.append(
+                {
+                    "variant": variant["name"],
+                    "seed": int(seed),
+                    "run_dir": str(run_dir),
+                    "run_id": expected,
+                    "reuse": reusable,
+                    "params": params,
+                }
+            )
     return planned
 
 
@@ -166,9 +191,11 @@ def _baseline_id(params) -> str:
     except (ConfigError, CheckpointError):
         return ""
     except DataError as exc:
-        raise DataError(f"{exc}\nThe ablation grid needs the run id of the baseline (parameter `baseline: "
-                        f"{params.baseline}`) to decide which finished runs it can reuse. Fix: re-run notebook 01 "
-                        "into that folder (`overwrite: true`) or point `baseline` at another baseline run.") from None
+        raise DataError(
+            f"{exc}\nThe ablation grid needs the run id of the baseline (parameter `baseline: "
+            f"{params.baseline}`) to decide which finished runs it can reuse. Fix: re-run notebook 01 "
+            "into that folder (`overwrite: true`) or point `baseline` at another baseline run."
+        ) from None
 
 
 def _existing(run_dir: Path) -> dict:
@@ -222,8 +249,11 @@ def failure_record(exc: BaseException) -> dict:
     if hasattr(exc, "ename") and hasattr(exc, "cell_index"):
         error = f"{exc.ename}: {exc.evalue}"
         source = str(getattr(exc, "source", "") or "").strip().splitlines()
-        cell = {"index": exc.cell_index, "execution_count": getattr(exc, "exec_count", None),
-                "source": "\n".join(source[:6])}
+        cell = {
+            "index": exc.cell_index,
+            "execution_count": getattr(exc, "exec_count", None),
+            "source": "\n".join(source[:6]),
+        }
         tb = "\n".join(getattr(exc, "traceback", []) or [])[-4000:]
     else:
         error = f"{type(exc).__name__}: {exc}"
@@ -243,8 +273,9 @@ def _execute_run(entry: dict, run_variant: RunVariant) -> dict:
     try:
         run_variant(notebook_parameters(entry["params"]), run_dir)
         if not runs.is_finished(run_dir):
-            raise DataError(f"{run_dir}: the run ended without a finished metrics.json (run contract); "
-                            "see its executed notebook")
+            raise DataError(
+                f"{run_dir}: the run ended without a finished metrics.json (run contract); see its executed notebook"
+            )
     except Exception as exc:  # any failure of one run is recorded; the grid goes on
         record = {**result, "status": "failed", "seconds": round(time.perf_counter() - t0, 1), **failure_record(exc)}
         atomic_write_json(run_dir / FAILURE_FILE, record)
@@ -261,12 +292,21 @@ def _worker_init(threads: int) -> None:
 # --------------------------------------------------------------------------------------------
 # The grid
 # --------------------------------------------------------------------------------------------
-def run_grid(grid: Mapping[str, Any] | str | Path, ablations_dir: str | Path, *,
-             params_file: str | Path | None = "params/phase2.yaml", explicit: Mapping[str, Any] | None = None,
-             seeds: Sequence[int] | None = None, workers: int = SCHEMA_DEFAULTS.workers,
-             reuse: bool = SCHEMA_DEFAULTS.reuse, bootstrap_resamples: int = SCHEMA_DEFAULTS.bootstrap_resamples,
-             confidence: float = SCHEMA_DEFAULTS.confidence, wise_lambdas: Sequence[float] | None = None,
-             run_variant: RunVariant = run_notebook02, progress: bool = True) -> dict:
+def run_grid(
+    grid: Mapping[str, Any] | str | Path,
+    ablations_dir: str | Path,
+    *,
+    params_file: str | Path | None = "params/phase2.yaml",
+    explicit: Mapping[str, Any] | None = None,
+    seeds: Sequence[int] | None = None,
+    workers: int = SCHEMA_DEFAULTS.workers,
+    reuse: bool = SCHEMA_DEFAULTS.reuse,
+    bootstrap_resamples: int = SCHEMA_DEFAULTS.bootstrap_resamples,
+    confidence: float = SCHEMA_DEFAULTS.confidence,
+    wise_lambdas: Sequence[float] | None = None,
+    run_variant: RunVariant = run_notebook02,
+    progress: bool = True,
+) -> dict:
     """Run every variant × seed (see the module docstring) and write ``<ablations_dir>/grid.json``.
 
     Returns the grid record: the grid, the settings the statistics need (baseline, bootstrap
@@ -283,15 +323,20 @@ def run_grid(grid: Mapping[str, Any] | str | Path, ablations_dir: str | Path, *,
     planned = plan_runs(grid, ablations_dir, params_file, explicit, seeds, reuse)
     wise = dict(grid.get("wise") or {}) or None
     if wise is not None:
-        wise["lambdas"] = list((explicit or {}).get("wise_lambdas") or wise.get("lambdas") or wise_lambdas
-                               or SCHEMA_DEFAULTS.wise_lambdas)
+        wise["lambdas"] = list(
+            (explicit or {}).get("wise_lambdas") or wise.get("lambdas") or wise_lambdas or SCHEMA_DEFAULTS.wise_lambdas
+        )
     record = {
         "grid": {k: grid[k] for k in ("path", "description", "base", "seeds", "variants")},
         "settings": {
             "baseline": planned[0]["params"].baseline if planned else "",
-            "bootstrap_resamples": int(bootstrap_resamples), "confidence": float(confidence),
-            "hard_classes": list(grid.get("hard_classes", HARD_CLASSES)), "wise": wise,
-            "params_file": str(params_file or ""), "explicit": dict(explicit or {}), "workers": workers,
+            "bootstrap_resamples": int(bootstrap_resamples),
+            "confidence": float(confidence),
+            "hard_classes": list(grid.get("hard_classes", HARD_CLASSES)),
+            "wise": wise,
+            "params_file": str(params_file or ""),
+            "explicit": dict(explicit or {}),
+            "workers": workers,
             "reuse": reuse,
         },
         "runs": [],
@@ -305,8 +350,11 @@ def run_grid(grid: Mapping[str, Any] | str | Path, ablations_dir: str | Path, *,
         atomic_write_json(ablations_dir / GRID_RECORD, record)
         if progress:
             extra = f" ({result['error']})" if result["status"] == "failed" else ""
-            print(f"[ablations] {result['variant']} seed {result['seed']}: {result['status']} "
-                  f"in {result['seconds']:.0f} s{extra}", flush=True)
+            print(
+                f"[ablations] {result['variant']} seed {result['seed']}: {result['status']} "
+                f"in {result['seconds']:.0f} s{extra}",
+                flush=True,
+            )
 
     to_run = [e for e in planned if not e["reuse"]]
     for entry in planned:
@@ -321,16 +369,26 @@ def run_grid(grid: Mapping[str, Any] | str | Path, ablations_dir: str | Path, *,
         # runs no torch op itself (the default unit launches a fresh papermill kernel), so the fork
         # caveat of OpenMP thread pools does not apply to it.
         context = multiprocessing.get_context("fork")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
-                                    initargs=(threads,)) as pool:
+        with cf.ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(threads,)
+        ) as pool:
             futures = {pool.submit(_execute_run, entry, run_variant): entry for entry in to_run}
             for future in cf.as_completed(futures):
                 entry = futures[future]
                 try:
                     done(future.result())
                 except Exception as exc:  # the worker process itself died: recorded like a failed run
-                    done({"variant": entry["variant"], "seed": entry["seed"], "run_dir": entry["run_dir"],
-                          "run_id": entry["run_id"], "status": "failed", "seconds": 0.0, **failure_record(exc)})
+                    done(
+                        {
+                            "variant": entry["variant"],
+                            "seed": entry["seed"],
+                            "run_dir": entry["run_dir"],
+                            "run_id": entry["run_id"],
+                            "status": "failed",
+                            "seconds": 0.0,
+                            **failure_record(exc),
+                        }
+                    )
     if not planned:
         atomic_write_json(ablations_dir / GRID_RECORD, record)
     return record

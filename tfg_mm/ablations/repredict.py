@@ -86,8 +86,9 @@ def _load_fusion(folder: Path):
 
 
 def _detect(model_fn, params, data) -> tuple[dict, list[dict]]:
-    return evaluate(model_fn, data.val_loader, data.val.coco, data.class_names, data.cat_ids,
-                    top_k=params.top_k, device=_device())
+    return evaluate(
+        model_fn, data.val_loader, data.val.coco, data.class_names, data.cat_ids, top_k=params.top_k, device=_device()
+    )
 
 
 def predict_run_detections(metrics: Mapping[str, Any]) -> tuple[list[dict], dict]:
@@ -112,8 +113,9 @@ def predict_run_detections(metrics: Mapping[str, Any]) -> tuple[list[dict], dict
     return detections, evaluated
 
 
-def run_detections(run_dir: str | Path, metrics: Mapping[str, Any], cache_path: Path | None = None) -> tuple[
-        list[dict], str]:
+def run_detections(
+    run_dir: str | Path, metrics: Mapping[str, Any], cache_path: Path | None = None
+) -> tuple[list[dict], str]:
     """The selected checkpoint's validation detections and a note on where they came from.
 
     ``{run_dir}/detections_val.json`` (written by the run) is used as is; otherwise they are
@@ -145,8 +147,9 @@ def run_detections(run_dir: str | Path, metrics: Mapping[str, Any], cache_path: 
 def interpolate_state(base: Mapping[str, Any], finetuned: Mapping[str, Any], lam: float) -> dict:
     """θ = (1−λ)·θ_base + λ·θ_finetuned for floating tensors; other buffers from the fine-tuned model."""
     if set(base) != set(finetuned):
-        raise DataError(f"WiSE-FT needs two checkpoints of one architecture; keys differ: "
-                        f"{sorted(set(base) ^ set(finetuned))[:5]}")
+        raise DataError(
+            f"WiSE-FT needs two checkpoints of one architecture; keys differ: {sorted(set(base) ^ set(finetuned))[:5]}"
+        )
     out = {}
     for name, tensor in finetuned.items():
         if tensor.is_floating_point():
@@ -182,6 +185,12 @@ def wise_curve(metrics: Mapping[str, Any], baseline_checkpoint: str | Path, lamb
             scale_gate(fusion, float(lam))
         model = MultimodalDetector(finetuned, fusion, params.detector_mode).to(_device()).eval()
         evaluated, _ = _detect(model.predict, params, data)
-        points.append({"lambda": float(lam), "map": evaluated["map"], "map50": evaluated["map50"],
-                       "per_class": evaluated["per_class"]})
+        points.append(
+            {
+                "lambda": float(lam),
+                "map": evaluated["map"],
+                "map50": evaluated["map50"],
+                "per_class": evaluated["per_class"],
+            }
+        )
     return points

@@ -34,18 +34,37 @@ def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def _bootstrap(run_dir: Path, metrics: dict, base_dets: list[dict], base_key: str, settings: dict,
-               classes: list[str], progress: bool) -> dict:
+def _bootstrap(
+    run_dir: Path,
+    metrics: dict,
+    base_dets: list[dict],
+    base_key: str,
+    settings: dict,
+    classes: list[str],
+    progress: bool,
+) -> dict:
     """Paired bootstrap of the run against the baseline, cached in ``{run_dir}/bootstrap.json``."""
-    key = cache_key(metrics.get("run_id"), metrics["final"].get("checkpoint"), base_key,
-                    settings["bootstrap_resamples"], settings["confidence"], classes)
+    key = cache_key(
+        metrics.get("run_id"),
+        metrics["final"].get("checkpoint"),
+        base_key,
+        settings["bootstrap_resamples"],
+        settings["confidence"],
+        classes,
+    )
     cached = read_cache(run_dir / "bootstrap.json", key)
     if cached is not None:
         return cached
     dets, note = run_detections(run_dir, metrics)
-    result = paired_bootstrap(metrics["dataset"]["val_json"], base_dets, dets,
-                              n_resamples=settings["bootstrap_resamples"], confidence=settings["confidence"],
-                              classes=classes, progress=progress)
+    result = paired_bootstrap(
+        metrics["dataset"]["val_json"],
+        base_dets,
+        dets,
+        n_resamples=settings["bootstrap_resamples"],
+        confidence=settings["confidence"],
+        classes=classes,
+        progress=progress,
+    )
     result["detections"] = note
     write_cache(run_dir / "bootstrap.json", key, result)
     return result
@@ -55,9 +74,14 @@ def _mean_interval(entries: list[dict]) -> dict:
     """Seed mean of Δ and of the interval bounds (conservative for shared draws), with its verdict."""
     lo = sum(e["lo"] for e in entries) / len(entries)
     hi = sum(e["hi"] for e in entries) / len(entries)
-    return {"delta": sum(e["delta"] for e in entries) / len(entries), "lo": lo, "hi": hi,
-            "verdict": verdict(lo, hi), "n_seeds": len(entries),
-            "per_seed": [{k: e[k] for k in ("delta", "lo", "hi", "verdict")} for e in entries]}
+    return {
+        "delta": sum(e["delta"] for e in entries) / len(entries),
+        "lo": lo,
+        "hi": hi,
+        "verdict": verdict(lo, hi),
+        "n_seeds": len(entries),
+        "per_seed": [{k: e[k] for k in ("delta", "lo", "hi", "verdict")} for e in entries],
+    }
 
 
 def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
@@ -71,17 +95,24 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
     ablations_dir = resolve_path(ablations_dir)
     path = ablations_dir / GRID_RECORD
     if not path.exists():
-        raise ConfigError(f"{path}: no grid record; run the grid first (notebook 03, `make all`) or check "
-                          f"`run_dir` / `--ablations-dir` ({ablations_dir}).")
+        raise ConfigError(
+            f"{path}: no grid record; run the grid first (notebook 03, `make all`) or check "
+            f"`run_dir` / `--ablations-dir` ({ablations_dir})."
+        )
     record = json.loads(path.read_text(encoding="utf-8"))
     settings = record["settings"]
     grid = record["grid"]
     summary: dict[str, Any] = {
-        "grid": grid["path"], "description": grid.get("description", ""), "ablations_dir": str(ablations_dir),
-        "bootstrap_resamples": settings["bootstrap_resamples"], "confidence": settings["confidence"],
-        "baseline_run": settings["baseline"], "variants": [], "notes": [],
+        "grid": grid["path"],
+        "description": grid.get("description", ""),
+        "ablations_dir": str(ablations_dir),
+        "bootstrap_resamples": settings["bootstrap_resamples"],
+        "confidence": settings["confidence"],
+        "baseline_run": settings["baseline"],
+        "variants": [],
+        "notes": [],
         "interval_note": "With several seeds, the Δ interval is the seed mean of the per-seed bounds "
-                         "(same bootstrap draws for every seed: conservative).",
+        "(same bootstrap draws for every seed: conservative).",
     }
 
     baseline_metrics, base_ckpt = None, None
@@ -89,8 +120,10 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
         base_ckpt, baseline_metrics = baseline_folder(settings["baseline"])
     except ConfigError as exc:
         summary["notes"].append(f"baseline unavailable: {exc}")
-    summary["baseline"] = {"checkpoint": str(base_ckpt) if base_ckpt else None,
-                           "final": (baseline_metrics or {}).get("final")}
+    summary["baseline"] = {
+        "checkpoint": str(base_ckpt) if base_ckpt else None,
+        "final": (baseline_metrics or {}).get("final"),
+    }
     base_final = summary["baseline"]["final"]
     class_names = list((base_final or {}).get("per_class", {}))
     hard = [c for c in settings["hard_classes"] if not class_names or c in class_names]
@@ -104,24 +137,38 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
     for variant in grid["variants"]:
         name = variant["name"]
         entries = [r for (v, _), r in by_run.items() if v == name]
-        out: dict[str, Any] = {"name": name, "overrides": variant["overrides"], "runs": [], "errors": [],
-                               "seeds_finished": [], "stats": {}, "delta": {}, "per_class_delta": {}}
+        out: dict[str, Any] = {
+            "name": name,
+            "overrides": variant["overrides"],
+            "runs": [],
+            "errors": [],
+            "seeds_finished": [],
+            "stats": {},
+            "delta": {},
+            "per_class_delta": {},
+        }
         intervals: list[dict] = []
         finals: list[dict] = []
         for entry in sorted(entries, key=lambda r: r["seed"]):
             run_dir = Path(entry["run_dir"])
-            run_out = {"seed": entry["seed"], "status": entry["status"], "run_dir": str(run_dir),
-                       "report": str(run_dir / "02_phase2.html") if (run_dir / "02_phase2.html").exists() else None}
+            run_out = {
+                "seed": entry["seed"],
+                "status": entry["status"],
+                "run_dir": str(run_dir),
+                "report": str(run_dir / "02_phase2.html") if (run_dir / "02_phase2.html").exists() else None,
+            }
             if entry["status"] == "failed" or not runs.is_finished(run_dir):
                 error = entry.get("error") or "no finished metrics.json"
-                out["errors"].append({"seed": entry["seed"], "error": error, "cell": entry.get("cell"),
-                                      "run_dir": str(run_dir)})
+                out["errors"].append(
+                    {"seed": entry["seed"], "error": error, "cell": entry.get("cell"), "run_dir": str(run_dir)}
+                )
                 run_out["status"] = "failed"
                 out["runs"].append(run_out)
                 continue
             metrics = runs.read_metrics(run_dir)
-            run_out["history"] = [{k: h.get(k) for k in ("epoch", "map", "map50", "alpha_mean", "stage")}
-                                  for h in metrics["history"]]
+            run_out["history"] = [
+                {k: h.get(k) for k in ("epoch", "map", "map50", "alpha_mean", "stage")} for h in metrics["history"]
+            ]
             run_out["final"] = {k: metrics["final"].get(k) for k in ("map", "map50", "map75", "per_class", "epoch")}
             out["runs"].append(run_out)
             out["seeds_finished"].append(entry["seed"])
@@ -131,16 +178,23 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
             try:
                 if base_dets is None:
                     cache = ablations_dir / "baseline_detections_val.cache.json"
-                    base_dets, _ = run_detections(resolve_path(settings["baseline"]), baseline_metrics,
-                                                  cache_path=cache)
+                    base_dets, _ = run_detections(
+                        resolve_path(settings["baseline"]), baseline_metrics, cache_path=cache
+                    )
                     base_key = cache_key(baseline_metrics.get("run_id"), str(base_ckpt))
                 intervals.append(_bootstrap(run_dir, metrics, base_dets, base_key, settings, hard, progress))
             except Exception as exc:  # the statistics of one run must not hide the others'; the note says why
-                summary["notes"].append(f"{name} seed {entry['seed']}: no bootstrap interval ({type(exc).__name__}: "
-                                        f"{exc})")
+                summary["notes"].append(
+                    f"{name} seed {entry['seed']}: no bootstrap interval ({type(exc).__name__}: {exc})"
+                )
         failed = len(out["errors"])
-        out["status"] = ("finished" if not failed else "failed" if not finals
-                         else f"partial ({failed} of {failed + len(finals)} seeds failed)")
+        out["status"] = (
+            "finished"
+            if not failed
+            else "failed"
+            if not finals
+            else f"partial ({failed} of {failed + len(finals)} seeds failed)"
+        )
         if finals:
             for key in ("map", "map50"):
                 values = [v for v in (_finite(f.get(key)) for f in finals) if v is not None]
@@ -152,14 +206,16 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
                     out["stats"][f"ap:{cls}"] = summarize_seeds(values)
             if base_final:
                 for cls, base_values in base_final["per_class"].items():
-                    deltas = [f["per_class"][cls]["ap"] - base_values["ap"] for f in finals
-                              if _finite(f["per_class"].get(cls, {}).get("ap")) is not None
-                              and _finite(base_values.get("ap")) is not None]
+                    deltas = [
+                        f["per_class"][cls]["ap"] - base_values["ap"]
+                        for f in finals
+                        if _finite(f["per_class"].get(cls, {}).get("ap")) is not None
+                        and _finite(base_values.get("ap")) is not None
+                    ]
                     out["per_class_delta"][cls] = sum(deltas) / len(deltas) if deltas else None
         if intervals:
             out["delta"]["map"] = _mean_interval(intervals)
-            out["delta"]["per_class"] = {cls: _mean_interval([i["per_class"][cls] for i in intervals])
-                                         for cls in hard}
+            out["delta"]["per_class"] = {cls: _mean_interval([i["per_class"][cls] for i in intervals]) for cls in hard}
             out["delta"]["detections"] = sorted({i.get("detections", "") for i in intervals})
         summary["variants"].append(out)
 
@@ -177,9 +233,11 @@ def _wise_summary(wise: Mapping[str, Any] | None, summary: dict, base_ckpt: Path
     """The WiSE-FT curves of the grid's ``wise.variant`` (one per finished seed), cached per run."""
     if not wise:
         return {"note": "this grid asks for no WiSE-FT curve (grid key `wise`)"}
-    note = (f"WiSE-FT between the baseline and `{wise['variant']}`: detector weights "
-            "θ = (1−λ)·θ_baseline + λ·θ_finetuned; the fusion's effective gate α is scaled by λ too, "
-            "since the baseline has no text branch (gate 0). λ = 0 is the baseline, λ = 1 the fine-tuned model.")
+    note = (
+        f"WiSE-FT between the baseline and `{wise['variant']}`: detector weights "
+        "θ = (1−λ)·θ_baseline + λ·θ_finetuned; the fusion's effective gate α is scaled by λ too, "
+        "since the baseline has no text branch (gate 0). λ = 0 is the baseline, λ = 1 the fine-tuned model."
+    )
     out = {"variant": wise["variant"], "lambdas": wise["lambdas"], "curves": [], "note": note}
     if base_ckpt is None:
         out["note"] += " Not computed: the baseline checkpoint is unavailable."

@@ -29,8 +29,9 @@ from tfg_mm.data.validate import ValidationReport, open_rgb, read_json, resolve_
 from tfg_mm.errors import DataError
 
 
-def load_coco(path: str | Path, images_dir: str | Path | None = None, check_images: bool = True,
-              strict: bool = True) -> dict:
+def load_coco(
+    path: str | Path, images_dir: str | Path | None = None, check_images: bool = True, strict: bool = True
+) -> dict:
     """Load and validate a COCO detection file; return the repaired dict.
 
     Repairs (clipped boxes, converted images, filled keys) are issued as one counted
@@ -56,17 +57,25 @@ class CocoDetection(Dataset):
     them in evaluation too).
     """
 
-    def __init__(self, root: str | Path, ann_file: str | Path = "instances_train.json",
-                 images_dir: str | Path = "images", image_size: int = 160, train: bool = False,
-                 augment: bool = True, strict: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        ann_file: str | Path = "instances_train.json",
+        images_dir: str | Path = "images",
+        image_size: int = 160,
+        train: bool = False,
+        augment: bool = True,
+        strict: bool = True,
+    ) -> None:
         self.root = Path(root)
         self.coco_path: Path = _under(self.root, ann_file)
         self.images_dir: Path = _under(self.root, images_dir)
         self.image_size = image_size
         self.train = train
         self.augment = augment  # builds self.transforms
-        self.report: ValidationReport = validate_coco(self.coco_path, images_dir=self.images_dir,
-                                                      check_images=True, strict=strict)
+        self.report: ValidationReport = validate_coco(
+            self.coco_path, images_dir=self.images_dir, check_images=True, strict=strict
+        )
         self.report.emit()
         self.data: dict = self.report.data
 
@@ -145,8 +154,7 @@ class CocoDetection(Dataset):
             pil = open_rgb(self.images_dir / im["file_name"])
             height, width = pil.height, pil.width
             image = tv_tensors.Image(F.pil_to_tensor(pil))
-            boxes = tv_tensors.BoundingBoxes(self._boxes[image_id].clone(), format="XYXY",
-                                             canvas_size=(height, width))
+            boxes = tv_tensors.BoundingBoxes(self._boxes[image_id].clone(), format="XYXY", canvas_size=(height, width))
             image, target = self.transforms(image, {"boxes": boxes, "labels": self._labels[image_id].clone()})
             out_h, out_w = image.shape[-2:]
         cxcywh = F.convert_bounding_box_format(target["boxes"], new_format=tv_tensors.BoundingBoxFormat.CXCYWH)
@@ -164,8 +172,9 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> dict[str, A
     return {"pixel_values": torch.stack([image for image, _ in batch]), "labels": [target for _, target in batch]}
 
 
-def dataset_fingerprint(root: str | Path, ann_files: Sequence[str | Path] | None = None,
-                        images_dir: str | Path = "images") -> str:
+def dataset_fingerprint(
+    root: str | Path, ann_files: Sequence[str | Path] | None = None, images_dir: str | Path = "images"
+) -> str:
     """sha256 over the annotation files and the bytes of every image they reference (sorted).
 
     This is what a run records to prove which data it saw: any changed box, image or split changes
@@ -190,8 +199,10 @@ def dataset_fingerprint(root: str | Path, ann_files: Sequence[str | Path] | None
     for name in sorted(names):
         path = folder / name
         if not path.is_file():
-            raise DataError(f"{path}: image referenced by the annotations is missing, so the dataset cannot be "
-                            "fingerprinted. Fix: restore the image or regenerate the dataset.")
+            raise DataError(
+                f"{path}: image referenced by the annotations is missing, so the dataset cannot be "
+                "fingerprinted. Fix: restore the image or regenerate the dataset."
+            )
         raw = path.read_bytes()
         digest.update(f"img:{name}:{len(raw)}\n".encode())
         digest.update(raw)

@@ -55,13 +55,21 @@ def _image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: the image cannot be read ({type(exc).__name__}: {exc}). "
-                        "Fix: re-export the image or remove it (and its label file).") from None
+        raise DataError(
+            f"{path}: the image cannot be read ({type(exc).__name__}: {exc}). "
+            "Fix: re-export the image or remove it (and its label file)."
+        ) from None
 
 
 def _annotation(ann_id: int, image_id: int, category_id: int, x: float, y: float, w: float, h: float) -> dict:
-    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": [x, y, w, h],
-            "area": w * h, "iscrowd": 0}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "bbox": [x, y, w, h],
+        "area": w * h,
+        "iscrowd": 0,
+    }
 
 
 def _num(value: float) -> str:
@@ -87,7 +95,9 @@ def _find_image(images_dir: Path | None, name: str) -> Path | None:
     return None
 
 
-def _read_voc(xml_path: Path, images_dir: Path | None) -> tuple[str, int, int, list[tuple[str, float, float, float, float]]]:
+def _read_voc(
+    xml_path: Path, images_dir: Path | None
+) -> tuple[str, int, int, list[tuple[str, float, float, float, float]]]:
     try:
         root = ET.parse(xml_path).getroot()
     except ET.ParseError as exc:
@@ -103,8 +113,10 @@ def _read_voc(xml_path: Path, images_dir: Path | None) -> tuple[str, int, int, l
         raise DataError(f"{xml_path}: <size> has non-numeric width/height. Fix: write integers.") from None
     if width <= 0 or height <= 0:
         if image is None:
-            raise DataError(f"{xml_path}: no usable <size> (width={width}, height={height}) and the image '{name}' "
-                            "was not found to measure it. Fix: pass images_dir= or fill <size>.")
+            raise DataError(
+                f"{xml_path}: no usable <size> (width={width}, height={height}) and the image '{name}' "
+                "was not found to measure it. Fix: pass images_dir= or fill <size>."
+            )
         width, height = _image_size(image)
     objects = []
     for k, obj in enumerate(root.findall("object")):
@@ -112,23 +124,34 @@ def _read_voc(xml_path: Path, images_dir: Path | None) -> tuple[str, int, int, l
         if not label:
             raise DataError(f"{xml_path}: <object> #{k + 1} has no <name>. Fix: give every object its class name.")
         try:
-            xmin, ymin, xmax, ymax = (float(obj.findtext(f"bndbox/{t}") or "nan")
-                                      for t in ("xmin", "ymin", "xmax", "ymax"))
+            xmin, ymin, xmax, ymax = (
+                float(obj.findtext(f"bndbox/{t}") or "nan") for t in ("xmin", "ymin", "xmax", "ymax")
+            )
         except ValueError:
-            raise DataError(f"{xml_path}: <object> #{k + 1} ('{label}') has a non-numeric <bndbox>. "
-                            "Fix: write xmin, ymin, xmax, ymax as numbers.") from None
+            raise DataError(
+                f"{xml_path}: <object> #{k + 1} ('{label}') has a non-numeric <bndbox>. "
+                "Fix: write xmin, ymin, xmax, ymax as numbers."
+            ) from None
         if any(v != v for v in (xmin, ymin, xmax, ymax)):
-            raise DataError(f"{xml_path}: <object> #{k + 1} ('{label}') lacks <bndbox> xmin/ymin/xmax/ymax. "
-                            "Fix: add all four corners.")
+            raise DataError(
+                f"{xml_path}: <object> #{k + 1} ('{label}') lacks <bndbox> xmin/ymin/xmax/ymax. "
+                "Fix: add all four corners."
+            )
         if xmax < xmin or ymax < ymin:
-            raise DataError(f"{xml_path}: <object> #{k + 1} ('{label}') has xmax < xmin or ymax < ymin "
-                            f"({xmin}, {ymin}, {xmax}, {ymax}). Fix: swap the corners or redraw the box.")
+            raise DataError(
+                f"{xml_path}: <object> #{k + 1} ('{label}') has xmax < xmin or ymax < ymin "
+                f"({xmin}, {ymin}, {xmax}, {ymax}). Fix: swap the corners or redraw the box."
+            )
         objects.append((label, xmin - 1.0, ymin - 1.0, xmax - xmin + 1.0, ymax - ymin + 1.0))
     return name, width, height, objects
 
 
-def voc_to_coco(voc_root_or_ann_dir: str | Path, out_json: str | Path, images_dir: str | Path | None = None,
-                classes: Sequence[str] | None = None) -> Path:
+def voc_to_coco(
+    voc_root_or_ann_dir: str | Path,
+    out_json: str | Path,
+    images_dir: str | Path | None = None,
+    classes: Sequence[str] | None = None,
+) -> Path:
     """Convert a Pascal VOC dataset (``<root>/Annotations/*.xml`` or a folder of XML files) to COCO.
 
     ``images_dir`` defaults to ``<root>/JPEGImages`` when it exists; with it the images are
@@ -139,8 +162,10 @@ def voc_to_coco(voc_root_or_ann_dir: str | Path, out_json: str | Path, images_di
     ann_dir = root / "Annotations" if (root / "Annotations").is_dir() else root
     xml_files = sorted(ann_dir.glob("*.xml"))
     if not xml_files:
-        raise DataError(f"{ann_dir}: no .xml annotation files. Fix: pass the VOC root (with Annotations/) or the "
-                        "folder that holds the XML files.")
+        raise DataError(
+            f"{ann_dir}: no .xml annotation files. Fix: pass the VOC root (with Annotations/) or the "
+            "folder that holds the XML files."
+        )
     if images_dir is None and (root / "JPEGImages").is_dir():
         images_dir = root / "JPEGImages"
     images_dir = Path(images_dir) if images_dir is not None else None
@@ -153,14 +178,18 @@ def voc_to_coco(voc_root_or_ann_dir: str | Path, out_json: str | Path, images_di
     images, annotations, seen = [], [], {}
     for image_id, (xml, file_name, width, height, objects) in enumerate(parsed, start=1):
         if file_name in seen:
-            raise DataError(f"{xml}: image '{file_name}' is already annotated by {seen[file_name]}. "
-                            "Fix: merge the two XML files or remove one.")
+            raise DataError(
+                f"{xml}: image '{file_name}' is already annotated by {seen[file_name]}. "
+                "Fix: merge the two XML files or remove one."
+            )
         seen[file_name] = xml
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for label, x, y, w, h in objects:
             if label not in cat_id:
-                raise DataError(f"{xml}: object class '{label}' is not in classes={names}. Fix: add it to classes "
-                                "(or fix the spelling in the XML).")
+                raise DataError(
+                    f"{xml}: object class '{label}' is not in classes={names}. Fix: add it to classes "
+                    "(or fix the spelling in the XML)."
+                )
             annotations.append(_annotation(len(annotations) + 1, image_id, cat_id[label], x, y, w, h))
     return _write_coco(out_json, _coco_dict(images, annotations, names, str(root)), images_dir)
 
@@ -209,13 +238,17 @@ def _class_names(class_names: Sequence[str] | str | Path) -> list[str]:
     if isinstance(class_names, (str, Path)):
         path = Path(class_names)
         if not path.is_file():
-            raise DataError(f"class_names={str(class_names)!r}: not a file. Fix: pass a list of names or the path of "
-                            "a classes.txt with one name per line.")
+            raise DataError(
+                f"class_names={str(class_names)!r}: not a file. Fix: pass a list of names or the path of "
+                "a classes.txt with one name per line."
+            )
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return list(class_names)
 
 
-def _read_yolo(label_file: Path, width: int, height: int, n_classes: int) -> list[tuple[int, float, float, float, float]]:
+def _read_yolo(
+    label_file: Path, width: int, height: int, n_classes: int
+) -> list[tuple[int, float, float, float, float]]:
     objects = []
     for line_no, line in enumerate(label_file.read_text().splitlines(), start=1):
         fields = line.split()
@@ -223,30 +256,41 @@ def _read_yolo(label_file: Path, width: int, height: int, n_classes: int) -> lis
             continue
         where = f"{label_file}:{line_no}"
         if len(fields) != 5:
-            hint = (" (6 fields look like a predictions file with confidences; more look like segmentation "
-                    "polygons)") if len(fields) > 5 else ""
-            raise DataError(f"{where}: expected 5 fields 'class cx cy w h', got {len(fields)}{hint}. "
-                            "Fix: export detection labels in YOLO box format.")
+            hint = (
+                (" (6 fields look like a predictions file with confidences; more look like segmentation polygons)")
+                if len(fields) > 5
+                else ""
+            )
+            raise DataError(
+                f"{where}: expected 5 fields 'class cx cy w h', got {len(fields)}{hint}. "
+                "Fix: export detection labels in YOLO box format."
+            )
         try:
             cls = int(fields[0])
             cx, cy, w, h = (float(v) for v in fields[1:])
         except ValueError:
-            raise DataError(f"{where}: '{line.strip()}' is not 'int float float float float'. "
-                            "Fix: correct the line.") from None
+            raise DataError(
+                f"{where}: '{line.strip()}' is not 'int float float float float'. Fix: correct the line."
+            ) from None
         if not 0 <= cls < n_classes:
-            raise DataError(f"{where}: class index {cls} is outside 0..{n_classes - 1} ({n_classes} class names). "
-                            "Fix: pass the full class list (in the order used for labelling).")
+            raise DataError(
+                f"{where}: class index {cls} is outside 0..{n_classes - 1} ({n_classes} class names). "
+                "Fix: pass the full class list (in the order used for labelling)."
+            )
         if max(cx, cy, w, h) > 1.0 + 1e-6 or min(cx, cy, w, h) < 0.0:
-            raise DataError(f"{where}: values {fields[1:]} are not in [0, 1]; they look like pixel coordinates. "
-                            "Fix: YOLO labels are normalised - divide cx and w by the image width, cy and h by "
-                            "its height.")
+            raise DataError(
+                f"{where}: values {fields[1:]} are not in [0, 1]; they look like pixel coordinates. "
+                "Fix: YOLO labels are normalised - divide cx and w by the image width, cy and h by "
+                "its height."
+            )
         x, y = round((cx - w / 2) * width, 3), round((cy - h / 2) * height, 3)
         objects.append((cls, x, y, round(w * width, 3), round(h * height, 3)))
     return objects
 
 
-def yolo_to_coco(labels_dir: str | Path, images_dir: str | Path, class_names: Sequence[str] | str | Path,
-                 out_json: str | Path) -> Path:
+def yolo_to_coco(
+    labels_dir: str | Path, images_dir: str | Path, class_names: Sequence[str] | str | Path, out_json: str | Path
+) -> Path:
     """Convert YOLO labels (``<labels_dir>/<image stem>.txt``) for the images in ``images_dir``.
 
     An image without a label file is a defect-free image (the YOLO convention). A label file
@@ -258,18 +302,24 @@ def yolo_to_coco(labels_dir: str | Path, images_dir: str | Path, class_names: Se
         raise DataError("yolo_to_coco(class_names=...): no class names. Fix: pass the class list.")
     for folder, what in ((labels_dir, "labels_dir"), (images_dir, "images_dir")):
         if not folder.is_dir():
-            raise DataError(f"{what}={str(folder)!r}: folder not found. Fix: pass the folder that holds the {what[:-4]}.")
+            raise DataError(
+                f"{what}={str(folder)!r}: folder not found. Fix: pass the folder that holds the {what[:-4]}."
+            )
     image_files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not image_files:
         raise DataError(f"{images_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}). Fix: pass the images folder.")
     stems = {p.stem for p in image_files}
     if len(stems) != len(image_files):
-        raise DataError(f"{images_dir}: several images share a file stem (e.g. a.png and a.jpg), so their label "
-                        "files would collide. Fix: rename them.")
+        raise DataError(
+            f"{images_dir}: several images share a file stem (e.g. a.png and a.jpg), so their label "
+            "files would collide. Fix: rename them."
+        )
     report = ValidationReport(source=labels_dir)
     for orphan in sorted(p for p in labels_dir.glob("*.txt") if p.stem not in stems and p.name != "classes.txt"):
-        report.warn("label file without image skipped",
-                    f"{orphan} has no image '{orphan.stem}.*' in {images_dir}. Fix: add the image or delete the label.")
+        report.warn(
+            "label file without image skipped",
+            f"{orphan} has no image '{orphan.stem}.*' in {images_dir}. Fix: add the image or delete the label.",
+        )
     report.emit()
     images, annotations = [], []
     for image_id, image in enumerate(image_files, start=1):
@@ -296,8 +346,9 @@ def coco_to_yolo(coco_json: str | Path, out_dir: str | Path, images_dir: str | P
         im = images[a["image_id"]]
         x, y, w, h = a["bbox"]
         cx, cy = (x + w / 2) / im["width"], (y + h / 2) / im["height"]
-        lines[a["image_id"]].append(f"{index[a['category_id']]} {cx:.6f} {cy:.6f} "
-                                    f"{w / im['width']:.6f} {h / im['height']:.6f}")
+        lines[a["image_id"]].append(
+            f"{index[a['category_id']]} {cx:.6f} {cy:.6f} {w / im['width']:.6f} {h / im['height']:.6f}"
+        )
     with atomic_dir(out_dir / "labels") as tmp:
         for image_id, rows in lines.items():
             (tmp / f"{Path(images[image_id]['file_name']).stem}.txt").write_text("".join(r + "\n" for r in rows))
@@ -320,8 +371,10 @@ def _load_for_export(coco_json: Path, images_dir: str | Path | None) -> dict:
     for im in data["images"]:
         stem = Path(im["file_name"]).stem
         if stem in stems:
-            raise DataError(f"{coco_json}: images '{stems[stem]}' and '{im['file_name']}' share the stem '{stem}', "
-                            "so their VOC / YOLO label files would collide. Fix: rename one of them.")
+            raise DataError(
+                f"{coco_json}: images '{stems[stem]}' and '{im['file_name']}' share the stem '{stem}', "
+                "so their VOC / YOLO label files would collide. Fix: rename one of them."
+            )
         stems[stem] = im["file_name"]
     return data
 

@@ -21,8 +21,21 @@ from tfg_mm.data.coco import load_coco
 from tfg_mm.data.validate import open_rgb, resolve_images_dir
 from tfg_mm.figures import save_figure
 
-_BOX_COLUMNS = ["split", "image_id", "file_name", "category_id", "category", "x", "y", "w", "h",
-                "area", "rel_size", "image_width", "image_height"]
+_BOX_COLUMNS = [
+    "split",
+    "image_id",
+    "file_name",
+    "category_id",
+    "category",
+    "x",
+    "y",
+    "w",
+    "h",
+    "area",
+    "rel_size",
+    "image_width",
+    "image_height",
+]
 
 
 def class_statistics(ann_files: str | Path | Sequence[str | Path]) -> pd.DataFrame:
@@ -41,8 +54,23 @@ def class_statistics(ann_files: str | Path | Sequence[str | Path]) -> pd.DataFra
         for a in data["annotations"]:
             im = images[a["image_id"]]
             x, y, w, h = a["bbox"]
-            rows.append([split, im["id"], im["file_name"], a["category_id"], names[a["category_id"]], x, y, w, h,
-                         w * h, math.sqrt(w * h / (im["width"] * im["height"])), im["width"], im["height"]])
+            rows.append(
+                [
+                    split,
+                    im["id"],
+                    im["file_name"],
+                    a["category_id"],
+                    names[a["category_id"]],
+                    x,
+                    y,
+                    w,
+                    h,
+                    w * h,
+                    math.sqrt(w * h / (im["width"] * im["height"])),
+                    im["width"],
+                    im["height"],
+                ]
+            )
     return pd.DataFrame(rows, columns=_BOX_COLUMNS)
 
 
@@ -50,13 +78,21 @@ def class_counts(ann_files: str | Path | Sequence[str | Path]) -> pd.DataFrame:
     """Per split and class: number of boxes, of images containing the class, and median box side (px)."""
     stats = class_statistics(ann_files)
     stats["side"] = np.sqrt(stats["area"])
-    return (stats.groupby(["split", "category"], sort=True)
-            .agg(boxes=("image_id", "size"), images=("image_id", "nunique"), median_side_px=("side", "median"))
-            .reset_index())
+    return (
+        stats.groupby(["split", "category"], sort=True)
+        .agg(boxes=("image_id", "size"), images=("image_id", "nunique"), median_side_px=("side", "median"))
+        .reset_index()
+    )
 
 
-def show_samples(ann_file: str | Path, images_dir: str | Path | None = None, n: int = 8, seed: int = 0,
-                 ncols: int = 4, image_ids: Sequence[int] | None = None):
+def show_samples(
+    ann_file: str | Path,
+    images_dir: str | Path | None = None,
+    n: int = 8,
+    seed: int = 0,
+    ncols: int = 4,
+    image_ids: Sequence[int] | None = None,
+):
     """Draw ``n`` images (random but reproducible with ``seed``, or the given ``image_ids``) with
     their boxes and class names; returns the matplotlib Figure."""
     ann_file = Path(ann_file)
@@ -103,8 +139,10 @@ def plot_counts(stats: pd.DataFrame, save: str | None = None):
 
 def plot_box_sizes(stats: pd.DataFrame, save: str | None = None):
     """Box side (sqrt of area, px, log scale) per class: the hard classes are the small / thin ones."""
-    df = stats.assign(side=np.sqrt(stats["area"]), aspect=np.maximum(stats["w"], stats["h"])
-                      / np.maximum(1e-6, np.minimum(stats["w"], stats["h"])))
+    df = stats.assign(
+        side=np.sqrt(stats["area"]),
+        aspect=np.maximum(stats["w"], stats["h"]) / np.maximum(1e-6, np.minimum(stats["w"], stats["h"])),
+    )
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     sns.boxplot(data=df, x="category", y="side", ax=axes[0])
     axes[0].set_yscale("log")
@@ -120,8 +158,9 @@ def plot_box_sizes(stats: pd.DataFrame, save: str | None = None):
     return fig
 
 
-def samples_per_class(ann_file: str | Path, images_dir: str | Path | None = None, per_class: int = 2,
-                      seed: int = 0, ncols: int = 4):
+def samples_per_class(
+    ann_file: str | Path, images_dir: str | Path | None = None, per_class: int = 2, seed: int = 0, ncols: int = 4
+):
     """Images that contain each class (``per_class`` of them, reproducible), with all their boxes."""
     data = load_coco(ann_file, check_images=False)
     rng = np.random.default_rng(seed)

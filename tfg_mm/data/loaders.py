@@ -35,12 +35,20 @@ def resolve_dataset(params, progress: bool = True, root: Path | None = None) -> 
     root = resolve_path(params.dataset) if root is None else root
     if params.dataset == DEFAULT_DATASET and params.generate_if_missing:
         # (re)generated when absent or made by other generator settings / version; a no-op otherwise
-        root = generate(root, seed=params.synthetic_seed, n_train=params.synthetic_train,
-                        n_val=params.synthetic_val, image_size=params.synthetic_image_size, progress=progress)
+        root = generate(
+            root,
+            seed=params.synthetic_seed,
+            n_train=params.synthetic_train,
+            n_val=params.synthetic_val,
+            image_size=params.synthetic_image_size,
+            progress=progress,
+        )
     if not root.exists():
-        raise ConfigError(f"Parameter `dataset`: folder {root} does not exist. Fix: point `dataset` at a COCO folder "
-                          f"with `{params.images_dir}/`, `{params.train_json}` and `{params.val_json}`, or use the "
-                          f"embedded default `{DEFAULT_DATASET}` (generated on first use).")
+        raise ConfigError(
+            f"Parameter `dataset`: folder {root} does not exist. Fix: point `dataset` at a COCO folder "
+            f"with `{params.images_dir}/`, `{params.train_json}` and `{params.val_json}`, or use the "
+            f"embedded default `{DEFAULT_DATASET}` (generated on first use)."
+        )
     return root
 
 
@@ -79,8 +87,9 @@ class Data:
     record: dict
 
 
-def make_data(params, loader_gen: torch.Generator, progress: bool = True, need_train: bool = True,
-              record: dict | None = None) -> Data:
+def make_data(
+    params, loader_gen: torch.Generator, progress: bool = True, need_train: bool = True, record: dict | None = None
+) -> Data:
     """The run's datasets and loaders (the train ones only when ``need_train``).
 
     ``record`` is the run's :func:`dataset_record` when the caller has already located and
@@ -88,21 +97,32 @@ def make_data(params, loader_gen: torch.Generator, progress: bool = True, need_t
     is located here and fingerprinted after loading.
     """
     root = Path(record["root"]) if record is not None else resolve_dataset(params, progress=progress)
-    val = CocoDetection(root, params.val_json, params.images_dir, image_size=params.image_size, train=False,
-                        augment=False)
+    val = CocoDetection(
+        root, params.val_json, params.images_dir, image_size=params.image_size, train=False, augment=False
+    )
     train = None
     train_loader = None
     if need_train:
-        train = CocoDetection(root, params.train_json, params.images_dir, image_size=params.image_size, train=True,
-                              augment=params.augment)
+        train = CocoDetection(
+            root, params.train_json, params.images_dir, image_size=params.image_size, train=True, augment=params.augment
+        )
         if list(train.categories) != list(val.categories):
-            raise ConfigError(f"The train and val annotation files of {root} list different categories "
-                              f"({train.categories} vs {val.categories}). Fix: use one category list in both.")
-        train_loader = DataLoader(train, batch_size=params.batch_size, shuffle=True, generator=loader_gen,
-                                  collate_fn=collate, num_workers=params.num_workers,
-                                  drop_last=len(train) > params.batch_size)
-    val_loader = DataLoader(val, batch_size=params.batch_size, shuffle=False, collate_fn=collate,
-                            num_workers=params.num_workers)
+            raise ConfigError(
+                f"The train and val annotation files of {root} list different categories "
+                f"({train.categories} vs {val.categories}). Fix: use one category list in both."
+            )
+        train_loader = DataLoader(
+            train,
+            batch_size=params.batch_size,
+            shuffle=True,
+            generator=loader_gen,
+            collate_fn=collate,
+            num_workers=params.num_workers,
+            drop_last=len(train) > params.batch_size,
+        )
+    val_loader = DataLoader(
+        val, batch_size=params.batch_size, shuffle=False, collate_fn=collate, num_workers=params.num_workers
+    )
     if record is None:
         record = dataset_record(root, params.train_json, params.val_json, params.images_dir)
     return Data(root, train, val, train_loader, val_loader, list(val.categories), list(val.cat_ids), record)

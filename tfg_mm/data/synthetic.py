@@ -76,11 +76,15 @@ def _metal_texture(rng: np.random.Generator, c: _Canvas) -> np.ndarray:
     s, k = c.size, c.k
     gray = np.full((s, s), rng.uniform(0.40, 0.60), dtype=np.float64)
     # Coarse grain: white noise smeared along the rolling direction.
-    gray += rng.uniform(0.02, 0.04) * _unit(gaussian_filter1d(rng.standard_normal((s, s)), rng.uniform(8, 24) * k, axis=1))
+    gray += rng.uniform(0.02, 0.04) * _unit(
+        gaussian_filter1d(rng.standard_normal((s, s)), rng.uniform(8, 24) * k, axis=1)
+    )
     # Fine brushing lines.
     gray += 0.012 * _unit(gaussian_filter1d(rng.standard_normal((s, s)), 2.0 * k, axis=1))
     # Roll marks: bands across the rolling direction.
-    gray += rng.uniform(0.008, 0.025) * _unit(gaussian_filter1d(rng.standard_normal(s), rng.uniform(3, 10) * k))[:, None]
+    gray += (
+        rng.uniform(0.008, 0.025) * _unit(gaussian_filter1d(rng.standard_normal(s), rng.uniform(3, 10) * k))[:, None]
+    )
     # Illumination: a linear gradient in a random direction plus a soft hotspot.
     angle = rng.uniform(0, 2 * np.pi)
     gray += rng.uniform(0.03, 0.10) * ((c.xx * np.cos(angle) + c.yy * np.sin(angle)) / s - 0.5)
@@ -118,8 +122,9 @@ def _stroke(points: np.ndarray, width: float, size: int) -> np.ndarray:
     return np.clip(width / 2 + 0.5 - distance_transform_edt(free), 0.0, 1.0)
 
 
-def _walk(rng: np.random.Generator, start: np.ndarray, heading: float, length: float,
-          drift: float, jitter: float) -> tuple[np.ndarray, np.ndarray]:
+def _walk(
+    rng: np.random.Generator, start: np.ndarray, heading: float, length: float, drift: float, jitter: float
+) -> tuple[np.ndarray, np.ndarray]:
     """A random walk of unit steps: slowly drifting heading plus per-step jitter (jagged)."""
     n = max(int(length), 2)
     headings = heading + np.cumsum(rng.normal(0.0, drift, n)) + rng.normal(0.0, jitter, n)
@@ -189,8 +194,14 @@ def _paint_break(rng: np.random.Generator, img: np.ndarray, c: _Canvas) -> list[
     for _ in range(int(rng.integers(1, 4))):
         j = int(rng.integers(len(trunk) // 5, max(len(trunk) * 4 // 5, len(trunk) // 5 + 1)))
         side = 1.0 if rng.random() < 0.5 else -1.0
-        branch, _ = _walk(rng, trunk[j], headings[j] + side * rng.uniform(0.4, 1.0),
-                          rng.uniform(0.25, 0.55) * trunk_len, drift=0.08, jitter=0.35)
+        branch, _ = _walk(
+            rng,
+            trunk[j],
+            headings[j] + side * rng.uniform(0.4, 1.0),
+            rng.uniform(0.25, 0.55) * trunk_len,
+            drift=0.08,
+            jitter=0.35,
+        )
         parts.append(branch)
     mask = _stroke(np.concatenate(parts), rng.uniform(0.9, 1.2) * k, s)
     img -= (rng.uniform(0.07, 0.11) * mask)[..., None]
@@ -258,8 +269,9 @@ _PAINT_ORDER = ("stain", "dent", "inclusion", "scratch", "break", "perforation")
 # --------------------------------------------------------------------------------------------
 
 
-def render_image(seed: int, split: str, index: int, image_size: int, classes: Sequence[str],
-                 defect_free: bool) -> tuple[np.ndarray, list[tuple[str, Box]]]:
+def render_image(
+    seed: int, split: str, index: int, image_size: int, classes: Sequence[str], defect_free: bool
+) -> tuple[np.ndarray, list[tuple[str, Box]]]:
     """Draw one image; returns the uint8 (S, S, 3) pixels and ``(class name, box)`` pairs.
 
     Public so notebooks can show how a single sample is made; ``generate`` is the entry point.
@@ -291,8 +303,9 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _check_params(seed: int, n_train: int, n_val: int, image_size: int, classes: Sequence[str],
-                  defect_free_fraction: float) -> tuple[str, ...]:
+def _check_params(
+    seed: int, n_train: int, n_val: int, image_size: int, classes: Sequence[str], defect_free_fraction: float
+) -> tuple[str, ...]:
     if isinstance(classes, str):
         raise ConfigError(f"generate(classes={classes!r}): give a list of class names, e.g. {list(DEFAULT_CLASSES)}.")
     classes = tuple(classes)
@@ -300,9 +313,14 @@ def _check_params(seed: int, n_train: int, n_val: int, image_size: int, classes:
     if unknown or not classes or len(set(classes)) != len(classes):
         raise ConfigError(
             f"generate(classes={list(classes)}): the synthetic generator can draw {list(DEFAULT_CLASSES)}; "
-            f"unknown: {unknown or 'none'}. Fix: pass a non-empty list of distinct names from that list.")
-    for name, value, low in (("seed", seed, 0), ("n_train", n_train, 1), ("n_val", n_val, 1),
-                             ("image_size", image_size, 64)):
+            f"unknown: {unknown or 'none'}. Fix: pass a non-empty list of distinct names from that list."
+        )
+    for name, value, low in (
+        ("seed", seed, 0),
+        ("n_train", n_train, 1),
+        ("n_val", n_val, 1),
+        ("image_size", image_size, 64),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"generate({name}={value!r}): must be an integer >= {low}.")
     if not 0.0 <= defect_free_fraction < 1.0:
@@ -310,19 +328,35 @@ def _check_params(seed: int, n_train: int, n_val: int, image_size: int, classes:
     return classes
 
 
-def _split_json(split: str, records: list[tuple[int, str, list[tuple[str, Box]]]], image_size: int,
-                classes: tuple[str, ...], params: dict) -> str:
+def _split_json(
+    split: str,
+    records: list[tuple[int, str, list[tuple[str, Box]]]],
+    image_size: int,
+    classes: tuple[str, ...],
+    params: dict,
+) -> str:
     cat_id = {name: i + 1 for i, name in enumerate(classes)}
     images, annotations = [], []
     for image_id, file_name, objects in records:
         images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
         for name, (x, y, w, h) in objects:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[name],
-                                "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h),
-                                "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": cat_id[name],
+                    "bbox": [float(x), float(y), float(w), float(h)],
+                    "area": float(w * h),
+                    "iscrowd": 0,
+                }
+            )
     coco = {
-        "info": {"description": f"tfg-mm synthetic industrial surface defects ({split})",
-                 "version": str(GENERATOR_VERSION), "generator": "tfg_mm.data.synthetic", "params": params},
+        "info": {
+            "description": f"tfg-mm synthetic industrial surface defects ({split})",
+            "version": str(GENERATOR_VERSION),
+            "generator": "tfg_mm.data.synthetic",
+            "params": params,
+        },
         "licenses": [],
         "images": images,
         "annotations": annotations,
@@ -344,9 +378,16 @@ def _is_current(out_dir: Path, manifest: dict) -> bool:
     return len(existing.get("images", [])) == manifest["n_images"] and all(f.is_file() for f in files)
 
 
-def generate(out_dir: str | Path, seed: int = 0, n_train: int = 400, n_val: int = 100, image_size: int = 160,
-             classes: Sequence[str] = DEFAULT_CLASSES, defect_free_fraction: float = 0.1,
-             progress: bool = True) -> Path:
+def generate(
+    out_dir: str | Path,
+    seed: int = 0,
+    n_train: int = 400,
+    n_val: int = 100,
+    image_size: int = 160,
+    classes: Sequence[str] = DEFAULT_CLASSES,
+    defect_free_fraction: float = 0.1,
+    progress: bool = True,
+) -> Path:
     """Write the synthetic defect dataset as an ordinary COCO folder and return ``out_dir``.
 
     Layout: ``images/{train,val}_NNNNNN.png``, ``instances_train.json``, ``instances_val.json``,
@@ -357,21 +398,35 @@ def generate(out_dir: str | Path, seed: int = 0, n_train: int = 400, n_val: int 
     """
     out_dir = Path(out_dir)
     classes = _check_params(seed, n_train, n_val, image_size, classes, defect_free_fraction)
-    params = {"seed": int(seed), "n_train": n_train, "n_val": n_val, "image_size": image_size,
-              "classes": list(classes), "defect_free_fraction": float(defect_free_fraction)}
-    manifest = {"generator": "tfg_mm.data.synthetic", "version": GENERATOR_VERSION, "params": params,
-                "n_images": n_train + n_val}
+    params = {
+        "seed": int(seed),
+        "n_train": n_train,
+        "n_val": n_val,
+        "image_size": image_size,
+        "classes": list(classes),
+        "defect_free_fraction": float(defect_free_fraction),
+    }
+    manifest = {
+        "generator": "tfg_mm.data.synthetic",
+        "version": GENERATOR_VERSION,
+        "params": params,
+        "n_images": n_train + n_val,
+    }
     if _is_current(out_dir, manifest):
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
-        raise DataError(f"generate(out_dir={str(out_dir)!r}): the folder is not empty and was not written by the "
-                        f"synthetic generator (no {MANIFEST_NAME}). Fix: pass an empty or new folder.")
+        raise DataError(
+            f"generate(out_dir={str(out_dir)!r}): the folder is not empty and was not written by the "
+            f"synthetic generator (no {MANIFEST_NAME}). Fix: pass an empty or new folder."
+        )
 
     image_names: list[str] = []
     class_counts = {name: 0 for name in classes}
     splits: dict[str, list[tuple[int, str, list[tuple[str, Box]]]]] = {"train": [], "val": []}
-    with atomic_dir(out_dir) as tmp, tqdm(total=n_train + n_val, desc="synthetic defects", disable=not progress,
-                                         unit="img") as bar:
+    with (
+        atomic_dir(out_dir) as tmp,
+        tqdm(total=n_train + n_val, desc="synthetic defects", disable=not progress, unit="img") as bar,
+    ):
         (tmp / "images").mkdir()
         image_id = 0
         for split, count in (("train", n_train), ("val", n_val)):
@@ -399,5 +454,6 @@ def generate(out_dir: str | Path, seed: int = 0, n_train: int = 400, n_val: int 
             f"Parameters: {json.dumps(params, sort_keys=True)}\n"
             "COCO annotations: instances_train.json, instances_val.json; images in images/.\n"
             f"Hard classes (small / faint by design): {', '.join(c for c in HARD_CLASSES if c in classes) or 'none'}.\n"
-            "Regenerate with: python -m tfg_mm generate (or tfg_mm.data.synthetic.generate).\n")
+            "Regenerate with: python -m tfg_mm generate (or tfg_mm.data.synthetic.generate).\n"
+        )
     return out_dir

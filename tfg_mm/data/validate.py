@@ -70,8 +70,9 @@ class ValidationReport:
         return dict(self.counts)
 
     def summary(self) -> str:
-        head = (f"{self.source}: {self.n_images} images, {self.n_annotations} annotations, "
-                f"{self.n_categories} categories")
+        head = (
+            f"{self.source}: {self.n_images} images, {self.n_annotations} annotations, {self.n_categories} categories"
+        )
         if not self.counts:
             return head + ", no warnings."
         lines = [head + f", {sum(self.counts.values())} warnings:"]
@@ -81,8 +82,7 @@ class ValidationReport:
     def emit(self) -> None:
         """Issue one ``DataWarning`` per kind, with its count: readable in a notebook, not a flood."""
         for kind, n in sorted(self.counts.items()):
-            warnings.warn(DataWarning(f"{self.source}: {n} x {kind}. First case: {self.messages[kind]}"),
-                          stacklevel=3)
+            warnings.warn(DataWarning(f"{self.source}: {n} x {kind}. First case: {self.messages[kind]}"), stacklevel=3)
 
 
 def _examples(items: list[str], total: int | None = None) -> str:
@@ -94,14 +94,18 @@ def _examples(items: list[str], total: int | None = None) -> str:
 def read_json(path: Path) -> Any:
     """Read a JSON file, turning I/O and syntax problems into errors that name the file."""
     if not path.is_file():
-        raise DataError(f"{path}: file not found. Fix: pass the path of a COCO instances JSON file "
-                        "(e.g. <dataset>/instances_train.json), or generate the default set with "
-                        "tfg_mm.data.synthetic.generate.")
+        raise DataError(
+            f"{path}: file not found. Fix: pass the path of a COCO instances JSON file "
+            "(e.g. <dataset>/instances_train.json), or generate the default set with "
+            "tfg_mm.data.synthetic.generate."
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}). "
-                        "Fix: repair or re-export the file.") from None
+        raise DataError(
+            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}). "
+            "Fix: repair or re-export the file."
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot be read ({exc}). Fix: check the file's permissions and encoding.") from None
 
@@ -119,8 +123,10 @@ def open_rgb(path: Path) -> Image.Image:
                 return Image.fromarray(arr, mode="L").convert("RGB")
             return im.convert("RGB") if im.mode != "RGB" else im.copy()
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: the image cannot be decoded ({exc}). Fix: re-export the image or remove its "
-                        "entry from the annotation file.") from None
+        raise DataError(
+            f"{path}: the image cannot be decoded ({exc}). Fix: re-export the image or remove its "
+            "entry from the annotation file."
+        ) from None
 
 
 def _is_int(value: Any) -> bool:
@@ -129,20 +135,28 @@ def _is_int(value: Any) -> bool:
 
 def _check_entries(path: Path, entries: Any, section: str, required: Iterable[str]) -> None:
     if not isinstance(entries, list):
-        raise DataError(f"{path}: '{section}' must be a list, got {type(entries).__name__}. "
-                        "Fix: write it as a JSON array of objects.")
+        raise DataError(
+            f"{path}: '{section}' must be a list, got {type(entries).__name__}. "
+            "Fix: write it as a JSON array of objects."
+        )
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
-            raise DataError(f"{path}: {section}[{i}] is a {type(entry).__name__}, not an object. "
-                            "Fix: each entry must be a JSON object.")
+            raise DataError(
+                f"{path}: {section}[{i}] is a {type(entry).__name__}, not an object. "
+                "Fix: each entry must be a JSON object."
+            )
         missing = [k for k in required if k not in entry]
         if missing:
             ident = f" (id {entry['id']!r})" if "id" in entry else ""
-            raise DataError(f"{path}: {section}[{i}]{ident} is missing key(s) {missing}. "
-                            f"Fix: every entry of '{section}' needs {list(required)}.")
+            raise DataError(
+                f"{path}: {section}[{i}]{ident} is missing key(s) {missing}. "
+                f"Fix: every entry of '{section}' needs {list(required)}."
+            )
         if not _is_int(entry["id"]):
-            raise DataError(f"{path}: {section}[{i}] has id {entry['id']!r}; ids must be integers. "
-                            "Fix: renumber the entries with integer ids.")
+            raise DataError(
+                f"{path}: {section}[{i}] has id {entry['id']!r}; ids must be integers. "
+                "Fix: renumber the entries with integer ids."
+            )
 
 
 def _duplicates(values: Iterable[Any]) -> list[Any]:
@@ -151,8 +165,9 @@ def _duplicates(values: Iterable[Any]) -> list[Any]:
 
 def _check_categories(path: Path, categories: list[dict]) -> None:
     if not categories:
-        raise DataError(f"{path}: 'categories' is empty. Fix: list the classes as "
-                        '[{"id": 1, "name": "scratch"}, ...].')
+        raise DataError(
+            f'{path}: \'categories\' is empty. Fix: list the classes as [{{"id": 1, "name": "scratch"}}, ...].'
+        )
     dup = _duplicates(c["id"] for c in categories)
     if dup:
         raise DataError(f"{path}: duplicate category id(s) {dup}. Fix: give every category its own id.")
@@ -165,34 +180,46 @@ def _check_categories(path: Path, categories: list[dict]) -> None:
     clashes = [group for group in by_key.values() if len(group) > 1]
     if clashes:
         desc = "; ".join(" / ".join(f"id {c['id']} {c['name']!r}" for c in g) for g in clashes)
-        raise DataError(f"{path}: category names collide ({desc}). They would share one prompt and one report "
-                        "row. Fix: merge them (remap the annotations to one id) or rename them distinctly.")
+        raise DataError(
+            f"{path}: category names collide ({desc}). They would share one prompt and one report "
+            "row. Fix: merge them (remap the annotations to one id) or rename them distinctly."
+        )
 
 
 def _check_images_section(path: Path, images: list[dict]) -> None:
     if not images:
-        raise DataError(f"{path}: the dataset is empty ('images' has no entries). Fix: point to the right "
-                        "annotation file, or check the export that wrote it.")
+        raise DataError(
+            f"{path}: the dataset is empty ('images' has no entries). Fix: point to the right "
+            "annotation file, or check the export that wrote it."
+        )
     dup = _duplicates(im["id"] for im in images)
     if dup:
-        raise DataError(f"{path}: duplicate image id(s) {_examples([str(d) for d in dup])}: annotations of those "
-                        "ids cannot be told apart. Fix: give every image entry a unique id.")
+        raise DataError(
+            f"{path}: duplicate image id(s) {_examples([str(d) for d in dup])}: annotations of those "
+            "ids cannot be told apart. Fix: give every image entry a unique id."
+        )
     for im in images:
         if not isinstance(im["file_name"], str) or not im["file_name"]:
-            raise DataError(f"{path}: image id {im['id']} has file_name {im['file_name']!r}. Fix: set the image's "
-                            "path relative to the images folder.")
+            raise DataError(
+                f"{path}: image id {im['id']} has file_name {im['file_name']!r}. Fix: set the image's "
+                "path relative to the images folder."
+            )
         for key in ("width", "height"):
             if not _is_int(im[key]) or im[key] <= 0:
-                raise DataError(f"{path}: image id {im['id']} ('{im['file_name']}') has {key}={im[key]!r}. "
-                                f"Fix: set {key} to the image's size in pixels (a positive integer).")
+                raise DataError(
+                    f"{path}: image id {im['id']} ('{im['file_name']}') has {key}={im[key]!r}. "
+                    f"Fix: set {key} to the image's size in pixels (a positive integer)."
+                )
     names = Counter(im["file_name"] for im in images)
     twice = [n for n, k in names.items() if k > 1]
     if twice:
         ids = {n: [im["id"] for im in images if im["file_name"] == n] for n in twice}
         desc = _examples([f"'{n}' (ids {ids[n]})" for n in twice])
-        raise DataError(f"{path}: image file(s) referenced by more than one entry: {desc}. Its boxes would be "
-                        "split across entries (and counted twice in evaluation). Fix: merge the entries into one "
-                        "and point their annotations at its id.")
+        raise DataError(
+            f"{path}: image file(s) referenced by more than one entry: {desc}. Its boxes would be "
+            "split across entries (and counted twice in evaluation). Fix: merge the entries into one "
+            "and point their annotations at its id."
+        )
 
 
 def _check_box_format(path: Path, anns: list[dict], sizes: dict[int, tuple[int, int]]) -> None:
@@ -213,7 +240,8 @@ def _check_box_format(path: Path, anns: list[dict], sizes: dict[int, tuple[int, 
         raise DataError(
             f"{path}: {overflow} of {n} boxes extend past their image when read as COCO [x, y, width, height], "
             f"but all fit when read as [x1, y1, x2, y2] (e.g. {'; '.join(examples)}). The boxes are probably in "
-            "corner format. Fix: convert each 'bbox' to [x1, y1, x2 - x1, y2 - y1].")
+            "corner format. Fix: convert each 'bbox' to [x1, y1, x2 - x1, y2 - y1]."
+        )
 
 
 def _check_annotations(path: Path, data: dict, report: ValidationReport, strict: bool) -> list[dict]:
@@ -221,29 +249,42 @@ def _check_annotations(path: Path, data: dict, report: ValidationReport, strict:
     images = {im["id"]: im for im in data["images"]}
     cat_ids = sorted(c["id"] for c in data["categories"])
     if not anns:
-        raise DataError(f"{path}: no annotations at all ({len(images)} images). A detector cannot be trained or "
-                        "evaluated on it. Fix: point to the annotated file, or check the export.")
+        raise DataError(
+            f"{path}: no annotations at all ({len(images)} images). A detector cannot be trained or "
+            "evaluated on it. Fix: point to the annotated file, or check the export."
+        )
     dup = _duplicates(a["id"] for a in anns)
     if dup:
-        raise DataError(f"{path}: duplicate annotation id(s) {_examples([str(d) for d in dup], len(dup))}. "
-                        "Fix: renumber the annotations 1..N.")
+        raise DataError(
+            f"{path}: duplicate annotation id(s) {_examples([str(d) for d in dup], len(dup))}. "
+            "Fix: renumber the annotations 1..N."
+        )
     unknown_img = [a for a in anns if a["image_id"] not in images]
     if unknown_img:
         cases = _examples([f"annotation id {a['id']} -> image_id {a['image_id']!r}" for a in unknown_img])
-        raise DataError(f"{path}: {len(unknown_img)} annotation(s) reference image ids not in 'images' "
-                        f"({cases}). "
-                        "Fix: add the image entries or delete those annotations.")
+        raise DataError(
+            f"{path}: {len(unknown_img)} annotation(s) reference image ids not in 'images' "
+            f"({cases}). "
+            "Fix: add the image entries or delete those annotations."
+        )
     unknown_cat = [a for a in anns if a["category_id"] not in set(cat_ids)]
     if unknown_cat:
         cases = _examples([f"annotation id {a['id']} -> category_id {a['category_id']!r}" for a in unknown_cat])
-        raise DataError(f"{path}: {len(unknown_cat)} annotation(s) have an unknown category_id ({cases}); "
-                        f"known category ids: {cat_ids}. Fix: add the category to 'categories' or correct the id.")
+        raise DataError(
+            f"{path}: {len(unknown_cat)} annotation(s) have an unknown category_id ({cases}); "
+            f"known category ids: {cat_ids}. Fix: add the category to 'categories' or correct the id."
+        )
     for a in anns:
         box = a["bbox"]
-        if (not isinstance(box, list) or len(box) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
-            raise DataError(f"{path}: annotation id {a['id']} (image id {a['image_id']}) has bbox {box!r}. "
-                            "Fix: 'bbox' must be four finite numbers [x, y, width, height].")
+        if (
+            not isinstance(box, list)
+            or len(box) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+        ):
+            raise DataError(
+                f"{path}: annotation id {a['id']} (image id {a['image_id']}) has bbox {box!r}. "
+                "Fix: 'bbox' must be four finite numbers [x, y, width, height]."
+            )
     _check_box_format(path, anns, {i: (im["width"], im["height"]) for i, im in images.items()})
 
     kept: list[dict] = []
@@ -256,30 +297,41 @@ def _check_annotations(path: Path, data: dict, report: ValidationReport, strict:
         degenerate = w <= 0 or h <= 0 or x1 <= x0 or y1 <= y0
         if degenerate:
             reason = "zero or negative width/height" if (w <= 0 or h <= 0) else "lies entirely outside the image"
-            message = (f"{where}: bbox {a['bbox']} has {reason}. Fix: correct or delete the annotation "
-                       "(or load with strict=False to drop such boxes).")
+            message = (
+                f"{where}: bbox {a['bbox']} has {reason}. Fix: correct or delete the annotation "
+                "(or load with strict=False to drop such boxes)."
+            )
             if strict:
                 raise DataError(f"{path}: {message}")
             report.warn("degenerate box dropped", message)
             continue
         a = dict(a)
         if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-            if x < -EDGE_TOLERANCE or y < -EDGE_TOLERANCE or x + w > im["width"] + EDGE_TOLERANCE \
-                    or y + h > im["height"] + EDGE_TOLERANCE:
-                report.warn("box outside the image, clipped",
-                            f"{where}: bbox {a['bbox']} clipped to the image. Fix: correct the box in the file.")
+            if (
+                x < -EDGE_TOLERANCE
+                or y < -EDGE_TOLERANCE
+                or x + w > im["width"] + EDGE_TOLERANCE
+                or y + h > im["height"] + EDGE_TOLERANCE
+            ):
+                report.warn(
+                    "box outside the image, clipped",
+                    f"{where}: bbox {a['bbox']} clipped to the image. Fix: correct the box in the file.",
+                )
             a["bbox"] = [x0, y0, x1 - x0, y1 - y0]
             a["area"] = (x1 - x0) * (y1 - y0)
         for key, default in (("area", a["bbox"][2] * a["bbox"][3]), ("iscrowd", 0)):
             if key not in a:
-                report.warn(f"missing '{key}' filled",
-                            f"{where}: no '{key}'; set to {default!r} (pycocotools needs it). "
-                            f"Fix: add '{key}' to the annotations.")
+                report.warn(
+                    f"missing '{key}' filled",
+                    f"{where}: no '{key}'; set to {default!r} (pycocotools needs it). "
+                    f"Fix: add '{key}' to the annotations.",
+                )
                 a[key] = default
         kept.append(a)
     if not kept:
-        raise DataError(f"{path}: no usable annotation is left after dropping degenerate boxes. "
-                        "Fix: correct the boxes in the file.")
+        raise DataError(
+            f"{path}: no usable annotation is left after dropping degenerate boxes. Fix: correct the boxes in the file."
+        )
     return kept
 
 
@@ -294,8 +346,10 @@ def resolve_images_dir(path: Path, images_dir: str | Path | None) -> Path:
 def _check_image_files(path: Path, images: list[dict], images_dir: Path, report: ValidationReport) -> None:
     """Open every image header (cheap): existence, readability, size against the JSON, colour mode."""
     if not images_dir.is_dir():
-        raise DataError(f"{path}: the images folder {images_dir} does not exist. Fix: pass images_dir= "
-                        "(the folder the 'file_name' entries are relative to).")
+        raise DataError(
+            f"{path}: the images folder {images_dir} does not exist. Fix: pass images_dir= "
+            "(the folder the 'file_name' entries are relative to)."
+        )
     missing, unreadable = [], []
     for im in images:
         file = images_dir / im["file_name"]
@@ -309,24 +363,33 @@ def _check_image_files(path: Path, images: list[dict], images_dir: Path, report:
             unreadable.append(f"'{im['file_name']}' ({type(exc).__name__})")
             continue
         if size != (im["width"], im["height"]):
-            raise DataError(f"{path}: image id {im['id']} ('{im['file_name']}') is {size[0]}x{size[1]} on disk but "
-                            f"{im['width']}x{im['height']} in the JSON, so its boxes may not match. Fix: set width/"
-                            "height to the real size (and check the boxes), or restore the original image.")
+            raise DataError(
+                f"{path}: image id {im['id']} ('{im['file_name']}') is {size[0]}x{size[1]} on disk but "
+                f"{im['width']}x{im['height']} in the JSON, so its boxes may not match. Fix: set width/"
+                "height to the real size (and check the boxes), or restore the original image."
+            )
         if mode != "RGB":
-            report.warn("non-RGB image converted",
-                        f"'{im['file_name']}' (image id {im['id']}) has colour mode {mode}; it is converted to "
-                        "RGB on load. Fix: convert the images to RGB to silence this.")
+            report.warn(
+                "non-RGB image converted",
+                f"'{im['file_name']}' (image id {im['id']}) has colour mode {mode}; it is converted to "
+                "RGB on load. Fix: convert the images to RGB to silence this.",
+            )
     if missing:
-        raise DataError(f"{path}: {len(missing)} image file(s) missing under {images_dir}: "
-                        f"{_examples(missing)}. Fix: copy the images there, pass the right images_dir=, or "
-                        "remove those entries.")
+        raise DataError(
+            f"{path}: {len(missing)} image file(s) missing under {images_dir}: "
+            f"{_examples(missing)}. Fix: copy the images there, pass the right images_dir=, or "
+            "remove those entries."
+        )
     if unreadable:
-        raise DataError(f"{path}: {len(unreadable)} image file(s) under {images_dir} cannot be read: "
-                        f"{_examples(unreadable)}. Fix: re-export those images or remove their entries.")
+        raise DataError(
+            f"{path}: {len(unreadable)} image file(s) under {images_dir} cannot be read: "
+            f"{_examples(unreadable)}. Fix: re-export those images or remove their entries."
+        )
 
 
-def validate_coco(path: str | Path, images_dir: str | Path | None = None, check_images: bool = True,
-                  strict: bool = True) -> ValidationReport:
+def validate_coco(
+    path: str | Path, images_dir: str | Path | None = None, check_images: bool = True, strict: bool = True
+) -> ValidationReport:
     """Validate a COCO detection file (and, with ``check_images``, its image files).
 
     Raises ``DataError`` for unusable input; returns a ``ValidationReport`` whose ``data`` is the
@@ -337,18 +400,23 @@ def validate_coco(path: str | Path, images_dir: str | Path | None = None, check_
     return validate_coco_dict(read_json(path), path, images_dir=images_dir, check_images=check_images, strict=strict)
 
 
-def validate_coco_dict(data: Any, path: str | Path, images_dir: str | Path | None = None, check_images: bool = True,
-                       strict: bool = True) -> ValidationReport:
+def validate_coco_dict(
+    data: Any, path: str | Path, images_dir: str | Path | None = None, check_images: bool = True, strict: bool = True
+) -> ValidationReport:
     """``validate_coco`` for a dict already in memory (the importers check before they write);
     ``path`` is the file it came from or will be written to, used in messages and to find images."""
     path = Path(path)
     if not isinstance(data, dict):
-        raise DataError(f"{path}: the top level is a {type(data).__name__}; a COCO file is an object with "
-                        f"{list(REQUIRED_TOP)}. Fix: use the instances JSON, not a results / predictions file.")
+        raise DataError(
+            f"{path}: the top level is a {type(data).__name__}; a COCO file is an object with "
+            f"{list(REQUIRED_TOP)}. Fix: use the instances JSON, not a results / predictions file."
+        )
     missing = [k for k in REQUIRED_TOP if k not in data]
     if missing:
-        raise DataError(f"{path}: missing top-level key(s) {missing}. Fix: a COCO detection file needs "
-                        f"{list(REQUIRED_TOP)} (see https://cocodataset.org/#format-data).")
+        raise DataError(
+            f"{path}: missing top-level key(s) {missing}. Fix: a COCO detection file needs "
+            f"{list(REQUIRED_TOP)} (see https://cocodataset.org/#format-data)."
+        )
     _check_entries(path, data["categories"], "categories", REQUIRED_CATEGORY)
     _check_entries(path, data["images"], "images", REQUIRED_IMAGE)
     _check_entries(path, data["annotations"], "annotations", REQUIRED_ANNOTATION)

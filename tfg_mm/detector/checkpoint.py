@@ -110,7 +110,8 @@ def _check_saved_tensors(model: TfgDeimv2ForObjectDetection, folder: Path) -> No
     reloaded = TfgDeimv2ForObjectDetection.from_pretrained(folder, config=model.config)
     saved_state = reloaded.state_dict()
     lost = [
-        name for name, tensor in model.state_dict().items()
+        name
+        for name, tensor in model.state_dict().items()
         if name not in saved_state or not torch.equal(tensor.cpu(), saved_state[name])
     ]
     if lost:
@@ -125,7 +126,9 @@ def read_metadata(folder: str | os.PathLike) -> dict:
     """The metadata dict given to :func:`save` (``tfg_mm.json``'s ``metadata``)."""
     path = Path(folder) / METADATA_FILE
     if not path.is_file():
-        raise CheckpointError(f"{path}: no {METADATA_FILE}; {folder} is not a checkpoint written by tfg_mm.detector.save.")
+        raise CheckpointError(
+            f"{path}: no {METADATA_FILE}; {folder} is not a checkpoint written by tfg_mm.detector.save."
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))["metadata"]
     except (json.JSONDecodeError, KeyError) as error:
@@ -172,7 +175,9 @@ def load(
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: checkpoint folder not found; give the folder written by tfg_mm.detector.save.")
+        raise CheckpointError(
+            f"{folder}: checkpoint folder not found; give the folder written by tfg_mm.detector.save."
+        )
     config_dict = _read_config_dict(folder)
     model_type = config_dict.get("model_type")
     if model_type != MODEL_TYPE:
@@ -213,7 +218,10 @@ def load(
         reinit = reinitialise_class_heads(model)
         logger.warning(
             "%s: %d classes -> %d classes; re-initialised class-head tensors: %s",
-            folder, saved_num_classes, num_classes, reinit,
+            folder,
+            saved_num_classes,
+            num_classes,
+            reinit,
         )
     return model.eval()
 
@@ -293,9 +301,7 @@ def load_state_dict_checked(
 
 def _diagnose(config, found_shapes, source, mismatched, missing, unexpected) -> str:
     """Error text: what does not fit, the probable cause in words, and the fix."""
-    lines = [
-        f"{source}: the checkpoint does not fit a DEIMv2 {config.preset or ''} with {config.num_labels} classes."
-    ]
+    lines = [f"{source}: the checkpoint does not fit a DEIMv2 {config.preset or ''} with {config.num_labels} classes."]
     causes = []
     head = found_shapes.get("model.enc_score_head.weight")
     if head is not None and head[0] != config.num_labels:
@@ -303,7 +309,9 @@ def _diagnose(config, found_shapes, source, mismatched, missing, unexpected) -> 
             f"checkpoint has {head[0]} classes, the dataset has {config.num_labels}: load it with "
             f"num_classes={config.num_labels}, reinit_class_heads=True to re-initialise only the class heads"
         )
-    width = found_shapes.get("model.enc_score_head.weight") or found_shapes.get("model.decoder.pre_bbox_head.layers.0.weight")
+    width = found_shapes.get("model.enc_score_head.weight") or found_shapes.get(
+        "model.decoder.pre_bbox_head.layers.0.weight"
+    )
     if width is not None and width[-1] != config.d_model:
         found = int(width[-1])
         names = [name for name, preset in PRESETS.items() if preset["d_model"] == found]

@@ -248,7 +248,9 @@ class TfgDeimv2ForObjectDetection(Deimv2ForObjectDetection):
             self._warned_anchor_sizes.add((height, width))
             logger.warning(
                 "DEIMv2 built for %sx%s px evaluated at %sx%s px: anchors recomputed for the input size.",
-                *self._anchors_hw, height, width,
+                *self._anchors_hw,
+                height,
+                width,
             )
         self._anchors_hw = (height, width)
 
@@ -380,8 +382,12 @@ def official_head_init(model: TfgDeimv2ForObjectDetection) -> None:
         for layer in [*decoder.class_embed, inner.enc_score_head]:
             nn.init.xavier_uniform_(layer.weight)
             nn.init.constant_(layer.bias, bias)
-        for mlp in [*decoder.bbox_embed, decoder.pre_bbox_head, inner.enc_bbox_head,
-                    *(lqe.reg_conf for lqe in decoder.lqe_layers)]:
+        for mlp in [
+            *decoder.bbox_embed,
+            decoder.pre_bbox_head,
+            inner.enc_bbox_head,
+            *(lqe.reg_conf for lqe in decoder.lqe_layers),
+        ]:
             nn.init.zeros_(mlp.layers[-1].weight)
             nn.init.zeros_(mlp.layers[-1].bias)
         for layer in decoder.query_pos_head.layers[:-1]:
