@@ -86,32 +86,22 @@ def run_experiment(
             depends_on=depends_on,
         )
 
+    # an evaluation-only run never draws a training batch: its loop gets the validation loader
+    trainer = Trainer(
+        params,
+        task,
+        data.train_loader if train else data.val_loader,
+        data.val_loader,
+        data.val.coco,
+        data.cat_ids,
+        paths.run_dir,
+        loader_gen,
+        contract,
+        progress,
+    )
     if train:
-        Trainer(
-            params,
-            task,
-            data.train_loader,
-            data.val_loader,
-            data.val.coco,
-            data.cat_ids,
-            paths.run_dir,
-            loader_gen,
-            contract,
-            progress,
-        ).fit()
+        trainer.fit()
     else:
-        trainer = Trainer(
-            params,
-            task,
-            data.val_loader,
-            data.val_loader,
-            data.val.coco,
-            data.cat_ids,
-            paths.run_dir,
-            loader_gen,
-            contract,
-            progress,
-        )
         task.model.to(trainer.accelerator.device)
         metrics, _ = trainer.evaluate()
         entry = {
