@@ -2,6 +2,12 @@
 
 Every checkpoint, history and report is written to a temporary sibling and renamed into place,
 so an interrupted run leaves either the old file or the new one, never a truncated file.
+
+Permissions follow the umask, as a plain ``open`` / ``mkdir`` would: files ``0666 & ~umask``, folders
+``0777 & ~umask`` (``tempfile.mkstemp`` / ``mkdtemp`` would make them 0600 / 0700, unreadable to the
+rest of a lab group or cluster project). The temporary names are created with those modes, so the
+kernel applies the umask (and a folder's default ACL) itself; what other libraries write into an
+:func:`atomic_dir` is given the same modes before the folder is renamed into place.
 """
 
 from __future__ import annotations
@@ -9,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +35,63 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (``/proc``) where possible."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but there is no other way)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(root: Path) -> None:
+    """Give everything under ``root`` the modes a plain ``open`` / ``mkdir`` would: libraries that write
+    through their own temporary files (safetensors 0.8 writes ``model.safetensors`` as 0600) do not."""
+    mask = current_umask()
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):  # links have no mode of their own; never chmod their target
+                continue
+            executable = os.path.isdir(path) or os.stat(path).st_mode & 0o111
+            os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
+def _create_sibling(path: Path, create: Callable[[Path], int | None]) -> tuple[Path, int | None]:
+    """A new, unique ``.<name>.<random>.tmp`` next to ``path``, made by ``create`` (which must fail
+    with ``FileExistsError`` when the name is taken, as ``O_EXCL`` and ``mkdir`` do)."""
+    for _ in range(100):
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return candidate, create(candidate)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
+def _new_file(path: Path) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    return os.open(path, flags, 0o666)  # the umask applies
+
+
+def _new_dir(path: Path) -> None:
+    os.mkdir(path, 0o777)  # the umask applies
+
+
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create and remove a temporary file in ``folder``: raises ``PermissionError`` (or another
+    ``OSError``) now, when the folder cannot be written, instead of at the first result."""
+    tmp, fd = _create_sibling(Path(folder) / "write-probe", _new_file)
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp, fd = _create_sibling(path, _new_file)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -74,12 +133,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp, _ = _create_sibling(path, _new_dir)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _follow_umask(tmp)
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
