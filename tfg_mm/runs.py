@@ -36,7 +36,7 @@ from typing import Any, Literal
 import tfg_mm
 from tfg_mm.config import Params, diff_from_default, load_params, resolve_path
 from tfg_mm.errors import ConfigError, DataError
-from tfg_mm.io import atomic_write_json
+from tfg_mm.io import atomic_write_json, probe_writable
 
 METRICS_FILE = "metrics.json"
 #: Written by :func:`prepare_run_dir`: only folders carrying it (or a metrics.json) are ever cleared.
@@ -184,6 +184,30 @@ def _clear(path: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _writable_run_dir(prepare):
+    """``prepare_run_dir`` that ends with a write probe and turns a refused write (``PermissionError``:
+    a read-only ``run_dir`` or parent) into a ``ConfigError`` naming the folder and the fix, before any work."""
+
+    @functools.wraps(prepare)
+    def wrapper(run_dir: str | Path, *args: Any, **kwargs: Any) -> Path:
+        try:
+            path = prepare(run_dir, *args, **kwargs)
+            probe_writable(path)
+        except PermissionError as exc:
+            # what was refused is an entry (created, renamed or removed) in this folder
+            folder = Path(exc.filename).parent if exc.filename else resolve_path(run_dir).parent
+            raise ConfigError(
+                f"run_dir `{run_dir}` ({resolve_path(run_dir)}): the folder {folder} cannot be written "
+                f"({exc.strerror}: {exc.filename}). Nothing was trained and nothing already written was changed. "
+                f"Fix: make it writable for this user (`chmod u+w {folder}`, or ask its owner), or set `run_dir` "
+                "to a folder you can write to (e.g. runs/<name> inside your clone)."
+            ) from None
+        return path
+
+    return wrapper
+
+
+@_writable_run_dir
 def prepare_run_dir(run_dir: str | Path, overwrite: bool = False, resume: bool = True) -> Path:
     """Create (or check) the run folder before any work, and return its absolute path.
 
