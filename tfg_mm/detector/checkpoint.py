@@ -21,6 +21,7 @@ import torch
 import transformers
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -148,13 +149,36 @@ def _read_config_dict(folder: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({error}); the checkpoint is damaged.") from error
 
 
+def _damaged_weights(folder: Path, error: BaseException) -> CheckpointError:
+    """The error for weights that cannot be read: which ``*.safetensors`` file is damaged (its header
+    does not cover the file: truncated or overwritten), its size, and the fix."""
+    damaged = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            damaged.append(f"{path} ({path.stat().st_size} bytes: {exc})")
+    what = "; ".join(damaged) if damaged else f"{folder} ({type(error).__name__}: {error})"
+    return CheckpointError(
+        f"{what}: the checkpoint's weights cannot be read; the file is truncated or damaged (tfg_mm writes "
+        "checkpoints atomically, so this usually comes from an interrupted copy or download, or a full disk). "
+        f"Fix: copy the checkpoint folder {folder} again from its source, or re-create it by re-running the run "
+        "that wrote it (with a new `run_dir` or `overwrite: true`); point `checkpoint` / `pretrained` / "
+        "`baseline` at an intact checkpoint meanwhile."
+    )
+
+
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors weights; the checkpoint is incomplete, re-save it.")
     state: dict[str, torch.Tensor] = {}
     for path in files:
-        state.update(load_file(str(path)))
+        try:
+            state.update(load_file(str(path)))
+        except SafetensorError as error:
+            raise _damaged_weights(folder, error) from None
     return state
 
 
@@ -250,8 +274,14 @@ def _load_checked(
         model, info = TfgDeimv2ForObjectDetection.from_pretrained(
             folder, config=config, ignore_mismatched_sizes=True, output_loading_info=True
         )
+    except SafetensorError as error:
+        raise _damaged_weights(folder, error) from None
     except (OSError, RuntimeError, ValueError) as error:
-        raise CheckpointError(f"{folder}: transformers could not read the checkpoint ({error}).") from error
+        raise CheckpointError(
+            f"{folder}: transformers could not read the checkpoint ({type(error).__name__}: {error}). Fix: give "
+            "the folder written by tfg_mm.detector.save (config.json + model.safetensors); copy it again if "
+            "it may be incomplete."
+        ) from error
     mismatched = [
         (name, tuple(expected), tuple(found))
         for name, found, expected in sorted(info["mismatched_keys"])
