@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -286,6 +287,37 @@ def _map_key(key: str, rules: Sequence[_Rule], encoder_type: str) -> tuple[list[
 # --------------------------------------------------------------------------------------------
 
 
+#: The first bytes of a legacy (pre-zip) ``torch.save`` file: its pickled magic number.
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _not_a_torch_file(path: Path) -> str:
+    """'' when ``path`` starts like a ``torch.save`` file (a zip archive or the legacy pickle); else
+    what it looks like instead, for the error message. Only the first bytes are read: nothing is unpickled."""
+    with path.open("rb") as fh:
+        head = fh.read(512)
+    if head.startswith(b"PK\x03\x04") or head.startswith(_LEGACY_TORCH_MAGIC):
+        return ""
+    size = path.stat().st_size
+    if not head:
+        return "the file is empty"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return (
+            "it is a safetensors file: a transformers / tfg_mm checkpoint folder is loaded with "
+            "tfg_mm.detector.from_pretrained(<folder>), not converted"
+        )
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"{size} bytes of binary data starting with {head[:8]!r}"
+    first = text.strip().splitlines()[0][:80] if text.strip() else ""
+    if text.startswith("version https://git-lfs"):
+        return f"a Git LFS pointer of {size} bytes, not the file it points to; run `git lfs pull` to fetch it"
+    if text.lstrip().lower().startswith(("<!doctype", "<html")):
+        return f"an HTML page of {size} bytes (a download link that returned a web page)"
+    return f"a text file of {size} bytes starting with {first!r}"
+
+
 def load_official_state_dict(path: str | Path) -> tuple[dict[str, Tensor], str]:
     """Read an official ``.pth`` and return ``(state_dict, source)``.
 
@@ -297,16 +329,32 @@ def load_official_state_dict(path: str | Path) -> tuple[dict[str, Tensor], str]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file. Give the path of an official DEIMv2 .pth file.")
+    not_torch = _not_a_torch_file(path)
+    if not_torch:
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint ({not_torch}). Expected an official DEIMv2 training checkpoint "
+            "(.pth, written by torch.save: a zip archive holding {'model': state_dict, 'ema': {'module': "
+            "state_dict}}, e.g. deimv2_hgnetv2_atto_coco.pth of the DEIMv2 release) or a bare state dict. "
+            "Fix: download the .pth file itself, then pass its path."
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
+            unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            raise CheckpointError(
+                f"{path}: a PyTorch checkpoint that stores Python objects besides tensors"
+                + (f" ({unsupported.group(1)})" if unsupported else f" ({first})")
+                + "; tfg_mm reads checkpoints as data only, because unpickling objects from a file runs code "
+                "from it. Fix: use a checkpoint that holds only tensors and plain containers (the official "
+                "release .pth files do); for a file you made yourself, save only its weights: "
+                "torch.save({'model': model.state_dict()}, 'weights.pth')."
+            ) from None
         raise CheckpointError(
-            f"{path}: cannot be read as a PyTorch checkpoint with weights_only=True ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Fix: if it is a genuine official checkpoint that "
-            "also stores non-tensor objects, re-save only its weights in a trusted Python session: "
-            "ck = torch.load(p, weights_only=False); torch.save({'ema': ck['ema']} if 'ema' in ck else "
-            "{'model': ck['model']}, 'weights.pth')."
-        ) from exc
+            f"{path}: a PyTorch checkpoint that cannot be read ({type(exc).__name__}: {first}); it is probably "
+            "truncated or damaged (an interrupted download or copy). Fix: download or copy the .pth file again."
+        ) from None
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(
             f"{path}: holds a {type(checkpoint).__name__}, not a dict. Expected the official "
