@@ -19,6 +19,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 _SCRATCH = tempfile.mkdtemp(prefix="tfg_mm_tests_")
 os.environ["TFG_MM_FIGURES_DIR"] = os.path.join(_SCRATCH, "figures")
 os.environ["TFG_MM_REPORTS_DIR"] = os.path.join(_SCRATCH, "reports")
+# ... and so do the markers of fully decoded datasets (tfg_mm.data.validate.decode_images)
+os.environ["TFG_MM_CACHE_DIR"] = os.path.join(_SCRATCH, "cache")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

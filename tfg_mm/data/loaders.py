@@ -6,7 +6,8 @@
   folded into the run id. A run computes it once and passes it on.
 - :func:`make_data`: the COCO datasets and their loaders (:class:`Data`). The train loader shuffles
   with the generator that :func:`tfg_mm.train.seed_everything` returns, so the data order is a
-  function of the seed.
+  function of the seed. Before it returns, every image of the dataset has been decoded once
+  (:func:`tfg_mm.data.validate.decode_images`, skipped when this dataset content already passed).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader
 from tfg_mm.config import resolve_path
 from tfg_mm.data.coco import CocoDetection, collate, dataset_fingerprint
 from tfg_mm.data.synthetic import generate
+from tfg_mm.data.validate import decode_images
 from tfg_mm.errors import ConfigError, DataError
 
 #: The embedded default dataset (relative to the project root), generated on first use.
@@ -125,4 +127,8 @@ def make_data(
     )
     if record is None:
         record = dataset_record(root, params.train_json, params.val_json, params.images_dir)
+    # every referenced image decoded once per dataset content (cached by its hash), before any training
+    decode_images(
+        [record["train_json"], record["val_json"]], root / params.images_dir, key=record["hash"], progress=progress
+    )
     return Data(root, train, val, train_loader, val_loader, list(val.categories), list(val.cat_ids), record)

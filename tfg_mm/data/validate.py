@@ -13,23 +13,38 @@ reported in one of two ways:
   being an error.
 
 Every message names the file, the entry (id, file name or key) and the fix.
+
+Opening an image's header does not prove that its pixels decode (a truncated JPEG has a valid
+header). :func:`decode_images` decodes every referenced image once, with the dataset's own reader,
+before training; a clean pass is remembered per dataset content hash (a marker file under
+``<project root>/.cache/decoded``, moved with ``TFG_MM_CACHE_DIR``), so it is paid once per dataset.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import time
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
+from tfg_mm.config import project_root
 from tfg_mm.errors import DataError
+from tfg_mm.io import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 REQUIRED_TOP = ("images", "annotations", "categories")
 REQUIRED_IMAGE = ("id", "file_name", "width", "height")
@@ -110,19 +125,28 @@ def read_json(path: Path) -> Any:
         raise DataError(f"{path}: cannot be read ({exc}). Fix: check the file's permissions and encoding.") from None
 
 
+#: What PIL raises for a file it cannot open or decode (truncated, corrupt, not an image).
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
+
+
+def _read_rgb(path: Path) -> Image.Image:
+    """``open_rgb`` without the error wrapping (PIL's exceptions pass through)."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            arr = np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8)
+            return Image.fromarray(arr, mode="L").convert("RGB")
+        return im.convert("RGB") if im.mode != "RGB" else im.copy()
+
+
 def open_rgb(path: Path) -> Image.Image:
     """Open an image as 8-bit RGB. 16-bit and float grayscale (common for industrial cameras) are
     rescaled to 0..255 instead of being clipped, which is what ``Image.convert('RGB')`` would do."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-                arr = np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8)
-                return Image.fromarray(arr, mode="L").convert("RGB")
-            return im.convert("RGB") if im.mode != "RGB" else im.copy()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        return _read_rgb(path)
+    except _DECODE_ERRORS as exc:
         raise DataError(
             f"{path}: the image cannot be decoded ({exc}). Fix: re-export the image or remove its "
             "entry from the annotation file."
@@ -435,3 +459,103 @@ def validate_coco_dict(
     report.n_annotations = len(annotations)
     report.n_categories = len(data["categories"])
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# Full decoding, once per dataset content
+# --------------------------------------------------------------------------------------------
+
+#: Environment variable that moves the project's cache folder (default ``<project root>/.cache``).
+CACHE_ENV = "TFG_MM_CACHE_DIR"
+
+
+def decode_cache_dir() -> Path:
+    """Where the markers of fully decoded datasets live: ``<cache>/decoded``, where ``<cache>`` is
+    ``$TFG_MM_CACHE_DIR`` or ``<project root>/.cache`` (the folder that also holds the text cache)."""
+    override = os.environ.get(CACHE_ENV)
+    return (Path(override) if override else project_root() / ".cache") / "decoded"
+
+
+def _decode_failure(path: Path) -> str | None:
+    """``None`` when ``path`` decodes exactly as the dataset reader decodes it, else what failed."""
+    try:
+        _read_rgb(path)
+    except _DECODE_ERRORS as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def decode_images(
+    ann_files: Sequence[str | Path],
+    images_dir: str | Path | None = None,
+    *,
+    key: str | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+) -> dict:
+    """Decode every image the annotation files reference, fully, with the dataset's own reader.
+
+    Header checks (:func:`validate_coco`) do not see a truncated JPEG: it would kill training when
+    the loader first reaches it (or never, in a short run). This pass reads every pixel once, with
+    :func:`open_rgb`'s code, before any training, and raises one ``DataError`` that lists every
+    failing image with its annotation file and entry.
+
+    ``key`` is the dataset's content hash (:func:`tfg_mm.data.coco.dataset_fingerprint`, which covers
+    the annotation files and the bytes of every referenced image): after a clean pass a marker
+    ``<key>.json`` is written under :func:`decode_cache_dir` and later calls with the same key (and
+    the same Pillow version) return at once. Decoding runs in a thread pool (PIL releases the GIL
+    while it decodes); ``workers`` defaults to the CPUs this process may use, at most 8.
+
+    Returns ``{"images", "seconds", "cached", "marker"}``.
+    """
+    marker = decode_cache_dir() / f"{key}.json" if key else None
+    if marker is not None and marker.is_file():
+        try:
+            seen = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            seen = {}
+        if seen.get("hash") == key and seen.get("pillow") == PIL.__version__:
+            return {"images": seen.get("images", 0), "seconds": 0.0, "cached": True, "marker": str(marker)}
+
+    t0 = time.perf_counter()
+    entries: dict[Path, list[str]] = {}  # image file -> the entries naming it
+    for ann in ann_files:
+        ann = Path(ann)
+        data = read_json(ann)
+        folder = resolve_images_dir(ann, images_dir)
+        for im in data.get("images", []) if isinstance(data, dict) else []:
+            if isinstance(im, dict) and isinstance(im.get("file_name"), str):
+                entries.setdefault(folder / im["file_name"], []).append(
+                    f"{ann.name} image id {im.get('id')!r} ('{im['file_name']}')"
+                )
+    files = sorted(entries)
+    if workers is None:
+        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    failures: list[tuple[Path, str]] = []
+    with (
+        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+        tqdm(total=len(files), desc="decoding images", unit="img", disable=not progress) as bar,
+    ):
+        for file, failure in zip(files, pool.map(_decode_failure, files)):
+            bar.update()
+            if failure is not None:
+                failures.append((file, failure))
+    if failures:
+        cases = [f"{file} ({', '.join(entries[file])}): {why}" for file, why in failures]
+        names = ", ".join(str(Path(a)) for a in ann_files)
+        raise DataError(
+            f"{len(failures)} of {len(files)} image(s) referenced by {names} cannot be decoded, so training "
+            f"would stop when it reaches them: {'; '.join(cases[:MAX_EXAMPLES])}"
+            + (f"; and {len(cases) - MAX_EXAMPLES} more" if len(cases) > MAX_EXAMPLES else "")
+            + ". Fix: copy or re-export those images again from their source (a truncated file is usually an "
+            "interrupted copy or download), or delete their entries (and their annotations) from the "
+            "annotation file named. Nothing has been trained."
+        )
+    seconds = time.perf_counter() - t0
+    if marker is not None:
+        record = {"hash": key, "images": len(files), "pillow": PIL.__version__, "seconds": round(seconds, 3)}
+        try:
+            atomic_write_json(marker, record)
+        except OSError as exc:  # a cache that cannot be written costs time on the next run, nothing else
+            log.warning("could not write the decode marker %s (%s); the next run decodes again", marker, exc)
+    return {"images": len(files), "seconds": seconds, "cached": False, "marker": str(marker) if marker else None}
