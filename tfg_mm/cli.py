@@ -17,7 +17,7 @@ import yaml
 from tfg_mm.baseline import run_baseline
 from tfg_mm.config import default_of, load_params, parameter_reference, project_root
 from tfg_mm.convert import main as convert_main
-from tfg_mm.data.importers import voc_to_coco, yolo_to_coco
+from tfg_mm.data.importers import DIFFICULT_MODES, voc_to_coco, yolo_to_coco
 from tfg_mm.data.loaders import DEFAULT_DATASET
 from tfg_mm.data.synthetic import generate
 from tfg_mm.errors import TfgError, TrainingError
@@ -55,7 +55,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_import_voc(args) -> int:
-    out = voc_to_coco(args.voc_dir, args.out_json, images_dir=args.images_dir)
+    out = voc_to_coco(args.voc_dir, args.out_json, images_dir=args.images_dir, difficult=args.difficult)
     print(f"wrote {out}")
     return 0
 
@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("voc_dir", help="folder with the VOC XML annotations (or a VOC root with Annotations/)")
     p.add_argument("out_json")
     p.add_argument("--images-dir", default=None)
+    p.add_argument(
+        "--difficult",
+        choices=DIFFICULT_MODES,
+        default="ignore",
+        help="<difficult>1</difficult> objects: ignore = iscrowd 1, ignored by COCO evaluation and left out of the "
+        "training targets (default); keep = ordinary boxes; drop = left out",
+    )
     p.set_defaults(func=cmd_import_voc)
 
     p = sub.add_parser("import-yolo", help="convert a YOLO txt dataset to a COCO json")

@@ -10,7 +10,19 @@ Box conventions:
 
 * VOC ``<bndbox>`` holds 1-based, inclusive pixel corners (the VOC devkit's convention):
   ``x = xmin - 1``, ``width = xmax - xmin + 1`` and back, so integer boxes round-trip exactly.
-  The ``difficult`` flag is not carried over (COCO has no equivalent).
+* VOC ``<difficult>1</difficult>`` objects are left out of the VOC evaluation. COCO has no such
+  flag; what makes pycocotools' and faster-coco-eval's ``COCOeval`` ignore a ground-truth box is
+  ``iscrowd: 1`` (``COCOeval._prepare`` sets ``gt['ignore']`` from ``iscrowd``, overwriting any
+  ``ignore`` key in the file). So ``difficult="ignore"`` (the default) writes them with
+  ``iscrowd: 1`` (and ``difficult: 1`` for provenance): a detection on one counts neither as a
+  true nor as a false positive, and a missed one lowers no recall. Two differences from the VOC
+  devkit remain: COCOeval matches a detection to a crowd box by intersection over the
+  *detection's* area (not IoU), and the training dataset (``CocoDetection``) leaves crowd boxes
+  out of the targets, as the VOC baselines leave out difficult objects (``use_diff=False``).
+  ``difficult="keep"`` imports them as ordinary boxes, ``"drop"`` leaves them out of the file.
+  Exporting writes ``<difficult>1`` for ``difficult`` or ``iscrowd`` annotations.
+* Tags outside the VOC format are reported once per XML file (a logging warning naming the file
+  and the tags): they are not imported.
 * YOLO lines are ``class cx cy w h`` with the centre and size normalised by the image size;
   converted coordinates are rounded to 1/1000 pixel.
 """
@@ -18,10 +30,12 @@ Box conventions:
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 
@@ -29,7 +43,29 @@ from tfg_mm.data.validate import ValidationReport, validate_coco, validate_coco_
 from tfg_mm.errors import DataError
 from tfg_mm.io import atomic_dir, atomic_write_text
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: What ``voc_to_coco`` does with ``<difficult>1</difficult>`` objects (module docstring).
+DIFFICULT_MODES = ("ignore", "keep", "drop")
+#: The tags of the Pascal VOC format (devkit, LabelImg, CVAT exports), by parent; others are reported.
+VOC_TAGS = {
+    "annotation": {"folder", "filename", "path", "source", "owner", "size", "segmented", "object"},
+    "object": {
+        "name",
+        "pose",
+        "truncated",
+        "difficult",
+        "occluded",
+        "bndbox",
+        "part",
+        "actions",
+        "point",
+        "attributes",
+    },
+    "size": {"width", "height", "depth"},
+    "bndbox": {"xmin", "ymin", "xmax", "ymax"},
+}
 
 
 def _write_coco(out_json: Path, data: dict, images_dir: Path | None) -> Path:
@@ -61,14 +97,16 @@ def _image_size(path: Path) -> tuple[int, int]:
         ) from None
 
 
-def _annotation(ann_id: int, image_id: int, category_id: int, x: float, y: float, w: float, h: float) -> dict:
+def _annotation(
+    ann_id: int, image_id: int, category_id: int, x: float, y: float, w: float, h: float, iscrowd: int = 0
+) -> dict:
     return {
         "id": ann_id,
         "image_id": image_id,
         "category_id": category_id,
         "bbox": [x, y, w, h],
         "area": w * h,
-        "iscrowd": 0,
+        "iscrowd": iscrowd,
     }
 
 
@@ -95,13 +133,43 @@ def _find_image(images_dir: Path | None, name: str) -> Path | None:
     return None
 
 
+def _unknown_tags(root: ET.Element) -> list[str]:
+    """Tags (as ``parent/tag`` paths) that the VOC format does not have, each once."""
+    found: dict[str, None] = {}
+
+    def visit(element: ET.Element, where: str, kind: str) -> None:
+        for child in element:
+            if child.tag not in VOC_TAGS[kind]:
+                found.setdefault(f"{where}/{child.tag}")
+            elif child.tag in VOC_TAGS:
+                visit(child, f"{where}/{child.tag}", child.tag)
+
+    visit(root, root.tag, "annotation")
+    return list(found)
+
+
+def _difficult(obj: ET.Element, xml_path: Path, k: int, label: str) -> bool:
+    text = (obj.findtext("difficult") or "0").strip().lower()
+    if text in ("0", "1", "false", "true"):
+        return text in ("1", "true")
+    raise DataError(f"{xml_path}: <object> #{k + 1} ('{label}') has <difficult>{text}</difficult>. Fix: write 0 or 1.")
+
+
 def _read_voc(
     xml_path: Path, images_dir: Path | None
-) -> tuple[str, int, int, list[tuple[str, float, float, float, float]]]:
+) -> tuple[str, int, int, list[tuple[str, float, float, float, float, bool]]]:
     try:
         root = ET.parse(xml_path).getroot()
     except ET.ParseError as exc:
         raise DataError(f"{xml_path}: not valid XML ({exc}). Fix: repair or re-export the annotation.") from None
+    unknown = _unknown_tags(root)
+    if unknown:
+        log.warning(
+            "%s: tags outside the Pascal VOC format, not imported: %s. Fix: nothing if they carry nothing you "
+            "need; otherwise convert them into VOC <object> entries.",
+            xml_path,
+            ", ".join(f"<{tag}>" for tag in unknown),
+        )
     name = (root.findtext("filename") or "").strip() or xml_path.stem
     image = _find_image(images_dir, name)
     if image is not None:
@@ -142,7 +210,8 @@ def _read_voc(
                 f"{xml_path}: <object> #{k + 1} ('{label}') has xmax < xmin or ymax < ymin "
                 f"({xmin}, {ymin}, {xmax}, {ymax}). Fix: swap the corners or redraw the box."
             )
-        objects.append((label, xmin - 1.0, ymin - 1.0, xmax - xmin + 1.0, ymax - ymin + 1.0))
+        difficult = _difficult(obj, xml_path, k, label)
+        objects.append((label, xmin - 1.0, ymin - 1.0, xmax - xmin + 1.0, ymax - ymin + 1.0, difficult))
     return name, width, height, objects
 
 
@@ -151,13 +220,21 @@ def voc_to_coco(
     out_json: str | Path,
     images_dir: str | Path | None = None,
     classes: Sequence[str] | None = None,
+    difficult: Literal["ignore", "keep", "drop"] = "ignore",
 ) -> Path:
     """Convert a Pascal VOC dataset (``<root>/Annotations/*.xml`` or a folder of XML files) to COCO.
 
     ``images_dir`` defaults to ``<root>/JPEGImages`` when it exists; with it the images are
     checked (existence, readability, size). ``classes`` fixes the category order (ids 1..N) and
-    rejects unexpected names; by default the names found, sorted, are used.
+    rejects unexpected names; by default the names found, sorted, are used. ``difficult``: what
+    ``<difficult>1</difficult>`` objects become: ``"ignore"`` (``iscrowd: 1``, ignored by COCO
+    evaluation and left out of the training targets), ``"keep"`` (ordinary boxes) or ``"drop"``
+    (left out); see the module docstring.
     """
+    if difficult not in DIFFICULT_MODES:
+        raise DataError(
+            f"voc_to_coco(difficult={difficult!r}): unknown option. Fix: use one of {list(DIFFICULT_MODES)}."
+        )
     root, out_json = Path(voc_root_or_ann_dir), Path(out_json)
     ann_dir = root / "Annotations" if (root / "Annotations").is_dir() else root
     xml_files = sorted(ann_dir.glob("*.xml"))
@@ -175,7 +252,7 @@ def voc_to_coco(
     if not names:
         raise DataError(f"{ann_dir}: the XML files contain no <object>. Fix: check the annotations.")
     cat_id = {n: i + 1 for i, n in enumerate(names)}
-    images, annotations, seen = [], [], {}
+    images, annotations, seen, n_difficult = [], [], {}, 0
     for image_id, (xml, file_name, width, height, objects) in enumerate(parsed, start=1):
         if file_name in seen:
             raise DataError(
@@ -184,13 +261,25 @@ def voc_to_coco(
             )
         seen[file_name] = xml
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        for label, x, y, w, h in objects:
+        for label, x, y, w, h, is_difficult in objects:
             if label not in cat_id:
                 raise DataError(
                     f"{xml}: object class '{label}' is not in classes={names}. Fix: add it to classes "
                     "(or fix the spelling in the XML)."
                 )
-            annotations.append(_annotation(len(annotations) + 1, image_id, cat_id[label], x, y, w, h))
+            if is_difficult and difficult == "drop":
+                n_difficult += 1
+                continue
+            ann = _annotation(
+                len(annotations) + 1, image_id, cat_id[label], x, y, w, h, int(is_difficult and difficult == "ignore")
+            )
+            if is_difficult:
+                n_difficult += 1
+                ann["difficult"] = 1
+            annotations.append(ann)
+    if n_difficult:
+        done = {"ignore": "marked iscrowd=1 (ignored by evaluation)", "keep": "kept as ordinary boxes"}
+        log.info("%s: %d difficult object(s) %s", ann_dir, n_difficult, done.get(difficult, "dropped"))
     return _write_coco(out_json, _coco_dict(images, annotations, names, str(root)), images_dir)
 
 
@@ -218,7 +307,7 @@ def coco_to_voc(coco_json: str | Path, out_dir: str | Path, images_dir: str | Pa
                 ET.SubElement(obj, "name").text = names[a["category_id"]]
                 ET.SubElement(obj, "pose").text = "Unspecified"
                 ET.SubElement(obj, "truncated").text = "0"
-                ET.SubElement(obj, "difficult").text = "0"
+                ET.SubElement(obj, "difficult").text = str(int(bool(a.get("difficult") or a.get("iscrowd"))))
                 box = ET.SubElement(obj, "bndbox")
                 for tag, value in (("xmin", x + 1), ("ymin", y + 1), ("xmax", x + w), ("ymax", y + h)):
                     ET.SubElement(box, tag).text = _num(value)
