@@ -107,8 +107,20 @@ def test_a_written_contract_is_read_as_written(tmp_path):
     assert reports.baseline_final_of(written)["map"] == 0.62
     assert reports.contract_field(written, "classes") == list(CLASSES)
     text = reports.provenance_markdown(written)
-    for expected in ("phase2", "`epochs: 3`", "minilm", "train_frozen", "runs/baseline/checkpoints/best"):
+    env = written["environment"]
+    for expected in (
+        "phase2",
+        "`epochs: 3`",
+        "minilm",
+        "train_frozen",
+        "runs/baseline/checkpoints/best",
+        f"torch {env['packages']['torch']}",
+        f"torch kernels {env['cpu_capability']}",
+        f"{env['torch_threads']} threads",
+        env["cpu"],
+    ):
         assert expected in text, expected
+    assert "environment" not in reports.provenance_markdown(_metrics())  # a schema-1 record: no row
 
 
 def test_reports_imports_no_model_code():

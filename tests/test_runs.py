@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +170,81 @@ def test_metrics_round_trip(tmp_path, dataset):
     assert record["final"]["map50"] == pytest.approx(0.6) and record["alpha_history"] == [0.1, 0.12]
     assert load_params(record["params"]) == params  # the stored params reproduce the run's params
     assert read_metrics(path)["run_id"] == record["run_id"]  # a metrics.json path works too
+
+
+def test_metrics_record_the_environment_that_decides_the_numbers(tmp_path, dataset):
+    """Versions, CPU / GPU, kernel capability, threads and the deterministic flag: the real values."""
+    import numpy
+    import torch
+    import torchvision
+    import transformers
+
+    run_dir = prepare_run_dir(tmp_path / "run")
+    write_metrics(run_dir, params=Params(), dataset=dataset, history=[_entry(0, 0.1)], final=None)
+    record = read_metrics(run_dir)
+    env = record["environment"]
+    assert record["schema_version"] == runs.SCHEMA_VERSION == 2
+    assert set(env) == {
+        "python",
+        "platform",
+        "packages",
+        "cpu",
+        "cpu_capability",
+        "torch_threads",
+        "deterministic_algorithms",
+        "gpu",
+        "cuda",
+        "cudnn",
+    }
+    assert set(env["packages"]) == set(runs.ENVIRONMENT_PACKAGES)
+    assert env["python"] == platform.python_version() and env["platform"] == platform.platform()
+    # the versions are those of the modules this process imported (torch with its build tag)
+    assert env["packages"]["torch"] == torch.__version__
+    assert env["packages"]["torchvision"] == torchvision.__version__.split("+")[0]
+    assert env["packages"]["transformers"] == transformers.__version__
+    assert env["packages"]["numpy"] == numpy.__version__
+    for name in ("pycocotools", "accelerate", "open_clip_torch"):  # dependencies of the project: installed
+        assert isinstance(env["packages"][name], str) and env["packages"][name][0].isdigit(), name
+    assert isinstance(env["cpu"], str) and env["cpu"] and env["cpu"] != "unknown"
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["torch_threads"] == torch.get_num_threads() >= 1
+    assert env["deterministic_algorithms"] in ("off", "on", "warn only")
+    if torch.cuda.is_available():
+        assert env["gpu"] == torch.cuda.get_device_name() and env["cuda"] == torch.version.cuda
+    else:
+        assert env["gpu"] is env["cuda"] is env["cudnn"] is None
+    with pytest.raises(DataError, match="`extra` may not replace contract keys: environment"):
+        write_metrics(run_dir, params=Params(), dataset=dataset, history=[], final=None, extra={"environment": {}})
+
+
+@pytest.mark.slow
+def test_environment_is_the_kernels_and_threads_in_force(tmp_path):
+    """Forced AVX2 / generic kernels, one thread and deterministic algorithms are recorded as such."""
+    probe = (
+        "import json, torch; from tfg_mm import runs; torch.use_deterministic_algorithms(True, warn_only=True); "
+        "print(json.dumps(runs.environment()))"
+    )
+    seen = {}
+    for capability in ("default", "avx2"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+        seen[capability] = json.loads(out.stdout)
+    assert seen["default"]["cpu_capability"] == "DEFAULT"
+    assert seen["avx2"]["cpu_capability"] in ("AVX2", "DEFAULT")  # DEFAULT on a CPU without AVX2
+    assert seen["default"]["torch_threads"] == seen["avx2"]["torch_threads"] == 1
+    assert seen["default"]["deterministic_algorithms"] == "warn only"
+
+
+def test_a_schema_1_contract_without_environment_still_reads(tmp_path, dataset):
+    run_dir = prepare_run_dir(tmp_path / "run")
+    write_metrics(run_dir, params=Params(), dataset=dataset, history=[_entry(0, 0.1)], final=None)
+    record = json.loads((run_dir / "metrics.json").read_text())
+    del record["environment"]
+    (run_dir / "metrics.json").write_text(json.dumps(record))
+    with pytest.raises(DataError, match="missing environment"):  # a version-2 file must carry it
+        read_metrics(run_dir)
+    (run_dir / "metrics.json").write_text(json.dumps(record | {"schema_version": 1}))
+    assert "environment" not in read_metrics(run_dir)
 
 
 def test_running_status_is_not_finished(tmp_path, dataset):

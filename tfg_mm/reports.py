@@ -111,6 +111,18 @@ def _class_names(metrics: Mapping[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Notebook helpers
 # --------------------------------------------------------------------------------------------
+def environment_summary(env: Mapping[str, Any]) -> str:
+    """One line of a run's ``environment`` record (:func:`tfg_mm.runs.environment`)."""
+    packages = env.get("packages") or {}
+    versions = ", ".join(f"{k} {v}" for k, v in packages.items() if v)
+    device = f"GPU {env['gpu']} (CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')})" if env.get("gpu") else "no GPU"
+    return (
+        f"CPU {env.get('cpu', '?')} (torch kernels {env.get('cpu_capability', '?')}, {env.get('torch_threads', '?')} "
+        f"threads, deterministic algorithms {env.get('deterministic_algorithms', '?')}), {device}; "
+        f"python {env.get('python', '?')}, {versions}"
+    )
+
+
 def provenance_markdown(metrics: Mapping[str, Any]) -> str:
     """ "Where this number came from" as a markdown table: phase, changed params, data, code, text, mode."""
     params = metrics.get("params", {})
@@ -146,6 +158,9 @@ def provenance_markdown(metrics: Mapping[str, Any]) -> str:
             f"`{str(code.get('source_sha256', '?'))[:16]}`",
         ),
     ]
+    env = metrics.get("environment")
+    if isinstance(env, Mapping):
+        rows.append(("environment", environment_summary(env)))
     if model:
         rows.append(("detector", ", ".join(f"{k}: {v}" for k, v in model.items() if k != "corrections")))
     if text:

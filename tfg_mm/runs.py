@@ -8,6 +8,10 @@
 * ``params`` — all of them, defaults filled in; ``params_changed`` — those that differ from the default;
 * ``dataset`` — paths and a content hash (:func:`tfg_mm.data.loaders.dataset_record`);
 * ``code_version`` — package version, git commit and dirty flag, hash of the package sources;
+* ``environment`` — what else decides a number (:func:`environment`): versions of python and of the
+  numeric libraries, the CPU model and torch's CPU kernel capability, the GPU and CUDA / cuDNN
+  versions, torch's thread count and its deterministic-algorithms flag (schema version 2; a
+  version-1 file without it still reads);
 * ``history`` — one entry per evaluated epoch with at least ``epoch``, ``map``, ``map50``, ``map75``,
   ``per_class`` = {class name: {``ap``, ``ap50``}}, ``lr``, ``losses`` = {term: value}, ``seconds``;
 * ``final`` — the selected checkpoint's metrics (``map``, ``map50``, ``map75``, ``per_class``, ...);
@@ -22,9 +26,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import shutil
 import subprocess
 import time
@@ -32,6 +38,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
+
+import torch
 
 import tfg_mm
 from tfg_mm.config import Params, diff_from_default, load_params, resolve_path
@@ -41,7 +49,8 @@ from tfg_mm.io import atomic_write_json, probe_writable
 METRICS_FILE = "metrics.json"
 #: Written by :func:`prepare_run_dir`: only folders carrying it (or a metrics.json) are ever cleared.
 MARKER_FILE = ".tfg_mm_run"
-SCHEMA_VERSION = 1
+#: 2 added ``environment``; a version-1 file (written before it) still reads without it.
+SCHEMA_VERSION = 2
 STATUSES = ("running", "finished", "failed")
 HISTORY_KEYS = ("epoch", "map", "map50", "map75", "per_class", "lr", "losses", "seconds")
 FINAL_KEYS = ("map", "map50", "map75", "per_class")
@@ -54,8 +63,22 @@ CONTRACT_KEYS = (
     "params_changed",
     "dataset",
     "code_version",
+    "environment",
     "history",
     "final",
+)
+#: Contract keys a file of an older schema version may lack: {key: first schema version that has it}.
+ADDED_KEYS = {"environment": 2}
+#: Distributions whose versions decide a number (the ones not installed are recorded as None).
+ENVIRONMENT_PACKAGES = (
+    "torch",
+    "torchvision",
+    "transformers",
+    "numpy",
+    "pycocotools",
+    "faster-coco-eval",
+    "open_clip_torch",
+    "accelerate",
 )
 
 #: Parameters that cannot change a run's result, so two runs differing only in them share a run id.
@@ -121,6 +144,53 @@ def code_version() -> dict:
     apart. Computed once per process: the code that was imported is the code that ran.
     """
     return dict(_code_version())
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """What besides params, data and code decides a run's numbers, for ``metrics.json``.
+
+    Float results depend on the kernels that ran: the libraries' versions, the CPU's vector
+    capability that torch dispatches to (``AVX512`` / ``AVX2`` / ``DEFAULT``, settable with
+    ``ATEN_CPU_CAPABILITY``), the number of threads a reduction is split over, and on a GPU its
+    model and the CUDA / cuDNN versions. Two runs that differ here can differ in their numbers by
+    more than the digits quoted, so quote seed spread, not digits. Read when the contract is
+    written: the thread count and deterministic flag are those in force during the run.
+    """
+    cuda = torch.cuda.is_available()
+    deterministic = "off"
+    if torch.are_deterministic_algorithms_enabled():
+        deterministic = "warn only" if torch.is_deterministic_algorithms_warn_only_enabled() else "on"
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        # torch.__version__ carries the build (e.g. "+cu130" / "+cpu"), the distribution version does not
+        "packages": {name: torch.__version__ if name == "torch" else _version(name) for name in ENVIRONMENT_PACKAGES},
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "deterministic_algorithms": deterministic,
+        "gpu": torch.cuda.get_device_name(torch.cuda.current_device()) if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "cudnn": str(torch.backends.cudnn.version()) if cuda and torch.backends.cudnn.is_available() else None,
+    }
 
 
 def run_id(params: Params | Mapping[str, Any], dataset_hash: str, code: Mapping[str, Any], depends_on: str = "") -> str:
@@ -370,6 +440,7 @@ def write_metrics(
         "params_changed": _json_safe(diff_from_default(params)),
         "dataset": _json_safe(dict(dataset)),
         "code_version": code,
+        "environment": environment(),
         "history": history,
         "final": final,
         **_json_safe(dict(extra or {})),
@@ -397,7 +468,9 @@ def read_metrics(run_dir: str | Path) -> dict:
         raise DataError(f"{path}: cannot read ({exc})") from None
     if not isinstance(record, dict):
         raise DataError(f"{path}: expected a JSON object with {', '.join(CONTRACT_KEYS)}")
-    missing = [k for k in CONTRACT_KEYS if k not in record]
+    version = record.get("schema_version")
+    schema = version if isinstance(version, int) else SCHEMA_VERSION
+    missing = [k for k in CONTRACT_KEYS if k not in record and ADDED_KEYS.get(k, 0) <= schema]
     problems = [f"missing {', '.join(missing)}"] if missing else []
     problems += _contract_problems(record.get("history"), record.get("final"), record.get("status"))
     if problems:
