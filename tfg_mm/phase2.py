@@ -22,6 +22,7 @@ without augmentation when the cache is on; stage B uses ``augment`` as set.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -97,6 +98,7 @@ def baseline_folder(baseline: str) -> tuple[Path, dict | None]:
         )
     path = resolve_path(baseline)
     if (path / "metrics.json").exists():
+        require_finished_baseline(baseline)
         metrics = runs.read_metrics(path)
         ckpt = path / "checkpoints" / "best"
         if not ckpt.exists():
@@ -110,6 +112,36 @@ def baseline_folder(baseline: str) -> tuple[Path, dict | None]:
     raise CheckpointError(
         f"Parameter `baseline: {baseline}`: {path} is neither a run_dir of notebook 01 nor a "
         f"checkpoint folder. Fix: run notebook 01 first (`make all` does) or fix the path."
+    )
+
+
+def require_finished_baseline(baseline: str) -> None:
+    """Refuse a baseline run_dir whose run is not finished (``running``: interrupted or still
+    training; ``failed``): its checkpoints are those of an unfinished run, so every number built
+    on them would be wrong. A folder without ``metrics.json`` (a checkpoint folder) is not checked."""
+    path = resolve_path(baseline)
+    if not (path / runs.METRICS_FILE).exists() or runs.is_finished(path):
+        return
+    try:
+        record = json.loads((path / runs.METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    status = record.get("status", "unreadable") if isinstance(record, dict) else "unreadable"
+    epochs = (
+        [h.get("epoch") for h in record.get("history", []) if isinstance(h, dict)] if isinstance(record, dict) else []
+    )
+    failure = record.get("failure") if isinstance(record, dict) else None
+    why = (
+        f"; it failed with {failure.get('type')}: {str(failure.get('message'))[:300]}"
+        if isinstance(failure, dict)
+        else ""
+    )
+    raise ConfigError(
+        f"Parameter `baseline: {baseline}`: the baseline run {path} is not finished (status {status}, evaluated "
+        f"epochs {epochs or 'none'}{why}); phase 2 starts only from a finished baseline. Nothing was run. Fix: "
+        f"finish it first by rerunning the same baseline command (`python -m tfg_mm train --params ... "
+        f"run_dir={baseline}` or notebook 01: an interrupted run resumes), or point `baseline` at a finished "
+        "baseline run."
     )
 
 
