@@ -22,7 +22,6 @@ without augmentation when the cache is on; stage B uses ``augment`` as set.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -98,8 +97,8 @@ def baseline_folder(baseline: str) -> tuple[Path, dict | None]:
         )
     path = resolve_path(baseline)
     if (path / "metrics.json").exists():
+        metrics = runs.read_metrics(path)  # a damaged contract is a DataError naming it
         require_finished_baseline(baseline)
-        metrics = runs.read_metrics(path)
         ckpt = path / "checkpoints" / "best"
         if not ckpt.exists():
             raise CheckpointError(
@@ -120,17 +119,14 @@ def require_finished_baseline(baseline: str) -> None:
     training; ``failed``): its checkpoints are those of an unfinished run, so every number built
     on them would be wrong. A folder without ``metrics.json`` (a checkpoint folder) is not checked."""
     path = resolve_path(baseline)
-    if not (path / runs.METRICS_FILE).exists() or runs.is_finished(path):
+    if not (path / runs.METRICS_FILE).exists():
         return
-    try:
-        record = json.loads((path / runs.METRICS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        record = {}
-    status = record.get("status", "unreadable") if isinstance(record, dict) else "unreadable"
-    epochs = (
-        [h.get("epoch") for h in record.get("history", []) if isinstance(h, dict)] if isinstance(record, dict) else []
-    )
-    failure = record.get("failure") if isinstance(record, dict) else None
+    record = runs.read_metrics(path)  # a damaged contract is a DataError naming it
+    if record["status"] == "finished":
+        return
+    status = record["status"]
+    epochs = [h["epoch"] for h in record["history"]]
+    failure = record.get("failure")
     why = (
         f"; it failed with {failure.get('type')}: {str(failure.get('message'))[:300]}"
         if isinstance(failure, dict)
