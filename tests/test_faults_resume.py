@@ -94,6 +94,7 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_history(
     assert _without_seconds(contract["history"]) == _without_seconds(reference["history"])  # metrics, losses, lr
     assert contract["final"] == reference["final"] | {"checkpoint": contract["final"]["checkpoint"]}
     assert contract["run_id"] == reference["run_id"]
+    assert not list((run_dir / "state").glob(".last.pt.*.tmp"))  # the killed write's leftover is gone
 
 
 def test_resume_with_other_params_or_data_is_refused_before_any_work(tiny_dataset, tmp_path):

@@ -330,6 +330,10 @@ class Trainer:
 
     def try_resume(self) -> bool:
         path = self.state_dir / "last.pt"
+        # a process killed inside the atomic write leaves its complete-or-partial temporary file
+        # (never last.pt itself): it is garbage of the size of the state, removed here
+        for leftover in self.state_dir.glob(".last.pt.*.tmp"):
+            leftover.unlink(missing_ok=True)
         if not (self.params.resume and path.exists()):
             return False
         try:
