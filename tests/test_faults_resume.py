@@ -178,3 +178,19 @@ def test_a_finished_run_is_not_overwritten_and_the_refusal_lists_what_differs(ti
         run_baseline(tiny_params(epochs=1, lr=5e-4), progress=False)
     assert "overwrite: true" in str(err.value) and "`lr`: 0.001 -> 0.0005" in str(err.value)
     assert (Path(params.run_dir) / "metrics.json").read_bytes() == before
+
+
+def test_a_state_of_another_run_is_never_loaded(tiny_params):
+    """The trainer's own check, behind the experiment's: a state file carries its run id."""
+    params = tiny_params(epochs=2, max_steps_per_epoch=1)
+    run_dir = Path(params.run_dir)
+    run_baseline(params, progress=False)
+    contract = _contract(run_dir)
+    (run_dir / "metrics.json").write_text(json.dumps({**contract, "status": "running", "final": None}))
+    state_file = run_dir / "state" / "last.pt"
+    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    assert state["run_id"] == contract["run_id"]
+    torch.save({**state, "run_id": "0" * 16}, state_file)  # e.g. copied over from another run folder
+    with pytest.raises(ConfigError, match="belongs to another run"):
+        run_baseline(params, progress=False)
+    assert torch.load(state_file, map_location="cpu", weights_only=False)["run_id"] == "0" * 16  # untouched
