@@ -450,3 +450,39 @@ def test_repredicted_detections_and_wise_endpoints_on_real_checkpoints(tmp_path)
     assert [p["lambda"] for p in curve] == [0.0, 0.5, 1.0]
     assert curve[0]["map"] == base_eval["map"] and curve[0]["per_class"] == base_eval["per_class"]
     assert curve[2]["map"] == tuned_eval["map"]
+
+
+def test_an_unfinished_baseline_stops_the_grid_before_any_run(setup):
+    tmp_path, params_file = setup
+    contract = tmp_path / "baseline" / "metrics.json"
+    for status in ("running", "failed"):
+        record = json.loads(contract.read_text())
+        contract.write_text(json.dumps({**record, "status": status, "final": None}))
+        with pytest.raises(ConfigError) as err:
+            ablations.run_grid(
+                _grid_file(tmp_path, GOOD), tmp_path / "ablations", params_file=params_file, run_variant=fake_run
+            )
+        message = str(err.value)
+        assert f"status {status}" in message and str(tmp_path / "baseline") in message and "Fix:" in message
+        assert _calls(tmp_path / "ablations", "minilm") == 0 and not (tmp_path / "ablations" / "grid.json").exists()
+
+
+def test_a_run_that_died_unmarked_is_marked_failed_by_the_grid(setup):
+    tmp_path, params_file = setup
+
+    def dies_running(parameters: dict, run_dir: Path) -> None:  # like a kernel killed mid-training
+        p = notebook_params(dict(parameters))
+        run_dir = runs.prepare_run_dir(p.run_dir, overwrite=p.overwrite, resume=p.resume)
+        _write_run(p, run_dir, noise=2.0, depends_on=depends_on_baseline(p))
+        record = json.loads((run_dir / "metrics.json").read_text())
+        (run_dir / "metrics.json").write_text(json.dumps({**record, "status": "running", "final": None}))
+        raise RuntimeError("kernel died")
+
+    out = tmp_path / "ablations"
+    record = ablations.run_grid(
+        _grid_file(tmp_path, GOOD), out, params_file=params_file, run_variant=dies_running, progress=False
+    )
+    assert {r["status"] for r in record["runs"]} == {"failed"}
+    contract = json.loads((out / "minilm" / "seed0" / "metrics.json").read_text())
+    assert contract["status"] == "failed" and contract["failure"]["traceback"] == "failure.json"
+    assert "kernel died" in contract["failure"]["message"] and len(contract["history"]) == 3

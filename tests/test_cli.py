@@ -89,3 +89,23 @@ def test_pipeline_only_runs_the_named_steps(monkeypatch, tmp_path):
     assert (tmp_path / "pipeline_timing.json").exists()
     with pytest.raises(ConfigError, match="Unknown pipeline step"):
         pipeline.run_pipeline(only=["01_basline"])
+
+
+def test_repeated_params_files_take_overrides_anywhere(tmp_path, monkeypatch):
+    from tfg_mm import cli
+
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("epochs: 3\nlr: 0.01\nseed: 1\n")
+    b.write_text("epochs: 4\n")
+    seen = {}
+
+    def run_baseline(params):  # stands in for training: the parsing is what is tested
+        seen["p"] = params
+        return {"final": {"map": 0.0, "map50": 0.0}, "params": {"run_dir": params.run_dir}}
+
+    monkeypatch.setattr(cli, "run_baseline", run_baseline)
+    assert cli.main(["train", "--params", str(a), "seed=2", "--params", str(b), "seed=3", "batch_size=2"]) == 0
+    p = seen["p"]
+    assert (p.epochs, p.lr, p.seed, p.batch_size) == (4, 0.01, 3, 2)  # files in order, then overrides in order
+    with pytest.raises(SystemExit):  # anything else after a --params is still an error
+        cli.main(["train", "--params", str(a), "seed=2", "--params", str(b), "--bogus"])

@@ -63,9 +63,10 @@ def test_notebook_01_with_params_file(tiny_dataset, tmp_path):
 
 
 def test_notebook_rejects_misspelled_parameter(tiny_dataset, tmp_path):
-    from papermill.exceptions import PapermillExecutionError
+    from tfg_mm.errors import ConfigError
 
-    with pytest.raises(PapermillExecutionError) as err:
+    # the project's error, message first (not papermill's wrapper with the kernel's whole traceback)
+    with pytest.raises(ConfigError) as err:
         execute(
             NOTEBOOKS / "01_baseline.ipynb",
             tmp_path / "bad.ipynb",
@@ -73,6 +74,9 @@ def test_notebook_rejects_misspelled_parameter(tiny_dataset, tmp_path):
             progress=False,
         )
     assert "did you mean `epochs`" in str(err.value)
+    assert str(err.value).startswith("Invalid parameters") and "01_baseline.ipynb" in str(err.value)
+    assert err.value.ename == "ConfigError" and err.value.cell_index is not None  # the grid's failure record
+    assert "Traceback" not in str(err.value)
     assert not (tmp_path / "r").exists()  # validated before any work
 
 

@@ -309,3 +309,23 @@ def test_index_renders_in_headless_chromium(tmp_path):
         timeout=120,
     )
     assert result.returncode == 0 and shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
+
+
+def test_a_failed_run_is_marked_in_its_provenance():
+    failed = {
+        **_metrics(),
+        "status": "failed",
+        "final": None,
+        "failure": {
+            "type": "TrainingError",
+            "message": "Non-finite loss\nmore",
+            "epoch": 3,
+            "step": 110,
+            "stage": "train",
+            "traceback": "traceback.txt",
+        },
+    }
+    text = reports.provenance_markdown(failed)
+    assert "**FAILED** (stage train, epoch 3, step 110): TrainingError: Non-finite loss" in text
+    assert "traceback.txt" in text and "not a result" in text
+    assert "**RUNNING**" in reports.provenance_markdown({**_metrics(), "status": "running"})

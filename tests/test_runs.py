@@ -368,3 +368,60 @@ def test_a_folder_not_made_by_tfg_mm_is_never_emptied(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         prepare_run_dir(tmp_path / "file")
+
+
+# ---------------------------------------------------------------------------------- resume identity
+
+
+def _interrupted(run_dir: Path, dataset: dict, params: Params) -> None:
+    write_metrics(run_dir, params=params, dataset=dataset, history=[_entry(0, 0.1)], final=None)
+    (run_dir / "state").mkdir()
+    (run_dir / runs.STATE_FILE).write_bytes(b"state")
+
+
+def test_an_interrupted_run_resumes_only_as_the_same_run(tmp_path, dataset):
+    run_dir = prepare_run_dir(tmp_path / "run")
+    old = load_params({"run_dir": str(run_dir), "lr": 0.002})
+    _interrupted(run_dir, dataset, old)
+    code = code_version()
+    before = (run_dir / "metrics.json").read_bytes()
+    runs.check_run_dir(run_dir, old, dataset["hash"], code)  # the same run: resumed
+    # what may change on resume: the run id's exclusions (where / how it runs)
+    runs.check_run_dir(run_dir, load_params(old, {"num_workers": 2, "device": "cpu"}), dataset["hash"], code)
+    with pytest.raises(ConfigError) as err:
+        runs.check_run_dir(run_dir, load_params(old, {"lr": 1e-4, "seed": 7}), "f" * 64, code)
+    message = str(err.value)
+    for expected in ("`lr`: 0.002 -> 0.0001", "`seed`: 0 -> 7", "dataset content hash", "overwrite: true", "run_dir"):
+        assert expected in message, expected
+    assert "status running, evaluated epochs [0]" in message
+    # another code version is another run, too
+    with pytest.raises(ConfigError, match="code `source_sha256`"):
+        runs.check_run_dir(run_dir, old, dataset["hash"], {**code, "source_sha256": "0" * 64})
+    # the fixes: resume: false / overwrite: true start over (prepare_run_dir empties the folder)
+    runs.check_run_dir(run_dir, load_params(old, {"lr": 1e-4, "resume": False}), dataset["hash"], code)
+    runs.check_run_dir(run_dir, load_params(old, {"lr": 1e-4, "overwrite": True}), dataset["hash"], code)
+    assert (run_dir / "metrics.json").read_bytes() == before
+
+
+def test_a_state_without_a_readable_contract_is_not_resumed_blindly(tmp_path, dataset):
+    run_dir = prepare_run_dir(tmp_path / "run")
+    (run_dir / "state").mkdir()
+    (run_dir / runs.STATE_FILE).write_bytes(b"state")
+    with pytest.raises(ConfigError, match="identity cannot be read"):
+        runs.check_run_dir(run_dir, Params(run_dir=str(run_dir)), dataset["hash"], code_version())
+    # a run that failed before its first evaluation has nothing to resume: a new run may start there
+    (run_dir / runs.STATE_FILE).unlink()
+    write_metrics(run_dir, params=Params(), dataset=dataset, history=[], final=None, status="failed")
+    assert runs.interrupted_run(run_dir) is None
+    runs.check_run_dir(run_dir, Params(run_dir=str(run_dir), lr=0.5), dataset["hash"], code_version())
+
+
+def test_mark_failed_keeps_the_history(tmp_path, dataset):
+    run_dir = prepare_run_dir(tmp_path / "run")
+    assert runs.mark_failed(run_dir, {"type": "X"}) is None  # no contract yet: the caller writes one
+    write_metrics(run_dir, params=Params(), dataset=dataset, history=[_entry(0, 0.1), _entry(1, 0.2)], final=None)
+    runs.mark_failed(run_dir, {"type": "TrainingError", "message": "boom", "epoch": 2, "step": 5})
+    record = read_metrics(run_dir)
+    assert record["status"] == "failed" and record["failure"]["step"] == 5
+    assert [h["epoch"] for h in record["history"]] == [0, 1]
+    assert finished_run(run_dir, record["run_id"]) is None and not is_finished(run_dir)  # never reused

@@ -1,7 +1,14 @@
 """The project's one command line: ``python -m tfg_mm <command>`` (``--help`` lists them).
 
-Parameters for ``train`` / ``phase2`` come from flat YAML files (``--params``) and ``key=value``
-overrides, validated by the schema in :mod:`tfg_mm.config` before any work starts.
+Parameters for ``train`` / ``phase2`` come from flat YAML files (``--params``, repeatable) and
+``key=value`` overrides, validated by the schema in :mod:`tfg_mm.config` before any work starts.
+Files are merged in the order given, then the overrides in the order given: later wins, and an
+override on the command line wins over every file, wherever it stands
+(``--params A k=v --params B k=w`` is A, then B, then k=v, then k=w).
+
+Exit codes: 0 success; 2 one of the project's errors (the message names the file / parameter and the
+fix); any other failure exits non-zero with Python's traceback. A training run that fails is marked
+``status: failed`` in its ``metrics.json``, with its traceback in ``run_dir/traceback.txt``.
 """
 
 from __future__ import annotations
@@ -188,8 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands whose key=value overrides may stand anywhere, also after a repeated ``--params``.
+_PARAMS_COMMANDS = ("train", "phase2")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse takes one batch of a positional `nargs="*"` argument: key=value pairs after a second
+    # `--params` come back as unknown arguments, and are overrides too (in order, after the first batch)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        stray = [u for u in unknown if args.command not in _PARAMS_COMMANDS or "=" not in u or u.startswith("-")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        args.set = list(args.set or []) + unknown
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

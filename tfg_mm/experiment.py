@@ -5,12 +5,20 @@
 1. the dataset is located (the embedded default is generated on first use) and fingerprinted,
    once: the record is stored in the run contract and folded into the run id;
 2. a finished run with the same run id in ``run_dir`` is returned as it is (reuse);
-3. ``run_dir`` is prepared (another finished run there is refused unless ``overwrite``);
+3. a folder holding another run is refused, listing what differs (:func:`tfg_mm.runs.check_run_dir`):
+   another finished run unless ``overwrite``, and an interrupted run unless it is this very run
+   (same params, dataset and code), since resuming continues the old run; then ``run_dir`` is
+   prepared;
 4. every RNG is seeded, then the data are loaded, then the phase builds its model and task. This
    order fixes which random numbers each step draws, so it is part of a run's result;
 5. the loop (:class:`~tfg_mm.train.Trainer`) trains and rewrites the run contract after every
    evaluated epoch, or, for an evaluation-only run, the checkpoint is evaluated once;
 6. the run contract, as written, is returned.
+
+Any exception after step 3 (a bad batch, a non-finite loss, Ctrl-C, ...) marks the run failed
+before it propagates: ``metrics.json`` keeps its history and gets ``status: failed`` and
+``failure`` (type, message, epoch, step, stage, the traceback file ``run_dir/traceback.txt``); the
+checkpoints already written stay. Rerunning the same command resumes from the last saved epoch.
 
 The phase supplies its paths (:class:`~tfg_mm.config.RunPaths`, resolved once when the run
 starts), its name, what else its result depends on, and a ``build`` step that turns the loaded
@@ -20,12 +28,15 @@ starts), its name, what else its result depends on, and a ``build`` step that tu
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from tfg_mm import runs
 from tfg_mm.config import RunPaths
 from tfg_mm.data.loaders import Data, dataset_record, make_data, resolve_dataset
+from tfg_mm.io import atomic_write_text
 from tfg_mm.train import Task, Trainer, seed_everything
 
 log = logging.getLogger(__name__)
@@ -62,55 +73,109 @@ def run_experiment(
     """
     root = resolve_dataset(params, progress=progress, root=paths.dataset)
     record = dataset_record(root, params.train_json, params.val_json, params.images_dir)
+    code = runs.code_version()
+    rid = runs.run_id(params, record["hash"], code, depends_on)
     if not params.overwrite:
-        rid = runs.run_id(params, record["hash"], runs.code_version(), depends_on)
         existing = runs.finished_run(paths.run_dir, rid)
         if existing is not None:
             log.info("reusing the finished run %s (same params, dataset and code)", paths.run_dir)
             return existing
+    runs.check_run_dir(paths.run_dir, params, record["hash"], code, depends_on)
     runs.prepare_run_dir(paths.run_dir, overwrite=params.overwrite, resume=params.resume)
-    loader_gen = seed_everything(params.seed, params.deterministic)
-    data = make_data(params, loader_gen, progress=progress, need_train=train, record=record)
-    setup = build(data)
-    task = setup.task
+    trainer: Trainer | None = None
+    setup: Setup | None = None
+    try:
+        loader_gen = seed_everything(params.seed, params.deterministic)
+        data = make_data(params, loader_gen, progress=progress, need_train=train, record=record)
+        setup = build(data)
+        task = setup.task
 
-    def contract(history: list[dict], final: dict | None, status: str) -> None:
-        runs.write_metrics(
+        def contract(history: list[dict], final: dict | None, status: str) -> None:
+            runs.write_metrics(
+                paths.run_dir,
+                params=params,
+                dataset=record,
+                history=history,
+                final=final,
+                extra={"phase": phase, **setup.extra, **task.contract_extra()},
+                status=status,
+                depends_on=depends_on,
+            )
+
+        # an evaluation-only run never draws a training batch: its loop gets the validation loader
+        trainer = Trainer(
+            params,
+            task,
+            data.train_loader if train else data.val_loader,
+            data.val_loader,
+            data.val.coco,
+            data.cat_ids,
             paths.run_dir,
-            params=params,
-            dataset=record,
-            history=history,
-            final=final,
-            extra={"phase": phase, **setup.extra, **task.contract_extra()},
-            status=status,
-            depends_on=depends_on,
+            loader_gen,
+            contract,
+            progress,
+            run_id=rid,
         )
-
-    # an evaluation-only run never draws a training batch: its loop gets the validation loader
-    trainer = Trainer(
-        params,
-        task,
-        data.train_loader if train else data.val_loader,
-        data.val_loader,
-        data.val.coco,
-        data.cat_ids,
-        paths.run_dir,
-        loader_gen,
-        contract,
-        progress,
-    )
-    if train:
-        trainer.fit()
-    else:
-        task.model.to(trainer.accelerator.device)
-        metrics, _ = trainer.evaluate()
-        entry = {
-            "epoch": 0,
-            **{k: metrics[k] for k in _EVAL_KEYS},
-            "lr": 0.0,
-            "loss": None,
-            "losses": {},
-            "seconds": 0.0,
-        }
-        contract([entry], {**entry, "selected_by": "evaluation only", "checkpoint": setup.evaluated}, "finished")
+        if train:
+            trainer.fit()
+        else:
+            task.model.to(trainer.accelerator.device)
+            trainer.stage = "evaluate"
+            metrics, _ = trainer.evaluate()
+            entry = {
+                "epoch": 0,
+                **{k: metrics[k] for k in _EVAL_KEYS},
+                "lr": 0.0,
+                "loss": None,
+                "losses": {},
+                "seconds": 0.0,
+            }
+            contract([entry], {**entry, "selected_by": "evaluation only", "checkpoint": setup.evaluated}, "finished")
+    except BaseException as exc:  # recorded, then raised unchanged: the caller's exit code says it failed
+        _record_failure(exc, paths, params, record, phase, depends_on, setup, trainer)
+        raise
     return runs.read_metrics(paths.run_dir)
+
+
+def _record_failure(
+    exc: BaseException,
+    paths: RunPaths,
+    params,
+    record: dict,
+    phase: str,
+    depends_on: str,
+    setup: Setup | None,
+    trainer: Trainer | None,
+) -> None:
+    """Write ``run_dir/traceback.txt`` and mark the run contract failed (never raises over ``exc``)."""
+    try:
+        atomic_write_text(paths.run_dir / runs.TRACEBACK_FILE, "".join(traceback.format_exception(exc)))
+        failure = {
+            "type": type(exc).__name__,
+            "message": str(exc)[:4000],
+            "epoch": trainer.epoch if trainer is not None else None,
+            "step": trainer.step if trainer is not None else None,
+            "stage": trainer.stage if trainer is not None else "setup",
+            "traceback": runs.TRACEBACK_FILE,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        if runs.mark_failed(paths.run_dir, failure) is None:  # nothing evaluated yet: a contract of its own
+            extra = {"phase": phase, **(setup.extra if setup is not None else {}), "failure": failure}
+            runs.write_metrics(
+                paths.run_dir,
+                params=params,
+                dataset=record,
+                history=[],
+                final=None,
+                extra=extra,
+                status="failed",
+                depends_on=depends_on,
+            )
+        log.error(
+            "run %s failed (%s); recorded in its metrics.json and %s",
+            paths.run_dir,
+            failure["type"],
+            runs.TRACEBACK_FILE,
+        )
+    except Exception:  # the original error matters more than its record
+        log.exception("could not record the failure of %s", paths.run_dir)

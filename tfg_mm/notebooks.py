@@ -14,6 +14,7 @@ from pathlib import Path
 import nbformat
 from nbconvert import HTMLExporter
 
+from tfg_mm import errors
 from tfg_mm.config import params_from_notebook, project_root
 from tfg_mm.io import atomic_write_text
 
@@ -31,7 +32,14 @@ def execute(
     progress: bool = True,
     kernel_name: str = "python3",
 ) -> Path:
-    """Run ``notebook`` with papermill into ``output`` (the executed copy, kept even when a cell fails)."""
+    """Run ``notebook`` with papermill into ``output`` (the executed copy, kept even when a cell fails).
+
+    A cell that raises one of the project's errors (:mod:`tfg_mm.errors`) re-raises that error here,
+    with its message first and the notebook, cell and executed copy named after it, instead of
+    papermill's ``PapermillExecutionError`` (whose text is the kernel's whole traceback). The
+    papermill attributes (``ename``, ``evalue``, ``cell_index``, ``source``, ``traceback``) are kept
+    on it. Any other error is papermill's, unchanged.
+    """
     # imported here: papermill takes ~4 s to import (measured), and every notebook kernel imports this
     # module for `notebook_params` alone
     import papermill as pm
@@ -43,16 +51,34 @@ def execute(
     output.parent.mkdir(parents=True, exist_ok=True)
     env_cwd = str(cwd or project_root())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    pm.execute_notebook(
-        str(notebook),
-        str(output),
-        parameters=parameters or {},
-        cwd=env_cwd,
-        kernel_name=kernel_name,
-        progress_bar=progress,
-        log_output=False,
-    )
+    try:
+        pm.execute_notebook(
+            str(notebook),
+            str(output),
+            parameters=parameters or {},
+            cwd=env_cwd,
+            kernel_name=kernel_name,
+            progress_bar=progress,
+            log_output=False,
+        )
+    except pm.PapermillExecutionError as exc:
+        project_error = _project_error(exc, notebook, output)
+        if project_error is None:
+            raise
+        raise project_error from None
     return output
+
+
+def _project_error(exc, notebook: Path, output: Path) -> Exception | None:
+    """The project's error a notebook cell raised, as that class, or None for any other error."""
+    cls = getattr(errors, str(getattr(exc, "ename", "")), None)
+    if not (isinstance(cls, type) and issubclass(cls, (errors.TfgError, errors.TrainingError))):
+        return None
+    where = f"cell {exc.exec_count}" if getattr(exc, "exec_count", None) else f"cell #{exc.cell_index}"
+    error = cls(f"{exc.evalue}\n(raised in notebook {notebook.name}, {where}; the executed notebook: {output})")
+    for attr in ("ename", "evalue", "cell_index", "exec_count", "source", "traceback"):
+        setattr(error, attr, getattr(exc, attr, None))
+    return error
 
 
 def render_html(executed: str | Path, html: str | Path, with_code: bool = False) -> Path:

@@ -97,7 +97,8 @@ def baseline_folder(baseline: str) -> tuple[Path, dict | None]:
         )
     path = resolve_path(baseline)
     if (path / "metrics.json").exists():
-        metrics = runs.read_metrics(path)
+        metrics = runs.read_metrics(path)  # a damaged contract is a DataError naming it
+        require_finished_baseline(baseline)
         ckpt = path / "checkpoints" / "best"
         if not ckpt.exists():
             raise CheckpointError(
@@ -110,6 +111,33 @@ def baseline_folder(baseline: str) -> tuple[Path, dict | None]:
     raise CheckpointError(
         f"Parameter `baseline: {baseline}`: {path} is neither a run_dir of notebook 01 nor a "
         f"checkpoint folder. Fix: run notebook 01 first (`make all` does) or fix the path."
+    )
+
+
+def require_finished_baseline(baseline: str) -> None:
+    """Refuse a baseline run_dir whose run is not finished (``running``: interrupted or still
+    training; ``failed``): its checkpoints are those of an unfinished run, so every number built
+    on them would be wrong. A folder without ``metrics.json`` (a checkpoint folder) is not checked."""
+    path = resolve_path(baseline)
+    if not (path / runs.METRICS_FILE).exists():
+        return
+    record = runs.read_metrics(path)  # a damaged contract is a DataError naming it
+    if record["status"] == "finished":
+        return
+    status = record["status"]
+    epochs = [h["epoch"] for h in record["history"]]
+    failure = record.get("failure")
+    why = (
+        f"; it failed with {failure.get('type')}: {str(failure.get('message'))[:300]}"
+        if isinstance(failure, dict)
+        else ""
+    )
+    raise ConfigError(
+        f"Parameter `baseline: {baseline}`: the baseline run {path} is not finished (status {status}, evaluated "
+        f"epochs {epochs or 'none'}{why}); phase 2 starts only from a finished baseline. Nothing was run. Fix: "
+        f"finish it first by rerunning the same baseline command (`python -m tfg_mm train --params ... "
+        f"run_dir={baseline}` or notebook 01: an interrupted run resumes), or point `baseline` at a finished "
+        "baseline run."
     )
 
 

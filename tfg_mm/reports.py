@@ -141,7 +141,7 @@ def provenance_markdown(metrics: Mapping[str, Any]) -> str:
 
     rows = [
         ("phase", contract_field(metrics, "phase", "?")),
-        ("status", metrics.get("status", "?")),
+        ("status", _status_text(metrics)),
         ("run id", metrics.get("run_id", "?")),
         ("run_dir", params.get("run_dir", "?")),
         ("seed", params.get("seed", "?")),
@@ -180,6 +180,22 @@ def provenance_markdown(metrics: Mapping[str, Any]) -> str:
         )
     lines = ["| | |", "|---|---|"] + [f"| **{cell(k)}** | {cell(v)} |" for k, v in rows]
     return "\n".join(lines)
+
+
+def _status_text(metrics: Mapping[str, Any]) -> str:
+    """``finished``; otherwise a visible marker: a failed run names its error, epoch, step and traceback."""
+    status = str(metrics.get("status", "?"))
+    if status == "finished":
+        return status
+    failure = metrics.get("failure")
+    if status == "failed" and isinstance(failure, Mapping):
+        where = ", ".join(f"{k} {failure[k]}" for k in ("stage", "epoch", "step") if failure.get(k) is not None)
+        message = str(failure.get("message", "")).splitlines()[0][:300] if failure.get("message") else ""
+        return (
+            f"**FAILED** ({where}): {failure.get('type', '?')}: {message} "
+            f"(traceback: {failure.get('traceback', '?')} in the run folder); its numbers are not a result"
+        )
+    return f"**{status.upper()}**: not finished; its numbers are not a result"
 
 
 def show_provenance(metrics: Mapping[str, Any]) -> None:

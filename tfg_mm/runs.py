@@ -2,7 +2,9 @@
 
 ``metrics.json`` holds:
 
-* ``status`` — ``running`` (rewritten after each evaluated epoch), ``finished`` or ``failed``;
+* ``status`` — ``running`` (rewritten after each evaluated epoch), ``finished`` or ``failed``; a
+  failed run also has ``failure`` = {``type``, ``message``, ``epoch``, ``step``, ``stage``,
+  ``traceback`` (a file in the run folder), ``time``} (:func:`mark_failed`);
 * ``run_id`` — hash of (params that affect the result, dataset content hash, code version): the
   ablation runner reuses a finished run with the same id instead of re-running it;
 * ``params`` — all of them, defaults filled in; ``params_changed`` — those that differ from the default;
@@ -19,7 +21,8 @@
 
 The file is written atomically (a crash leaves the previous version, never half a file), with
 non-finite numbers stored as ``null`` so that every JSON reader accepts it. A run folder that holds
-a finished run is never replaced unless ``overwrite`` is asked for.
+a finished run is never replaced unless ``overwrite`` is asked for, and an interrupted run is only
+resumed by the very same run (:func:`check_run_dir`).
 """
 
 from __future__ import annotations
@@ -103,6 +106,14 @@ RUN_ID_EXCLUDED = frozenset(
         "confidence",
     }
 )
+#: Parameters that may change when an interrupted run resumes: exactly those that cannot change its
+#: result (:data:`RUN_ID_EXCLUDED`), so that a resumed run is the same run (same ``run_id``). The
+#: contract records their latest values. Any other difference is refused (:func:`check_run_dir`).
+RESUME_MAY_CHANGE = RUN_ID_EXCLUDED
+#: The resumable state the trainer writes (:meth:`tfg_mm.train.Trainer.save_state`), relative to the run folder.
+STATE_FILE = Path("state") / "last.pt"
+#: The traceback of a failed run, relative to the run folder (named in ``failure.traceback``).
+TRACEBACK_FILE = "traceback.txt"
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +255,131 @@ def finished_run(run_dir: str | Path, run_id: str) -> dict | None:
         return None
     existing = read_metrics(run_dir)
     return existing if existing.get("run_id") == run_id else None
+
+
+def _raw_contract(run_dir: str | Path) -> dict | None:
+    """``metrics.json`` as written (not checked against the contract), or None when absent / unreadable."""
+    try:
+        record = json.loads(_metrics_path(run_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def run_differences(
+    old: Mapping[str, Any], params: Params, dataset_hash: str, code: Mapping[str, Any], depends_on: str = ""
+) -> list[str]:
+    """What makes the run recorded in ``old`` (a run contract) another run than this one, one
+    ``key: old -> new`` line each: the params that take part in the run id, the dataset hash, the code."""
+    out = []
+    old_params = old.get("params") if isinstance(old.get("params"), Mapping) else {}
+    new_params = params.model_dump(mode="json")
+    for key, value in new_params.items():
+        if key in RUN_ID_EXCLUDED:
+            continue
+        before = old_params.get(key, "<not recorded>")
+        if before != value:
+            out.append(f"`{key}`: {_short(before)} -> {_short(value)}")
+    old_hash = (old.get("dataset") or {}).get("hash") if isinstance(old.get("dataset"), Mapping) else None
+    if old_hash != dataset_hash:
+        out.append(f"dataset content hash: {str(old_hash)[:16]} -> {dataset_hash[:16]} (other images or annotations)")
+    old_code = old.get("code_version") if isinstance(old.get("code_version"), Mapping) else {}
+    for key in ("package", "git_commit", "source_sha256"):
+        if old_code.get(key) != code.get(key):
+            out.append(f"code `{key}`: {_short(old_code.get(key))} -> {_short(code.get(key))}")
+    if not out and old.get("run_id") != run_id(params, dataset_hash, code, depends_on):
+        out.append("what the run depends on (phase 2: the baseline run it starts from) changed")
+    return out
+
+
+def interrupted_run(run_dir: str | Path) -> dict | None:
+    """The contract of an interrupted run in ``run_dir`` that a new run would continue, else None.
+
+    Interrupted: the resumable state (:data:`STATE_FILE`) exists, or ``metrics.json`` says
+    ``running`` / ``failed`` with at least one evaluated epoch. A state file whose contract is missing
+    or unreadable gives ``{}`` (a run of unknown identity).
+    """
+    path = resolve_path(run_dir)
+    record = _raw_contract(path)
+    has_state = (path / STATE_FILE).exists()
+    if record is not None and record.get("status") in ("running", "failed"):
+        if has_state or record.get("history"):
+            return record
+        return None
+    if has_state and (record is None or record.get("status") != "finished"):
+        return {}
+    return None
+
+
+def check_run_dir(
+    run_dir: str | Path,
+    params: Params,
+    dataset_hash: str,
+    code: Mapping[str, Any],
+    depends_on: str = "",
+) -> None:
+    """Refuse, before any work, a run folder holding *another* run: a ConfigError lists what differs.
+
+    * a finished run with another run id (unless ``overwrite``): the run that is there stays;
+    * with ``resume`` (and without ``overwrite``), an interrupted run (:func:`interrupted_run`) with
+      another run id: resuming it would continue the old run's weights, optimiser and schedule while
+      the contract recorded the new params. Only :data:`RESUME_MAY_CHANGE` may differ on resume.
+
+    ``resume: false`` and ``overwrite: true`` start the folder over (:func:`prepare_run_dir`).
+    """
+    if params.overwrite:
+        return
+    path = resolve_path(run_dir)
+    rid = run_id(params, dataset_hash, code, depends_on)
+    fixes_new = "choose another `run_dir`"
+    if is_finished(path):
+        old = _raw_contract(path) or {}
+        if old.get("run_id") == rid:
+            return
+        diff = run_differences(old, params, dataset_hash, code, depends_on)
+        raise ConfigError(
+            f"run_dir `{params.run_dir}` ({path}) already holds a finished run that is another run than this one; "
+            "nothing was changed. It differs in:\n"
+            + "\n".join(f"  - {d}" for d in diff or ["its run id (see its metrics.json)"])
+            + "\nFix: give the same params to reuse it, or set `overwrite: true` (papermill: `-p overwrite True`) "
+            f"to replace it, or {fixes_new}."
+        )
+    if not params.resume:
+        return
+    old = interrupted_run(path)
+    if old is None or old.get("run_id") == rid:
+        return
+    diff = run_differences(old, params, dataset_hash, code, depends_on) if old else []
+    status = old.get("status", "unknown") if old else "unknown (its metrics.json is missing or unreadable)"
+    epochs = [h.get("epoch") for h in old.get("history", []) if isinstance(h, Mapping)] if old else []
+    raise ConfigError(
+        f"run_dir `{params.run_dir}` ({path}) holds an interrupted run (status {status}, evaluated epochs "
+        f"{epochs or 'none'}) that is another run than this one, so it was not resumed and nothing was changed. "
+        "It differs in:\n"
+        + "\n".join(f"  - {d}" for d in diff or ["its identity cannot be read"])
+        + "\nA resumed run continues the old run's weights, optimiser and schedule; only "
+        f"{', '.join(f'`{k}`' for k in sorted(RESUME_MAY_CHANGE))} may change on resume. "
+        "Fix: rerun with the old values to resume it, or set `overwrite: true` (or `resume: false`) to start "
+        f"this run_dir over, or {fixes_new}."
+    )
+
+
+def mark_failed(run_dir: str | Path, failure: Mapping[str, Any]) -> Path | None:
+    """Mark the run in ``run_dir`` failed: its ``metrics.json`` keeps everything it holds (history,
+    params, ...) and gets ``status: failed`` and ``failure``. Returns the path, or None when there is
+    no readable ``metrics.json`` yet (the caller writes a new one with :func:`write_metrics`)."""
+    record = _raw_contract(run_dir)
+    if record is None:
+        return None
+    record["status"] = "failed"
+    record["failure"] = _json_safe(dict(failure))
+    record["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return atomic_write_json(_metrics_path(run_dir), record)
 
 
 def _clear(path: Path) -> None:

@@ -16,7 +16,11 @@ What the loop guarantees, for every phase:
 - A non-finite loss stops the run with :class:`~tfg_mm.errors.TrainingError` naming epoch, step
   and loss terms; the last good checkpoint and history stay on disk.
 - An interrupted run resumes from ``{run_dir}/state/last.pt`` (model, optimiser, scheduler, EMA,
-  RNG states, history) and ends with the same metrics as an uninterrupted run on CPU.
+  RNG states, history) and ends with the same metrics as an uninterrupted run on CPU. The state
+  carries the run id it belongs to: a state of another run is refused (the experiment refuses it
+  earlier, before any work, listing what differs: :func:`tfg_mm.runs.check_run_dir`).
+- ``epoch``, ``step`` (within the epoch) and ``stage`` (``setup`` / ``train`` / ``evaluate`` /
+  ``save``) say where the loop is, so that a failure record can name them.
 """
 
 from __future__ import annotations
@@ -218,8 +222,15 @@ class Trainer:
         loader_gen: torch.Generator,
         write_contract: Callable[[list[dict], dict | None, str], None],
         progress: bool = True,
+        run_id: str = "",
     ):
         self.params = params
+        #: the run this loop belongs to (:func:`tfg_mm.runs.run_id`), stored in and checked against the state
+        self.run_id = run_id
+        #: where the loop is: the epoch being trained / evaluated, and the stage
+        self.epoch: int | None = None
+        self.stage = "setup"
+        self._epoch_first_step = 0
         self.task = task
         self.run_dir = Path(run_dir)
         self.state_dir = self.run_dir / "state"
@@ -253,6 +264,13 @@ class Trainer:
         self.start_epoch = 0
         self.optimizer: torch.optim.Optimizer | None = None
         self.ema: AveragedModel | None = None
+
+    @property
+    def step(self) -> int | None:
+        """The step within the current epoch (0-based: the steps it has completed), None outside training."""
+        if self.stage != "train":
+            return None
+        return self.global_step - self._epoch_first_step
 
     # -- optimiser (rebuilt when a stage changes what trains) ----------------------------------
     def rebuild_optimizer(self) -> None:
@@ -293,6 +311,7 @@ class Trainer:
     def save_state(self, epoch: int) -> None:
         """Everything needed to resume after ``epoch``: one atomic file."""
         state = {
+            "run_id": self.run_id,
             "epoch": epoch,
             "global_step": self.global_step,
             "model": self.task.model.state_dict(),
@@ -306,10 +325,15 @@ class Trainer:
         }
         buf = io.BytesIO()
         torch.save(state, buf)
+        self.stage = "save"
         atomic_write_bytes(self.state_dir / "last.pt", buf.getvalue())
 
     def try_resume(self) -> bool:
         path = self.state_dir / "last.pt"
+        # a process killed inside the atomic write leaves its complete-or-partial temporary file
+        # (never last.pt itself): it is garbage of the size of the state, removed here
+        for leftover in self.state_dir.glob(".last.pt.*.tmp"):
+            leftover.unlink(missing_ok=True)
         if not (self.params.resume and path.exists()):
             return False
         try:
@@ -319,6 +343,13 @@ class Trainer:
                 f"Cannot read the resume state {path}: {exc}. Fix: delete {path} to restart "
                 f"the run from scratch, or set `resume: false`."
             ) from exc
+        saved_id = state.get("run_id") if isinstance(state, dict) else None
+        if self.run_id and saved_id != self.run_id:
+            raise ConfigError(
+                f"The resume state {path} belongs to another run (run id {saved_id or 'not recorded'}, this run "
+                f"{self.run_id}); it was not loaded. Fix: rerun with that run's params to resume it, or set "
+                "`overwrite: true` (or `resume: false`) to start this run_dir over, or choose another `run_dir`."
+            )
         self.task.load_state_dict(state.get("task", {}))
         self.task.on_epoch_start(state["epoch"] + 1, self)  # restore the stage's trainable set first
         self.task.model.load_state_dict(state["model"])
@@ -360,21 +391,27 @@ class Trainer:
     def fit(self) -> TrainResult:
         p = self.params
         self.task.model.to(self.accelerator.device)
+        self.stage = "resume"
         if not self.try_resume():
+            self.epoch = 0
+            self.stage = "setup"
             self.task.on_epoch_start(0, self)
             self.rebuild_optimizer()
             self.make_ema()
             # epoch-0 evaluation: the starting point of every trajectory (phase 2: the exact-start check)
             self._evaluate_and_record(epoch=0, losses={}, seconds=0.0, lr=0.0)
         for epoch in range(max(1, self.start_epoch), p.epochs + 1):
+            self.epoch, self.stage = epoch, "setup"
             self.task.on_epoch_start(epoch, self)
             t0 = time.perf_counter()
+            self._epoch_first_step, self.stage = self.global_step, "train"
             losses = self._train_one_epoch(epoch)
             seconds = time.perf_counter() - t0
             if epoch % p.eval_every == 0 or epoch == p.epochs:
                 self._evaluate_and_record(epoch, losses, seconds, self.optimizer.param_groups[0]["lr"])
             if epoch % p.save_every == 0 or epoch == p.epochs:
                 self.save_state(epoch)
+        self.stage = "finish"
         return self._finish()
 
     def _train_one_epoch(self, epoch: int) -> dict[str, float]:
@@ -422,6 +459,7 @@ class Trainer:
         return {k: v / max(1, count) for k, v in sums.items()}
 
     def _evaluate_and_record(self, epoch: int, losses: dict, seconds: float, lr: float) -> None:
+        self.stage = "evaluate"
         metrics, dets = self.evaluate()
         entry = {
             "epoch": epoch,

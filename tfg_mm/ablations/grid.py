@@ -46,7 +46,7 @@ from tfg_mm.data.synthetic import HARD_CLASSES
 from tfg_mm.errors import CheckpointError, ConfigError, DataError
 from tfg_mm.io import atomic_write_json
 from tfg_mm.notebooks import NOTEBOOKS, execute, render_html
-from tfg_mm.phase2 import depends_on_baseline
+from tfg_mm.phase2 import depends_on_baseline, require_finished_baseline
 
 GRID_RECORD = "grid.json"
 FAILURE_FILE = "failure.json"
@@ -279,8 +279,33 @@ def _execute_run(entry: dict, run_variant: RunVariant) -> dict:
     except Exception as exc:  # any failure of one run is recorded; the grid goes on
         record = {**result, "status": "failed", "seconds": round(time.perf_counter() - t0, 1), **failure_record(exc)}
         atomic_write_json(run_dir / FAILURE_FILE, record)
+        _mark_contract_failed(run_dir, record)
         return record
     return {**result, "status": "finished", "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _mark_contract_failed(run_dir: Path, record: dict) -> None:
+    """The run's own ``metrics.json`` says ``failed`` too, as after a failure of any entry point.
+
+    A run that failed inside its notebook has marked itself already (with its traceback file); one
+    whose kernel died, or that ended unfinished, still says ``running``: it is marked here, naming
+    :data:`FAILURE_FILE`.
+    """
+    contract = runs.interrupted_run(run_dir)
+    if contract and contract.get("status") == "running":
+        error = str(record.get("error", ""))
+        runs.mark_failed(
+            run_dir,
+            {
+                "type": error.split(":", 1)[0] or "Error",
+                "message": error,
+                "epoch": None,
+                "step": None,
+                "stage": "ablation grid",
+                "traceback": FAILURE_FILE,
+                "time": None,
+            },
+        )
 
 
 def _worker_init(threads: int) -> None:
@@ -321,6 +346,9 @@ def run_grid(
     if params_file and not Path(params_file).is_absolute() and not Path(params_file).exists():
         params_file = resolve_path(params_file)
     planned = plan_runs(grid, ablations_dir, params_file, explicit, seeds, reuse)
+    if planned and planned[0]["params"].baseline:
+        # an unfinished baseline (interrupted or failed) would give every variant a wrong reference
+        require_finished_baseline(planned[0]["params"].baseline)
     wise = dict(grid.get("wise") or {}) or None
     if wise is not None:
         wise["lambdas"] = list(
