@@ -172,6 +172,13 @@ def test_the_one_mapping_parameter_is_accepted():
         ("templates", ["a {} on {}"], ['`templates[0]` = "a {} on {}"', "exactly one '{}' placeholder"]),
         ("class_descriptions", {"scratch": 3}, ["`class_descriptions['scratch']` = 3", "valid string"]),
         ("augment", "maybe", ['`augment` = "maybe"', "allowed: bool"]),
+        # ranges added for issue 9 (item 8)
+        ("alpha", -5, ["`alpha` = -5", "≥ 0, ≤ 1"]),
+        ("alpha", 1.5, ["`alpha` = 1.5", "≥ 0, ≤ 1"]),
+        ("logit_scale", 1000, ["`logit_scale` = 1000", "> 0, ≤ 100"]),
+        ("synthetic_image_size", 32, ["`synthetic_image_size` = 32", "≥ 64"]),
+        ("matcher_change_epoch", 0, ["`matcher_change_epoch` = 0", "≥ 1"]),
+        ("num_queries", 0, ["`num_queries` = 0", "≥ 1"]),
     ],
 )
 def test_wrong_type_or_range_names_key_value_and_range(key, value, expected):
@@ -383,3 +390,38 @@ def test_relative_paths_resolve_against_the_project_root():
     assert project_root() == ROOT
     assert resolve_path("data/synthetic") == ROOT / "data" / "synthetic"
     assert resolve_path("/abs/x") == Path("/abs/x")
+
+
+def test_alpha_with_the_tanh_gate_must_stay_below_one():
+    assert load_params({"alpha": 1.0}).alpha == 1.0
+    with pytest.raises(ConfigError) as excinfo:
+        load_params({"alpha": 1.0, "gate_tanh": True}, source_names=["params/x.yaml"])
+    (problem,) = _problems(excinfo)
+    assert problem.startswith("params/x.yaml: `alpha: 1.0` must be below 1 with `gate_tanh: true`")
+    assert "Fix:" in problem
+
+
+@pytest.mark.parametrize(
+    ("image_size", "tokens"),
+    [(64, "(64/16)^2 + (64/32)^2 = 20 tokens"), (128, "(128/16)^2 + (128/32)^2 = 80 tokens")],
+)
+def test_image_size_too_small_for_the_presets_queries_is_refused_before_any_work(image_size, tokens):
+    with pytest.raises(ConfigError) as excinfo:
+        load_params({"image_size": image_size}, source_names=["params/x.yaml"])
+    (problem,) = _problems(excinfo)
+    assert problem.startswith(f"params/x.yaml: `image_size: {image_size}` is too small for preset `atto`")
+    assert tokens in problem and "selects 100 queries" in problem
+    assert "Fix: `image_size: 160` or more" in problem
+    n_tokens = int(tokens.split("= ")[1].split()[0])
+    assert f"`num_queries: {n_tokens}` or fewer" in problem
+
+
+def test_image_size_check_uses_num_queries_and_the_preset():
+    assert load_params({"image_size": 128, "num_queries": 80}).num_queries == 80
+    with pytest.raises(ConfigError, match=r"`image_size: 128`.*selects 81 queries \(`num_queries`"):
+        load_params({"image_size": 128, "num_queries": 81})
+    assert load_params({"preset": "s", "image_size": 128}).image_size == 128  # three levels: 336 tokens >= 300
+    with pytest.raises(ConfigError, match=r"preset `n`.*Fix: `image_size: 256` or more"):
+        load_params({"preset": "n"})  # the default 160 px is too small for n's 300 queries
+    # a loaded detector's own config decides (checked by its forward)
+    assert load_params({"image_size": 64, "checkpoint": "runs/x/checkpoints/best"}).image_size == 64

@@ -376,6 +376,8 @@ def test_official_outputs_in_eval_mode_returns_what_exists(train_run) -> None:
 def test_nan_terms_become_zero_as_in_the_official_criterion() -> None:
     outputs, targets = _switch_case()
     outputs["pred_logits"][0, 2, 0] = float("nan")  # an unmatched query: only MAL sees it
-    terms = DEIMv2Criterion(num_classes=2, losses=("mal", "boxes"), use_uni_set=False)(outputs, targets)
+    terms = DEIMv2Criterion(num_classes=2, losses=("mal", "boxes"), use_uni_set=False, check_finite=False)(
+        outputs, targets
+    )
     assert terms["loss_mal"].item() == 0.0
     assert all(torch.isfinite(value) and value > 0 for name, value in terms.items() if name != "loss_mal")

@@ -119,3 +119,33 @@ def test_class_subset_and_parameter_errors(tmp_path):
     with pytest.raises(DataError, match="not empty"):
         generate(foreign, n_train=2, n_val=1, image_size=64, progress=False)
     assert (foreign / "thesis.docx").read_text() == "keep me"
+
+
+def test_stress_set_is_grayscale_with_boxes_spanning_and_touching_every_border(tmp_path):
+    """``generate(stress=True)``: the issue-9 stress case (image-spanning defects, grayscale)."""
+    size = 128
+    root = generate(tmp_path / "stress", seed=1, n_train=24, n_val=4, image_size=size, stress=True, progress=False)
+    train = json.loads((root / "instances_train.json").read_text())
+    assert json.loads((root / "README.json").read_text())["params"]["stress"] is True
+    boxes = [a["bbox"] for a in train["annotations"]]
+    for x, y, w, h in boxes:
+        assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= size and y + h <= size
+    assert any(w == size for _, _, w, _ in boxes) and any(h == size for _, _, _, h in boxes)
+    assert any(w == size and h == size for _, _, w, h in boxes)  # the whole image
+    touches = {"left": 0, "top": 0, "right": 0, "bottom": 0}
+    for x, y, w, h in boxes:
+        touches["left"] += x == 0
+        touches["top"] += y == 0
+        touches["right"] += x + w == size
+        touches["bottom"] += y + h == size
+    assert all(count > 0 for count in touches.values()), touches
+    assert sum(w * h > 0.5 * size * size for _, _, w, h in boxes) >= 5  # many boxes over most of the image
+    assert sum(w * h < 0.05 * size * size for _, _, w, h in boxes) >= 5  # next to small ordinary defects
+    for image in train["images"][:5]:
+        with Image.open(root / "images" / image["file_name"]) as im:
+            assert im.mode == "L" and im.size == (size, size)
+    # the default set does not carry the option (its manifest, and so its dataset hash, is unchanged)
+    plain = generate(tmp_path / "plain", seed=1, n_train=2, n_val=1, image_size=size, progress=False)
+    assert "stress" not in json.loads((plain / "README.json").read_text())["params"]
+    with Image.open(plain / "images" / "train_000000.png") as im:
+        assert im.mode == "RGB"

@@ -82,9 +82,16 @@ def build_baseline_model(params, data: Data, source: Path | None) -> tuple[nn.Mo
             model = detector.load(path, num_classes=n, reinit_class_heads=params.reinit_class_heads, id2label=id2label)
         else:  # a Hugging Face id, as written in the params
             model = detector.from_pretrained(params.checkpoint or params.pretrained)
+        detector.apply_config_overrides(model, detector.run_config_overrides(params))
         return model, {"source": str(path), "preset": params.preset}
     model = detector.build(
-        params.preset, n, id2label=id2label, image_size=params.image_size, seed=params.seed, fidelity=params.fidelity
+        params.preset,
+        n,
+        id2label=id2label,
+        image_size=params.image_size,
+        seed=params.seed,
+        fidelity=params.fidelity,
+        **detector.run_config_overrides(params),
     )
     return model, {"source": "random init", "preset": params.preset, "fidelity": params.fidelity}
 

@@ -55,7 +55,13 @@ def _params(args):
 def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     out = generate(
-        args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, image_size=args.image_size, progress=True
+        args.out,
+        seed=args.seed,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        image_size=args.image_size,
+        progress=True,
+        stress=args.stress,
     )
     print(f"synthetic dataset in {out} ({time.perf_counter() - t0:.1f} s)")
     return 0
@@ -135,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=default_of("synthetic_train"))
     p.add_argument("--n-val", type=int, default=default_of("synthetic_val"))
     p.add_argument("--image-size", type=int, default=default_of("synthetic_image_size"))
+    p.add_argument(
+        "--stress",
+        action="store_true",
+        help="the stress case: grayscale images with image-spanning defects (boxes touching every border)",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("import-voc", help="convert a Pascal VOC XML dataset to a COCO json")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, NoneType, UnionType
@@ -107,7 +107,10 @@ class DataParams(BaseModel):
     synthetic_train: int = Field(400, ge=1, description="Number of synthetic training images.")
     synthetic_val: int = Field(100, ge=1, description="Number of synthetic validation images.")
     synthetic_image_size: int = Field(
-        160, ge=32, le=4096, description="Side of the square synthetic images, in pixels."
+        160,
+        ge=64,
+        le=4096,
+        description="Side of the square synthetic images, in pixels (the generator's minimum is 64).",
     )
 
 
@@ -142,11 +145,22 @@ class DetectorParams(BaseModel):
         description="`official` = the DEIMv2 architecture and criterion of the official repository; "
         "`transformers` = the uncorrected upstream model and loss, for comparison only.",
     )
+    num_queries: int | None = Field(
+        None,
+        ge=1,
+        le=3000,
+        description="Object queries the decoder selects from the encoder tokens (at most that many detections an "
+        "image); null = the preset's (atto 100, femto 150, pico 200, n-x 300) or the checkpoint's. Lower it to "
+        "train a preset at an `image_size` below its minimum (tokens = sum over strides of (image_size/stride)^2 "
+        "must be >= queries).",
+    )
     matcher_change_epoch: int | None = Field(
         None,
-        ge=0,
-        description="Epoch after which the matcher switches to the -score*IoU^4 cost; null = the preset's "
-        "official value.",
+        ge=1,
+        description="From this training epoch on (1-based, as the run history counts) the matcher pairs "
+        "predictions and objects by -score*IoU^4 instead of the focal + L1 + GIoU cost; null = the preset's "
+        "official value (atto/femto/pico 450, n 136, s 100, m 80, l 50, x 45: the official schedules' "
+        "epochs, never reached by short runs) or the checkpoint's.",
     )
 
 
@@ -212,7 +226,10 @@ class Phase2Params(BaseModel):
     )
     alpha: float = Field(
         0.0,
-        description="Initial gate α of `fused = base + α·(logit_scale·cos + bias)`; 0 reproduces the baseline exactly.",
+        ge=0,
+        le=1,
+        description="Initial gate α of `fused = base + α·(logit_scale·cos + bias)`, in [0, 1]: 0 reproduces the "
+        "baseline exactly, 1 adds the whole text term (with `gate_tanh: true`, below 1).",
     )
     alpha_learnable: bool = Field(True, description="Learn α (otherwise it stays at its initial value).")
     gate: Gate = Field("scalar", description="One α for all classes, or one per class.")
@@ -234,7 +251,12 @@ class Phase2Params(BaseModel):
         description="Dropout on the hidden state before the `linear` projection, or between the "
         "two layers of the `mlp` projection.",
     )
-    logit_scale: float = Field(10.0, gt=0, description="Initial multiplier of the cosine similarity (text logits).")
+    logit_scale: float = Field(
+        10.0,
+        gt=0,
+        le=100,
+        description="Initial multiplier of the cosine similarity (text logits); at most 100, CLIP's own clamp.",
+    )
     logit_scale_learnable: bool = Field(True, description="Learn the logit scale.")
     fusion_bias: bool = Field(True, description="Learnable bias added to the scaled similarity.")
     prompts: Prompts = Field(
@@ -650,6 +672,34 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+#: Checks across parameters that need knowledge of a higher layer (``image_size`` against the preset's query
+#: count and strides lives with the presets, ``tfg_mm.detector.presets``): each takes the validated Params and
+#: returns ``(key, problem)`` pairs. Registered when those modules are imported (``import tfg_mm`` does).
+_PARAMS_CHECKS: list[Callable[[Params], list[tuple[str, str]]]] = []
+
+
+def register_params_check(check: Callable[[Params], list[tuple[str, str]]]) -> None:
+    """Add a cross-parameter check that :func:`load_params` runs after the schema (idempotent per function)."""
+    if check not in _PARAMS_CHECKS:
+        _PARAMS_CHECKS.append(check)
+
+
+def _check_gate(params: Params) -> list[tuple[str, str]]:
+    """``gate_tanh`` makes α the gate's value after tanh: 1 is out of reach (atanh(1) is infinite)."""
+    if params.gate_tanh and params.alpha >= 1:
+        return [
+            (
+                "alpha",
+                f"`alpha: {params.alpha}` must be below 1 with `gate_tanh: true` (α is then tanh of the learnt gate). "
+                "Fix: choose `alpha` in [0, 1), or set `gate_tanh: false`.",
+            )
+        ]
+    return []
+
+
+register_params_check(_check_gate)
+
+
 def load_params(
     *sources: str | Path | Mapping[str, Any] | Params,
     source_names: Sequence[str] | None = None,
@@ -691,6 +741,10 @@ def load_params(
         params = Params.model_validate(merged)
     except ValidationError as exc:
         problems += _validation_problems(exc, merged, origins)
+    else:
+        for check in _PARAMS_CHECKS:
+            for key, problem in check(params):
+                problems.append(f"{origins.get(key, 'default')}: {problem}")
     if problems:
         raise _config_error(problems)
     return params

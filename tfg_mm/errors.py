@@ -27,5 +27,14 @@ class TrainingError(RuntimeError):
     """Training stopped (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
+class NonFiniteError(TrainingError):
+    """A model output or loss term holds NaN / inf. ``what`` names it (e.g. ``aux_outputs[1].pred_boxes``);
+    the training loop re-raises it as a :class:`TrainingError` with the epoch, step and fixes."""
+
+    def __init__(self, message: str, what: str = ""):
+        super().__init__(message)
+        self.what = what
+
+
 class OfflineError(TfgError):
     """A hub download was needed but there is no network; the message says how to use a local copy."""

@@ -40,15 +40,14 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
-from transformers.image_transforms import center_to_corners_format
 from transformers.loss.loss_d_fine import bbox2distance
 from transformers.loss.loss_deimv2 import Deimv2Loss
-from transformers.loss.loss_for_object_detection import box_iou
+from transformers.loss.loss_for_object_detection import box_iou, generalized_box_iou
 from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
 
 from tfg_mm.detector.official import register_criterion
 from tfg_mm.detector.presets import OFFICIAL_CRITERION, OFFICIAL_DECODER
-from tfg_mm.errors import ConfigError, DataError, TfgError
+from tfg_mm.errors import ConfigError, DataError, NonFiniteError, TfgError
 
 #: The official base criterion (``configs/base/deimv2.yml``), the defaults of :class:`DEIMv2Criterion`. The
 #: settings of each size (``losses``, ``use_uni_set``, ``matcher_change_epoch``) are in the one per-size table,
@@ -69,6 +68,45 @@ _TERMS_OF_GROUP: dict[str, tuple[str, ...]] = {
 DDF_TEMPERATURE = 5.0
 #: The official DDF normaliser uses ``batch_scale = 8 / B`` ("avoid the influence of batch size").
 _DDF_BATCH_SCALE_NUMERATOR = 8.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Box conversion: the official one (inverted predicted boxes)
+# ----------------------------------------------------------------------------------------------
+def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """``(cx, cy, w, h) -> (x0, y0, x1, y1)`` exactly as the official ``engine/deim/box_ops.py`` does it:
+    a negative width or height is clamped to 0 first.
+
+    Why it matters (issue 9, item 0): DEIMv2 decodes a box from its initial reference box ``(cx, cy, w, h)``
+    and four FDR distances ``d`` (``distance2bbox``): ``x0 = cx - (R/2 + d_left) * w / R`` and
+    ``x1 = cx + (R/2 + d_right) * w / R`` with ``R = reg_scale``. Each distance is an expectation over the
+    weighting function, whose values span ``[-2 * up * R, 2 * up * R]`` (``[-4, 4]`` with the official
+    ``up = 0.5``, ``R = 4``), so the decoded width ``(R + d_left + d_right) * w / R`` can reach ``-w``: the box
+    is *inverted* whenever ``d_left + d_right < -R``. Nothing in the decoder prevents it; it happens when a
+    large reference box (learned from image-spanning ground truth) must shrink onto a small object and the
+    two distances overshoot. The official criterion never sees the inversion because its
+    ``box_cxcywh_to_xyxy`` clamps ``w, h >= 0`` (an inverted box becomes a zero-area box at its centre, with
+    IoU / GIoU defined); transformers' ``center_to_corners_format`` does not clamp, so the first inverted
+    prediction made transformers' GIoU cost raise ``ValueError: boxes1 must be in [x0, y0, x1, y1] (corner)
+    format`` in the matcher (and, before that, silently gave wrong IoUs: two negative sides make a positive
+    "area").
+
+    The choice: *sanitise where the official code does*, not change the decoder. Making boxes valid by
+    construction would change the model's forward (its boxes in evaluation too, and the outputs of every
+    converted official checkpoint, which the project reproduces to float32 noise). The criterion instead uses
+    this conversion for every IoU / GIoU of a predicted box (matcher costs, MAL targets, GIoU loss, FGL / DDF
+    IoU weights), while the L1 terms keep the raw ``(cx, cy, w, h)``, so an inverted box still gets the L1
+    gradient that turns it back (as in the official criterion). For ``w, h >= 0`` the result is bit-identical
+    to ``center_to_corners_format`` (same operations; ``clamp`` is the identity there and passes the gradient
+    unchanged), so nothing changes for valid boxes (tests/test_faults_numeric.py). NaN boxes are not
+    "sanitised": the training loop's non-finite guard (:func:`check_finite_outputs`) stops at them first.
+    """
+    center_x, center_y, width, height = boxes.unbind(-1)
+    width = width.clamp(min=0.0)
+    height = height.clamp(min=0.0)
+    return torch.stack(
+        [center_x - 0.5 * width, center_y - 0.5 * height, center_x + 0.5 * width, center_y + 0.5 * height], dim=-1
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,32 +149,44 @@ class DEIMv2HungarianMatcher(RTDetrHungarianMatcher):
         self.iou_order_alpha = iou_order_alpha
 
     def iou_order_active(self, epoch: int) -> bool:
-        """Whether the ``-score * IoU^alpha`` cost is used at this (0-based) epoch."""
+        """Whether the ``-score * IoU^alpha`` cost is used at ``epoch`` (``epoch >= change_epoch``)."""
         return self.change_epoch is not None and epoch >= self.change_epoch
 
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict], epoch: int = 0) -> list[tuple[Tensor, Tensor]]:
         device = outputs["pred_boxes"].device
+        batch_size, num_queries = outputs["logits"].shape[:2]
+        boxes = outputs["pred_boxes"].flatten(0, 1)
+        target_ids = torch.cat([t["class_labels"] for t in targets])
+        target_boxes = torch.cat([t["boxes"] for t in targets])
         if not self.iou_order_active(epoch):
-            indices = super().forward(outputs, targets)
+            cost = self._classic_cost(outputs["logits"].flatten(0, 1), boxes, target_ids, target_boxes)
         else:
-            batch_size, num_queries = outputs["logits"].shape[:2]
             scores = outputs["logits"].flatten(0, 1).sigmoid()
-            boxes = outputs["pred_boxes"].flatten(0, 1)
-            target_ids = torch.cat([t["class_labels"] for t in targets])
-            target_boxes = torch.cat([t["boxes"] for t in targets])
-            iou, _ = box_iou(center_to_corners_format(boxes), center_to_corners_format(target_boxes))
+            iou, _ = box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(target_boxes))
             cost = -(scores[:, target_ids] * iou.pow(self.iou_order_alpha))
-            # Same NaN / inf policy as the classic path: such pairs are matched only as a last resort.
-            max_value = torch.finfo(cost.dtype).max
-            cost = torch.nan_to_num(cost, nan=max_value, posinf=max_value, neginf=max_value)
-            cost = cost.view(batch_size, num_queries, -1).cpu()
-            sizes = [len(t["boxes"]) for t in targets]
-            indices = []
-            for i, block in enumerate(cost.split(sizes, -1)):
-                rows, cols = linear_sum_assignment(block[i])
-                indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        # transformers' NaN / inf policy (both costs): such pairs are matched only as a last resort.
+        max_value = torch.finfo(cost.dtype).max
+        cost = torch.nan_to_num(cost, nan=max_value, posinf=max_value, neginf=max_value)
+        cost = cost.view(batch_size, num_queries, -1).cpu()
+        sizes = [len(t["boxes"]) for t in targets]
+        indices = []
+        for i, block in enumerate(cost.split(sizes, -1)):
+            rows, cols = linear_sum_assignment(block[i])
+            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return [(i.to(device), j.to(device)) for i, j in indices]
+
+    def _classic_cost(self, logits: Tensor, boxes: Tensor, target_ids: Tensor, target_boxes: Tensor) -> Tensor:
+        """transformers' ``RTDetrHungarianMatcher`` cost (focal class cost + L1 + GIoU), term for term, with the
+        official box conversion (:func:`box_cxcywh_to_xyxy`) in the GIoU cost, so an inverted predicted box
+        costs like a zero-area box instead of raising; L1 stays on the raw boxes."""
+        out_prob = F.sigmoid(logits)[:, target_ids]
+        neg_cost_class = (1 - self.alpha) * (out_prob**self.gamma) * (-(1 - out_prob + 1e-8).log())
+        pos_cost_class = self.alpha * ((1 - out_prob) ** self.gamma) * (-(out_prob + 1e-8).log())
+        class_cost = pos_cost_class - neg_cost_class
+        bbox_cost = torch.cdist(boxes, target_boxes, p=1)
+        giou_cost = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(target_boxes))
+        return self.bbox_cost * bbox_cost + self.class_cost * class_cost + self.giou_cost * giou_cost
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,11 +210,20 @@ class DEIMv2Criterion(Deimv2Loss):
         reg_max: number of FGL bins minus one (``max_num_bins``).
         matcher_*: Hungarian matcher costs; ``matcher_alpha`` / ``matcher_gamma`` are the focal
             class-cost parameters (0.25 / 2.0, distinct from MAL's gamma).
-        matcher_change_epoch: from this 0-based epoch on, match with ``-score * IoU^4``; ``None``
-            never switches (transformers' behaviour).
+        matcher_change_epoch: from this epoch on, match with ``-score * IoU^4``; ``None`` never switches
+            (transformers' behaviour). The official loop counts epochs from 0; the project's training loop passes
+            its 1-based epoch (as its history counts them), which the ``matcher_change_epoch`` parameter uses too.
+            A preset's official value (e.g. atto 450) therefore switches one epoch before the official schedule
+            would; the short runs of this project never reach it.
         iou_order_alpha: the IoU exponent of the switched cost (official 4.0).
         mal_alpha: optional MAL weight of the negatives (official ``None``).
         reg_scale, up: FGL weighting-function parameters, used when the outputs do not carry them.
+        check_finite: the non-finite guard (default). Every output tensor the criterion reads (logits, boxes,
+            corners of the final, auxiliary, pre, encoder and denoising outputs) is checked *before* the
+            matcher, and every term before it is returned; the first NaN / inf raises
+            :class:`~tfg_mm.errors.NonFiniteError` naming the tensor or term (the training loop adds epoch,
+            step and the fixes). ``False`` keeps the official behaviour: a NaN term silently becomes 0 and
+            NaN boxes reach the matcher.
 
     ``forward(outputs, targets, epoch)`` returns every weighted term under its official name, in
     the official order (final, ``_aux_i``, ``_pre``, ``_enc_i``, ``_dn_i``, ``_dn_pre``). The
@@ -191,6 +250,7 @@ class DEIMv2Criterion(Deimv2Loss):
         mal_alpha: float | None = _BASE["mal_alpha"],
         reg_scale: float = OFFICIAL_DECODER["reg_scale"],
         up: float = OFFICIAL_DECODER["up"],
+        check_finite: bool = True,
     ) -> None:
         unknown = [name for name in losses if name not in OFFICIAL_LOSSES]
         if unknown:
@@ -229,6 +289,7 @@ class DEIMv2Criterion(Deimv2Loss):
             )
         )
         self.weight_dict = weights
+        self.check_finite = check_finite
         self.losses = list(losses)
         self.use_uni_set = use_uni_set
         self.reg_max = reg_max
@@ -281,6 +342,54 @@ class DEIMv2Criterion(Deimv2Loss):
         )
 
     # ------------------------------------------------------------------------------------------
+    # MAL and boxes: transformers' terms with the official box conversion
+    # ------------------------------------------------------------------------------------------
+    def loss_labels_mal(self, outputs, targets, indices, num_boxes):
+        """Matching-aware loss: transformers' ``Deimv2Loss.loss_labels_mal`` line for line, except that the IoU
+        target uses the official conversion (:func:`box_cxcywh_to_xyxy`: an inverted box has IoU 0, not the
+        IoU of a box with a "positive" area made of two negative sides)."""
+        idx = self._get_source_permutation_idx(indices)
+        src_boxes = outputs["pred_boxes"][idx]
+        target_boxes = torch.cat([t["boxes"][i] for t, (_, i) in zip(targets, indices)], dim=0)
+        ious, _ = box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))
+        ious = torch.diag(ious).detach()
+
+        src_logits = outputs["logits"]
+        target_classes_original = torch.cat([t["class_labels"][i] for t, (_, i) in zip(targets, indices)])
+        target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64, device=src_logits.device)
+        target_classes[idx] = target_classes_original
+        target = F.one_hot(target_classes, num_classes=self.num_classes + 1)[..., :-1]
+
+        target_score_original = torch.zeros_like(target_classes, dtype=src_logits.dtype)
+        target_score_original[idx] = ious.to(target_score_original.dtype)
+        target_score = target_score_original.unsqueeze(-1) * target
+
+        pred_score = F.sigmoid(src_logits).detach()
+        target_score = target_score.pow(self.gamma)
+        if self.mal_alpha is not None:
+            weight = self.mal_alpha * pred_score.pow(self.gamma) * (1 - target) + target
+        else:
+            weight = pred_score.pow(self.gamma) * (1 - target) + target
+
+        loss = F.binary_cross_entropy_with_logits(src_logits, target_score, weight=weight, reduction="none")
+        loss = loss.mean(1).sum() * src_logits.shape[1] / num_boxes
+        return {"loss_mal": loss}
+
+    def loss_boxes(self, outputs, targets, indices, num_boxes):
+        """L1 on the raw ``(cx, cy, w, h)`` and GIoU on the official conversion (:func:`box_cxcywh_to_xyxy`):
+        transformers' ``RTDetrLoss.loss_boxes`` line for line otherwise. An inverted box gets a GIoU loss (as a
+        zero-area box) and the L1 gradient that restores a positive width, instead of a ``ValueError``."""
+        idx = self._get_source_permutation_idx(indices)
+        src_boxes = outputs["pred_boxes"][idx]
+        target_boxes = torch.cat([t["boxes"][i] for t, (_, i) in zip(targets, indices)], dim=0)
+        losses = {}
+        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
+        losses["loss_bbox"] = loss_bbox.sum() / num_boxes
+        loss_giou = 1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes)))
+        losses["loss_giou"] = loss_giou.sum() / num_boxes
+        return losses
+
+    # ------------------------------------------------------------------------------------------
     # FGL / DDF with the official bookkeeping
     # ------------------------------------------------------------------------------------------
     def _loss_local(
@@ -317,11 +426,9 @@ class DEIMv2Criterion(Deimv2Loss):
         ref_points = out["ref_points"][idx].detach()
         with torch.no_grad():
             target_corners, weight_right, weight_left = bbox2distance(
-                ref_points, center_to_corners_format(target_boxes), self.reg_max, reg_scale, up
+                ref_points, box_cxcywh_to_xyxy(target_boxes), self.reg_max, reg_scale, up
             )
-        ious = torch.diag(
-            box_iou(center_to_corners_format(out["pred_boxes"][idx]), center_to_corners_format(target_boxes))[0]
-        )
+        ious = torch.diag(box_iou(box_cxcywh_to_xyxy(out["pred_boxes"][idx]), box_cxcywh_to_xyxy(target_boxes))[0])
         weight_targets = ious.unsqueeze(-1).repeat(1, 1, 4).reshape(-1).detach()
         losses["loss_fgl"] = self.unimodal_distribution_focal_loss(
             pred_corners, target_corners, weight_right, weight_left, weight_targets, avg_factor=num_boxes
@@ -365,6 +472,8 @@ class DEIMv2Criterion(Deimv2Loss):
     def forward(self, outputs: dict, targets: list[dict], epoch: int = 0) -> dict[str, Tensor]:
         """Every weighted loss term, official names and order. See the class docstring."""
         targets = normalize_targets(targets)
+        if self.check_finite:
+            check_finite_outputs(outputs, epoch)
         device = outputs["pred_logits"].device
         up = outputs.get("up", self.up)
         up = up.to(device) if isinstance(up, Tensor) else torch.tensor([float(up)], device=device)
@@ -437,10 +546,62 @@ class DEIMv2Criterion(Deimv2Loss):
             if "dn_pre_outputs" in outputs:
                 supervise(_hf_view(outputs["dn_pre_outputs"]), targets, indices_dn, num_boxes_dn, "_dn_pre", ())
 
-        # Official: a NaN term becomes 0. Unlike the official bare ``nan_to_num`` an infinite term
-        # stays infinite (not float max), so the training loop's non-finite check still sees it.
+        if self.check_finite:
+            _raise_if_not_finite(list(losses.items()), epoch, "loss term")
+        # Official (check_finite=False): a NaN term becomes 0. Unlike the official bare ``nan_to_num`` an
+        # infinite term stays infinite (not float max), so the training loop's non-finite check still sees it.
         inf = float("inf")
         return {name: torch.nan_to_num(value, nan=0.0, posinf=inf, neginf=-inf) for name, value in losses.items()}
+
+
+#: The tensors of an official output dict the criterion reads (``ref_points`` / ``teacher_*`` are these same
+#: tensors of another layer, or detached copies).
+_CHECKED_KEYS = ("pred_logits", "pred_boxes", "pred_corners")
+
+
+def _output_tensors(outputs: Mapping) -> list[tuple[str, Tensor]]:
+    """``(name, tensor)`` of every checked tensor of an official output dict, in the criterion's order."""
+    found = [(key, outputs[key]) for key in _CHECKED_KEYS if isinstance(outputs.get(key), Tensor)]
+    for group in ("aux_outputs", "enc_aux_outputs", "dn_outputs"):
+        for i, layer in enumerate(outputs.get(group, [])):
+            found += [
+                (f"{group}[{i}].{key}", layer[key]) for key in _CHECKED_KEYS if isinstance(layer.get(key), Tensor)
+            ]
+    for group in ("pre_outputs", "dn_pre_outputs"):
+        if group in outputs:
+            layer = outputs[group]
+            found += [(f"{group}.{key}", layer[key]) for key in _CHECKED_KEYS if isinstance(layer.get(key), Tensor)]
+    return found
+
+
+def _raise_if_not_finite(named: Sequence[tuple[str, Tensor]], epoch: int, kind: str) -> None:
+    """One device sync for all tensors; on a failure, name the first non-finite one and count its entries."""
+    if not named:
+        return
+    flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])
+    if bool(flags.all()):
+        return
+    name, tensor = named[int((~flags).nonzero()[0, 0])]
+    values = tensor.detach()
+    nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+    others = [n for (n, _), ok in zip(named, flags.tolist()) if not ok][1:]
+    also = f"; also non-finite: {others[:6]}{' ...' if len(others) > 6 else ''}" if others else ""
+    raise NonFiniteError(
+        f"non-finite {kind} `{name}` (epoch {epoch}): {nan} NaN and {inf} inf of {values.numel()} values{also}. "
+        "The weights have diverged (or mixed precision overflowed) before the criterion's matcher ran.",
+        what=name,
+    )
+
+
+def check_finite_outputs(outputs: Mapping, epoch: int = 0) -> None:
+    """The non-finite guard on the model's outputs, run before any matcher or loss term.
+
+    Checks logits, boxes and FDR corners of the final, auxiliary, pre, encoder and denoising outputs of an
+    official output dict (:func:`official_outputs`) and raises :class:`~tfg_mm.errors.NonFiniteError` naming
+    the first non-finite tensor. NaN boxes would otherwise reach transformers' GIoU assertion and surface as a
+    raw ``ValueError: boxes1 must be in [x0, y0, x1, y1] (corner) format``.
+    """
+    _raise_if_not_finite(_output_tensors(outputs), epoch, "model output")
 
 
 def _mean_over_ranks(count: int, device: torch.device) -> float:

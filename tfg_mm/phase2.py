@@ -305,6 +305,8 @@ def build_multimodal(params, class_names: list[str], baseline: tuple[Path, dict 
     """
     ckpt, baseline_metrics = baseline if baseline is not None else baseline_folder(params.baseline)
     detector = deimv2.load(ckpt)
+    # matcher_change_epoch / num_queries of this run over the baseline's (before the criterion reads them)
+    deimv2.apply_config_overrides(detector, deimv2.run_config_overrides(params))
     names = [detector.config.id2label[i] for i in range(detector.config.num_labels)]
     if names != list(class_names):
         raise CheckpointError(

@@ -43,7 +43,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
-from tfg_mm.errors import CheckpointError, ConfigError, TrainingError
+from tfg_mm.errors import CheckpointError, ConfigError, NonFiniteError, TrainingError
 from tfg_mm.evaluate import evaluate
 from tfg_mm.io import atomic_write_bytes, atomic_write_json
 
@@ -431,17 +431,24 @@ class Trainer:
                 break
             batch = _to_device(batch, self.accelerator.device)
             lr = self.set_lr()
-            with self.accelerator.autocast():
-                loss, terms = self.task.loss(model, batch, epoch)
+            # The non-finite guard. The criterion checks the model outputs (logits, boxes, corners of every
+            # decoder / encoder / denoising output) before its matcher and every term before returning it
+            # (tfg_mm.loss.check_finite_outputs): NaN boxes would otherwise die in transformers' GIoU assertion
+            # as a raw ValueError. Here the error gets the epoch, step, run and fixes; the total is checked too
+            # (a task whose loss does not go through that criterion, or a sum that overflows).
+            try:
+                with self.accelerator.autocast():
+                    loss, terms = self.task.loss(model, batch, epoch)
+            except NonFiniteError as exc:
+                raise TrainingError(self._non_finite_message(epoch, step, str(exc).rstrip("."))) from exc
             if not torch.isfinite(loss):
                 bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
-                raise TrainingError(
-                    f"Non-finite loss ({loss.item()}) at epoch {epoch}, step {step} of run {self.run_dir}. "
-                    f"Non-finite terms: {bad or 'none individually (the sum overflowed)'}; all terms: "
-                    f"{ {k: round(v, 4) for k, v in terms.items()} }. The last good checkpoint is kept in "
-                    f"{self.state_dir / 'last.pt'} and {self.ckpt_dir}. Fix: lower `lr` (now {p.lr}) or "
-                    f"`lr_fusion`, keep `grad_clip` > 0, use `amp: no`, then rerun (it resumes from the last epoch)."
+                what = (
+                    f"non-finite loss ({loss.item()}); non-finite terms: "
+                    f"{bad or 'none individually (the sum overflowed)'}; all terms: "
+                    f"{ {k: round(v, 4) for k, v in terms.items()} }"
                 )
+                raise TrainingError(self._non_finite_message(epoch, step, what))
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)
             if p.grad_clip > 0:
@@ -457,6 +464,18 @@ class Trainer:
             count += 1
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
         return {k: v / max(1, count) for k, v in sums.items()}
+
+    def _non_finite_message(self, epoch: int, step: int, what: str) -> str:
+        """The non-finite guard's message: where, what, what is kept, and the fixes with their current values."""
+        p = self.params
+        return (
+            f"Training diverged at epoch {epoch}, step {step} of run {self.run_dir}: {what}. Nothing of this "
+            f"epoch was written; the previous epoch's state is kept in {self.state_dir / 'last.pt'} (if an epoch "
+            f"finished) and its checkpoints in {self.ckpt_dir}. Fix: lower `lr` (now {p.lr}; phase 2: "
+            f"`lr_fusion` {p.lr_fusion}), keep `grad_clip` > 0 (now {p.grad_clip}), use `amp: no` (now "
+            f"{p.amp!r}), then rerun (an interrupted run resumes from its last epoch; with changed params use a "
+            f"new `run_dir` or `overwrite: true`)."
+        )
 
     def _evaluate_and_record(self, epoch: int, losses: dict, seconds: float, lr: float) -> None:
         self.stage = "evaluate"

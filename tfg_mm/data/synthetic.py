@@ -252,6 +252,50 @@ def _paint_inclusion(rng: np.random.Generator, img: np.ndarray, c: _Canvas) -> l
     return [box] if box else []
 
 
+def _paint_spanning(
+    rng: np.random.Generator, img: np.ndarray, c: _Canvas, classes: Sequence[str]
+) -> list[tuple[str, Box]]:
+    """The stress case (``generate(stress=True)``): one or two defects that span the image from border to border.
+
+    Modelled on public steel-strip sets (200 px grayscale, boxes over most of the image) on which DEIMv2 predicted
+    inverted boxes (issue 9): a band across the whole width (touches left and right), a crack along the whole
+    height (touches top and bottom) and, in a quarter of the images, a discolouration over the whole image
+    (touches every border). Labelled with the first two of ``stain``, ``scratch``, ``break`` that are in
+    ``classes`` (else the first class).
+    """
+    s, k = c.size, c.k
+    names = [n for n in ("stain", "scratch", "break") if n in classes] or [classes[0]]
+    band_name, line_name = names[0], names[min(1, len(names) - 1)]
+    objects: list[tuple[str, Box]] = []
+    # A band across the whole width, 20-60 % of the height.
+    height = int(rng.uniform(0.2, 0.6) * s)
+    top = int(rng.integers(0, s - height + 1))
+    profile = np.zeros(s)
+    profile[top : top + height] = 1.0
+    profile = gaussian_filter1d(profile, 1.5 * k)
+    grain = 0.3 * _unit(gaussian_filter(rng.standard_normal((s, s)), 2.0 * k))
+    band = np.clip(profile[:, None] * (1.0 + grain), 0.0, 1.0)
+    img += (-rng.uniform(0.15, 0.25) * band)[..., None]
+    objects.append((band_name, (0, top, s, height)))
+    # A crack along the whole height (border to border), drifting sideways.
+    if rng.random() < 0.7:
+        x = rng.uniform(0.2 * s, 0.8 * s) + np.cumsum(rng.normal(0.0, 0.4, s))
+        points = np.stack([np.clip(x, 0, s - 1), np.arange(s, dtype=np.float64)], axis=1)
+        mask = _stroke(points, rng.uniform(2.0, 3.5) * k, s)
+        img -= (rng.uniform(0.2, 0.3) * mask)[..., None]
+        box = _bbox(mask > 0.3)
+        if box:
+            x0, _, w, _ = box
+            objects.append((line_name, (x0, 0, w, s)))
+    # A discolouration over the whole image.
+    if rng.random() < 0.25:
+        img *= 1.0 - rng.uniform(0.1, 0.2) * (0.5 + 0.5 * _unit(gaussian_filter(rng.standard_normal((s, s)), 8 * k)))[
+            ..., None
+        ].clip(0.0, 1.0)
+        objects.append((band_name, (0, 0, s, s)))
+    return objects
+
+
 _PAINTERS: dict[str, Callable[[np.random.Generator, np.ndarray, _Canvas], list[Box]]] = {
     "scratch": _paint_scratch,
     "perforation": _paint_perforation,
@@ -270,11 +314,20 @@ _PAINT_ORDER = ("stain", "dent", "inclusion", "scratch", "break", "perforation")
 
 
 def render_image(
-    seed: int, split: str, index: int, image_size: int, classes: Sequence[str], defect_free: bool
+    seed: int,
+    split: str,
+    index: int,
+    image_size: int,
+    classes: Sequence[str],
+    defect_free: bool,
+    stress: bool = False,
 ) -> tuple[np.ndarray, list[tuple[str, Box]]]:
-    """Draw one image; returns the uint8 (S, S, 3) pixels and ``(class name, box)`` pairs.
+    """Draw one image; returns the uint8 (S, S, 3) pixels (``stress``: (S, S), grayscale) and
+    ``(class name, box)`` pairs.
 
     Public so notebooks can show how a single sample is made; ``generate`` is the entry point.
+    ``stress`` adds image-spanning defects (:func:`_paint_spanning`) after the ordinary ones, on a defect-free
+    image too, and returns a grayscale image; ``stress=False`` draws exactly what it always drew.
     """
     rng = np.random.Generator(np.random.PCG64([seed, _SPLIT_CODES[split], index]))
     yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float64)
@@ -287,10 +340,15 @@ def render_image(
     objects: list[tuple[str, Box]] = []
     for name in sorted(chosen, key=_PAINT_ORDER.index):
         objects.extend((name, box) for box in _PAINTERS[name](rng, img, canvas))
+    if stress:
+        objects.extend(_paint_spanning(rng, img, canvas, classes))
+        img = img.mean(axis=2, keepdims=True)
     pixels = np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
     if rng.random() < 0.5:  # vertical rolling direction
         pixels = np.ascontiguousarray(pixels.transpose(1, 0, 2))
         objects = [(name, (y, x, h, w)) for name, (x, y, w, h) in objects]
+    if stress:
+        pixels = pixels[..., 0]
     return pixels, objects
 
 
@@ -299,7 +357,9 @@ _SPLIT_CODES = {"train": 0, "val": 1}
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False)
+    Image.fromarray(pixels, mode="RGB" if pixels.ndim == 3 else "L").save(
+        buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False
+    )
     return buf.getvalue()
 
 
@@ -387,6 +447,7 @@ def generate(
     classes: Sequence[str] = DEFAULT_CLASSES,
     defect_free_fraction: float = 0.1,
     progress: bool = True,
+    stress: bool = False,
 ) -> Path:
     """Write the synthetic defect dataset as an ordinary COCO folder and return ``out_dir``.
 
@@ -395,6 +456,12 @@ def generate(
     an identical set is already there) and ``README.txt``. Category ids are 1..len(classes) in the
     given order; image ids are unique across both splits. The folder is replaced atomically, and a
     non-empty folder that was not made by this generator is never overwritten.
+
+    ``stress=True`` (``python -m tfg_mm generate --stress``) writes the stress case of issue 9: grayscale PNGs
+    whose defects include image-spanning ones (a band across the whole width, a crack along the whole height,
+    a discolouration over the whole image: boxes touching every border, next to the small ordinary defects).
+    It reproduces the kind of data on which DEIMv2 predicts inverted boxes (see ``tfg_mm.loss.box_cxcywh_to_xyxy``).
+    The default set (``stress=False``) is unchanged, byte for byte.
     """
     out_dir = Path(out_dir)
     classes = _check_params(seed, n_train, n_val, image_size, classes, defect_free_fraction)
@@ -406,6 +473,8 @@ def generate(
         "classes": list(classes),
         "defect_free_fraction": float(defect_free_fraction),
     }
+    if stress:  # only then: the default set's manifest (and so its dataset hash) stays as it was
+        params["stress"] = True
     manifest = {
         "generator": "tfg_mm.data.synthetic",
         "version": GENERATOR_VERSION,
@@ -435,7 +504,7 @@ def generate(
             n_free = int(round(defect_free_fraction * count))
             free = set(split_rng.choice(count, size=n_free, replace=False).tolist()) if n_free else set()
             for index in range(count):
-                pixels, objects = render_image(seed, split, index, image_size, classes, index in free)
+                pixels, objects = render_image(seed, split, index, image_size, classes, index in free, stress)
                 image_id += 1
                 file_name = f"{split}_{index:06d}.png"
                 (tmp / "images" / file_name).write_bytes(_png_bytes(pixels))

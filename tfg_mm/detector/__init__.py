@@ -22,7 +22,16 @@ from tfg_mm.detector.official import (
     trainable_parameter_summary,
     unfreeze,
 )
-from tfg_mm.detector.presets import PRESETS, build, preset_config, preset_image_size
+from tfg_mm.detector.presets import (
+    PRESETS,
+    apply_config_overrides,
+    build,
+    check_image_size,
+    min_image_size,
+    preset_config,
+    preset_image_size,
+    run_config_overrides,
+)
 
 register_auto_classes()
 
@@ -31,7 +40,11 @@ __all__ = [
     "CORRECTION_DOCS",
     "FREEZE_PARTS",
     "PRESETS",
+    "apply_config_overrides",
     "build",
+    "check_image_size",
+    "min_image_size",
+    "run_config_overrides",
     "TfgDeimv2Config",
     "TfgDeimv2ForObjectDetection",
     "freeze",

@@ -254,6 +254,20 @@ class TfgDeimv2ForObjectDetection(Deimv2ForObjectDetection):
             )
         self._anchors_hw = (height, width)
 
+    def _check_input_size(self, pixel_values: torch.Tensor) -> None:
+        """The query selection needs ``num_queries`` encoder tokens: say so (ConfigError) instead of transformers'
+        ``RuntimeError: selected index k out of range``. The schema checks ``image_size`` before any work for a
+        preset-built model; this covers loaded checkpoints and any other input size."""
+        height, width = int(pixel_values.shape[-2]), int(pixel_values.shape[-1])
+        strides = self.config.feat_strides
+        tokens = sum(-(-height // s) * -(-width // s) for s in strides)
+        if tokens < self.config.num_queries:
+            raise ConfigError(
+                f"DEIMv2 input of {height}x{width} px gives {tokens} encoder tokens (feature strides {list(strides)}) "
+                f"but the model selects {self.config.num_queries} queries from them. Fix: a larger `image_size`, or "
+                f"`num_queries: {tokens}` or fewer."
+            )
+
     # -- forward -----------------------------------------------------------------------------------------
     def forward(
         self,
@@ -274,6 +288,7 @@ class TfgDeimv2ForObjectDetection(Deimv2ForObjectDetection):
         logits) ``loss`` is None.
         """
         self._match_anchors_to_input(pixel_values)
+        self._check_input_size(pixel_values)
         outputs = self.model(pixel_values, pixel_mask=pixel_mask, labels=labels, **kwargs)
         result = Deimv2ObjectDetectionOutput(
             logits=outputs.intermediate_logits[:, -1],

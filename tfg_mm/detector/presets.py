@@ -25,6 +25,7 @@ from transformers import Deimv2Config, Deimv2ForObjectDetection
 from transformers.models.dinov3_vit.configuration_dinov3_vit import DINOv3ViTConfig
 from transformers.models.hgnet_v2.configuration_hgnet_v2 import HGNetV2Config
 
+from tfg_mm.config import register_params_check
 from tfg_mm.detector.official import (
     CRITERION_LOSSES,
     OFFICIAL_PRIOR_PROB,
@@ -168,8 +169,9 @@ OFFICIAL_DECODER: dict[str, Any] = dict(
 )
 
 # The small sizes train without FGL / DDF and without the union set. ``matcher_change_epoch`` (from this
-# 0-based epoch on the matcher uses the -score * IoU^4 cost) is tuned to each size's COCO schedule (e.g. 450
-# of atto's 500 epochs); a shorter fine-tuning run chooses its own switch epoch or none.
+# epoch on the matcher uses the -score * IoU^4 cost; the official loop counts epochs from 0, the project's
+# from 1) is tuned to each size's COCO schedule (e.g. 450 of atto's 500 epochs); a shorter fine-tuning run
+# chooses its own switch epoch (parameter `matcher_change_epoch`) or none.
 _LITE_CRITERION = dict(losses=("mal", "boxes"), use_uni_set=False)
 
 
@@ -410,6 +412,110 @@ def criterion_fields(preset: str) -> dict[str, Any]:
     )
 
 
+# -- input size vs query count (issue 9, item 5) ------------------------------------------------------------
+#: The schema's ``image_size`` step (``tfg_mm.config``): every size is a multiple of the largest stride, 32.
+IMAGE_SIZE_STEP = 32
+
+
+def input_tokens(feat_strides: list[int] | tuple[int, ...], image_size: int) -> int:
+    """Encoder tokens of a square input: one per feature-map cell, summed over the decoder's levels.
+
+    DEIMv2 picks its ``num_queries`` initial queries as the top-k of these tokens, so it needs at least as many
+    tokens as queries (transformers' ``topk`` otherwise dies with ``selected index k out of range``).
+    """
+    return sum((int(image_size) // int(stride)) ** 2 for stride in feat_strides)
+
+
+def min_image_size(preset: str, num_queries: int | None = None) -> int:
+    """The smallest multiple of 32 px at which ``preset`` (with ``num_queries`` queries, default the preset's)
+    has enough tokens: e.g. atto 160, femto 192, pico 224, n 256, s/m/l/x 128."""
+    settings = _known_preset(preset)
+    queries = settings["num_queries"] if num_queries is None else int(num_queries)
+    size = IMAGE_SIZE_STEP
+    while input_tokens(settings["feat_strides"], size) < queries:
+        size += IMAGE_SIZE_STEP
+    return size
+
+
+def max_queries(preset: str, image_size: int) -> int:
+    """The most queries ``preset`` can select at ``image_size`` (its token count)."""
+    return input_tokens(_known_preset(preset)["feat_strides"], image_size)
+
+
+def image_size_problem(preset: str, image_size: int, num_queries: int | None = None) -> str | None:
+    """Why ``image_size`` is too small for ``preset`` (and ``num_queries``), with the fixes; None when it fits."""
+    settings = _known_preset(preset)
+    queries = settings["num_queries"] if num_queries is None else int(num_queries)
+    tokens = input_tokens(settings["feat_strides"], image_size)
+    if tokens >= queries:
+        return None
+    strides = settings["feat_strides"]
+    terms = " + ".join(f"({image_size}/{s})^2" for s in strides)
+    whose = "the preset's" if num_queries is None else "`num_queries`"
+    return (
+        f"`image_size: {image_size}` is too small for preset `{preset}`: its encoder gives {terms} = {tokens} tokens "
+        f"(feature strides {list(strides)}) but the decoder selects {queries} queries ({whose} value) from them. "
+        f"Fix: `image_size: {min_image_size(preset, queries)}` or more (the minimum for {queries} queries), or "
+        f"`num_queries: {tokens}` or fewer to keep {image_size} px."
+    )
+
+
+def check_image_size(preset: str, image_size: int, num_queries: int | None = None) -> None:
+    """Raise ``ConfigError`` naming ``image_size``, the preset and the fixes when the input is too small."""
+    problem = image_size_problem(preset, image_size, num_queries)
+    if problem:
+        raise ConfigError(problem)
+
+
+def run_config_overrides(params: Any) -> dict[str, Any]:
+    """The ``TfgDeimv2Config`` fields a run's parameters set over the preset's or the checkpoint's values.
+
+    ``matcher_change_epoch`` and ``num_queries`` when given (None keeps the preset's / checkpoint's value).
+    """
+    fields = {}
+    if getattr(params, "matcher_change_epoch", None) is not None:
+        fields["matcher_change_epoch"] = int(params.matcher_change_epoch)
+    if getattr(params, "num_queries", None) is not None:
+        fields["num_queries"] = int(params.num_queries)
+    return fields
+
+
+def apply_config_overrides(model: Any, fields: dict[str, Any]) -> None:
+    """Set :func:`run_config_overrides` on a loaded detector's config (the criterion and the query selection read
+    them at every forward). Neither changes a weight shape: the queries are selected encoder tokens."""
+    config = model.config
+    for name, value in fields.items():
+        setattr(config, name, value)
+    if "num_queries" in fields:
+        check_image_size_of_config(config)
+
+
+def check_image_size_of_config(config: Deimv2Config, image_size: int | None = None) -> None:
+    """:func:`check_image_size` for a built config (any preset, any ``num_queries``; default its anchors' size)."""
+    size = int(image_size if image_size is not None else config.anchor_image_size[0])
+    tokens = input_tokens(config.feat_strides, size)
+    if tokens < config.num_queries:
+        preset = getattr(config, "preset", None)
+        if preset in PRESETS:
+            check_image_size(preset, size, config.num_queries)
+        raise ConfigError(
+            f"`image_size: {size}` gives {tokens} tokens (strides {list(config.feat_strides)}) for "
+            f"{config.num_queries} queries. Fix: a larger `image_size`, or `num_queries: {tokens}` or fewer."
+        )
+
+
+def _register_params_check() -> None:
+    """The schema (``tfg_mm.config``, a layer below) checks ``image_size`` against the preset before any work."""
+
+    def check(params: Any) -> list[tuple[str, str]]:
+        if params.pretrained or params.checkpoint or params.baseline:
+            return []  # a loaded model's own config decides; the detector's forward checks it (_check_input_size)
+        problem = image_size_problem(params.preset, params.image_size, params.num_queries)
+        return [("image_size", problem)] if problem else []
+
+    register_params_check(check)
+
+
 def _backbone_config(preset: dict[str, Any]) -> HGNetV2Config | DINOv3ViTConfig:
     """transformers backbone config of a preset (official ``return_idx`` -> ``out_indices``, stem = 0)."""
     out_indices = [index + 1 for index in preset["return_idx"]]
@@ -518,6 +624,7 @@ def preset_config(
     if unknown:
         raise ConfigError(f"preset_config overrides {unknown} are not TfgDeimv2Config fields.")
     fields.update(overrides)
+    check_image_size(preset, size, None if "num_queries" not in overrides else fields["num_queries"])
     try:
         return TfgDeimv2Config(**fields)
     except StrictDataclassClassValidationError as error:  # show our ConfigError, not the wrapper
@@ -604,3 +711,6 @@ def build(
     model = TfgDeimv2ForObjectDetection(config)
     official_head_init(model)
     return model
+
+
+_register_params_check()
