@@ -210,7 +210,13 @@ class TrainingParams(BaseModel):
     overwrite: bool = Field(
         False, description="Replace a finished run already in `run_dir` (otherwise that is an error)."
     )
-    resume: bool = Field(True, description="Resume an interrupted run found in `run_dir` from its last checkpoint.")
+    resume: bool = Field(
+        True,
+        description=(
+            "Resume an interrupted run found in `run_dir` from its last checkpoint, only when it is the same run "
+            "(same params, dataset and code); another run there is refused with what differs."
+        ),
+    )
     save_every: int = Field(1, ge=1, description="Write the resumable `last` checkpoint every this many epochs.")
     max_steps_per_epoch: int | None = Field(
         None, ge=1, description="Cap on optimiser steps per epoch (for tests and smoke runs); null = whole epoch."
