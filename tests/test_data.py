@@ -135,7 +135,7 @@ def test_inspection_helpers(synth):
 
 
 def test_make_data_takes_the_runs_dataset_record(synth, monkeypatch):
-    params = load_params({"dataset": str(synth), "image_size": 96, "batch_size": 4, "generate_if_missing": False})
+    params = load_params({"dataset": str(synth), "image_size": 160, "batch_size": 4, "generate_if_missing": False})
     gen = torch.Generator().manual_seed(0)
     fresh = loaders.make_data(params, gen, progress=False)
     assert fresh.record == loaders.dataset_record(synth, params.train_json, params.val_json, params.images_dir)
