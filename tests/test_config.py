@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
@@ -20,6 +21,7 @@ from tfg_mm.config import (
     load_params,
     parameter_reference,
     params_from_notebook,
+    portable_text,
     project_root,
     resolve_path,
 )
@@ -286,7 +288,7 @@ def test_params_from_notebook_rejects_a_mistyped_papermill_parameter():
 
 def test_params_file_is_merged_first_and_named_in_errors(tmp_path, caplog):
     path = _write(tmp_path / "nb.yaml", "epochs: 9\nlr: 0.03\nalpha: 0.1\n")
-    with caplog.at_level("WARNING", logger="tfg_mm.config"):
+    with caplog.at_level("INFO", logger="tfg_mm.config"):
         p = params_from_notebook({"params_file": str(path), "epochs": 1, "alpha": 0.1})
     assert (p.epochs, p.lr, p.alpha) == (1, 0.03, 0.1)
     assert "epochs" in caplog.text and "overrides" in caplog.text and "alpha" not in caplog.text
@@ -425,3 +427,13 @@ def test_image_size_check_uses_num_queries_and_the_preset():
         load_params({"preset": "n"})  # the default 160 px is too small for n's 300 queries
     # a loaded detector's own config decides (checked by its forward)
     assert load_params({"image_size": 64, "checkpoint": "runs/x/checkpoints/best"}).image_size == 64
+
+
+def test_portable_text_hides_this_machines_folders_and_keeps_others():
+    root = project_root()
+    text = f"data {root}/data/synthetic, model {sys.prefix}/lib/x, home {Path.home()}/d, root {root}, other /srv/set"
+    shown = portable_text(text)
+    assert str(root) not in shown.replace("/srv/set", "")
+    assert "data data/synthetic," in shown and "root ." in shown and "/srv/set" in shown
+    assert sys.prefix not in shown and ("<python env>/lib/x" in shown or ".venv/lib/x" in shown or "~/" in shown)
+    assert portable_text(f"{root}x/y") == f"{root}x/y"  # a sibling folder sharing the prefix is not the root

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from tfg_mm import reports, runs
-from tfg_mm.config import load_params
+from tfg_mm.config import load_params, project_root
 
 #: Debian's package puts it on PATH (.ci/run installs it)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -106,6 +106,8 @@ def test_a_written_contract_is_read_as_written(tmp_path):
     written = runs.read_metrics(tmp_path)
     assert reports.baseline_final_of(written)["map"] == 0.62
     assert reports.contract_field(written, "classes") == list(CLASSES)
+    local = {**written, "dataset": {**written["dataset"], "root": str(project_root() / "data" / "synthetic")}}
+    assert "| data/synthetic (hash" in reports.provenance_markdown(local)  # a thesis page shows no machine path
     text = reports.provenance_markdown(written)
     env = written["environment"]
     for expected in (

@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -622,6 +623,21 @@ def resolve_path(path: str | Path) -> Path:
     return path if path.is_absolute() else project_root() / path
 
 
+def portable_text(text: str) -> str:
+    """``text`` with this machine's absolute folders replaced, for reports (a thesis page shows no machine path).
+
+    The project root becomes a relative path (``.`` alone), the Python environment ``<python env>``
+    and the home folder ``~``; other paths (a user's own data elsewhere) stay as they are.
+    """
+    prefixes = [(project_root(), ""), (Path(sys.prefix), "<python env>"), (Path.home(), "~")]
+    for prefix, shown in sorted(prefixes, key=lambda p: -len(str(p[0]))):
+        if str(prefix) in ("/", ""):
+            continue
+        pattern = re.escape(str(prefix)) + r"(/|(?![\w.-]))"
+        text = re.sub(pattern, lambda m, s=shown: (f"{s}/" if s else "") if m.group(1) else (s or "."), text)
+    return text
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """The absolute paths of one run, resolved once (:func:`resolve_path`) from its validated params.
@@ -789,7 +805,7 @@ def params_from_notebook(namespace: Mapping[str, Any], ignore: Iterable[str] = (
     from_file = read_yaml(path)
     for key in sorted(set(from_file) & set(values)):
         if from_file[key] != values[key]:
-            logger.warning(
+            logger.info(  # the documented precedence; a warning would land in every report
                 "notebook parameter %s = %r overrides %s = %r from params_file %s",
                 key,
                 values[key],

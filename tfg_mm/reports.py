@@ -38,7 +38,7 @@ import seaborn as sns
 from IPython.display import Markdown, display
 from matplotlib.ticker import MaxNLocator
 
-from tfg_mm.config import Params
+from tfg_mm.config import Params, portable_text
 from tfg_mm.data.synthetic import HARD_CLASSES
 from tfg_mm.figures import default_reports_dir, save_figure
 from tfg_mm.io import atomic_write_text
@@ -137,7 +137,7 @@ def provenance_markdown(metrics: Mapping[str, Any]) -> str:
     baseline = contract_field(metrics, "baseline") or {}
 
     def cell(value: Any) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
+        return portable_text(str(value)).replace("|", "\\|").replace("\n", " ")
 
     rows = [
         ("phase", contract_field(metrics, "phase", "?")),
@@ -636,7 +636,7 @@ def build_index(summary: Mapping[str, Any] | None = None, reports_dir: str | Pat
     source = (summary or {}).get("ablations_dir")
     parts = [
         f"<h1>tfg-mm reports</h1><p class='note'>Built {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
-        + (f" from <code>{html.escape(str(source))}</code>" if source else "")
+        + (f" from <code>{html.escape(portable_text(str(source)))}</code>" if source else "")
         + ".</p>"
     ]
     parts.append(_report_links(reports_dir, summary))
@@ -656,12 +656,12 @@ def build_index(summary: Mapping[str, Any] | None = None, reports_dir: str | Pat
         )
         parts.append("<h2>Ablations</h2>")
         parts.append(
-            f"<p class='note'>Grid <code>{html.escape(str(summary.get('grid', '')))}</code>; "
+            f"<p class='note'>Grid <code>{html.escape(portable_text(str(summary.get('grid', ''))))}</code>; "
             f"{html.escape(summary.get('description', ''))}. Values are mean ± sd over seeds; "
             f"Δ is the seed mean of (variant − baseline) with a paired bootstrap "
             f"{round(100 * summary.get('confidence', 0.95))}% interval over validation images "
             f"({summary.get('bootstrap_resamples')} resamples); an interval that contains 0 is "
-            f"<em>within noise</em>. Baseline: <code>{html.escape(str(summary.get('baseline_run', '')))}"
+            f"<em>within noise</em>. Baseline: <code>{html.escape(portable_text(str(summary.get('baseline_run', ''))))}"
             f"</code>. {html.escape(summary.get('interval_note', ''))}</p>"
         )
         parts.append(table.to_html(index=False, escape=True, border=0, classes="ablations"))
