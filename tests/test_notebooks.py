@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +52,10 @@ def test_notebook_01_runs_writes_contract_and_renders_without_code(executed_01, 
     html = render_html(nb, tmp_path / "01.html").read_text()
     assert "data:image/png;base64" in html
     assert "run_baseline(" not in html  # no code cells in the report
+    # a thesis page: no library progress bars (one pair per checkpoint save and load) in stderr blocks
+    cells = json.loads(Path(nb).read_text())["cells"]
+    stderr = ["".join(o["text"]) for c in cells for o in c.get("outputs", []) if o.get("name") == "stderr"]
+    assert not any("Writing model shards" in s or "Loading weights" in s for s in stderr), stderr
 
 
 def test_notebook_01_with_params_file(tiny_dataset, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nbformat
 from nbconvert import HTMLExporter
+from transformers.utils import logging as transformers_logging
 
 from tfg_mm import errors
 from tfg_mm.config import params_from_notebook, project_root
@@ -112,4 +113,7 @@ def notebook_params(namespace: dict):
     ``-p name value`` / ``-f file.yaml`` inject. A misspelled injected name fails with a
     did-you-mean (:func:`tfg_mm.config.params_from_notebook`).
     """
+    # A notebook is a thesis page: transformers' per-save / per-load progress bars ("Writing model shards",
+    # "Loading weights") would fill its stderr blocks. The terminal (CLI) keeps them.
+    transformers_logging.disable_progress_bar()
     return params_from_notebook({k: v for k, v in namespace.items() if v is not None})
