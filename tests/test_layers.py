@@ -18,6 +18,7 @@ LAYERS = {
     "io": 0,
     "config": 1,
     "figures": 1,
+    "devices": 1,
     "data": 2,
     "detector": 2,
     "loss": 3,

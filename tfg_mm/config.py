@@ -65,13 +65,32 @@ Optimizer = Literal["AdamW", "SGD"]
 Scheduler = Literal["flatcosine", "cosine", "constant"]
 Amp = Literal["no", "fp16", "bf16"]
 SelectMetric = Literal["map", "map50"]
-Device = Literal["auto", "cpu", "cuda"]
+#: ``device`` is a string, not a choice: ``cuda:N`` names any visible GPU (``tfg_mm.devices`` resolves it)
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 Gate = Literal["scalar", "per_class"]
 Fusion = Literal["linear", "mlp"]
 Prompts = Literal["single", "ensemble"]
 TextEncoderKind = Literal["minilm", "sentence", "open_clip", "random", "none"]
 Unfreeze = Literal["none", "heads", "decoder", "encoder", "all"]
 DetectorMode = Literal["eval_shim", "train_frozen"]
+
+
+def _is_device(device: str) -> str:
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise ValueError(f"{device!r} is not a device: write `auto`, `cpu`, `cuda` or `cuda:N` (N = 0, 1, ...)")
+    return device
+
+
+def _workers(value: int | str) -> int | str:
+    if value != "auto" and (isinstance(value, str) or value < 0):
+        raise ValueError("write a number of worker processes ≥ 0, or `auto`")
+    return value
+
+
+def _pin(value: bool | str) -> bool | str:
+    if isinstance(value, str) and value != "auto":
+        raise ValueError("write `true`, `false` or `auto`")
+    return value
 
 
 def _template_has_one_placeholder(template: str) -> str:
@@ -193,9 +212,20 @@ class TrainingParams(BaseModel):
     ema: bool = Field(True, description="Keep an exponential moving average of the weights and evaluate it.")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per optimiser step.")
     ema_warmup: int = Field(100, ge=0, description="Steps over which the EMA decay ramps up to `ema_decay`.")
-    amp: Amp = Field("no", description="Mixed precision (through accelerate).")
+    amp: Amp = Field(
+        "no",
+        description="Mixed precision through accelerate: `bf16` (CPU and GPUs of compute capability 8.0+) or `fp16` "
+        "(CUDA only, with gradient scaling: a step whose gradients overflow is skipped and the scale lowered).",
+    )
     augment: bool = Field(True, description="Training augmentation (torchvision.transforms.v2).")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    num_workers: Annotated[int | str, AfterValidator(_workers)] = Field(
+        "auto",
+        description="DataLoader worker processes (≥ 0); `auto` = none on CPU (the project's CPU results), "
+        "min(8, CPUs) on CUDA.",
+    )
+    pin_memory: Annotated[bool | str, AfterValidator(_pin)] = Field(
+        "auto", description="Pinned (page-locked) batches for faster copies to the GPU; `auto` = on CUDA only."
+    )
     seed: int = Field(0, ge=0, description="Seed of model initialisation, data order and augmentation.")
     deterministic: bool = Field(True, description="Use deterministic algorithms (identical histories on CPU).")
     eval_every: int = Field(1, ge=1, description="Evaluate on the validation split every this many epochs.")
@@ -203,7 +233,11 @@ class TrainingParams(BaseModel):
     select_metric: SelectMetric = Field(
         "map", description="Validation metric that selects the best checkpoint (`final` in metrics.json)."
     )
-    device: Device = Field("auto", description="Device; `auto` = CUDA when available.")
+    device: Annotated[str, AfterValidator(_is_device)] = Field(
+        "auto",
+        description="`auto` (the current CUDA device when one is visible, else CPU), `cpu`, `cuda` or `cuda:N` "
+        "(the N-th visible GPU).",
+    )
     run_dir: str = Field(
         "runs/baseline",
         description="Folder of this run: checkpoints, history and the run contract `metrics.json`.",
@@ -505,6 +539,14 @@ def _unknown_key_message(key: str, value: Any) -> str:
     return f"unknown key `{key}`: {hint}"
 
 
+#: How the reference and the errors show a type that a validator narrows (the annotation says only ``int | str``).
+_SHOWN_TYPES = {"num_workers": 'int | "auto"', "pin_memory": 'bool | "auto"'}
+
+
+def _field_type_text(name: str) -> str:
+    return _SHOWN_TYPES.get(name) or _type_text(Params.model_fields[name].annotation)
+
+
 def _type_text(annotation: Any) -> str:
     """A short, user-facing rendering of a field's type (``int | None``, ``"atto" | "n"``, ``list[float]``)."""
     origin = get_origin(annotation)
@@ -543,7 +585,7 @@ def _bounds_text(metadata: Iterable[Any]) -> str:
 def _allowed_text(name: str) -> str:
     """What a parameter accepts, e.g. ``int ≥ 32, ≤ 1280, multiple of 32`` or ``list[float], each ≥ 0, ≤ 1``."""
     info = Params.model_fields[name]
-    text = _type_text(info.annotation)
+    text = _field_type_text(name)
     bounds = _bounds_text(info.metadata)
     if bounds:
         text += f", {bounds}"
@@ -934,9 +976,9 @@ def parameter_reference() -> str:
         lines += ["| name | type | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
         for name, info in model.model_fields.items():
             default = info.get_default(call_default_factory=True)
-            bounds = _allowed_text(name).removeprefix(_type_text(info.annotation)).lstrip(", ").lstrip("; ")
+            bounds = _allowed_text(name).removeprefix(_field_type_text(name)).lstrip(", ").lstrip("; ")
             lines.append(
-                f"| `{name}` | `{_cell(_type_text(info.annotation))}` | `{_cell(_yaml_value(default))}` "
+                f"| `{name}` | `{_cell(_field_type_text(name))}` | `{_cell(_yaml_value(default))}` "
                 f"| {_cell(bounds)} | {_cell(info.description or '')} |"
             )
         lines.append("")

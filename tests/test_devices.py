@@ -1,0 +1,138 @@
+"""GPU settings (tfg_mm.devices): `device`, `amp`, `num_workers`, `pin_memory`, checked without a GPU.
+
+The resolvers take the machine's facts (CUDA visible, device count, CPUs) as arguments, so every device is
+checked here; the loop's fp16 path is checked on CPU with a real gradient scaler.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tfg_mm import devices, train
+from tfg_mm.baseline import run_baseline
+from tfg_mm.config import load_params
+from tfg_mm.devices import check_amp, loader_settings, resolve_device
+from tfg_mm.errors import ConfigError
+
+
+@pytest.mark.parametrize("value", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_device_accepts_auto_cpu_cuda_and_cuda_n(value):
+    assert load_params(device=value).device == value
+
+
+@pytest.mark.parametrize("value", ["gpu", "cuda:", "cuda:x", "CPU", "mps"])
+def test_device_rejects_other_spellings_naming_the_parameter_and_the_fix(value):
+    with pytest.raises(ConfigError) as err:
+        load_params(device=value)
+    assert "`device`" in str(err.value) and "cuda:N" in str(err.value)
+
+
+def test_num_workers_and_pin_memory_take_auto_or_a_value():
+    p = load_params()
+    assert (p.num_workers, p.pin_memory) == ("auto", "auto")
+    p = load_params(num_workers=3, pin_memory=False)
+    assert (p.num_workers, p.pin_memory) == (3, False)
+    for bad in ({"num_workers": -1}, {"num_workers": "many"}, {"pin_memory": "sometimes"}):
+        with pytest.raises(ConfigError) as err:
+            load_params(**bad)
+        assert f"`{next(iter(bad))}`" in str(err.value)
+
+
+def test_resolve_device_per_machine():
+    assert resolve_device("cpu", cuda_available=True) == torch.device("cpu")
+    assert resolve_device("auto", cuda_available=False) == torch.device("cpu")
+    assert resolve_device("auto", cuda_available=True) == torch.device("cuda")
+    assert resolve_device("cuda", cuda_available=True) == torch.device("cuda")
+    assert resolve_device("cuda:1", cuda_available=True, cuda_count=2) == torch.device("cuda", 1)
+
+
+def test_resolve_device_refuses_an_absent_gpu_with_the_fix():
+    with pytest.raises(ConfigError) as err:
+        resolve_device("cuda:0", cuda_available=False)
+    assert "`device: cuda:0`" in str(err.value) and "no CUDA device is visible" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        resolve_device("cuda:2", cuda_available=True, cuda_count=2)
+    assert "only 2 CUDA devices" in str(err.value) and "cuda:0, cuda:1" in str(err.value)
+
+
+def test_amp_that_cannot_run_on_the_device_is_refused():
+    with pytest.raises(ConfigError, match="`amp: fp16` needs a CUDA device"):
+        check_amp("fp16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="no bfloat16 support"):
+        check_amp("bf16", torch.device("cuda"), bf16_supported=False)
+    for amp, device in (("bf16", "cpu"), ("no", "cpu"), ("fp16", "cuda"), ("bf16", "cuda")):
+        check_amp(amp, torch.device(device), bf16_supported=True)  # no error
+
+
+def test_loader_settings_auto_per_device():
+    # CPU: today's settings (no worker process, no pinned memory): CPU results stay identical
+    assert loader_settings("auto", "auto", "cpu", cpus=16) == devices.LoaderSettings(0, False)
+    # CUDA: min(8, CPUs) workers and pinned memory
+    assert loader_settings("auto", "auto", "cuda", cpus=16) == devices.LoaderSettings(8, True)
+    assert loader_settings("auto", "auto", torch.device("cuda", 1), cpus=3) == devices.LoaderSettings(3, True)
+    # explicit values win; pinned memory is dropped on CPU (it only speeds copies to a GPU)
+    assert loader_settings(2, True, "cpu", cpus=16) == devices.LoaderSettings(2, False)
+    assert loader_settings(0, False, "cuda", cpus=16) == devices.LoaderSettings(0, False)
+
+
+def test_default_params_on_this_cpu_build_todays_loaders(tiny_dataset):
+    from tfg_mm.data import loaders
+    from tfg_mm.train import seed_everything
+
+    params = load_params(dataset=str(tiny_dataset), generate_if_missing=False, device="cpu", batch_size=4)
+    data = loaders.make_data(params, seed_everything(0), progress=False)
+    for loader in (data.train_loader, data.val_loader):
+        assert (loader.num_workers, loader.pin_memory) == (0, False)
+
+
+def test_one_process_can_switch_mixed_precision_between_runs():
+    """accelerate keeps one state per process; a notebook running `amp: no` then `amp: bf16` gets both."""
+    cpu = torch.device("cpu")
+    x = torch.ones(4, 4)
+    first = train.make_accelerator(cpu, "no")
+    with first.autocast():
+        assert (x @ x).dtype == torch.float32
+    second = train.make_accelerator(cpu, "bf16")
+    assert second.mixed_precision == "bf16"
+    with second.autocast():
+        assert (x @ x).dtype == torch.bfloat16
+    third = train.make_accelerator(cpu, "no")
+    with third.autocast():
+        assert (x @ x).dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_fp16_gradient_scaling_skips_overflowing_steps_without_the_divergence_error(tiny_params, monkeypatch):
+    """amp fp16's path in the loop, on CPU with a real GradScaler whose scale overflows every gradient.
+
+    The non-finite guard sees the unscaled loss, so the overflow is not reported as a divergence: the scaler
+    skips each step (the weights stay as they were) and halves its scale; the state keeps the scaler's.
+    """
+    scale = 1e38  # any loss above ~3.4 times this overflows float32: every gradient is inf
+    real = train.make_accelerator
+
+    def with_scaler(device, amp):
+        accelerator = real(device, amp)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        return accelerator
+
+    monkeypatch.setattr(train, "make_accelerator", with_scaler)
+    seen = {}
+    original_fit = train.Trainer.fit
+
+    def fit(self):
+        seen["before"] = {n: p.detach().clone() for n, p in self.task.model.named_parameters()}
+        result = original_fit(self)
+        seen["after"] = dict(self.task.model.named_parameters())
+        seen["scale"] = self.accelerator.scaler.get_scale()
+        return result
+
+    monkeypatch.setattr(train.Trainer, "fit", fit)
+    params = tiny_params(epochs=1, max_steps_per_epoch=2)
+    metrics = run_baseline(params, progress=False)  # no TrainingError
+    assert metrics["status"] == "finished"
+    assert all(torch.equal(seen["after"][n], v) for n, v in seen["before"].items())
+    assert seen["scale"] == pytest.approx(scale * 0.5**2)
+    state = torch.load(f"{params.run_dir}/state/last.pt", weights_only=False)
+    assert state["scaler"]["scale"] == pytest.approx(scale * 0.5**2)
