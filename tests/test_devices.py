@@ -136,3 +136,47 @@ def test_fp16_gradient_scaling_skips_overflowing_steps_without_the_divergence_er
     assert seen["scale"] == pytest.approx(scale * 0.5**2)
     state = torch.load(f"{params.run_dir}/state/last.pt", weights_only=False)
     assert state["scaler"]["scale"] == pytest.approx(scale * 0.5**2)
+
+
+def _gpu_check(tmp_path, extra_env: dict, *args: str):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, **extra_env}
+    return subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), "--work", str(tmp_path / "work"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_check_refuses_a_machine_without_gpu(tmp_path):
+    done = _gpu_check(tmp_path, {"GPU_CHECK_ALLOW_CPU": "0"})
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "no CUDA device is visible" in done.stderr and "GPU_CHECK_ALLOW_CPU=1" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run; on a GPU run the script itself")
+def test_gpu_check_dry_run_on_cpu_writes_every_figure(tmp_path):
+    import json
+
+    env = {"GPU_CHECK_ALLOW_CPU": "1", "SIZE": "atto", "IMAGE_SIZE": "160", "EPOCHS": "2", "TRAIN_IMAGES": "8"}
+    done = _gpu_check(tmp_path, {**env, "VAL_IMAGES": "4", "BATCH": "4", "AMP": "no"}, "--inference-iters", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert result["status"] == "finished"
+    assert result["settings"]["loader"] == {"num_workers": 0, "pin_memory": False}
+    for phase, key in (("phase1", "train"), ("phase2", "train_stage_b")):
+        train = result[phase][key]
+        assert train["images_per_epoch"] == 8 and len(train["epoch_seconds"]) == 2, train
+        assert train["steady_images_per_s"] > 0 and 0 <= result[phase]["map"] <= 1
+    assert result["inference"]["float32"]["images_per_s"] > 0 and "no" not in result["inference"]
+    assert "phase 1 training" in done.stdout and "inference float32" in done.stdout
