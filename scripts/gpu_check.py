@@ -178,6 +178,22 @@ class _null:
         return False
 
 
+def _run(phase, params, result: dict, device: torch.device) -> tuple[dict, object]:
+    """``phase(params)``; a failure under mixed precision is recorded (``amp_fallback``) and the phase rerun in
+    float32, so that one call on a lent GPU still measures something. Returns the contract and the params used."""
+    try:
+        return phase(params, progress=False), params
+    except Exception as exc:
+        if params.amp == "no":
+            raise
+        failure = f"{type(exc).__name__}: {str(exc)[:1500]}"
+        _say(f"{phase.__name__} failed with amp {params.amp} ({failure[:300]}); rerunning it with amp no")
+        result.setdefault("amp_fallback", []).append({"phase": phase.__name__, "amp": params.amp, "failure": failure})
+        params = load_params(params, amp="no", overwrite=True)
+        _reset_peak(device)
+        return phase(params, progress=False), params
+
+
 def main(argv=None) -> int:
     args = _args(argv)
     from transformers.utils import logging as transformers_logging
@@ -264,10 +280,11 @@ def main(argv=None) -> int:
         )
         _reset_peak(device)
         t0 = time.perf_counter()
-        c1 = run_baseline(p1, progress=False)
+        c1, p1 = _run(run_baseline, p1, result, device)
         result["seconds"]["phase1"] = round(time.perf_counter() - t0, 1)
         result["phase1"] = {
             "train": _throughput(c1, images_per_epoch, list(range(1, args.epochs + 1))),
+            "amp": p1.amp,
             "peak_memory_gib": _peak_gib(device),
             "map": c1["final"]["map"],
             "map50": c1["final"]["map50"],
@@ -287,6 +304,7 @@ def main(argv=None) -> int:
         result["settings"]["phase2_max_steps_per_epoch"] = max_steps
         p2 = load_params(
             common,
+            amp=p1.amp,  # float32 when phase 1 had to fall back to it
             baseline=str(base_dir),
             epochs=args.epochs + 1,
             warmup_epochs=1,
@@ -303,7 +321,7 @@ def main(argv=None) -> int:
         )
         _reset_peak(device)
         t0 = time.perf_counter()
-        c2 = run_phase2(p2, progress=False)
+        c2, p2 = _run(run_phase2, p2, result, device)
         result["seconds"]["phase2"] = round(time.perf_counter() - t0, 1)
         result["phase2"] = {
             "train_stage_b": _throughput(
@@ -313,6 +331,7 @@ def main(argv=None) -> int:
             ),
             "stage_a_cached_epoch_seconds": next((h["seconds"] for h in c2["history"] if h["epoch"] == 1), None),
             "cache_seconds": c2.get("cache_seconds"),
+            "amp": p2.amp,
             "peak_memory_gib": _peak_gib(device),
             "map": c2["final"]["map"],
             "map50": c2["final"]["map50"],
@@ -324,7 +343,7 @@ def main(argv=None) -> int:
         # inference ------------------------------------------------------------------------------
         t0 = time.perf_counter()
         result["inference"] = _inference(
-            base_dir / "checkpoints" / "best", device, args.amp, args.batch_size, image_size, args.inference_iters
+            base_dir / "checkpoints" / "best", device, p2.amp, args.batch_size, image_size, args.inference_iters
         )
         result["seconds"]["inference"] = round(time.perf_counter() - t0, 1)
         result["status"] = "finished"
@@ -348,10 +367,10 @@ def _report(r: dict, json_path: Path) -> None:
         f"  DEIMv2-{s['preset']} at {s['image_size']} px, batch {s['batch_size']}, amp {s['amp']}, loader "
         f"{s['loader']}, {s['train_images']} train / {s['val_images']} val images",
         f"  phase 1 training : {p1['train']['steady_images_per_s']} images/s steady "
-        f"(first epoch {p1['train']['first_epoch_images_per_s']}), peak {p1['peak_memory_gib']} GiB, "
+        f"(first epoch {p1['train']['first_epoch_images_per_s']}, amp {p1['amp']}), peak {p1['peak_memory_gib']} GiB, "
         f"mAP {p1['map']:.4f} after {s['epochs']} epochs",
         f"  phase 2 training : {p2['train_stage_b']['steady_images_per_s']} images/s steady in stage B "
-        f"(first {p2['train_stage_b']['first_epoch_images_per_s']}), peak {p2['peak_memory_gib']} GiB, "
+        f"(first {p2['train_stage_b']['first_epoch_images_per_s']}, amp {p2['amp']}), peak {p2['peak_memory_gib']} GiB, "
         f"mAP {p2['map']:.4f}",
     ]
     for name in ("float32", s["amp"]):
