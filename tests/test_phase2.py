@@ -141,3 +141,19 @@ def test_fast_predict_path_equals_the_full_forward(baseline_run, tiny_params, tm
     assert (fast_logits - full["logits"]).abs().max().item() == 0.0
     assert torch.equal(fast_boxes, full["pred_boxes"])
     assert (fast_logits - model.detector(x).logits).abs().max().item() > 0  # the text term is there
+
+
+def test_cached_outputs_follow_the_model_device():
+    """The stage-A cache lives on the CPU; the stacked batch must go where the model is.
+
+    On a GPU the cached hidden states once reached the fusion on the CPU ("mat1 is on cpu"); the meta
+    device stands in for the accelerator here.
+    """
+    from tfg_mm.phase2 import _slice, _stack, _to
+
+    out = {"pred_logits": torch.randn(2, 3, 4), "aux": [{"hidden": torch.randn(2, 3, 8)}], "n": 1}
+    cached = [_slice(out, j) for j in range(2)]
+    assert cached[0]["pred_logits"].device.type == "cpu"
+    moved = _to(_stack(cached), torch.device("meta"))
+    assert moved["pred_logits"].device.type == "meta" and moved["pred_logits"].shape == (2, 3, 4)
+    assert moved["aux"][0]["hidden"].device.type == "meta" and moved["n"] == 1

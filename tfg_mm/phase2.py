@@ -227,7 +227,9 @@ class Phase2Task(Task):
             for j, i in enumerate(missing):
                 self.cache[ids[i]] = _slice(out, j)
             self.cache_seconds += time.perf_counter() - t0
-        return _stack([self.cache[iid] for iid in ids])
+        # the cache lives on the CPU (host memory); the batch goes where the model is
+        device = next(model.parameters()).device
+        return _to(_stack([self.cache[iid] for iid in ids]), device)
 
     def loss(self, model, batch, epoch):
         if self.stage == "A" and self.cached_mode:
@@ -274,6 +276,17 @@ def _slice(obj, j: int):
         return {k: _slice(v, j) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_slice(v, j) for v in obj)
+    return obj
+
+
+def _to(obj, device: torch.device):
+    """A structure of tensors (dicts, lists, tuples) moved to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
     return obj
 
 
