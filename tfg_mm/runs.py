@@ -114,6 +114,9 @@ RESUME_MAY_CHANGE = RUN_ID_EXCLUDED
 STATE_FILE = Path("state") / "last.pt"
 #: The traceback of a failed run, relative to the run folder (named in ``failure.traceback``).
 TRACEBACK_FILE = "traceback.txt"
+#: What the provenance's ``git_dirty`` flag looks at, relative to the repository root: the sources,
+#: notebooks, params and scripts (not ``reports/``, ``runs/`` or ``data/``, which runs write).
+DIRTY_PATHS = ("tfg_mm", "notebooks", "params", "scripts", "pyproject.toml")
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,14 +140,28 @@ def _code_version() -> tuple[tuple[str, Any], ...]:
     for source in sorted(package_dir.rglob("*.py")):
         digest.update(source.relative_to(package_dir).as_posix().encode() + b"\0")
         digest.update(source.read_bytes() + b"\0")
-    commit = _git(["rev-parse", "HEAD"], package_dir)
-    status = _git(["status", "--porcelain"], package_dir) if commit else None
+    commit, dirty = git_state(package_dir)
     return (
         ("package", tfg_mm.__version__),
-        ("git_commit", commit.strip() if commit else None),
-        ("git_dirty", bool(status.strip()) if status is not None else None),
+        ("git_commit", commit),
+        ("git_dirty", dirty),
         ("source_sha256", digest.hexdigest()),
     )
+
+
+def git_state(folder: Path) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the checkout that holds ``folder``; ``(None, None)`` outside git.
+
+    ``dirty`` looks only at what decides a run's numbers (:data:`DIRTY_PATHS`, tracked changes and
+    untracked files alike), relative to the repository root: the reports, runs and data that
+    ``make all`` itself writes do not make a fresh clone "dirty".
+    """
+    commit = _git(["rev-parse", "HEAD"], folder)
+    top = _git(["rev-parse", "--show-toplevel"], folder) if commit else None
+    if not commit or not top:
+        return None, None
+    status = _git(["status", "--porcelain", "--", *DIRTY_PATHS], Path(top.strip()))
+    return commit.strip(), bool(status.strip()) if status is not None else None
 
 
 def code_version() -> dict:
