@@ -331,3 +331,91 @@ def test_a_failed_run_is_marked_in_its_provenance():
     assert "**FAILED** (stage train, epoch 3, step 110): TrainingError: Non-finite loss" in text
     assert "traceback.txt" in text and "not a result" in text
     assert "**RUNNING**" in reports.provenance_markdown({**_metrics(), "status": "running"})
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+@pytest.mark.parametrize("plot", ["per_class", "delta"])
+def test_per_class_legend_covers_no_bar(plot):
+    metrics = _metrics()
+    for name in CLASSES:  # tall bars everywhere: an in-axes legend would cover one
+        metrics["final"]["per_class"][name] = {"ap": 0.97, "ap50": 0.99}
+    fig = (
+        reports.plot_per_class(metrics)
+        if plot == "per_class"
+        else reports.plot_per_class_delta(metrics, {"per_class": _per_class(-0.5)})
+    )
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    bars = [p.get_window_extent() for p in ax.patches if abs(p.get_height()) > 0]
+    assert len(bars) == 2 * len(CLASSES)
+    assert not any(_overlaps(legend, bar) for bar in bars)
+    assert not _overlaps(legend, ax.get_window_extent())  # outside the axes altogether
+    tight = fig.get_tightbbox(fig.canvas.get_renderer())  # what save_figure / the notebook write (bbox "tight")
+    assert legend.x1 <= tight.x1 * fig.dpi + 1
+
+
+def test_final_table_says_no_large_objects_instead_of_nan():
+    metrics = _metrics()
+    metrics["final"].update(map_small=0.4, map_medium=0.55, map_large=None)
+    table = reports.final_table(metrics, {**metrics["baseline"]["final"], "map_small": 0.3, "map_large": None})
+    assert list(table.loc["mAP large"]) == ["no large objects"] * 3
+    assert table.loc["mAP small", "Δ"] == pytest.approx(0.1)
+    assert table.loc["mAP medium", "run"] == pytest.approx(0.55)
+    assert table.loc["mAP medium", "baseline"] == "no medium objects"  # that contract has no medium value
+    assert "NaN" not in table.to_html() and "nan" not in table.to_html()
+
+
+def test_loss_panels_keep_the_stages_apart():
+    metrics = _metrics()
+    metrics["cached_warmup_mode"] = "detector_mode outputs on un-augmented images, no denoising queries"
+    metrics["history"][3]["losses"] = {"loss_mal": 5.0, "loss_bbox": 2.0}  # stage B: more terms summed
+    fig = reports.plot_losses(metrics)
+    axes = [ax for ax in fig.axes if ax.get_lines()]
+    assert len(axes) == 2
+    assert "stage A" in axes[0].get_title() and "no denoising" in axes[0].get_title()
+    assert "stage B" in axes[1].get_title()
+    assert {x for line in axes[0].get_lines() for x in line.get_xdata()} == {1, 2}  # no line into stage B
+    assert {x for line in axes[1].get_lines() for x in line.get_xdata()} == {3}
+    assert any("not comparable" in t.get_text() for t in fig.texts)
+    baseline = {**_metrics(), "history": [{**h, "stage": None} for h in _metrics()["history"]]}
+    single = reports.plot_losses(baseline)
+    assert len([ax for ax in single.axes if ax.get_lines()]) == 1 and not single.texts
+
+
+def test_wise_curve_has_one_panel_per_metric_scaled_to_its_data():
+    summary = _summary()
+    points = [{"lambda": lam, "map": 0.620 + 0.003 * lam, "map50": 0.80 - 0.02 * lam} for lam in (0, 0.5, 1)]
+    summary["wise"]["curves"] = [{"seed": 0, "points": points}]
+    fig = reports.plot_wise_curve(summary)
+    ax_map, ax_map50 = fig.axes
+    lo, hi = ax_map.get_ylim()
+    assert lo > 0.615 and hi < 0.628  # the 0.003 change fills its panel
+    assert ax_map50.get_ylim()[0] < 0.78 < 0.80 < ax_map50.get_ylim()[1]
+    assert not ax_map.collections  # no interval in this summary, and the figure says so
+    assert any("No bootstrap interval" in t.get_text() for t in fig.texts)
+    for p in points:
+        p.update(map_lo=p["map"] - 0.002, map_hi=p["map"] + 0.002, map50_interval={"lo": 0.7, "hi": 0.9})
+    fig = reports.plot_wise_curve(summary)
+    assert all(len(ax.collections) == 1 for ax in fig.axes)  # one band per seed and metric
+    assert fig.axes[1].get_ylim()[0] <= 0.7 and any("Bands" in t.get_text() for t in fig.texts)
+
+
+def test_index_shows_no_machine_paths(tmp_path):
+    root = str(project_root())
+    summary = _summary()
+    summary.update(
+        ablations_dir=f"{root}/runs/ablations",
+        grid=f"{root}/params/ablations/small.yaml",
+        baseline_run=f"{root}/runs/baseline",
+    )
+    summary["variants"][1]["errors"][0]["error"] = f"DataError: {root}/runs/ablations/x/metrics.json is missing"
+    (tmp_path / "reports").mkdir()
+    page = reports.build_index(summary, reports_dir=tmp_path / "reports").read_text()
+    assert root not in page
+    assert "from <code>runs/ablations</code>" in page and "<code>params/ablations/small.yaml</code>" in page
+    assert "runs/ablations/x/metrics.json is missing" in page
+    assert root not in (tmp_path / "reports" / "ablations_table.csv").read_text()

@@ -107,6 +107,40 @@ def test_code_version_in_and_outside_git(monkeypatch, tmp_path):
         runs._code_version.cache_clear()
 
 
+def test_git_dirty_flag_looks_at_sources_notebooks_and_params_only(tmp_path):
+    """What make all writes (reports/, runs/, data/, anything untracked elsewhere) leaves a clone clean."""
+    if _head_commit(Path(tfg_mm.__file__).parent) is None:
+        pytest.skip("no git executable")
+    repo = tmp_path / "clone"
+    for rel in ("tfg_mm/__init__.py", "notebooks/01.ipynb", "params/default.yaml", "scripts/b.py", "pyproject.toml"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text("x\n")
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    package = repo / "tfg_mm"
+    commit, dirty = runs.git_state(package)
+    assert commit == _head_commit(repo) and dirty is False
+    for rel in ("reports/01_baseline.html", "runs/baseline/metrics.json", "data/synthetic/a.json", "notes.txt"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text("written by make all\n")
+    assert runs.git_state(package) == (commit, False)
+    assert runs.git_state(repo / "runs" / "baseline") == (commit, False)  # from any folder of the checkout
+    for rel in ("tfg_mm/__init__.py", "notebooks/01.ipynb", "params/default.yaml", "pyproject.toml"):
+        original = (repo / rel).read_text()
+        (repo / rel).write_text("changed\n")
+        assert runs.git_state(package) == (commit, True), rel
+        (repo / rel).write_text(original)
+    (repo / "tfg_mm" / "new.py").write_text("")  # an untracked source decides results too
+    assert runs.git_state(package) == (commit, True)
+    (tmp_path / "elsewhere").mkdir()
+    assert runs.git_state(tmp_path / "elsewhere") == (None, None)
+
+
 def test_dataset_record_hashes_content(tmp_path, dataset):
     assert Path(dataset["root"]) == tmp_path / "coco"
     assert dataset["train_json"].endswith("instances_train.json") and len(dataset["hash"]) >= 16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -163,3 +164,36 @@ def test_evaluation_only_of_a_checkpoint(tiny_params, tmp_path):
         k: base["final"][k] for k in ("map", "map50", "per_class")
     }  # the same weights, the same numbers
     assert not (tmp_path / "eval" / "checkpoints").exists()  # nothing trained, nothing saved
+
+
+@pytest.mark.slow
+def test_the_trainer_writes_its_progress_log(tiny_params, monkeypatch):
+    """One line per step here (PROGRESS_EVERY_S = 0; by default every 15 s and each epoch's last step),
+    one per evaluation and one at the end; the terminal watcher formats every one."""
+    from tfg_mm import runs, train
+    from tfg_mm.notebooks import ProgressWatcher
+
+    monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)
+    params = tiny_params(epochs=2, max_steps_per_epoch=2)
+    watcher = ProgressWatcher([params.run_dir], stream=io.StringIO())
+    run_baseline(params, progress=False)
+    entries = [json.loads(line) for line in (Path(params.run_dir) / runs.PROGRESS_FILE).read_text().splitlines()]
+    assert [(e["event"], e["epoch"], e.get("step")) for e in entries] == [
+        ("eval", 0, None),
+        ("train", 1, 1),
+        ("train", 1, 2),
+        ("eval", 1, None),
+        ("train", 2, 1),
+        ("train", 2, 2),
+        ("eval", 2, None),
+        ("finish", 2, None),
+    ]
+    metrics = runs.read_metrics(params.run_dir)
+    assert all(e["run"] == params.run_dir and e["epochs"] == 2 for e in entries)
+    assert [e["map"] for e in entries if e["event"] == "eval"] == [h["map"] for h in metrics["history"]]
+    assert entries[5]["map_epoch"] == 1 and entries[5]["steps"] == 2 and entries[5]["loss"] > 0
+    assert entries[0]["eta_s"] is None and entries[1]["eta_s"] > 0  # no step timed yet / three steps + two evals
+    assert entries[5]["eta_s"] > 0 and entries[6]["eta_s"] == 0  # one evaluation left / nothing left
+    assert entries[-1]["best_epoch"] == metrics["final"]["epoch"]
+    lines = watcher.poll()
+    assert len(lines) == len(entries) and lines[2].startswith(f"[{params.run_dir}] epoch 1/2 step 2/2 · loss ")

@@ -59,6 +59,8 @@ _SUMMARY_ROWS = (
     ("map_medium", "mAP medium"),
     ("map_large", "mAP large"),
 )
+#: What a size row says when the validation set has no objects of that size (COCOeval's -1).
+_NO_OBJECTS = {f"mAP {size}": f"no {size} objects" for size in ("small", "medium", "large")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +263,12 @@ def _per_class_frame(final: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["class", "metric", "value"])
 
 
+def _legend_outside(ax: plt.Axes) -> None:
+    """The legend right of the axes, where it cannot cover a bar."""
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), title=None, frameon=False, fontsize=8)
+
+
 def _highlight_hard(ax: plt.Axes, hard_classes: Sequence[str]) -> None:
     for label in ax.get_xticklabels():
         if label.get_text() in hard_classes:
@@ -276,6 +284,7 @@ def plot_per_class(
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * frame["class"].nunique() + 2), 3.6))
     if not frame.empty:
         sns.barplot(frame, x="class", y="value", hue="metric", ax=ax, palette=["#9ecae1", "#3182bd"])
+        _legend_outside(ax)
     _highlight_hard(ax, hard_classes)
     ax.set_ylabel("AP")
     ax.set_xlabel("")
@@ -301,6 +310,7 @@ def plot_per_class_delta(
             v - ref.get((c, m), math.nan) for c, m, v in run[["class", "metric", "value"]].itertuples(index=False)
         ]
         sns.barplot(run, x="class", y="value", hue="metric", ax=ax, palette=["#fdae6b", "#e6550d"])
+        _legend_outside(ax)
     else:
         ax.text(0.5, 0.5, "no baseline to compare with", ha="center", va="center", transform=ax.transAxes)
     ax.axhline(0, color="black", lw=0.8)
@@ -349,28 +359,80 @@ def plot_gate(metrics: Mapping[str, Any], save: str | None = None) -> plt.Figure
     return _finish(fig, save)
 
 
+def _stage_title(stage: str, metrics: Mapping[str, Any]) -> str:
+    cached = contract_field(metrics, "cached_warmup_mode")
+    if stage == "A":
+        return "stage A: fusion only" + (", cached detector outputs (no denoising terms)" if cached else "")
+    if stage == "B":
+        return "stage B: detector unfrozen (with denoising terms)"
+    return f"stage {stage}"
+
+
 def plot_losses(metrics: Mapping[str, Any], save: str | None = None) -> plt.Figure:
-    """Training loss terms per epoch (the ``losses`` dict of each history entry, grouped by kind)."""
+    """Training loss terms per epoch (the ``losses`` dict of each history entry, grouped by kind).
+
+    A phase-2 run gets one panel per stage, each on its own scale: stage A's terms are not those of
+    stage B (with ``cache_warmup`` the cached stage has no denoising queries, so its sums hold fewer
+    terms), and a line across the stages would show that as a jump in the loss.
+    """
     rows = [
-        {"epoch": h["epoch"], "term": k, "value": _number(v)}
+        {"epoch": h["epoch"], "stage": h.get("stage") or "", "term": k, "value": _number(v)}
         for h in metrics.get("history", [])
         for k, v in (h.get("losses") or {}).items()
     ]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    if rows:
-        sns.lineplot(pd.DataFrame(rows), x="epoch", y="value", hue="term", marker="o", ax=ax)
-        ax.legend(fontsize=8, ncol=2)
-    else:
-        ax.text(0.5, 0.5, "no training epochs (evaluation only)", ha="center", va="center", transform=ax.transAxes)
-    ax.set_ylabel("training loss (mean per step)")
-    ax.grid(alpha=0.3)
+    frame = pd.DataFrame(rows, columns=["epoch", "stage", "term", "value"])
+    stages = list(dict.fromkeys(frame["stage"]))
+    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(7 if len(stages) <= 1 else 5.5 * len(stages), 3.6))
+    axes = np.atleast_1d(axes)
+    if frame.empty:
+        axes[0].text(
+            0.5, 0.5, "no training epochs (evaluation only)", ha="center", va="center", transform=axes[0].transAxes
+        )
+    palette = dict(zip(sorted(set(frame["term"])), sns.color_palette("tab10", max(1, frame["term"].nunique()))))
+    for ax, stage in zip(axes, stages):
+        sns.lineplot(
+            frame[frame["stage"] == stage], x="epoch", y="value", hue="term", palette=palette, marker="o", ax=ax
+        )
+        epochs = sorted(set(frame.loc[frame["stage"] == stage, "epoch"]))
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)
+            ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if stage:
+            ax.set_title(_stage_title(stage, metrics), fontsize=9)
+        ax.get_legend().remove()
+    for ax in axes:
+        ax.set_ylabel("training loss (mean per step)")
+        ax.grid(alpha=0.3)
+    if not frame.empty:
+        handles = [plt.Line2D([], [], color=color, marker="o", label=term) for term, color in palette.items()]
+        axes[-1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if len(stages) > 1:
+        why = (
+            "the cached stage A has no denoising terms"
+            if contract_field(metrics, "cached_warmup_mode")
+            else "stage A trains the fusion alone, stage B the detector too"
+        )
+        fig.text(
+            0.5,
+            -0.02,
+            f"One panel per stage, each on its own scale: {why}, so the values are not comparable across panels.",
+            ha="center",
+            va="top",
+            fontsize=8,
+            color="#555555",
+            wrap=True,
+        )
     return _finish(fig, save)
 
 
 def final_table(metrics: Mapping[str, Any], baseline_final: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """The selected checkpoint's metrics, one row per metric (summary, then AP of each class).
 
-    With ``baseline_final``: columns ``run``, ``baseline`` and ``Δ``.
+    With ``baseline_final``: columns ``run``, ``baseline`` and ``Δ``. A size row of a validation set
+    without objects of that size (COCO's -1, NaN in the contract) says so ("no large objects")
+    instead of ``NaN``.
     """
 
     def rows(final: Mapping[str, Any]) -> dict[str, float]:
@@ -387,7 +449,11 @@ def final_table(metrics: Mapping[str, Any], baseline_final: Mapping[str, Any] | 
         table["baseline"] = pd.Series(rows(base))
         table["Δ"] = table["run"] - table["baseline"]
     table.index.name = "metric"
-    return table.round(4)
+    table = table.round(4).astype(object)
+    for label, text in _NO_OBJECTS.items():
+        if label in table.index:
+            table.loc[label] = [text if pd.isna(v) else v for v in table.loc[label]]
+    return table
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,7 +514,7 @@ def ablation_table(summary: Mapping[str, Any]) -> pd.DataFrame:
             row[f"verdict {name}"] = (entry or {}).get("verdict", "")
         if variant.get("errors"):
             first = variant["errors"][0]
-            row["verdict"] = row["verdict"] or f"failed: {first.get('error', '')}"[:160]
+            row["verdict"] = row["verdict"] or portable_text(f"failed: {first.get('error', '')}")[:160]
         rows.append(row)
     return pd.DataFrame(rows).fillna("")
 
@@ -541,33 +607,83 @@ def plot_ablation_gates(summary: Mapping[str, Any], save: str | None = None) -> 
     return _finish(fig, save)
 
 
+def _wise_band(points: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]] | None:
+    """The interval of every point (``{key}_lo`` / ``{key}_hi``, or ``{key}_interval: {lo, hi}``), else None."""
+    lo, hi = [], []
+    for point in points:
+        interval = point.get(f"{key}_interval") if isinstance(point.get(f"{key}_interval"), Mapping) else {}
+        low = _number(point.get(f"{key}_lo", interval.get("lo")))
+        high = _number(point.get(f"{key}_hi", interval.get("hi")))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            return None
+        lo.append(low)
+        hi.append(high)
+    return lo, hi
+
+
 def plot_wise_curve(summary: Mapping[str, Any], save: str | None = None) -> plt.Figure:
-    """WiSE-FT: mAP / mAP50 of θ = (1−λ)·θ_baseline + λ·θ_finetuned against λ (one line per seed)."""
+    """WiSE-FT: mAP and mAP50 of θ = (1−λ)·θ_baseline + λ·θ_finetuned against λ (one line per seed).
+
+    One panel per metric, each scaled to its own data (a curve that moves by 0.003 is not flattened
+    by the other metric's range). A point with a bootstrap interval (``map_lo`` / ``map_hi``, or
+    ``map_interval: {lo, hi}``; the same for ``map50``) gets it as a band; without one the figure
+    says that the points are single evaluations.
+    """
     wise = summary.get("wise") or {}
-    fig, ax = plt.subplots(figsize=(6, 3.8))
     curves = wise.get("curves", [])
-    for curve in curves:
-        lambdas = [p["lambda"] for p in curve["points"]]
-        ax.plot(lambdas, [p["map"] for p in curve["points"]], marker="o", label=f"mAP (seed {curve['seed']})")
-        ax.plot(
-            lambdas, [p["map50"] for p in curve["points"]], marker="s", ls=":", label=f"mAP50 (seed {curve['seed']})"
-        )
+    metrics_shown = (("map", "mAP@[.50:.95]", "o"), ("map50", "mAP@.50", "s"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     if not curves:
-        ax.text(
+        for ax in axes[1:]:
+            ax.remove()
+        axes[0].text(
             0.5,
             0.5,
             wise.get("note", "no WiSE-FT curve in this grid"),
             ha="center",
             va="center",
-            transform=ax.transAxes,
+            transform=axes[0].transAxes,
             wrap=True,
         )
-    ax.set_xlabel("λ (0 = baseline, 1 = fine-tuned)")
-    ax.set_ylabel("validation AP")
-    ax.set_title(f"WiSE-FT interpolation: {wise.get('variant', '')}")
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(fontsize=8)
+        axes[0].set_axis_off()
+        return _finish(fig, save)
+    colors = sns.color_palette("tab10", max(1, len(curves)))
+    any_band = False
+    for ax, (key, label, marker) in zip(axes, metrics_shown):
+        for color, curve in zip(colors, curves):
+            points = sorted(curve["points"], key=lambda p: p["lambda"])
+            lambdas = [p["lambda"] for p in points]
+            ax.plot(
+                lambdas,
+                [_number(p.get(key)) for p in points],
+                marker=marker,
+                color=color,
+                label=f"seed {curve['seed']}",
+            )
+            band = _wise_band(points, key)
+            if band is not None:
+                any_band = True
+                ax.fill_between(lambdas, *band, color=color, alpha=0.2, lw=0)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_xlabel("λ (0 = baseline, 1 = fine-tuned)")
+        ax.set_ylabel(f"validation {label}")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    level = summary.get("confidence", 0.95)
+    fig.suptitle(f"WiSE-FT interpolation: {wise.get('variant', '')}", fontsize=11)
+    fig.text(
+        0.5,
+        -0.02,
+        f"Bands: paired-bootstrap {round(100 * level)}% interval over validation images."
+        if any_band
+        else "No bootstrap interval for these points: each is one evaluation of the interpolated weights "
+        "on the validation set. Each panel is scaled to its own data.",
+        ha="center",
+        va="top",
+        fontsize=8,
+        color="#555555",
+    )
     return _finish(fig, save)
 
 
@@ -686,14 +802,14 @@ def build_index(summary: Mapping[str, Any] | None = None, reports_dir: str | Pat
             save_figure(fig, stem, reports_dir / "figures")
             parts.append(
                 f'<figure><img alt="{stem}" src="data:image/png;base64,{_embedded_png(fig)}">'
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                f"<figcaption>{html.escape(portable_text(caption))}</figcaption></figure>"
             )
             plt.close(fig)
         failed = [(v["name"], e) for v in summary.get("variants", []) for e in v.get("errors", [])]
         if failed:
             rows = "".join(
                 f"<tr><td>{html.escape(name)}</td><td>{e.get('seed')}</td><td>{html.escape(str(e.get('cell')))}"
-                f"</td><td>{html.escape(str(e.get('error')))}</td></tr>"
+                f"</td><td>{html.escape(portable_text(str(e.get('error'))))}</td></tr>"
                 for name, e in failed
             )
             parts.append(

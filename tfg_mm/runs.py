@@ -115,6 +115,9 @@ RESUME_MAY_CHANGE = RUN_ID_EXCLUDED
 STATE_FILE = Path("state") / "last.pt"
 #: The traceback of a failed run, relative to the run folder (named in ``failure.traceback``).
 TRACEBACK_FILE = "traceback.txt"
+#: What the provenance's ``git_dirty`` flag looks at, relative to the repository root: the sources,
+#: notebooks, params and scripts (not ``reports/``, ``runs/`` or ``data/``, which runs write).
+DIRTY_PATHS = ("tfg_mm", "notebooks", "params", "scripts", "pyproject.toml")
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,14 +141,28 @@ def _code_version() -> tuple[tuple[str, Any], ...]:
     for source in sorted(package_dir.rglob("*.py")):
         digest.update(source.relative_to(package_dir).as_posix().encode() + b"\0")
         digest.update(source.read_bytes() + b"\0")
-    commit = _git(["rev-parse", "HEAD"], package_dir)
-    status = _git(["status", "--porcelain"], package_dir) if commit else None
+    commit, dirty = git_state(package_dir)
     return (
         ("package", tfg_mm.__version__),
-        ("git_commit", commit.strip() if commit else None),
-        ("git_dirty", bool(status.strip()) if status is not None else None),
+        ("git_commit", commit),
+        ("git_dirty", dirty),
         ("source_sha256", digest.hexdigest()),
     )
+
+
+def git_state(folder: Path) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the checkout that holds ``folder``; ``(None, None)`` outside git.
+
+    ``dirty`` looks only at what decides a run's numbers (:data:`DIRTY_PATHS`, tracked changes and
+    untracked files alike), relative to the repository root: the reports, runs and data that
+    ``make all`` itself writes do not make a fresh clone "dirty".
+    """
+    commit = _git(["rev-parse", "HEAD"], folder)
+    top = _git(["rev-parse", "--show-toplevel"], folder) if commit else None
+    if not commit or not top:
+        return None, None
+    status = _git(["status", "--porcelain", "--", *DIRTY_PATHS], Path(top.strip()))
+    return commit.strip(), bool(status.strip()) if status is not None else None
 
 
 def code_version() -> dict:
@@ -617,3 +634,65 @@ def read_metrics(run_dir: str | Path) -> dict:
             + "\nRe-run the notebook with `overwrite: true` to rewrite it."
         )
     return record
+
+
+# --------------------------------------------------------------------------------------------
+# Progress of a running run (for the terminal, never for a report)
+# --------------------------------------------------------------------------------------------
+#: The trainer's progress log in the run folder: one JSON object a line, appended every few seconds
+#: of training and after every evaluation. ``make all`` prints it in the terminal
+#: (:class:`tfg_mm.notebooks.ProgressWatcher`); ``tail -f`` works too. Never read by a report.
+PROGRESS_FILE = "progress.jsonl"
+
+
+def append_progress(run_dir: str | Path, entry: Mapping[str, Any]) -> None:
+    """Append ``entry`` (plus its UTC ``time``) as one line of ``{run_dir}/progress.jsonl``.
+
+    Best effort: the progress log is a convenience, so a write that fails never stops a run.
+    """
+    line = json.dumps({"time": datetime.now(UTC).isoformat(timespec="seconds"), **entry}, default=str)
+    try:
+        with open(Path(run_dir) / PROGRESS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+    except OSError:
+        pass
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def format_progress(entry: Mapping[str, Any]) -> str:
+    """One terminal line of a progress entry (:func:`append_progress`): run, epoch, step, loss, mAP, time left."""
+    parts = [f"[{entry.get('run', '?')}]"]
+    event = entry.get("event")
+    epoch = f"epoch {entry.get('epoch', '?')}/{entry.get('epochs', '?')}"
+    if entry.get("stage"):
+        epoch += f" (stage {entry['stage']})"
+    if event == "train":
+        parts.append(f"{epoch} step {entry.get('step', '?')}/{entry.get('steps', '?')}")
+        if isinstance(entry.get("loss"), (int, float)):
+            parts.append(f"loss {entry['loss']:.4f}")
+    elif event == "eval":
+        parts.append(f"{epoch} evaluated")
+    elif event == "finish":
+        parts.append(f"finished: best epoch {entry.get('best_epoch', '?')}, mAP {_fmt(entry.get('best_map'))}")
+        entry = {k: v for k, v in entry.items() if k != "map"}
+    else:
+        parts.append(str(event))
+    if isinstance(entry.get("map"), (int, float)):
+        parts.append(f"mAP {entry['map']:.4f} / mAP50 {_fmt(entry.get('map50'))} (epoch {entry.get('map_epoch', '?')})")
+    if isinstance(entry.get("eta_s"), (int, float)) and event != "finish":
+        parts.append(f"~{_duration(entry['eta_s'])} left")
+    if isinstance(entry.get("elapsed_s"), (int, float)):
+        parts.append(f"{_duration(entry['elapsed_s'])} elapsed")
+    return f"{parts[0]} {' · '.join(parts[1:])}"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "?"

@@ -44,10 +44,16 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
+from tfg_mm.config import portable_text
 from tfg_mm.devices import check_amp, resolve_device
 from tfg_mm.errors import CheckpointError, ConfigError, NonFiniteError, TrainingError
 from tfg_mm.evaluate import evaluate
 from tfg_mm.io import atomic_write_bytes, atomic_write_json
+from tfg_mm.runs import append_progress
+
+#: Seconds of training between two lines of ``{run_dir}/progress.jsonl`` (plus one at the end of every
+#: epoch and one after every evaluation): a few hundred small appends in a 30-minute run.
+PROGRESS_EVERY_S = 15.0
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +287,13 @@ class Trainer:
         self.start_epoch = 0
         self.optimizer: torch.optim.Optimizer | None = None
         self.ema: AveragedModel | None = None
+        # the progress log (tfg_mm.runs.append_progress): timings of this process, for the time left
+        self._fit_t0 = time.perf_counter()
+        self._last_progress = -math.inf
+        self._train_seconds = 0.0
+        self._train_steps = 0
+        self._eval_seconds = 0.0
+        self._latest_eval: dict | None = None
 
     @property
     def step(self) -> int | None:
@@ -411,6 +424,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         p = self.params
+        self._fit_t0 = time.perf_counter()
         self.task.model.to(self.accelerator.device)
         self.stage = "resume"
         if not self.try_resume():
@@ -447,6 +461,8 @@ class Trainer:
         bar = tqdm(
             self.train_loader, total=steps, desc=f"epoch {epoch}/{p.epochs}", disable=not self.progress, leave=False
         )
+        t_step = time.perf_counter()
+        loss_sum = 0.0
         for step, batch in enumerate(bar):
             if step >= steps:
                 break
@@ -492,8 +508,46 @@ class Trainer:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             count += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            loss_value = loss.item()
+            loss_sum += loss_value
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
+            now = time.perf_counter()
+            self._train_seconds += now - t_step
+            self._train_steps += 1
+            t_step = now
+            if now - self._last_progress >= PROGRESS_EVERY_S or step + 1 == steps:
+                self._progress("train", epoch, step=step + 1, steps=steps, loss=loss_sum / count, lr=lr)
         return {k: v / max(1, count) for k, v in sums.items()}
+
+    # -- the progress log ----------------------------------------------------------------------
+    def _evaluations_left(self, first_epoch: int) -> int:
+        p = self.params
+        return sum(1 for e in range(max(1, first_epoch), p.epochs + 1) if e % p.eval_every == 0 or e == p.epochs)
+
+    def _time_left(self, evaluations_left: int) -> float | None:
+        """Seconds left: the remaining steps at this process's mean step time, plus the evaluations left."""
+        if not self._train_steps:
+            return None
+        steps_left = max(0, self.total_steps() - self.global_step)
+        return steps_left * self._train_seconds / self._train_steps + evaluations_left * self._eval_seconds
+
+    def _progress(self, event: str, epoch: int, evaluations_from: int | None = None, **values) -> None:
+        """One line of ``{run_dir}/progress.jsonl`` (for the terminal; never read by a report)."""
+        self._last_progress = time.perf_counter()
+        entry = {
+            "run": portable_text(str(self.run_dir)),
+            "event": event,
+            "epoch": epoch,
+            "epochs": self.params.epochs,
+            "stage": getattr(self.task, "stage", None),
+            **values,
+            **(self._latest_eval or {}),
+            "eta_s": self._time_left(self._evaluations_left(epoch if evaluations_from is None else evaluations_from)),
+            "elapsed_s": round(self._last_progress - self._fit_t0, 1),
+        }
+        if entry["eta_s"] is not None:
+            entry["eta_s"] = round(entry["eta_s"], 1)
+        append_progress(self.run_dir, entry)
 
     def _non_finite_message(self, epoch: int, step: int, what: str) -> str:
         """The non-finite guard's message: where, what, what is kept, and the fixes with their current values."""
@@ -509,7 +563,9 @@ class Trainer:
 
     def _evaluate_and_record(self, epoch: int, losses: dict, seconds: float, lr: float) -> None:
         self.stage = "evaluate"
+        t0 = time.perf_counter()
         metrics, dets = self.evaluate()
+        self._eval_seconds = time.perf_counter() - t0
         entry = {
             "epoch": epoch,
             "map": metrics["map"],
@@ -537,6 +593,8 @@ class Trainer:
             # the selected checkpoint's validation detections: the ablation statistics resample them
             atomic_write_json(self.run_dir / "detections_val.json", dets)
         self.write_contract(self.history, None, "running")
+        self._latest_eval = {"map": metrics["map"], "map50": metrics["map50"], "map_epoch": epoch}
+        self._progress("eval", epoch, evaluations_from=epoch + 1)
         if self.progress:
             tqdm.write(f"[{self.run_dir.name}] epoch {epoch}: mAP {metrics['map']:.4f}  mAP50 {metrics['map50']:.4f}")
 
@@ -546,6 +604,7 @@ class Trainer:
         final["selected_by"] = self.params.select_metric
         final["checkpoint"] = str(self.ckpt_dir / "best")
         self.write_contract(self.history, final, "finished")
+        self._progress("finish", self.params.epochs, best_epoch=self.best_epoch, best_map=best["map"])
         return TrainResult(self.history, final, self.ckpt_dir / "best", self.ckpt_dir / "last")
 
 
