@@ -114,6 +114,10 @@ RESUME_MAY_CHANGE = RUN_ID_EXCLUDED
 STATE_FILE = Path("state") / "last.pt"
 #: The traceback of a failed run, relative to the run folder (named in ``failure.traceback``).
 TRACEBACK_FILE = "traceback.txt"
+#: The selected checkpoint's validation detections (COCO results list), written by the trainer.
+DETECTIONS_FILE = "detections_val.json"
+#: The error analysis of those detections (:mod:`tfg_mm.analysis`): curves and confusion matrix the reports draw.
+ANALYSIS_FILE = "analysis.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,6 +474,9 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+json_safe = _json_safe
 
 
 def _is_number(value: Any) -> bool:

@@ -1,0 +1,206 @@
+"""Error analysis (tfg_mm.analysis) on hand-built cases with known answers, and through a tiny real run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tfg_mm import analysis
+from tfg_mm.analysis import ERROR_TYPES
+from tfg_mm.evaluate import coco_evaluate
+
+#: AP of "TP, FP, TP" over two boxes (101-point COCO interpolation): recall <= 0.5 at precision 1, then 2/3
+AP_TP_FP_TP = (51 + 50 * 2 / 3) / 101
+#: AP of one of two boxes found (and no false positive): precision 1 up to recall 0.5, then nothing
+AP_HALF = 51 / 101
+
+
+def _gt(boxes, n_images=2):
+    """COCO ground truth with classes a (id 1) and b (id 2); ``boxes`` = [(image id, category id, xywh)]."""
+    return {
+        "images": [{"id": i, "width": 400, "height": 400} for i in range(1, n_images + 1)],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+        "annotations": [
+            {"id": n + 1, "image_id": i, "category_id": c, "bbox": list(b), "area": b[2] * b[3], "iscrowd": 0}
+            for n, (i, c, b) in enumerate(boxes)
+        ],
+    }
+
+
+def _det(image, cat, box, score):
+    return {"image_id": image, "category_id": cat, "bbox": list(box), "score": score}
+
+
+A1, A2, B1 = (0, 0, 100, 100), (200, 200, 100, 100), (0, 200, 100, 100)
+
+
+def _only(errors, cls, expected):
+    """Every error type of ``cls`` is 0 except those in ``expected`` (type -> ΔAP)."""
+    for name in ERROR_TYPES:
+        assert errors[cls][name] == pytest.approx(expected.get(name, 0.0), abs=1e-12), (cls, name, errors[cls])
+
+
+def test_perfect_detector_has_no_error_and_f1_one():
+    gt = _gt([(1, 1, A1), (1, 2, B1), (2, 1, A2)])
+    dets = [_det(1, 1, A1, 0.9), _det(1, 2, B1, 0.8), _det(2, 1, A2, 0.7)]
+    result = analysis.analyse(gt, dets)
+    for cls in ("a", "b"):
+        _only(result["errors"], cls, {})
+        assert result["ap50"][cls] == 1.0
+        assert result["operating_points"][cls]["f1"] == 1.0
+    assert result["operating_points"]["a"] == {"threshold": 0.7, "precision": 1.0, "recall": 1.0, "f1": 1.0}
+    assert result["confusion"]["counts"] == [[2, 0, 0], [0, 1, 0], [0, 0, 0]]
+    assert max(result["f1_curves"]["a"]["f1"]) == 1.0
+
+
+def test_pure_class_confusion():
+    # a box of a detected as b (IoU 1); a correct b elsewhere with a lower score
+    gt = _gt([(1, 1, A1), (2, 2, B1)])
+    dets = [_det(1, 2, A1, 0.9), _det(2, 2, B1, 0.8)]
+    result = analysis.analyse(gt, dets)
+    assert result["ap50"] == {"a": 0.0, "b": pytest.approx(0.5)}  # b: FP then TP -> precision 1/2 at recall 1
+    _only(result["errors"], "a", {"classification": 1.0})  # the fixed detection becomes a's true positive
+    _only(result["errors"], "b", {"classification": 0.5})  # and leaves b's false positives
+    assert result["error_counts"]["b"]["classification"] == 1
+    assert result["error_counts"]["a"]["missed"] == 0  # the box is the target of the classification error
+    # a has no true positive: no operating point; b: F1 2/3 at threshold 0.8
+    assert result["operating_points"]["a"] == {"threshold": None, "precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert result["operating_points"]["b"] == pytest.approx(
+        {"threshold": 0.8, "precision": 0.5, "recall": 1.0, "f1": 2 / 3}
+    )
+    # at b's threshold both b detections are kept: the a box predicted as b, the b box found
+    assert result["confusion"]["counts"] == [[0, 1, 0], [0, 1, 0], [0, 0, 0]]
+
+
+def test_pure_localisation_error_at_iou_0_3():
+    gt = _gt([(1, 1, A1)])
+    box = (0, 0, 30, 100)  # IoU 3000 / 10000 = 0.3 with A1
+    assert analysis.box_iou(np.array([box]), np.array([A1]))[0, 0] == pytest.approx(0.3)
+    result = analysis.analyse(gt, [_det(1, 1, box, 0.9)])
+    assert result["ap50"]["a"] == 0.0
+    _only(result["errors"], "a", {"localisation": 1.0})
+    assert result["error_counts"]["a"] == {**dict.fromkeys(ERROR_TYPES, 0), "localisation": 1}
+    # a has no operating point (no true positive): its box is missed
+    assert result["confusion"]["counts"] == [[0, 0, 1], [0, 0, 0], [0, 0, 0]]
+    # kept anyway, the mislocalised detection is a background detection at IoU 0.5
+    counts = analysis.confusion(gt, [_det(1, 1, box, 0.9)], [0.0, 0.0])
+    assert counts.tolist() == [[0, 0, 1], [0, 0, 0], [1, 0, 0]]
+
+
+def test_duplicate_and_operating_point_by_hand():
+    # TP 0.9, its duplicate 0.8 (IoU 0.9), TP 0.7 on the second image
+    gt = _gt([(1, 1, A1), (2, 1, A2)])
+    dets = [_det(1, 1, A1, 0.9), _det(1, 1, (0, 0, 100, 90), 0.8), _det(2, 1, A2, 0.7)]
+    result = analysis.analyse(gt, dets)
+    assert result["ap50"]["a"] == pytest.approx(AP_TP_FP_TP)
+    _only(result["errors"], "a", {"duplicate": 1 - AP_TP_FP_TP})
+    # cuts: 0.9 -> P 1, R 1/2, F1 2/3; 0.8 -> P 1/2, R 1/2, F1 1/2; 0.7 -> P 2/3, R 1, F1 4/5
+    assert result["operating_points"]["a"] == pytest.approx(
+        {"threshold": 0.7, "precision": 2 / 3, "recall": 1.0, "f1": 0.8}
+    )
+    f1 = dict(zip(result["f1_curves"]["thresholds"], result["f1_curves"]["a"]["f1"]))
+    assert f1[0.5] == pytest.approx(0.8) and f1[0.85] == pytest.approx(2 / 3) and f1[0.95] == 0.0
+    # the duplicate is a background detection in the confusion matrix
+    assert result["confusion"]["counts"] == [[2, 0, 0], [0, 0, 0], [1, 0, 0]]
+
+
+def test_background_false_positive():
+    gt = _gt([(1, 1, A1), (2, 1, A2)])
+    dets = [_det(1, 1, A1, 0.9), _det(1, 1, (300, 300, 50, 50), 0.8), _det(2, 1, A2, 0.7)]
+    result = analysis.analyse(gt, dets)
+    _only(result["errors"], "a", {"background": 1 - AP_TP_FP_TP})
+    assert result["error_counts"]["a"]["background"] == 1
+
+
+def test_a_missed_box():
+    gt = _gt([(1, 1, A1), (2, 1, A2)])
+    result = analysis.analyse(gt, [_det(1, 1, A1, 0.9)])
+    assert result["ap50"]["a"] == pytest.approx(AP_HALF)
+    _only(result["errors"], "a", {"missed": 1 - AP_HALF})
+    assert result["operating_points"]["a"] == pytest.approx(
+        {"threshold": 0.9, "precision": 1.0, "recall": 0.5, "f1": 2 / 3}
+    )
+    assert result["confusion"]["counts"] == [[1, 0, 1], [0, 0, 0], [0, 0, 0]]
+    # nothing found at all: removing the missed boxes leaves nothing to find (AP 1 by convention)
+    assert analysis.analyse(gt, [])["errors"]["a"]["missed"] == 1.0
+
+
+def test_both_class_and_localisation():
+    # a b detection at IoU 0.3 with an a box (and nothing of its own class there); b found elsewhere
+    gt = _gt([(1, 1, A1), (2, 2, B1)])
+    dets = [_det(1, 2, (0, 0, 30, 100), 0.9), _det(2, 2, B1, 0.8)]
+    result = analysis.analyse(gt, dets)
+    _only(result["errors"], "b", {"both": 0.5})
+    _only(result["errors"], "a", {"missed": 1.0})  # the a box is not the target of a cls / loc error
+
+
+def test_confusion_matrix_counts_by_hand():
+    gt = _gt([(1, 1, A1), (1, 1, A2), (1, 2, B1), (2, 2, B1)])
+    dets = [
+        _det(1, 1, A1, 0.9),  # a on a: diagonal
+        _det(1, 2, A2, 0.9),  # b on an a box: row a, column b
+        _det(1, 1, (350, 350, 30, 30), 0.8),  # a on nothing: background row
+        _det(2, 2, B1, 0.95),  # b on b
+    ]  # image 1's b box is missed
+    counts = analysis.confusion(gt, dets, [0.0, 0.0])
+    assert counts.tolist() == [[1, 1, 0], [0, 1, 1], [1, 0, 0]]
+    # at a's threshold 0.85 the background detection is dropped; b at None keeps no b detection
+    counts = analysis.confusion(gt, dets, [0.85, None])
+    assert counts.tolist() == [[1, 0, 1], [0, 0, 2], [0, 0, 0]]
+
+
+def _random_case(rng):
+    boxes = []
+    for image in range(1, 6):
+        for _ in range(rng.integers(0, 5)):
+            x, y = rng.uniform(0, 150, 2)
+            w, h = rng.uniform(5, 50, 2)
+            boxes.append((image, int(rng.integers(1, 3)), (x, y, w, h)))
+    dets = []
+    for image, cat, (x, y, w, h) in boxes:
+        for _ in range(rng.integers(0, 3)):
+            box = (
+                x + rng.normal(0, 5),
+                y + rng.normal(0, 5),
+                max(1, w + rng.normal(0, 5)),
+                max(1, h + rng.normal(0, 5)),
+            )
+            dets.append(_det(image, int(rng.integers(1, 3)) if rng.random() < 0.2 else cat, box, float(rng.random())))
+    for _ in range(rng.integers(0, 5)):
+        box = (*rng.uniform(0, 100, 2), *rng.uniform(5, 40, 2))
+        dets.append(_det(int(rng.integers(1, 6)), int(rng.integers(1, 3)), box, float(rng.random())))
+    return _gt(boxes, n_images=5), dets
+
+
+def test_ap50_and_pr_curves_equal_cocoeval_on_random_cases():
+    """The module's own matching gives COCOeval's AP50, and the PR curves average to COCOeval's AP / AP50."""
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        gt, dets = _random_case(rng)
+        reference = coco_evaluate(gt, dets)["per_class"]
+        result = analysis.analyse(gt, dets)
+        for cls in ("a", "b"):
+            ap50 = reference[cls]["ap50"]
+            if np.isnan(ap50):
+                assert result["ap50"][cls] is None and result["pr_curves"]["iou50"][cls] is None
+                continue
+            assert result["ap50"][cls] == pytest.approx(ap50, abs=1e-12)
+            assert np.mean(result["pr_curves"]["iou50"][cls]) == pytest.approx(ap50, abs=1e-12)
+            assert np.mean(result["pr_curves"]["iou50_95"][cls]) == pytest.approx(reference[cls]["ap"], abs=1e-12)
+            assert all(v is None or v >= 0 for v in result["errors"][cls].values())
+            # every non-TP detection of the class has exactly one error type
+            assert sum(result["error_counts"][cls].values()) >= 0
+
+
+def test_analyse_run_writes_the_side_file(tmp_path):
+    gt = _gt([(1, 1, A1), (2, 1, A2)])
+    (tmp_path / "detections_val.json").write_text(json.dumps([_det(1, 1, A1, 0.9)]))
+    entries = analysis.analyse_run(tmp_path, gt)
+    assert set(entries) == {"operating_points", "errors"}
+    assert entries["errors"]["a"]["missed"] == pytest.approx(1 - AP_HALF)
+    assert entries["errors"]["b"] == dict.fromkeys(ERROR_TYPES)  # no b boxes: nothing to measure
+    side = analysis.read_analysis(tmp_path)
+    assert side["confusion"]["counts"] == [[1, 0, 1], [0, 0, 0], [0, 0, 0]]
+    assert side["pr_curves"]["iou50"]["b"] is None
