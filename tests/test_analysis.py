@@ -204,3 +204,33 @@ def test_analyse_run_writes_the_side_file(tmp_path):
     side = analysis.read_analysis(tmp_path)
     assert side["confusion"]["counts"] == [[1, 0, 1], [0, 0, 0], [0, 0, 0]]
     assert side["pr_curves"]["iou50"]["b"] is None
+
+
+@pytest.mark.slow
+def test_a_tiny_run_records_operating_points_and_errors_for_every_class(tiny_params, tmp_path):
+    """Train 1 epoch (2 steps), then evaluate the checkpoint only: both contracts carry the analysis."""
+    from tfg_mm import runs
+    from tfg_mm.baseline import run_baseline
+
+    m = run_baseline(tiny_params(epochs=1, max_steps_per_epoch=2, run_dir=str(tmp_path / "run")), progress=False)
+    classes = list(m["final"]["per_class"])
+    assert classes
+    for run_dir, metrics in (
+        (tmp_path / "run", m),
+        (
+            tmp_path / "eval",
+            run_baseline(tiny_params(checkpoint=str(tmp_path / "run"), run_dir=str(tmp_path / "eval")), progress=False),
+        ),
+    ):
+        final = metrics["final"]
+        assert list(final["operating_points"]) == classes and list(final["errors"]) == classes
+        assert all(set(v) == {"threshold", "precision", "recall", "f1"} for v in final["operating_points"].values())
+        assert all(set(v) == set(ERROR_TYPES) for v in final["errors"].values())
+        side = analysis.read_analysis(run_dir)
+        assert side["classes"] == classes and len(side["confusion"]["counts"]) == len(classes) + 1
+        # the side file is the analysis of the detections the run kept, as analyse() computes it again
+        again = analysis.analyse(
+            metrics["dataset"]["val_json"], json.loads((run_dir / runs.DETECTIONS_FILE).read_text()), classes
+        )
+        assert runs.json_safe(again["errors"]) == final["errors"]
+        assert runs.read_metrics(run_dir)["schema_version"] == 3

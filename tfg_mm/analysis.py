@@ -62,7 +62,7 @@ from tfg_mm import runs
 from tfg_mm.evaluate import check_detections, load_coco_gt, load_results, resolve_classes, run_cocoeval
 from tfg_mm.io import atomic_write_json
 
-ERROR_TYPES = ("classification", "localisation", "both", "duplicate", "background", "missed")
+ERROR_TYPES = runs.ERROR_TYPES
 IOU_FG = 0.5
 IOU_BG = 0.1
 MAX_DETS = 100

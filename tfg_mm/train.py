@@ -43,9 +43,11 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
+from tfg_mm import analysis
 from tfg_mm.errors import CheckpointError, ConfigError, NonFiniteError, TrainingError
 from tfg_mm.evaluate import evaluate
 from tfg_mm.io import atomic_write_bytes, atomic_write_json
+from tfg_mm.runs import DETECTIONS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +389,18 @@ class Trainer:
             model.train(was_training)
         return metrics, dets
 
+    def analyse(self) -> dict:
+        """The error analysis of the selected checkpoint's detections (``{run_dir}/detections_val.json``):
+        writes ``{run_dir}/analysis.json`` and returns ``{"operating_points", "errors"}`` for ``final``
+        (:mod:`tfg_mm.analysis`); ``{}`` when no detections were kept."""
+        if not (self.run_dir / DETECTIONS_FILE).exists():
+            return {}
+        self.stage = "analyse"
+        start = time.perf_counter()
+        out = analysis.analyse_run(self.run_dir, self.coco_gt, None, self.task.class_names, self.cat_ids)
+        log.info("error analysis of %s in %.2f s", self.run_dir.name, time.perf_counter() - start)
+        return out
+
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         p = self.params
@@ -505,7 +519,7 @@ class Trainer:
             self.best_epoch = epoch
             self.task.save_model(model, self.ckpt_dir / "best", meta)
             # the selected checkpoint's validation detections: the ablation statistics resample them
-            atomic_write_json(self.run_dir / "detections_val.json", dets)
+            atomic_write_json(self.run_dir / DETECTIONS_FILE, dets)
         self.write_contract(self.history, None, "running")
         if self.progress:
             tqdm.write(f"[{self.run_dir.name}] epoch {epoch}: mAP {metrics['map']:.4f}  mAP50 {metrics['map50']:.4f}")
@@ -515,6 +529,7 @@ class Trainer:
         final = {k: v for k, v in best.items() if k not in ("losses", "lr", "seconds")}
         final["selected_by"] = self.params.select_metric
         final["checkpoint"] = str(self.ckpt_dir / "best")
+        final.update(self.analyse())
         self.write_contract(self.history, final, "finished")
         return TrainResult(self.history, final, self.ckpt_dir / "best", self.ckpt_dir / "last")
 
