@@ -234,3 +234,107 @@ def test_a_tiny_run_records_operating_points_and_errors_for_every_class(tiny_par
         )
         assert runs.json_safe(again["errors"]) == final["errors"]
         assert runs.read_metrics(run_dir)["schema_version"] == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# The run contract, the grid summary and the report functions
+# ------------------------------------------------------------------------------------------------
+def _final_with(points, errors):
+    return {
+        "map": 0.5,
+        "map50": 0.7,
+        "map75": 0.4,
+        "per_class": {"a": {"ap": 0.5, "ap50": 0.7}},
+        "operating_points": points,
+        "errors": errors,
+    }
+
+
+def test_contract_checks_operating_points_and_errors_when_present():
+    from tfg_mm import runs
+
+    good_point = {"a": {"threshold": 0.4, "precision": 0.9, "recall": 0.8, "f1": 0.85}}
+    good_errors = {"a": dict.fromkeys(ERROR_TYPES, 0.0)}
+    assert runs._contract_problems([], _final_with(good_point, good_errors), "finished") == []
+    old = _final_with(good_point, good_errors)
+    del old["operating_points"], old["errors"]
+    assert runs._contract_problems([], old, "finished") == []  # a schema-2 final still reads
+    problems = runs._contract_problems([], _final_with({"a": {"threshold": 0.4}}, {"b": good_errors["a"]}), "finished")
+    assert any("operating_points['a'] must have exactly threshold, precision, recall, f1" in p for p in problems)
+    assert any("`errors` must have one entry per class" in p for p in problems)
+
+
+def test_summary_means_errors_and_operating_points_over_seeds():
+    from tfg_mm.ablations.summary import _mean_per_class
+
+    seeds = [{"a": {"missed": 0.1, "background": None}}, {"a": {"missed": 0.3, "background": 0.2}}]
+    assert _mean_per_class(seeds) == {"a": {"missed": pytest.approx(0.2), "background": 0.2}}
+    assert _mean_per_class([]) is None
+
+
+def _analysed_run(tmp_path):
+    """A run folder with the analysis of a hand-built case, and its contract's final."""
+    gt = _gt([(1, 1, A1), (1, 2, B1), (2, 1, A2)])
+    dets = [_det(1, 1, A1, 0.9), _det(1, 1, (0, 0, 100, 90), 0.8), _det(2, 2, A2, 0.7), _det(1, 2, B1, 0.6)]
+    tmp_path.mkdir()
+    (tmp_path / "detections_val.json").write_text(json.dumps(dets))
+    entries = analysis.analyse_run(tmp_path, gt)
+    final = {"map": 0.5, "map50": 0.6, "map75": 0.4, "per_class": {c: {"ap": 0.5, "ap50": 0.6} for c in "ab"}}
+    return {"params": {"run_dir": str(tmp_path)}, "final": {**final, **entries}}
+
+
+def test_show_error_analysis_draws_and_saves_every_figure(tmp_path, monkeypatch):
+    from tfg_mm import reports
+
+    monkeypatch.setenv("TFG_MM_FIGURES_DIR", str(tmp_path / "figures"))
+    metrics = _analysed_run(tmp_path / "run")
+    figures = reports.show_error_analysis(metrics, save_prefix="01_baseline", hard_classes=["a"])
+    assert set(figures) == {"pr", "f1", "confusion", "errors"}
+    for stem in ("pr", "f1", "confusion", "errors"):
+        assert (tmp_path / "figures" / f"01_baseline_{stem}.png").read_bytes()[:4] == b"\x89PNG"
+        assert "<svg" in (tmp_path / "figures" / f"01_baseline_{stem}.svg").read_text()
+    # the operating points are marked where the contract says
+    points = metrics["final"]["operating_points"]
+    marks = {
+        (line.get_xdata()[0], line.get_ydata()[0])
+        for line in figures["f1"].axes[0].get_lines()
+        if line.get_marker() == "o"
+    }
+    assert marks == {(p["threshold"], p["f1"]) for p in points.values()}
+    # the confusion heatmap shows the counts of analysis.json
+    counts = analysis.read_analysis(tmp_path / "run")["confusion"]["counts"]
+    shown = [int(t.get_text()) for t in figures["confusion"].axes[0].texts]
+    assert shown == [v for row in counts for v in row]
+    # one bar per class and error type, at the recorded ΔAP
+    heights = sorted(round(p.get_height(), 6) for p in figures["errors"].axes[0].patches if p.get_width() > 0)
+    recorded = sorted(round(v, 6) for e in metrics["final"]["errors"].values() for v in e.values())
+    assert heights == recorded
+    table = reports.operating_points_table(metrics, hard_classes=["a"])
+    assert list(table.index) == ["a (hard)", "b"] and table.loc["a (hard)", "F1"] == round(points["a"]["f1"], 3)
+    # a contract written before the analysis existed: a note, no figure
+    old = {"params": {"run_dir": str(tmp_path / "old")}, "final": {"map": 0.5}}
+    assert reports.show_error_analysis(old) == {}
+
+
+def test_error_table_and_index_section(tmp_path):
+    from tfg_mm import reports
+
+    errors = {c: dict.fromkeys(ERROR_TYPES, 0.0) | {"missed": 0.1 * (i + 1)} for i, c in enumerate("ab")}
+    summary = {
+        "hard_classes": ["b"],
+        "confidence": 0.95,
+        "baseline": {"final": {"map": 0.5, "map50": 0.6, "per_class": {}, "errors": errors}},
+        "variants": [
+            {"name": "v1", "status": "finished", "error_analysis": {"errors": {"b": {**errors["b"], "missed": 0.05}}}},
+            {"name": "v2", "status": "failed", "errors": [{"seed": 0, "error": "x"}]},
+        ],
+    }
+    table = reports.error_table(summary)
+    assert list(table.index) == ["baseline", "v1"]
+    assert table.loc["baseline", ("b", "missed")] == 0.2 and table.loc["v1", ("b", "missed")] == 0.05
+    assert list(table.columns.get_level_values(1))[:3] == ["classification", "localisation", "cls + loc"]
+    assert list(reports.error_table(summary, classes=["a", "b"]).columns.get_level_values(0)).count("a") == 6
+    page = reports._error_table_section(summary, tmp_path)
+    assert "Errors per class" in page and "0.05" in page
+    assert (tmp_path / "ablations_errors.csv").exists()
+    assert "No error analysis" in reports._error_table_section({"variants": []}, tmp_path)

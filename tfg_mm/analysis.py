@@ -226,23 +226,24 @@ def _match_all(images: list[_Image], n_classes: int) -> _Matches:
             used[matched[(matched > -1) & ~ignored]] = True
         err = np.full(n_det, -1)
         target = np.full(n_det, -1)
-        real = ~image.gt_crowd
-        for d in np.flatnonzero(~tp & ~ign):
-            iou = np.where(real, image.iou[d], 0.0)
-            same = image.gt_cls == image.det_cls[d]
-            cls_iou = np.where(same, iou, 0.0)
-            other_iou = np.where(~same, iou, 0.0)
-            used_iou = np.where(same & used, iou, 0.0)
-            if len(iou) and IOU_BG <= cls_iou.max() <= IOU_FG:
-                err[d], target[d] = ERROR_TYPES.index("localisation"), offset + int(cls_iou.argmax())
-            elif len(iou) and other_iou.max() >= IOU_FG:
-                err[d], target[d] = ERROR_TYPES.index("classification"), offset + int(other_iou.argmax())
-            elif len(iou) and used_iou.max() >= IOU_FG:
-                err[d] = ERROR_TYPES.index("duplicate")
-            elif not len(iou) or iou.max() <= IOU_BG:
-                err[d] = ERROR_TYPES.index("background")
-            else:
-                err[d] = ERROR_TYPES.index("both")
+        todo = ~tp & ~ign
+        if len(image.gt_cls):
+            iou = np.where(~image.gt_crowd[None], image.iou, 0.0)  # [N, M]
+            same = image.gt_cls[None] == image.det_cls[:, None]
+            cls_iou, other_iou = np.where(same, iou, 0.0), np.where(~same, iou, 0.0)
+            used_max = np.where(same & used[None], iou, 0.0).max(axis=1)
+            loc = todo & (cls_iou.max(axis=1) >= IOU_BG) & (cls_iou.max(axis=1) <= IOU_FG)
+            cls = todo & ~loc & (other_iou.max(axis=1) >= IOU_FG)
+            dup = todo & ~loc & ~cls & (used_max >= IOU_FG)
+            bkg = todo & ~loc & ~cls & ~dup & (iou.max(axis=1) <= IOU_BG)
+            both = todo & ~(loc | cls | dup | bkg)
+            for name, mask in (("localisation", loc), ("classification", cls), ("duplicate", dup)):
+                err[mask] = ERROR_TYPES.index(name)
+            err[bkg], err[both] = ERROR_TYPES.index("background"), ERROR_TYPES.index("both")
+            target[loc] = offset + cls_iou.argmax(axis=1)[loc]
+            target[cls] = offset + other_iou.argmax(axis=1)[cls]
+        else:
+            err[todo] = ERROR_TYPES.index("background")
         cols["image"].append(np.full(n_det, i))
         cols["cls"].append(image.det_cls)
         cols["score"].append(image.det_scores)
@@ -458,7 +459,7 @@ def analyse(
     detections: list[dict],
     class_names: list[str] | None = None,
     cat_ids: list[int] | None = None,
-    backend: str = "pycocotools",
+    backend: str = "faster_coco_eval",
 ) -> dict:
     """The whole error analysis (module docstring) as one JSON-ready dict.
 
