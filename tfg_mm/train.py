@@ -19,8 +19,11 @@ What the loop guarantees, for every phase:
   RNG states, history) and ends with the same metrics as an uninterrupted run on CPU. The state
   carries the run id it belongs to: a state of another run is refused (the experiment refuses it
   earlier, before any work, listing what differs: :func:`tfg_mm.runs.check_run_dir`).
+- When the run finishes, the error analysis of the selected checkpoint's validation detections
+  (:mod:`tfg_mm.analysis`): ``final.operating_points`` and ``final.errors`` in the run contract,
+  the curves and the confusion matrix in ``{run_dir}/analysis.json``.
 - ``epoch``, ``step`` (within the epoch) and ``stage`` (``setup`` / ``train`` / ``evaluate`` /
-  ``save``) say where the loop is, so that a failure record can name them.
+  ``save`` / ``analyse``) say where the loop is, so that a failure record can name them.
 """
 
 from __future__ import annotations
