@@ -338,3 +338,16 @@ def test_error_table_and_index_section(tmp_path):
     assert "Errors per class" in page and "0.05" in page
     assert (tmp_path / "ablations_errors.csv").exists()
     assert "No error analysis" in reports._error_table_section({"variants": []}, tmp_path)
+
+
+def test_error_comparison_of_a_run_with_its_baseline():
+    from tfg_mm import reports
+
+    errors = {c: dict.fromkeys(ERROR_TYPES, 0.0) | {"missed": m} for c, m in (("perforation", 0.3), ("scratch", 0.1))}
+    better = {c: v | {"missed": v["missed"] / 2} for c, v in errors.items()}
+    metrics = {"final": {"errors": better}, "baseline": {"final": {"errors": errors}}}
+    table = reports.error_comparison(metrics)  # the hard classes this run has
+    assert list(table.index) == ["baseline", "this run"]
+    assert sorted(set(table.columns.get_level_values(0))) == ["perforation"]
+    assert table.loc["this run", ("perforation", "missed")] == 0.15
+    assert reports.error_comparison(metrics, {"errors": errors}, classes=["scratch"]).shape == (2, 6)

@@ -13,7 +13,8 @@ never loads a checkpoint or runs a model, so a report can always be rebuilt from
   curves, F1 against threshold with the operating points, confusion matrix, TIDE error breakdown,
   operating-points table), built from :func:`plot_pr_curves`, :func:`plot_f1_curves`,
   :func:`plot_confusion`, :func:`plot_error_breakdown`, :func:`operating_points_table`; for a grid,
-  :func:`error_table` (per-class error ΔAP of the baseline and every variant).
+  :func:`error_table` (per-class error ΔAP of the baseline and every variant); for a phase-2 run
+  against its baseline, :func:`error_comparison`.
 * Ablation figures (notebook 03 and the index): :func:`plot_ablation_trajectories`,
   :func:`plot_delta_heatmap`, :func:`plot_ablation_gates`, :func:`plot_wise_curve`,
   :func:`ablation_table`.
@@ -511,8 +512,8 @@ def plot_confusion(
     totals = counts.sum(axis=1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(totals > 0, counts / totals, np.nan)
-    size = 0.75 * len(cols) + 2.5
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    size = 0.55 * len(cols) + 2.2
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 0.5, size))
     for ax, data, fmt, title in (
         (axes[0], counts, ".0f", "counts"),
         (axes[1], share, ".2f", "share of each row (ground truth)"),
@@ -626,6 +627,26 @@ def show_error_analysis(
     )
     display(operating_points_table(metrics, hard_classes))
     return figures
+
+
+def error_comparison(
+    metrics: Mapping[str, Any],
+    baseline_final: Mapping[str, Any] | None = None,
+    classes: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """:func:`error_table` of one run against its baseline (notebook 02): rows ``baseline`` and ``this run``.
+
+    ``baseline_final`` is a baseline contract or its ``final`` (default: the one a phase-2 contract
+    records); default classes: the hard classes this run has."""
+    base = _as_final(baseline_final) if baseline_final is not None else baseline_final_of(metrics)
+    errors = (metrics.get("final") or {}).get("errors") or {}
+    if classes is None:
+        classes = [c for c in HARD_CLASSES if c in errors] or list(errors)
+    summary = {
+        "baseline": {"final": base or {}},
+        "variants": [{"name": "this run", "error_analysis": {"errors": errors}}],
+    }
+    return error_table(summary, classes)
 
 
 def error_table(summary: Mapping[str, Any], classes: Sequence[str] | None = None) -> pd.DataFrame:
