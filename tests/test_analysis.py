@@ -136,6 +136,17 @@ def test_both_class_and_localisation():
     _only(result["errors"], "a", {"missed": 1.0})  # the a box is not the target of a cls / loc error
 
 
+def test_one_fix_per_box_the_highest_scoring_claimant():
+    """A classification error (0.9) and a localisation error (0.5) on the same box: only the first is fixable
+    (TIDE's BestGTMatch); fixing localisation alone removes the other detection, which leaves AP unchanged."""
+    gt = _gt([(1, 1, A1), (2, 2, B1)])
+    dets = [_det(1, 2, A1, 0.9), _det(1, 1, (0, 0, 30, 100), 0.5), _det(2, 2, B1, 0.8)]
+    result = analysis.analyse(gt, dets)
+    assert result["error_counts"]["a"]["localisation"] == 1 and result["error_counts"]["b"]["classification"] == 1
+    _only(result["errors"], "a", {"classification": 1.0})  # a: the fixed TP (0.9) ranks above its FP (0.5)
+    _only(result["errors"], "b", {"classification": 0.5})
+
+
 def test_confusion_matrix_counts_by_hand():
     gt = _gt([(1, 1, A1), (1, 1, A2), (1, 2, B1), (2, 2, B1)])
     dets = [
