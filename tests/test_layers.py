@@ -29,6 +29,7 @@ LAYERS = {
     "shim": 3,
     "model": 4,
     "stats": 4,
+    "analysis": 4,
     "runs": 4,
     "notebooks": 4,
     "train": 5,

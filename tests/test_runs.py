@@ -217,7 +217,7 @@ def test_metrics_record_the_environment_that_decides_the_numbers(tmp_path, datas
     write_metrics(run_dir, params=Params(), dataset=dataset, history=[_entry(0, 0.1)], final=None)
     record = read_metrics(run_dir)
     env = record["environment"]
-    assert record["schema_version"] == runs.SCHEMA_VERSION == 2
+    assert record["schema_version"] == runs.SCHEMA_VERSION == 3
     assert set(env) == {
         "python",
         "platform",

@@ -343,15 +343,7 @@ def cocoeval_metrics(gt: Any, dt: Any, class_names: list[str], cat_ids: list[int
     The one place where COCOeval runs, shared by ``coco_evaluate`` and the bootstrap in
     ``tfg_mm.stats`` so that a full-set number and its resampled replicas are computed alike.
     """
-    _, cocoeval_cls = _backend(backend)
-    with _quiet():
-        if backend == "faster_coco_eval":
-            evaluator = cocoeval_cls(gt, dt, iouType="bbox", print_function=lambda *args: None)
-        else:
-            evaluator = cocoeval_cls(gt, dt, iouType="bbox")
-        evaluator.params.catIds = sorted(cat_ids)
-        evaluator.evaluate()
-        evaluator.accumulate()
+    evaluator = run_cocoeval(gt, dt, cat_ids, backend)
     p = evaluator.params
     return metrics_from_precision(
         precision=np.asarray(evaluator.eval["precision"]),
@@ -362,6 +354,21 @@ def cocoeval_metrics(gt: Any, dt: Any, class_names: list[str], cat_ids: list[int
         class_names=class_names,
         cat_ids=cat_ids,
     )
+
+
+def run_cocoeval(gt: Any, dt: Any, cat_ids: list[int], backend: str) -> Any:
+    """COCOeval (bbox) evaluated and accumulated on ``cat_ids``, quietly; its ``eval['precision']`` is
+    ``[T, R, K, A, M]`` (K in sorted ``cat_ids`` order). :mod:`tfg_mm.analysis` reads the PR curves from it."""
+    _, cocoeval_cls = _backend(backend)
+    with _quiet():
+        if backend == "faster_coco_eval":
+            evaluator = cocoeval_cls(gt, dt, iouType="bbox", print_function=lambda *args: None)
+        else:
+            evaluator = cocoeval_cls(gt, dt, iouType="bbox")
+        evaluator.params.catIds = sorted(cat_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+    return evaluator
 
 
 # --------------------------------------------------------------------------------------------

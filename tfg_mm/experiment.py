@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from tfg_mm import runs
 from tfg_mm.config import RunPaths
 from tfg_mm.data.loaders import Data, dataset_record, make_data, resolve_dataset
-from tfg_mm.io import atomic_write_text
+from tfg_mm.io import atomic_write_json, atomic_write_text
 from tfg_mm.train import Task, Trainer, seed_everything
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,8 @@ def run_experiment(
         else:
             task.model.to(trainer.accelerator.device)
             trainer.stage = "evaluate"
-            metrics, _ = trainer.evaluate()
+            metrics, dets = trainer.evaluate()
+            atomic_write_json(paths.run_dir / runs.DETECTIONS_FILE, dets)
             entry = {
                 "epoch": 0,
                 **{k: metrics[k] for k in _EVAL_KEYS},
@@ -130,7 +131,8 @@ def run_experiment(
                 "losses": {},
                 "seconds": 0.0,
             }
-            contract([entry], {**entry, "selected_by": "evaluation only", "checkpoint": setup.evaluated}, "finished")
+            final = {**entry, "selected_by": "evaluation only", "checkpoint": setup.evaluated, **trainer.analyse()}
+            contract([entry], final, "finished")
     except BaseException as exc:  # recorded, then raised unchanged: the caller's exit code says it failed
         _record_failure(exc, paths, params, record, phase, depends_on, setup, trainer)
         raise

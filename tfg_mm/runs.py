@@ -17,6 +17,11 @@
 * ``history`` — one entry per evaluated epoch with at least ``epoch``, ``map``, ``map50``, ``map75``,
   ``per_class`` = {class name: {``ap``, ``ap50``}}, ``lr``, ``losses`` = {term: value}, ``seconds``;
 * ``final`` — the selected checkpoint's metrics (``map``, ``map50``, ``map75``, ``per_class``, ...);
+  from schema version 3 a finished run's ``final`` also carries the error analysis of its
+  detections (:mod:`tfg_mm.analysis`): ``operating_points`` = {class name: {``threshold``,
+  ``precision``, ``recall``, ``f1``}} and ``errors`` = {class name: {error type: ΔAP50}}, with the
+  curves and the confusion matrix in the side file :data:`ANALYSIS_FILE`. They are checked when
+  present; a file without them (older schema, a run whose detections were not kept) still reads;
 * any ``extra`` top-level entries the phase adds (e.g. the fusion's α trajectory).
 
 The file is written atomically (a crash leaves the previous version, never half a file), with
@@ -53,8 +58,12 @@ METRICS_FILE = "metrics.json"
 #: Written by :func:`prepare_run_dir`: only folders carrying it (or a metrics.json) are ever cleared.
 MARKER_FILE = ".tfg_mm_run"
 #: 2 added ``environment``; a version-1 file (written before it) still reads without it.
-SCHEMA_VERSION = 2
+#: 3 added ``final.operating_points`` and ``final.errors`` (optional: checked when present).
+SCHEMA_VERSION = 3
 STATUSES = ("running", "finished", "failed")
+#: ``final.operating_points[class]`` keys, and the error types of ``final.errors[class]`` (tfg_mm.analysis)
+OPERATING_POINT_KEYS = ("threshold", "precision", "recall", "f1")
+ERROR_TYPES = ("classification", "localisation", "both", "duplicate", "background", "missed")
 HISTORY_KEYS = ("epoch", "map", "map50", "map75", "per_class", "lr", "losses", "seconds")
 FINAL_KEYS = ("map", "map50", "map75", "per_class")
 CONTRACT_KEYS = (
@@ -118,6 +127,10 @@ TRACEBACK_FILE = "traceback.txt"
 #: What the provenance's ``git_dirty`` flag looks at, relative to the repository root: the sources,
 #: notebooks, params and scripts (not ``reports/``, ``runs/`` or ``data/``, which runs write).
 DIRTY_PATHS = ("tfg_mm", "notebooks", "params", "scripts", "pyproject.toml")
+#: The selected checkpoint's validation detections (COCO results list), written by the trainer.
+DETECTIONS_FILE = "detections_val.json"
+#: The error analysis of those detections (:mod:`tfg_mm.analysis`): curves and confusion matrix the reports draw.
+ANALYSIS_FILE = "analysis.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,6 +503,9 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+json_safe = _json_safe
+
+
 def _is_number(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
@@ -548,6 +564,28 @@ def _contract_problems(history: Any, final: Any, status: Any) -> list[str]:
             problems.append("final: `map` / `map50` / `map75` must be numbers or null")
         else:
             problems += _per_class_problems(final["per_class"], "final")
+        problems += _analysis_problems(final)
+    return problems
+
+
+def _analysis_problems(final: Mapping[str, Any]) -> list[str]:
+    """``final.operating_points`` / ``final.errors`` (schema 3), when present: one entry per class, all numbers."""
+    problems = []
+    for key, fields in (("operating_points", OPERATING_POINT_KEYS), ("errors", ERROR_TYPES)):
+        if key not in final:
+            continue
+        entries = final[key]
+        if not isinstance(entries, Mapping):
+            problems.append(f"final: `{key}` must be a mapping {{class name: {{{', '.join(fields)}}}}}")
+            continue
+        classes = set(final.get("per_class") or {})
+        if classes and set(entries) != classes:
+            problems.append(f"final: `{key}` must have one entry per class of `per_class` ({sorted(classes)})")
+        for name, values in entries.items():
+            if not isinstance(values, Mapping) or set(values) != set(fields):
+                problems.append(f"final: {key}[{name!r}] must have exactly {', '.join(fields)}")
+            elif not all(_is_number(v) for v in values.values()):
+                problems.append(f"final: {key}[{name!r}] values must be numbers or null")
     return problems
 
 

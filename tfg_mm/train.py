@@ -19,8 +19,11 @@ What the loop guarantees, for every phase:
   RNG states, history) and ends with the same metrics as an uninterrupted run on CPU. The state
   carries the run id it belongs to: a state of another run is refused (the experiment refuses it
   earlier, before any work, listing what differs: :func:`tfg_mm.runs.check_run_dir`).
+- When the run finishes, the error analysis of the selected checkpoint's validation detections
+  (:mod:`tfg_mm.analysis`): ``final.operating_points`` and ``final.errors`` in the run contract,
+  the curves and the confusion matrix in ``{run_dir}/analysis.json``.
 - ``epoch``, ``step`` (within the epoch) and ``stage`` (``setup`` / ``train`` / ``evaluate`` /
-  ``save``) say where the loop is, so that a failure record can name them.
+  ``save`` / ``analyse``) say where the loop is, so that a failure record can name them.
 """
 
 from __future__ import annotations
@@ -44,12 +47,13 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
+from tfg_mm import analysis
 from tfg_mm.config import portable_text
 from tfg_mm.devices import check_amp, resolve_device
 from tfg_mm.errors import CheckpointError, ConfigError, NonFiniteError, TrainingError
 from tfg_mm.evaluate import evaluate
 from tfg_mm.io import atomic_write_bytes, atomic_write_json
-from tfg_mm.runs import append_progress
+from tfg_mm.runs import DETECTIONS_FILE, append_progress
 
 #: Seconds of training between two lines of ``{run_dir}/progress.jsonl`` (plus one at the end of every
 #: epoch and one after every evaluation): a few hundred small appends in a 30-minute run.
@@ -421,6 +425,18 @@ class Trainer:
             model.train(was_training)
         return metrics, dets
 
+    def analyse(self) -> dict:
+        """The error analysis of the selected checkpoint's detections (``{run_dir}/detections_val.json``):
+        writes ``{run_dir}/analysis.json`` and returns ``{"operating_points", "errors"}`` for ``final``
+        (:mod:`tfg_mm.analysis`); ``{}`` when no detections were kept."""
+        if not (self.run_dir / DETECTIONS_FILE).exists():
+            return {}
+        self.stage = "analyse"
+        start = time.perf_counter()
+        out = analysis.analyse_run(self.run_dir, self.coco_gt, None, self.task.class_names, self.cat_ids)
+        log.info("error analysis of %s in %.2f s", self.run_dir.name, time.perf_counter() - start)
+        return out
+
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         p = self.params
@@ -591,7 +607,7 @@ class Trainer:
             self.best_epoch = epoch
             self.task.save_model(model, self.ckpt_dir / "best", meta)
             # the selected checkpoint's validation detections: the ablation statistics resample them
-            atomic_write_json(self.run_dir / "detections_val.json", dets)
+            atomic_write_json(self.run_dir / DETECTIONS_FILE, dets)
         self.write_contract(self.history, None, "running")
         self._latest_eval = {"map": metrics["map"], "map50": metrics["map50"], "map_epoch": epoch}
         self._progress("eval", epoch, evaluations_from=epoch + 1)
@@ -603,6 +619,7 @@ class Trainer:
         final = {k: v for k, v in best.items() if k not in ("losses", "lr", "seconds")}
         final["selected_by"] = self.params.select_metric
         final["checkpoint"] = str(self.ckpt_dir / "best")
+        final.update(self.analyse())
         self.write_contract(self.history, final, "finished")
         self._progress("finish", self.params.epochs, best_epoch=self.best_epoch, best_map=best["map"])
         return TrainResult(self.history, final, self.ckpt_dir / "best", self.ckpt_dir / "last")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from tfg_mm import detector as det
+from tfg_mm import runs
 from tfg_mm.baseline import BaselineTask
 from tfg_mm.config import load_params
 from tfg_mm.data.loaders import make_data
@@ -39,7 +40,7 @@ from tfg_mm.train import seed_everything
 
 log = logging.getLogger(__name__)
 
-DETECTIONS_FILE = "detections_val.json"
+DETECTIONS_FILE = runs.DETECTIONS_FILE
 
 
 # --------------------------------------------------------------------------------------------

@@ -70,6 +70,20 @@ def _bootstrap(
     return result
 
 
+def _mean_per_class(entries: list[Mapping[str, Any]]) -> dict | None:
+    """Seed mean of ``{class: {key: number}}`` entries (``final.errors`` / ``final.operating_points``);
+    a value missing or null in a seed is left out of that mean (None when no seed has it)."""
+    if not entries:
+        return None
+    out: dict[str, dict[str, float | None]] = {}
+    for entry in entries:
+        for cls, values in entry.items():
+            for key in values or {}:
+                finite = [v for v in (_finite((e.get(cls) or {}).get(key)) for e in entries) if v is not None]
+                out.setdefault(cls, {})[key] = sum(finite) / len(finite) if finite else None
+    return out
+
+
 def _mean_interval(entries: list[dict]) -> dict:
     """Seed mean of Δ and of the interval bounds (conservative for shared draws), with its verdict."""
     lo = sum(e["lo"] for e in entries) / len(entries)
@@ -89,8 +103,9 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
 
     Per variant: status (finished / reused / failed per seed), mean ± sd over seeds of mAP, mAP50
     and each hard class's AP, the Δ against the baseline with its paired-bootstrap interval and
-    verdict, the per-class Δ AP (mean over seeds), the histories (for the overlaid trajectories)
-    and the recorded errors. Plus the baseline and the WiSE-FT curve when the grid asks for one.
+    verdict, the per-class Δ AP (mean over seeds), the histories (for the overlaid trajectories),
+    the recorded failures (``errors``) and, as ``error_analysis``, the seed mean of each run's
+    ``final.errors`` (TIDE ΔAP50 per class and error type) and ``final.operating_points``. Plus the baseline and the WiSE-FT curve when the grid asks for one.
     """
     ablations_dir = resolve_path(ablations_dir)
     path = ablations_dir / GRID_RECORD
@@ -169,7 +184,10 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
             run_out["history"] = [
                 {k: h.get(k) for k in ("epoch", "map", "map50", "alpha_mean", "stage")} for h in metrics["history"]
             ]
-            run_out["final"] = {k: metrics["final"].get(k) for k in ("map", "map50", "map75", "per_class", "epoch")}
+            run_out["final"] = {
+                k: metrics["final"].get(k)
+                for k in ("map", "map50", "map75", "per_class", "epoch", "operating_points", "errors")
+            }
             out["runs"].append(run_out)
             out["seeds_finished"].append(entry["seed"])
             finals.append(metrics["final"])
@@ -213,6 +231,10 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
                         and _finite(base_values.get("ap")) is not None
                     ]
                     out["per_class_delta"][cls] = sum(deltas) / len(deltas) if deltas else None
+            out["error_analysis"] = {
+                key: _mean_per_class([f[key] for f in finals if isinstance(f.get(key), Mapping)])
+                for key in ("errors", "operating_points")
+            }
         if intervals:
             out["delta"]["map"] = _mean_interval(intervals)
             out["delta"]["per_class"] = {cls: _mean_interval([i["per_class"][cls] for i in intervals]) for cls in hard}
