@@ -11,7 +11,7 @@ import matplotlib
 import pytest
 
 from tfg_mm import galleries, reports
-from tfg_mm.errors import DataError
+from tfg_mm.errors import ConfigError, DataError
 
 matplotlib.use("Agg")
 
@@ -196,3 +196,9 @@ def test_galleries_and_side_by_side_on_the_tiny_set(tiny_dataset, tmp_path):
     # the same numbers without drawing (the index's summary), and deterministic
     summary = reports.flips_summary(phase2, base)
     assert summary["classes"] == out["classes"]
+    index = reports.build_index(None, reports_dir=tmp_path / "reports", flips=summary).read_text()
+    assert f"<td>perforation</td><td>{n_perf} (" in index and f"<td>+{n_perf}</td>" in index
+    assert f"<td>-{n_break}</td>" in index
+    # without baseline_metrics the phase-2 contract's `baseline` folder is read: here not a run folder
+    with pytest.raises(ConfigError, match="not a run folder"):
+        reports.flips_summary({**phase2, "params": {**phase2["params"], "baseline": str(tmp_path / "none")}})

@@ -9,6 +9,10 @@ never loads a checkpoint or runs a model, so a report can always be rebuilt from
   :func:`plot_per_class`, :func:`plot_per_class_delta`, :func:`plot_gate`, :func:`plot_losses`,
   :func:`final_table`. Each plot returns its figure and, given ``save="stem"``, also writes
   ``reports/figures/<stem>.png`` and ``.svg`` (PNG for the HTML, SVG for the thesis).
+* Detection galleries (read by :mod:`tfg_mm.galleries` from a run's ground truth, images and saved
+  detections; no model): :func:`show_galleries` (notebook 01), :func:`show_side_by_side` (notebook 02:
+  baseline vs phase 2 on the same images, and the miss → hit / hit → miss flips), :func:`flips_summary`
+  (the flips counts alone, for the index).
 * Ablation figures (notebook 03 and the index): :func:`plot_ablation_trajectories`,
   :func:`plot_delta_heatmap`, :func:`plot_ablation_gates`, :func:`plot_wise_curve`,
   :func:`ablation_table`.
@@ -404,15 +408,13 @@ _FP_SHORT = {"duplicate": "dup", "wrong class": "cls", "mislocalised": "loc", "b
 
 def _legend_handles() -> list:
     return [
-        Line2D(
-            [], [], color=_TP_COLOR, lw=2, label="true positive: prediction matched to a box of its class (IoU ≥ 0.5)"
-        ),
+        Line2D([], [], color=_TP_COLOR, lw=2, label="true positive (IoU ≥ 0.5 with a box of its class)"),
         Line2D(
             [],
             [],
             color=_FP_COLOR,
             lw=2,
-            label="false positive (dup: duplicate, cls: wrong class, loc: mislocalised, bkg: background)",
+            label="false positive (dup duplicate, cls wrong class, loc mislocalised, bkg background)",
         ),
         Line2D([], [], color=_MISS_COLOR, lw=2, ls="--", label="missed ground-truth box"),
     ]
@@ -480,8 +482,40 @@ def _images(views: Sequence[galleries.RunView]):
     return get
 
 
+def _panel_grid(
+    rows: int, cols: int, top_in: float, legend_rows: int, pair_gap_after: Sequence[int] = (), panel: float = 2.3
+) -> tuple[plt.Figure, np.ndarray]:
+    """A figure of ``rows`` x ``cols`` square image panels placed in inches (room for each panel's title,
+    a left label, the figure title ``top_in`` and the legend), so no layout engine squeezes the images."""
+    left, gap, pair_gap, title, vgap = 0.35, 0.15, 0.55, 0.3, 0.1
+    bottom = 0.25 + 0.17 * legend_rows
+    xs = [left + c * (panel + gap) + pair_gap * sum(1 for a in pair_gap_after if c > a) for c in range(cols)]
+    width = xs[-1] + panel + 0.1
+    height = top_in + rows * (title + panel) + (rows - 1) * vgap + bottom
+    fig = plt.figure(figsize=(width, height))
+    axes = np.empty((rows, cols), dtype=object)
+    for r in range(rows):
+        y = height - (top_in + r * (title + panel + vgap) + title + panel)
+        for c in range(cols):
+            axes[r, c] = fig.add_axes((xs[c] / width, y / height, panel / width, panel / height))
+    return fig, axes
+
+
+def _frame(fig: plt.Figure, title: str, legend_rows: int) -> None:
+    """Title on top, the colour legend at the bottom (``legend_rows`` lines)."""
+    height = fig.get_figheight()
+    fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
+    fig.legend(
+        handles=_legend_handles(),
+        loc="lower center",
+        bbox_to_anchor=(0.5, 0.02 / height),
+        ncol=3 if legend_rows == 1 else 1,
+        fontsize=7,
+        frameon=False,
+    )
+
+
 def _show(fig: plt.Figure, save: str | None, caption: str, written: list[str]) -> None:
-    fig.tight_layout()
     if save:
         written.extend(str(p) for p in save_figure(fig, save))
     display(fig)
@@ -514,7 +548,7 @@ def show_galleries(
         "figures": [],
     }
     rows = max(1, len(classes))
-    fig, axes = plt.subplots(rows, n_images, figsize=(2.2 * n_images, 2.45 * rows + 0.9), squeeze=False)
+    fig, axes = _panel_grid(rows, n_images, top_in=0.45, legend_rows=1)
     for r, name in enumerate(classes):
         cat = view.cat_of[name]
         ids = galleries.gallery_images([view], cat, n_images)
@@ -537,9 +571,7 @@ def show_galleries(
         axes[0, 0].text(0, 0.5, f"no validation image holds {', '.join(hard_classes)}", transform=axes[0, 0].transAxes)
         for ax in axes.ravel():
             ax.set_axis_off()
-    fig.suptitle("Validation images with the hard classes, most errors on the class first", fontsize=11)
-    fig.legend(handles=_legend_handles(), loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.subplots_adjust(bottom=0.12)
+    _frame(fig, "Validation images with the hard classes, most errors on the class first", legend_rows=1)
     caption = (
         f"*Green: true positive; red: false positive; orange dashed: missed ground truth; boxes of the row's "
         f"class thicker. Matching at IoU 0.5; {_thresholds_text(view, classes)}.*"
@@ -624,12 +656,10 @@ def show_side_by_side(
         cat = base.cat_of[name]
         ids = galleries.gallery_images(views, cat, n_images)
         out["images"][name] = ids
-        fig, axes = plt.subplots(max(1, len(ids)), 2, figsize=(5.2, 2.5 * max(1, len(ids)) + 0.9), squeeze=False)
+        fig, axes = _panel_grid(max(1, len(ids)), 2, top_in=0.45, legend_rows=3)
         for r, image_id in enumerate(ids):
             _pair_axes(axes[r, 0], axes[r, 1], image(image_id), views, image_id, cat)
-        fig.suptitle(f"{name}: baseline (left) and phase 2 (right) on the same images", fontsize=10)
-        fig.legend(handles=_legend_handles(), loc="lower center", ncol=1, fontsize=6, frameon=False)
-        fig.subplots_adjust(bottom=0.1)
+        _frame(fig, f"{name}: baseline (left) and phase 2 (right) on the same images", legend_rows=3)
         caption = (
             f"*{legend}{_thresholds_text(base, [name])} (baseline); {_thresholds_text(phase2, [name])} (phase 2).*"
         )
@@ -638,7 +668,8 @@ def show_side_by_side(
         flip = out["classes"][name]
         fixed, broken = flip["images_miss_to_hit"][:n_flips], flip["images_hit_to_miss"][:n_flips]
         rows = max(1, len(fixed), len(broken))
-        fig, axes = plt.subplots(rows, 4, figsize=(10, 2.5 * rows + 1.0), squeeze=False)
+        fig, axes = _panel_grid(rows, 4, top_in=0.8, legend_rows=1, pair_gap_after=(1,))
+        headers = []
         for col, shown, total, images_total, label in (
             (0, fixed, flip["miss_to_hit"], len(flip["images_miss_to_hit"]), "miss → hit"),
             (2, broken, flip["hit_to_miss"], len(flip["images_hit_to_miss"]), "hit → miss"),
@@ -653,23 +684,20 @@ def show_side_by_side(
                     axes[r, col + 1].set_axis_off()
             if not shown:
                 axes[0, col].text(
-                    0.5, 0.5, f"no box {label}", ha="center", va="center", transform=axes[0, col].transAxes
+                    1.1, 0.5, f"no box {label}", ha="center", va="center", transform=axes[0, col].transAxes
                 )
-            axes[0, col].annotate(
-                f"{label}: {total} box{'es' if total != 1 else ''} in {images_total} image{'s' if images_total != 1 else ''}",
-                xy=(1.0, 1.25),
-                xycoords="axes fraction",
-                ha="center",
-                fontsize=9,
-                fontweight="bold",
-            )
-        fig.suptitle(
+            plural = ("es" if total != 1 else "", "s" if images_total != 1 else "")
+            headers.append((col, f"{label}: {total} box{plural[0]} in {images_total} image{plural[1]}"))
+        _frame(
+            fig,
             f"{name}: boxes phase 2 found and the baseline missed ({flip['miss_to_hit']}), and the reverse "
             f"({flip['hit_to_miss']}); largest changes first",
-            fontsize=10,
+            legend_rows=1,
         )
-        fig.legend(handles=_legend_handles(), loc="lower center", ncol=3, fontsize=6, frameon=False)
-        fig.subplots_adjust(bottom=0.1)
+        for col, text in headers:
+            left, right = axes[0, col].get_position(), axes[0, col + 1].get_position()
+            y = max(left.y1, right.y1) + 0.32 / fig.get_figheight()
+            fig.text((left.x0 + right.x1) / 2, y, text, ha="center", va="bottom", fontsize=9, fontweight="bold")
         caption = (
             f"*Each pair: baseline (left), phase 2 (right). {legend}{_thresholds_text(base, [name])} (baseline); "
             f"{_thresholds_text(phase2, [name])} (phase 2).*"
@@ -910,11 +938,35 @@ def _report_links(reports_dir: Path, summary: Mapping[str, Any] | None) -> str:
     return out
 
 
-def build_index(summary: Mapping[str, Any] | None = None, reports_dir: str | Path | None = None) -> Path:
+def _flips_html(flips: Mapping[str, Any]) -> str:
+    """The index's flips table (:func:`flips_summary` / :func:`show_side_by_side` of the phase-2 run)."""
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{f['miss_to_hit']} ({len(f['images_miss_to_hit'])} images)</td>"
+        f"<td>{f['hit_to_miss']} ({len(f['images_hit_to_miss'])} images)</td>"
+        f"<td>{f['miss_to_hit'] - f['hit_to_miss']:+d}</td></tr>"
+        for name, f in (flips.get("classes") or {}).items()
+    )
+    sources = "; ".join(f"{k}: {v}" for k, v in (flips.get("threshold_source") or {}).items())
+    return (
+        "<h2>What the text branch changed on the hard classes</h2>"
+        "<p class='note'>Validation ground-truth boxes of each hard class that the baseline missed and phase 2 "
+        "found (miss → hit), and the reverse, matching at IoU 0.5 with each model at its own score thresholds "
+        f"({html.escape(sources)}). The images are in the phase-2 report.</p>"
+        "<table><tr><th>class</th><th>boxes miss → hit</th><th>boxes hit → miss</th><th>net</th></tr>"
+        f"{rows}</table>"
+    )
+
+
+def build_index(
+    summary: Mapping[str, Any] | None = None,
+    reports_dir: str | Path | None = None,
+    flips: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``reports/index.html`` (standalone: CSS inline, figures embedded) and return its path.
 
     ``summary`` is the ablation summary of :func:`tfg_mm.ablations.summarize` (None when no grid has
-    run: the index then only links the reports). Its figures are also saved as PNG + SVG under
+    run: the index then only links the reports). ``flips``: :func:`flips_summary` of the pipeline's
+    phase-2 run, shown as a small table (left out when None). Its figures are also saved as PNG + SVG under
     ``reports/figures/ablations_*``, and the table as ``reports/ablations_table.csv`` and ``.tex``.
     """
     if isinstance(summary, (str, Path)):
@@ -930,6 +982,8 @@ def build_index(summary: Mapping[str, Any] | None = None, reports_dir: str | Pat
         + ".</p>"
     ]
     parts.append(_report_links(reports_dir, summary))
+    if flips:
+        parts.append(_flips_html(flips))
     if summary:
         table = ablation_table(summary)
         atomic_write_text(reports_dir / "ablations_table.csv", table.to_csv(index=False))
