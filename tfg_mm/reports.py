@@ -547,11 +547,12 @@ def show_galleries(
         "missing_classes": missing,
         "figures": [],
     }
-    rows = max(1, len(classes))
-    fig, axes = _panel_grid(rows, n_images, top_in=0.45, legend_rows=1)
+    chosen = {name: galleries.gallery_images([view], view.cat_of[name], n_images) for name in classes}
+    cols = max([1, *(len(ids) for ids in chosen.values())])
+    fig, axes = _panel_grid(max(1, len(classes)), cols, top_in=0.45, legend_rows=1)
     for r, name in enumerate(classes):
         cat = view.cat_of[name]
-        ids = galleries.gallery_images([view], cat, n_images)
+        ids = chosen[name]
         matches = view.matches.values()
         out["classes"][name] = {
             "images": ids,
@@ -559,7 +560,7 @@ def show_galleries(
             "fp": sum(1 for m in matches for d, _ in m.fp if d["category_id"] == cat),
             "missed": sum(len(m.missed_ids(cat)) for m in matches),
         }
-        for c in range(n_images):
+        for c in range(cols):
             ax = axes[r, c]
             if c >= len(ids):
                 ax.set_axis_off()
@@ -627,6 +628,44 @@ def _flips_of(base, phase2, hard_classes) -> dict:
     }
 
 
+def _flips_figure(name: str, flip: Mapping[str, Any], views, image, cat: int, n_flips: int) -> plt.Figure:
+    """Miss → hit pairs (left) and hit → miss pairs (right), ``n_flips`` each, the largest changes first."""
+    title = (
+        f"{name}: boxes phase 2 found and the baseline missed ({flip['miss_to_hit']}), and the reverse "
+        f"({flip['hit_to_miss']}); largest changes first"
+    )
+    fixed, broken = flip["images_miss_to_hit"][:n_flips], flip["images_hit_to_miss"][:n_flips]
+    if not fixed and not broken:
+        fig = plt.figure(figsize=(8, 0.8))
+        fig.text(0.5, 0.5, f"{name}: no box flipped (0 miss → hit, 0 hit → miss)", ha="center", va="center")
+        return fig
+    rows = max(len(fixed), len(broken))
+    fig, axes = _panel_grid(rows, 4, top_in=0.8, legend_rows=1, pair_gap_after=(1,))
+    headers = []
+    for col, shown, total, images_total, label in (
+        (0, fixed, flip["miss_to_hit"], len(flip["images_miss_to_hit"]), "miss → hit"),
+        (2, broken, flip["hit_to_miss"], len(flip["images_hit_to_miss"]), "hit → miss"),
+    ):
+        for r in range(rows):
+            if r < len(shown):
+                image_id, n = shown[r]
+                _pair_axes(axes[r, col], axes[r, col + 1], image(image_id), views, image_id, cat)
+                axes[r, col].set_ylabel(f"{n} box{'es' if n > 1 else ''} {label}", fontsize=8)
+            else:
+                axes[r, col].set_axis_off()
+                axes[r, col + 1].set_axis_off()
+        if not shown:
+            axes[0, col].text(1.1, 0.5, f"no box {label}", ha="center", va="center", transform=axes[0, col].transAxes)
+        plural = ("es" if total != 1 else "", "s" if images_total != 1 else "")
+        headers.append((col, f"{label}: {total} box{plural[0]} in {images_total} image{plural[1]}"))
+    _frame(fig, title, legend_rows=1)
+    for col, text in headers:
+        left, right = axes[0, col].get_position(), axes[0, col + 1].get_position()
+        y = max(left.y1, right.y1) + 0.32 / fig.get_figheight()
+        fig.text((left.x0 + right.x1) / 2, y, text, ha="center", va="bottom", fontsize=9, fontweight="bold")
+    return fig
+
+
 def show_side_by_side(
     phase2_metrics: Mapping[str, Any],
     baseline_metrics: Mapping[str, Any] | None = None,
@@ -665,39 +704,7 @@ def show_side_by_side(
         )
         _show(fig, f"{save}_side_by_side_{name}" if save else None, caption, out["figures"])
 
-        flip = out["classes"][name]
-        fixed, broken = flip["images_miss_to_hit"][:n_flips], flip["images_hit_to_miss"][:n_flips]
-        rows = max(1, len(fixed), len(broken))
-        fig, axes = _panel_grid(rows, 4, top_in=0.8, legend_rows=1, pair_gap_after=(1,))
-        headers = []
-        for col, shown, total, images_total, label in (
-            (0, fixed, flip["miss_to_hit"], len(flip["images_miss_to_hit"]), "miss → hit"),
-            (2, broken, flip["hit_to_miss"], len(flip["images_hit_to_miss"]), "hit → miss"),
-        ):
-            for r in range(rows):
-                if r < len(shown):
-                    image_id, n = shown[r]
-                    _pair_axes(axes[r, col], axes[r, col + 1], image(image_id), views, image_id, cat)
-                    axes[r, col].set_ylabel(f"{n} box{'es' if n > 1 else ''} {label}", fontsize=8)
-                else:
-                    axes[r, col].set_axis_off()
-                    axes[r, col + 1].set_axis_off()
-            if not shown:
-                axes[0, col].text(
-                    1.1, 0.5, f"no box {label}", ha="center", va="center", transform=axes[0, col].transAxes
-                )
-            plural = ("es" if total != 1 else "", "s" if images_total != 1 else "")
-            headers.append((col, f"{label}: {total} box{plural[0]} in {images_total} image{plural[1]}"))
-        _frame(
-            fig,
-            f"{name}: boxes phase 2 found and the baseline missed ({flip['miss_to_hit']}), and the reverse "
-            f"({flip['hit_to_miss']}); largest changes first",
-            legend_rows=1,
-        )
-        for col, text in headers:
-            left, right = axes[0, col].get_position(), axes[0, col + 1].get_position()
-            y = max(left.y1, right.y1) + 0.32 / fig.get_figheight()
-            fig.text((left.x0 + right.x1) / 2, y, text, ha="center", va="bottom", fontsize=9, fontweight="bold")
+        fig = _flips_figure(name, out["classes"][name], views, image, cat, n_flips)
         caption = (
             f"*Each pair: baseline (left), phase 2 (right). {legend}{_thresholds_text(base, [name])} (baseline); "
             f"{_thresholds_text(phase2, [name])} (phase 2).*"
