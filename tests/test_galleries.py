@@ -202,3 +202,60 @@ def test_galleries_and_side_by_side_on_the_tiny_set(tiny_dataset, tmp_path):
     # without baseline_metrics the phase-2 contract's `baseline` folder is read: here not a run folder
     with pytest.raises(ConfigError, match="not a run folder"):
         reports.flips_summary({**phase2, "params": {**phase2["params"], "baseline": str(tmp_path / "none")}})
+
+
+def test_matching_equals_cocoeval_at_iou_50():
+    """With every detection kept, each detection's hit / no hit equals COCOeval's match at IoU 0.5
+    (area "all", maxDets 100) on random images with crowd boxes, so the F1 thresholds are COCO's."""
+    import contextlib
+    import io
+
+    import numpy as np
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(7)
+    gt = {"images": [{"id": i, "width": 100, "height": 100} for i in range(1, 31)], "annotations": []}
+    gt["categories"] = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
+    dets = []
+    for image_id in range(1, 31):
+        boxes = []
+        for _ in range(int(rng.integers(0, 5))):
+            x, y, w, h = (*rng.uniform(0, 70, 2), *rng.uniform(5, 30, 2))
+            boxes.append([x, y, w, h])
+            gt["annotations"].append(
+                _gt(
+                    len(gt["annotations"]) + 1, int(rng.integers(1, 4)), [x, y, w, h], image_id, int(rng.random() < 0.1)
+                )
+            )
+        for _ in range(int(rng.integers(0, 12))):
+            if boxes and rng.random() < 0.7:  # near a box: hits, duplicates, mislocalised
+                x, y, w, h = boxes[int(rng.integers(len(boxes)))]
+                box = [x + rng.normal(0, 3), y + rng.normal(0, 3), w * rng.uniform(0.7, 1.3), h * rng.uniform(0.7, 1.3)]
+            else:
+                box = [*rng.uniform(0, 70, 2), *rng.uniform(5, 30, 2)]
+            dets.append(_det(int(rng.integers(1, 4)), box, float(rng.random()), image_id))
+    for ann in gt["annotations"]:
+        ann["area"] = ann["bbox"][2] * ann["bbox"][3]
+
+    coco = COCO()
+    coco.dataset = json.loads(json.dumps(gt))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+        evaluator = COCOeval(coco, coco.loadRes([dict(d) for d in dets]), "bbox")
+        evaluator.params.iouThrs = np.array([0.5])
+        evaluator.evaluate()
+    coco_hits = {}  # (image, category, score) -> matched
+    for record in evaluator.evalImgs:
+        if record is None or record["aRng"] != [0, 1e10]:
+            continue
+        for det_id, matched, ignored in zip(record["dtIds"], record["dtMatches"][0], record["dtIgnore"][0]):
+            det = evaluator.cocoDt.anns[det_id]
+            if not ignored:
+                coco_hits[(det["image_id"], det["category_id"], det["score"])] = bool(matched)
+
+    matches = galleries.match_split(gt, dets, {1: -1.0, 2: -1.0, 3: -1.0})
+    mine = {(d["image_id"], d["category_id"], d["score"]): True for m in matches.values() for d, _, _ in m.tp}
+    mine.update({(d["image_id"], d["category_id"], d["score"]): False for m in matches.values() for d, _ in m.fp})
+    assert sum(coco_hits.values()) > 10 and len(coco_hits) > 50
+    assert mine == coco_hits  # ignored (on a crowd region) detections are in neither
