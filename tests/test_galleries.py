@@ -199,6 +199,12 @@ def test_galleries_and_side_by_side_on_the_tiny_set(tiny_dataset, tmp_path):
     index = reports.build_index(None, reports_dir=tmp_path / "reports", flips=summary).read_text()
     assert f"<td>perforation</td><td>{n_perf} (" in index and f"<td>+{n_perf}</td>" in index
     assert f"<td>-{n_break}</td>" in index
+    # a run without saved detections: the error names the file and the fix
+    (tmp_path / "phase2" / "detections_val.json").unlink()
+    with pytest.raises(
+        DataError, match="detections_val.json: the selected checkpoint's validation detections not found"
+    ):
+        galleries.load_run(phase2)
     # without baseline_metrics the phase-2 contract's `baseline` folder is read: here not a run folder
     with pytest.raises(ConfigError, match="not a run folder"):
         reports.flips_summary({**phase2, "params": {**phase2["params"], "baseline": str(tmp_path / "none")}})

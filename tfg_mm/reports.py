@@ -628,17 +628,16 @@ def _flips_of(base, phase2, hard_classes) -> dict:
     }
 
 
-def _flips_figure(name: str, flip: Mapping[str, Any], views, image, cat: int, n_flips: int) -> plt.Figure:
-    """Miss → hit pairs (left) and hit → miss pairs (right), ``n_flips`` each, the largest changes first."""
+def _flips_figure(name: str, flip: Mapping[str, Any], views, image, cat: int, n_flips: int) -> plt.Figure | None:
+    """Miss → hit pairs (left) and hit → miss pairs (right), ``n_flips`` each, the largest changes first
+    (None when no box flipped)."""
     title = (
         f"{name}: boxes phase 2 found and the baseline missed ({flip['miss_to_hit']}), and the reverse "
         f"({flip['hit_to_miss']}); largest changes first"
     )
     fixed, broken = flip["images_miss_to_hit"][:n_flips], flip["images_hit_to_miss"][:n_flips]
     if not fixed and not broken:
-        fig = plt.figure(figsize=(8, 0.8))
-        fig.text(0.5, 0.5, f"{name}: no box flipped (0 miss → hit, 0 hit → miss)", ha="center", va="center")
-        return fig
+        return None
     rows = max(len(fixed), len(broken))
     fig, axes = _panel_grid(rows, 4, top_in=0.8, legend_rows=1, pair_gap_after=(1,))
     headers = []
@@ -679,7 +678,7 @@ def show_side_by_side(
     (miss → hit) and the reverse, the largest changes first, both counted in the title.
 
     ``baseline_metrics`` defaults to the contract in the phase-2 run's ``baseline`` folder. Figures
-    (PNG + SVG): ``<save>_side_by_side_<class>`` and ``<save>_flips_<class>``. Returns
+    (PNG + SVG): ``<save>_side_by_side_<class>`` and ``<save>_flips_<class>`` (when a box flipped). Returns
     :func:`flips_summary`'s dict plus ``"images"`` (class -> side-by-side image ids) and ``"figures"``.
     """
     base, phase2 = _views_of(phase2_metrics, baseline_metrics)
@@ -705,6 +704,11 @@ def show_side_by_side(
         _show(fig, f"{save}_side_by_side_{name}" if save else None, caption, out["figures"])
 
         fig = _flips_figure(name, out["classes"][name], views, image, cat, n_flips)
+        if fig is None:
+            display(
+                Markdown(f"**{name}**: no box flipped between the baseline and phase 2 (0 miss → hit, 0 hit → miss).")
+            )
+            continue
         caption = (
             f"*Each pair: baseline (left), phase 2 (right). {legend}{_thresholds_text(base, [name])} (baseline); "
             f"{_thresholds_text(phase2, [name])} (phase 2).*"
