@@ -199,6 +199,7 @@ def test_galleries_and_side_by_side_on_the_tiny_set(tiny_dataset, tmp_path):
     index = reports.build_index(None, reports_dir=tmp_path / "reports", flips=summary).read_text()
     assert f"<td>perforation</td><td>{n_perf} (" in index and f"<td>+{n_perf}</td>" in index
     assert f"<td>-{n_break}</td>" in index
+    assert reports.phase2_flips(tmp_path / "no_run") is None  # no finished phase-2 run: no table
     # a run without saved detections: the error names the file and the fix
     (tmp_path / "phase2" / "detections_val.json").unlink()
     with pytest.raises(

@@ -12,7 +12,7 @@ never loads a checkpoint or runs a model, so a report can always be rebuilt from
 * Detection galleries (read by :mod:`tfg_mm.galleries` from a run's ground truth, images and saved
   detections; no model): :func:`show_galleries` (notebook 01), :func:`show_side_by_side` (notebook 02:
   baseline vs phase 2 on the same images, and the miss → hit / hit → miss flips), :func:`flips_summary`
-  (the flips counts alone, for the index).
+  and :func:`phase2_flips` (the flips counts alone, for the index: ``build_index(summary, flips=...)``).
 * Ablation figures (notebook 03 and the index): :func:`plot_ablation_trajectories`,
   :func:`plot_delta_heatmap`, :func:`plot_ablation_gates`, :func:`plot_wise_curve`,
   :func:`ablation_table`.
@@ -39,6 +39,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from IPython.display import Image as DisplayImage
 from IPython.display import Markdown, display
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
@@ -50,7 +51,7 @@ from tfg_mm.data.synthetic import HARD_CLASSES
 from tfg_mm.errors import DataError
 from tfg_mm.figures import default_reports_dir, save_figure
 from tfg_mm.io import atomic_write_text
-from tfg_mm.runs import read_metrics
+from tfg_mm.runs import is_finished, read_metrics
 
 #: The notebook reports the pipeline renders, in reading order (linked from the index).
 NOTEBOOK_REPORTS: tuple[tuple[str, str], ...] = (
@@ -466,6 +467,17 @@ def _thresholds_text(view: galleries.RunView, classes: Sequence[str]) -> str:
     return f"score thresholds ({values}): {view.thresholds.source}"
 
 
+def _pair_thresholds_text(base: galleries.RunView, phase2: galleries.RunView, name: str) -> str:
+    """Both runs' thresholds of ``name``, their source said once when it is the same."""
+    values = f"baseline {base.thresholds.by_class[name]:.3f}, phase 2 {phase2.thresholds.by_class[name]:.3f}"
+    if base.thresholds.source == phase2.thresholds.source:
+        return f"score thresholds of {name}: {values} ({base.thresholds.source})"
+    return (
+        f"score thresholds of {name}: {values} (baseline: {base.thresholds.source}; phase 2: "
+        f"{phase2.thresholds.source})"
+    )
+
+
 def _hard_present(view: galleries.RunView, hard_classes: Sequence[str]) -> tuple[list[str], list[str]]:
     present = [c for c in hard_classes if c in view.cat_of and galleries.images_with(view.gt, view.cat_of[c])]
     return present, [c for c in hard_classes if c not in present]
@@ -516,9 +528,13 @@ def _frame(fig: plt.Figure, title: str, legend_rows: int) -> None:
 
 
 def _show(fig: plt.Figure, save: str | None, caption: str, written: list[str]) -> None:
+    """Save (PNG + SVG), then show the saved PNG itself (no second rendering), and the caption."""
     if save:
-        written.extend(str(p) for p in save_figure(fig, save))
-    display(fig)
+        paths = save_figure(fig, save)
+        written.extend(str(p) for p in paths)
+        display(DisplayImage(data=paths[0].read_bytes(), format="png", width=round(fig.get_figwidth() * 100)))
+    else:
+        display(fig)
     plt.close(fig)
     display(Markdown(caption))
 
@@ -618,6 +634,14 @@ def flips_summary(
     return _flips_of(base, phase2, hard_classes)
 
 
+def phase2_flips(run_dir: str | Path = "runs/phase2", hard_classes: Sequence[str] = HARD_CLASSES) -> dict | None:
+    """:func:`flips_summary` of the finished phase-2 run in ``run_dir`` (against the baseline its contract
+    names), or None when that folder holds no finished run (the index then leaves the table out)."""
+    if not is_finished(run_dir):
+        return None
+    return flips_summary(read_metrics(run_dir), hard_classes=hard_classes)
+
+
 def _flips_of(base, phase2, hard_classes) -> dict:
     classes, missing = _hard_present(base, hard_classes)
     return {
@@ -698,9 +722,7 @@ def show_side_by_side(
         for r, image_id in enumerate(ids):
             _pair_axes(axes[r, 0], axes[r, 1], image(image_id), views, image_id, cat)
         _frame(fig, f"{name}: baseline (left) and phase 2 (right) on the same images", legend_rows=3)
-        caption = (
-            f"*{legend}{_thresholds_text(base, [name])} (baseline); {_thresholds_text(phase2, [name])} (phase 2).*"
-        )
+        caption = f"*{legend}{_pair_thresholds_text(base, phase2, name)}.*"
         _show(fig, f"{save}_side_by_side_{name}" if save else None, caption, out["figures"])
 
         fig = _flips_figure(name, out["classes"][name], views, image, cat, n_flips)
@@ -709,10 +731,7 @@ def show_side_by_side(
                 Markdown(f"**{name}**: no box flipped between the baseline and phase 2 (0 miss → hit, 0 hit → miss).")
             )
             continue
-        caption = (
-            f"*Each pair: baseline (left), phase 2 (right). {legend}{_thresholds_text(base, [name])} (baseline); "
-            f"{_thresholds_text(phase2, [name])} (phase 2).*"
-        )
+        caption = f"*Each pair: baseline (left), phase 2 (right). {legend}{_pair_thresholds_text(base, phase2, name)}.*"
         _show(fig, f"{save}_flips_{name}" if save else None, caption, out["figures"])
     if out["missing_classes"]:
         display(Markdown(f"*Not in this validation split: {', '.join(out['missing_classes'])}.*"))
