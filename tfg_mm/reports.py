@@ -976,7 +976,9 @@ def _flips_html(flips: Mapping[str, Any]) -> str:
         f"<td>{f['miss_to_hit'] - f['hit_to_miss']:+d}</td></tr>"
         for name, f in (flips.get("classes") or {}).items()
     )
-    sources = "; ".join(f"{k}: {v}" for k, v in (flips.get("threshold_source") or {}).items())
+    by_run = flips.get("threshold_source") or {}
+    distinct = set(by_run.values())
+    sources = next(iter(distinct)) if len(distinct) == 1 else "; ".join(f"{k}: {v}" for k, v in by_run.items())
     return (
         "<h2>What the text branch changed on the hard classes</h2>"
         "<p class='note'>Validation ground-truth boxes of each hard class that the baseline missed and phase 2 "
