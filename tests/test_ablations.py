@@ -486,3 +486,34 @@ def test_a_run_that_died_unmarked_is_marked_failed_by_the_grid(setup):
     contract = json.loads((out / "minilm" / "seed0" / "metrics.json").read_text())
     assert contract["status"] == "failed" and contract["failure"]["traceback"] == "failure.json"
     assert "kernel died" in contract["failure"]["message"] and len(contract["history"]) == 3
+
+
+def test_interval_of_several_seeds_is_hierarchical_and_one_seed_says_training_noise_is_missing(setup):
+    tmp_path, params_file = setup
+    grid = _grid_file(tmp_path, GOOD)
+    kwargs = dict(params_file=params_file, bootstrap_resamples=60, run_variant=fake_run, progress=False)
+
+    one = tmp_path / "one_seed"
+    ablations.run_grid(grid, one, **kwargs)
+    summary = ablations.summarize(one)
+    entry = {v["name"]: v for v in summary["variants"]}["noisy"]["delta"]["map"]
+    assert entry["n_seeds"] == 1 and "training noise not included" in entry["covers"]
+    assert "NOT included" in summary["interval_note"]
+    table = reports.ablation_table(summary)
+    assert "training noise not included" in table.loc[table["variant"] == "noisy", "interval covers"].item()
+    index = reports.build_index(summary, tmp_path / "reports").read_text()
+    assert "Training noise (another seed of the same run) is NOT included" in index
+
+    two = tmp_path / "two_seeds"
+    ablations.run_grid(grid, two, seeds=[0, 1], **kwargs)
+    summary = ablations.summarize(two)
+    noisy = {v["name"]: v for v in summary["variants"]}["noisy"]["delta"]["map"]
+    assert noisy["n_seeds"] == 2 and [p["seed"] for p in noisy["per_seed"]] == [0, 1]
+    # Δ is the mean of the two seeds' full-set Δ; both seeds are compared with the one baseline
+    assert noisy["delta"] == pytest.approx(sum(p["delta"] for p in noisy["per_seed"]) / 2)
+    assert "baseline: 1 seed" in noisy["covers"] and "hierarchical" in summary["interval_note"]
+    assert noisy["lo"] <= noisy["delta"] <= noisy["hi"] and noisy["verdict"] == "worse"
+    # cached per variant: a second summary reads the same numbers without recomputing
+    cached = json.loads((two / "noisy" / "bootstrap.json").read_text())
+    assert cached["value"]["n_seeds"] == 2
+    assert ablations.summarize(two)["variants"][1]["delta"]["map"] == noisy

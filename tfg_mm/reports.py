@@ -409,8 +409,9 @@ def ablation_table(summary: Mapping[str, Any]) -> pd.DataFrame:
     """The thesis table: one row per variant (baseline first).
 
     Columns: status, seeds, mAP / mAP50 / hard-class AP as mean ± sd over seeds, ΔmAP and Δ of each
-    hard class's AP with the paired-bootstrap interval, and the verdict (improves / worse / within
-    noise: an interval that contains 0).
+    hard class's AP with the (hierarchical, with several seeds) paired-bootstrap interval, the
+    verdict (improves / worse / within noise: an interval that contains 0), and what the interval
+    covers in words (with one seed: validation images only, training noise not included).
     """
     hard = list(summary.get("hard_classes", []))
     level = summary.get("confidence", 0.95)
@@ -442,6 +443,7 @@ def ablation_table(summary: Mapping[str, Any]) -> pd.DataFrame:
         delta = variant.get("delta") or {}
         row[f"ΔmAP [{ci}]"] = _fmt_interval(delta.get("map"))
         row["verdict"] = (delta.get("map") or {}).get("verdict", "")
+        row["interval covers"] = (delta.get("map") or {}).get("covers", "")
         for name in hard:
             entry = (delta.get("per_class") or {}).get(name)
             row[f"ΔAP {name} [{ci}]"] = _fmt_interval(entry)
@@ -650,7 +652,8 @@ def build_index(summary: Mapping[str, Any] | None = None, reports_dir: str | Pat
                 escape=True,
                 caption="Ablations against the DEIMv2 baseline "
                 f"(mean ± sd over seeds; paired bootstrap {summary.get('confidence')} "
-                "intervals over validation images).",
+                "intervals over validation images, and over training seeds where there are several; "
+                "the column `interval covers` says which).",
                 label="tab:ablations",
             ),
         )
@@ -659,7 +662,7 @@ def build_index(summary: Mapping[str, Any] | None = None, reports_dir: str | Pat
             f"<p class='note'>Grid <code>{html.escape(portable_text(str(summary.get('grid', ''))))}</code>; "
             f"{html.escape(summary.get('description', ''))}. Values are mean ± sd over seeds; "
             f"Δ is the seed mean of (variant − baseline) with a paired bootstrap "
-            f"{round(100 * summary.get('confidence', 0.95))}% interval over validation images "
+            f"{round(100 * summary.get('confidence', 0.95))}% interval "
             f"({summary.get('bootstrap_resamples')} resamples); an interval that contains 0 is "
             f"<em>within noise</em>. Baseline: <code>{html.escape(portable_text(str(summary.get('baseline_run', ''))))}"
             f"</code>. {html.escape(summary.get('interval_note', ''))}</p>"
