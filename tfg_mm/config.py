@@ -819,8 +819,8 @@ def params_from_notebook(namespace: Mapping[str, Any], ignore: Iterable[str] = (
 #: Top-level grid keys that belong to the grid runner, not to the schema: :func:`load_grid` passes
 #: them through as written and ``tfg_mm.ablations.load_ablation_grid`` checks them (the hard classes'
 #: default is the dataset's fact, ``tfg_mm.data.synthetic.HARD_CLASSES``; a `wise` variant must be a
-#: variant of the grid).
-GRID_RUNNER_KEYS = ("hard_classes", "wise")
+#: variant of the grid; `baseline_seeds` are the training seeds of the baseline).
+GRID_RUNNER_KEYS = ("hard_classes", "wise", "baseline_seeds")
 
 
 def load_grid(path: str | Path, extra_keys: Iterable[str] = GRID_RUNNER_KEYS) -> dict:

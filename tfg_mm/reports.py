@@ -428,6 +428,13 @@ def ablation_table(summary: Mapping[str, Any]) -> pd.DataFrame:
         }
         for name in hard:
             row[f"AP {name}"] = f"{_number(base['final']['per_class'].get(name, {}).get('ap')):.4f}"
+        spread = summary.get("baseline_seeds") or {}
+        stats = spread.get("stats") or {}
+        if stats.get("map", {}).get("n", 1) > 1:  # several baseline seeds: mean ± sd like the variants
+            row["seeds"] = ", ".join(str(r["seed"]) for r in spread["runs"] if r.get("status") == "finished")
+            row["mAP"], row["mAP50"] = _fmt_mean_sd(stats.get("map")), _fmt_mean_sd(stats.get("map50"))
+            for name in hard:
+                row[f"AP {name}"] = _fmt_mean_sd(stats.get(f"ap:{name}"))
         rows.append(row)
     for variant in summary.get("variants", []):
         row = {
@@ -453,6 +460,22 @@ def ablation_table(summary: Mapping[str, Any]) -> pd.DataFrame:
             row["verdict"] = row["verdict"] or f"failed: {first.get('error', '')}"[:160]
         rows.append(row)
     return pd.DataFrame(rows).fillna("")
+
+
+def baseline_spread_table(summary: Mapping[str, Any]) -> pd.DataFrame:
+    """The baseline's seed spread: one row per metric (mAP, mAP50, AP of each class), its mean ± sd
+    over the baseline's training seeds and the value of each seed (``summary["baseline_seeds"]``)."""
+    spread = summary.get("baseline_seeds") or {}
+    finished = [r for r in spread.get("runs", []) if r.get("status") == "finished"]
+    rows = []
+    for key, stats in (spread.get("stats") or {}).items():
+        label = {"map": "mAP", "map50": "mAP50"}.get(key, f"AP {key.removeprefix('ap:')}")
+        row = {"metric": label, "mean ± sd": f"{stats['mean']:.4f} ± {stats['sd']:.4f}", "seeds": stats["n"]}
+        for run in finished:
+            value = run["per_class"].get(key.removeprefix("ap:")) if key.startswith("ap:") else run.get(key)
+            row[f"seed {run['seed']}"] = "" if value is None else f"{_number(value):.4f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _variant_runs(summary: Mapping[str, Any]):
@@ -668,6 +691,11 @@ def build_index(summary: Mapping[str, Any] | None = None, reports_dir: str | Pat
             f"</code>. {html.escape(summary.get('interval_note', ''))}</p>"
         )
         parts.append(table.to_html(index=False, escape=True, border=0, classes="ablations"))
+        spread = summary.get("baseline_seeds") or {}
+        if spread.get("stats"):
+            parts.append("<h3>Baseline seed spread</h3>")
+            parts.append(f"<p class='note'>{html.escape(spread.get('note', ''))}</p>")
+            parts.append(baseline_spread_table(summary).to_html(index=False, escape=True, border=0))
         figures = (
             (
                 "ablations_trajectories",

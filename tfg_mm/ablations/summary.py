@@ -123,6 +123,59 @@ def interval_note(variants: list[dict]) -> str:
     )
 
 
+def baseline_seed_spread(record: dict, baseline_metrics: dict | None) -> dict:
+    """The baseline's seed spread: per seed mAP, mAP50 and each class's AP, and mean ± sd over seeds.
+
+    The seeds are the grid's trained baseline seeds (``settings.baseline_runs``, grid key
+    ``baseline_seeds``), else the one baseline. ``stats`` keys: ``map``, ``map50``, ``ap:<class>``.
+    """
+    settings = record["settings"]
+    folders = {int(k): v for k, v in (settings.get("baseline_runs") or {}).items()}
+    if not folders and baseline_metrics is not None:
+        folders = {int(baseline_metrics.get("params", {}).get("seed", 0)): settings["baseline"]}
+    out: dict[str, Any] = {"runs": [], "stats": {}}
+    for entry in record.get("baseline_runs", []):
+        if entry["status"] == "failed":
+            out["runs"].append(
+                {"seed": entry["seed"], "run_dir": entry["run_dir"], "status": "failed", "error": entry.get("error")}
+            )
+    finals = []
+    for seed, folder in sorted(folders.items()):
+        path = resolve_path(folder)
+        if not runs.is_finished(path):
+            out["runs"].append(
+                {"seed": seed, "run_dir": str(path), "status": "failed", "error": "no finished metrics.json"}
+            )
+            continue
+        final = runs.read_metrics(path)["final"]
+        finals.append(final)
+        out["runs"].append(
+            {
+                "seed": seed,
+                "run_dir": str(path),
+                "status": "finished",
+                "map": final.get("map"),
+                "map50": final.get("map50"),
+                "per_class": {c: v.get("ap") for c, v in final.get("per_class", {}).items()},
+            }
+        )
+    out["runs"].sort(key=lambda r: r["seed"])
+    keys = [("map", lambda f: f.get("map")), ("map50", lambda f: f.get("map50"))]
+    classes = list(finals[0].get("per_class", {})) if finals else []
+    keys += [(f"ap:{c}", lambda f, c=c: f.get("per_class", {}).get(c, {}).get("ap")) for c in classes]
+    for key, get in keys:
+        values = [v for v in (_finite(get(f)) for f in finals) if v is not None]
+        if values:
+            out["stats"][key] = summarize_seeds(values)
+    n = len(finals)
+    out["note"] = (
+        f"The baseline trained with {n} seeds (same params and data): mean ± sd (ddof 1) over seeds."
+        if n > 1
+        else "One baseline seed: its training noise is unmeasured here (`make full-grid` trains 3 seeds)."
+    )
+    return out
+
+
 def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
     """The statistics of a grid from its run folders; writes and returns ``<ablations_dir>/summary.json``.
 
@@ -161,6 +214,7 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
         "checkpoint": str(base_ckpt) if base_ckpt else None,
         "final": (baseline_metrics or {}).get("final"),
     }
+    summary["baseline_seeds"] = baseline_seed_spread(record, baseline_metrics)
     base_final = summary["baseline"]["final"]
     class_names = list((base_final or {}).get("per_class", {}))
     hard = [c for c in settings["hard_classes"] if not class_names or c in class_names]
