@@ -328,7 +328,11 @@ class AblationParams(BaseModel):
     )
     workers: int = Field(1, ge=1, description="Variants run in parallel processes.")
     reuse: bool = Field(True, description="Reuse a finished run with the same params, dataset hash and code version.")
-    bootstrap_resamples: int = Field(500, ge=10, description="Bootstrap resamples of the Δ intervals (validation images; with several seeds, seeds then images).")
+    bootstrap_resamples: int = Field(
+        500,
+        ge=10,
+        description="Bootstrap resamples of the Δ intervals (validation images; with several seeds, seeds then images).",
+    )
     confidence: float = Field(0.95, ge=0.5, le=0.999, description="Confidence level of the bootstrap intervals.")
     wise_lambdas: list[Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],

@@ -228,14 +228,14 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
 
     def baseline_detections(seed: int) -> tuple[list[dict], str]:
         """The detections of the baseline that variant seed ``seed`` is compared with, and their key."""
-        folder = baseline_runs.get(seed, settings["baseline"])
+        folder = str(resolve_path(baseline_runs.get(seed, settings["baseline"])))
         if folder not in base_cache:
-            if folder == settings["baseline"]:
+            if folder == str(resolve_path(settings["baseline"])):
                 ckpt, metrics, cache = base_ckpt, baseline_metrics, "baseline_detections_val.cache.json"
             else:
                 ckpt, metrics = baseline_folder(folder)
                 cache = f"baseline_seed{seed}_detections_val.cache.json"
-            dets, _ = run_detections(resolve_path(folder), metrics, cache_path=ablations_dir / cache)
+            dets, _ = run_detections(Path(folder), metrics, cache_path=ablations_dir / cache)
             base_cache[folder] = (dets, cache_key(metrics.get("run_id"), str(ckpt)))
         return base_cache[folder]
 
