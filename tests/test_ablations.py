@@ -565,6 +565,10 @@ def test_baseline_seeds_are_trained_paired_with_variant_seeds_and_their_spread_i
     assert noisy["covers"] == "2 seeds (variant and baseline) × validation images"
     # each seed's Δ is against its own baseline
     assert [p["a"] for p in noisy["per_seed"]] == pytest.approx(maps)
+    noisy_ap = [runs.read_metrics(out / "noisy" / f"seed{k}")["final"]["per_class"]["stain"]["ap"] for k in (0, 1)]
+    base_ap = [runs.read_metrics(d)["final"]["per_class"]["stain"]["ap"] for d in (tmp_path / "baseline", seed1)]
+    expected = np.mean([v - b for v, b in zip(noisy_ap, base_ap)])
+    assert {v["name"]: v for v in summary["variants"]}["noisy"]["per_class_delta"]["stain"] == pytest.approx(expected)
     assert reports.ablation_table(summary).loc[0, "mAP"].count("±") == 1  # the baseline row: mean ± sd
     index = reports.build_index(summary, tmp_path / "reports").read_text()
     assert "Baseline seed spread" in index and "trained with 2 seeds" in index

@@ -299,13 +299,17 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
                 if values:
                     out["stats"][f"ap:{cls}"] = summarize_seeds(values)
             if base_final:
-                for cls, base_values in base_final["per_class"].items():
-                    deltas = [
-                        f["per_class"][cls]["ap"] - base_values["ap"]
-                        for f in finals
-                        if _finite(f["per_class"].get(cls, {}).get("ap")) is not None
-                        and _finite(base_values.get("ap")) is not None
+                # each seed against the baseline it is compared with: its own seed's when trained
+                base_ap = {
+                    r["seed"]: r["per_class"] for r in summary["baseline_seeds"]["runs"] if r["status"] == "finished"
+                }
+                main_ap = {c: v.get("ap") for c, v in base_final["per_class"].items()}
+                for cls in base_final["per_class"]:
+                    pairs = [
+                        (f["per_class"].get(cls, {}).get("ap"), base_ap.get(seed, main_ap).get(cls))
+                        for seed, f in zip(out["seeds_finished"], finals)
                     ]
+                    deltas = [v - b for v, b in pairs if _finite(v) is not None and _finite(b) is not None]
                     out["per_class_delta"][cls] = sum(deltas) / len(deltas) if deltas else None
         if finished:
             try:
