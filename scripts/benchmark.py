@@ -12,6 +12,9 @@ Sections:
 - phase2: inference latency of the multimodal model vs the detector alone (target <= 5 %
   overhead); stage-A warm-up epoch time from the cache vs with full forward passes (target >= 10x),
   and the difference between the two fusions after training (augmentation off: equal results).
+- bootstrap: paired-bootstrap resamples per second, COCOeval rerun per draw (before) vs COCOeval's
+  matches once per image re-accumulated per draw (after), side by side on data of the embedded
+  default's size (scripts/bench_bootstrap.py; target >= 20x), and that both give the same interval.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from bench_bootstrap import bench_bootstrap  # scripts/, this script's folder
 
 from tfg_mm.baseline import run_baseline
 from tfg_mm.config import load_params, project_root
@@ -200,7 +205,7 @@ def bench_pipeline() -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="data,baseline,phase2")
+    ap.add_argument("--only", default="data,baseline,phase2,bootstrap")
     ap.add_argument("--workdir", default=str(REPO / "runs" / "benchmark"))
     args = ap.parse_args()
     workdir = Path(args.workdir)
@@ -220,6 +225,8 @@ def main() -> int:
         report["baseline"] = bench_baseline(workdir)
     if "phase2" in only:
         report["phase2"] = bench_phase2(workdir)
+    if "bootstrap" in only:
+        report["bootstrap"] = bench_bootstrap()
     if "pipeline" in only:
         report["pipeline"] = bench_pipeline()
     out = REPO / "reports" / "benchmark.json"

@@ -171,7 +171,8 @@ def test_shipped_grids_validate():
     assert small["hard_classes"] == ["perforation", "break"]
     names = {v["name"] for v in full["variants"]}
     assert {"thesis_original", "text_open_clip", "text_random", "text_none", "fusion_mlp_dropout0.3"} <= names
-    assert full["wise"] == {"variant": "minilm", "lambdas": [0.0, 0.25, 0.5, 0.75, 1.0]} and full["seeds"] == [0, 1]
+    assert full["wise"] == {"variant": "minilm", "lambdas": [0.0, 0.25, 0.5, 0.75, 1.0]} and full["seeds"] == [0, 1, 2]
+    assert full["baseline_seeds"] == [0, 1, 2] and small["baseline_seeds"] == []  # `make all`: one baseline
 
 
 def test_grid_runner_keys_defaults_and_errors_name_file_and_key(tmp_path):
@@ -486,3 +487,93 @@ def test_a_run_that_died_unmarked_is_marked_failed_by_the_grid(setup):
     contract = json.loads((out / "minilm" / "seed0" / "metrics.json").read_text())
     assert contract["status"] == "failed" and contract["failure"]["traceback"] == "failure.json"
     assert "kernel died" in contract["failure"]["message"] and len(contract["history"]) == 3
+
+
+def test_interval_of_several_seeds_is_hierarchical_and_one_seed_says_training_noise_is_missing(setup):
+    tmp_path, params_file = setup
+    grid = _grid_file(tmp_path, GOOD)
+    kwargs = dict(params_file=params_file, bootstrap_resamples=60, run_variant=fake_run, progress=False)
+
+    one = tmp_path / "one_seed"
+    ablations.run_grid(grid, one, **kwargs)
+    summary = ablations.summarize(one)
+    entry = {v["name"]: v for v in summary["variants"]}["noisy"]["delta"]["map"]
+    assert entry["n_seeds"] == 1 and "training noise not included" in entry["covers"]
+    assert "NOT included" in summary["interval_note"]
+    table = reports.ablation_table(summary)
+    assert "training noise not included" in table.loc[table["variant"] == "noisy", "interval covers"].item()
+    index = reports.build_index(summary, tmp_path / "reports").read_text()
+    assert "Training noise (another seed of the same run) is NOT included" in index
+
+    two = tmp_path / "two_seeds"
+    ablations.run_grid(grid, two, seeds=[0, 1], **kwargs)
+    summary = ablations.summarize(two)
+    noisy = {v["name"]: v for v in summary["variants"]}["noisy"]["delta"]["map"]
+    assert noisy["n_seeds"] == 2 and [p["seed"] for p in noisy["per_seed"]] == [0, 1]
+    # Δ is the mean of the two seeds' full-set Δ; both seeds are compared with the one baseline
+    assert noisy["delta"] == pytest.approx(sum(p["delta"] for p in noisy["per_seed"]) / 2)
+    assert "baseline: 1 seed" in noisy["covers"] and "hierarchical" in summary["interval_note"]
+    assert noisy["lo"] <= noisy["delta"] <= noisy["hi"] and noisy["verdict"] == "worse"
+    # cached per variant: a second summary reads the same numbers without recomputing
+    cached = json.loads((two / "noisy" / "bootstrap.json").read_text())
+    assert cached["value"]["n_seeds"] == 2
+    assert ablations.summarize(two)["variants"][1]["delta"]["map"] == noisy
+
+
+def fake_baseline(parameters: dict, run_dir: Path) -> None:
+    """Stands in for notebook 01 with another seed: a baseline whose box noise grows with the seed."""
+    p = notebook_params(dict(parameters))
+    with open(run_dir.parent / f"calls_{run_dir.name}.txt", "a") as fh:
+        fh.write("call\n")
+    run_dir = runs.prepare_run_dir(p.run_dir, overwrite=p.overwrite, resume=p.resume)
+    _write_run(p, run_dir, noise=1.0 + 2.0 * p.seed)
+
+
+def test_baseline_seeds_are_trained_paired_with_variant_seeds_and_their_spread_is_reported(setup):
+    tmp_path, params_file = setup
+    grid = _grid_file(tmp_path, GOOD)
+    grid.write_text(grid.read_text() + "baseline_seeds: [0, 1]\n")
+    out = tmp_path / "ablations"
+    kwargs = dict(
+        params_file=params_file,
+        seeds=[0, 1],
+        bootstrap_resamples=40,
+        run_variant=fake_run,
+        run_baseline_seed=fake_baseline,
+        progress=False,
+    )
+    record = ablations.run_grid(grid, out, **kwargs)
+    seed1 = tmp_path / "baseline_seed1"
+    assert [(r["seed"], r["status"]) for r in record["baseline_runs"]] == [(0, "reused"), (1, "finished")]
+    assert runs.read_metrics(seed1)["params"]["seed"] == 1
+    assert record["settings"]["baseline_runs"] == {"0": str(tmp_path / "baseline"), "1": str(seed1)}
+    # variant seed k fine-tunes from baseline seed k (and its run id depends on that baseline)
+    assert runs.read_metrics(out / "minilm" / "seed1")["params"]["baseline"] == str(seed1)
+    assert runs.read_metrics(out / "minilm" / "seed0")["params"]["baseline"] == str(tmp_path / "baseline")
+
+    summary = ablations.summarize(out)
+    spread = summary["baseline_seeds"]
+    assert [r["seed"] for r in spread["runs"]] == [0, 1] and spread["stats"]["map"]["n"] == 2
+    maps = [runs.read_metrics(d)["final"]["map"] for d in (tmp_path / "baseline", seed1)]
+    assert spread["stats"]["map"]["mean"] == pytest.approx(np.mean(maps))
+    assert spread["stats"]["map"]["sd"] == pytest.approx(np.std(maps, ddof=1))
+    table = reports.baseline_spread_table(summary)
+    assert list(table["metric"]) == ["mAP", "mAP50", *(f"AP {c}" for c in CLASSES)]
+    assert list(table.columns) == ["metric", "mean ± sd", "seeds", "seed 0", "seed 1"]
+    assert table.loc[0, "seed 1"] == f"{maps[1]:.4f}"
+    noisy = {v["name"]: v for v in summary["variants"]}["noisy"]["delta"]["map"]
+    assert noisy["covers"] == "2 seeds (variant and baseline) × validation images"
+    # each seed's Δ is against its own baseline
+    assert [p["a"] for p in noisy["per_seed"]] == pytest.approx(maps)
+    noisy_ap = [runs.read_metrics(out / "noisy" / f"seed{k}")["final"]["per_class"]["stain"]["ap"] for k in (0, 1)]
+    base_ap = [runs.read_metrics(d)["final"]["per_class"]["stain"]["ap"] for d in (tmp_path / "baseline", seed1)]
+    expected = np.mean([v - b for v, b in zip(noisy_ap, base_ap)])
+    assert {v["name"]: v for v in summary["variants"]}["noisy"]["per_class_delta"]["stain"] == pytest.approx(expected)
+    assert reports.ablation_table(summary).loc[0, "mAP"].count("±") == 1  # the baseline row: mean ± sd
+    index = reports.build_index(summary, tmp_path / "reports").read_text()
+    assert "Baseline seed spread" in index and "trained with 2 seeds" in index
+
+    # second run: the baseline seed is reused, not retrained
+    record = ablations.run_grid(grid, out, **kwargs)
+    assert [r["status"] for r in record["baseline_runs"]] == ["reused", "reused"]
+    assert len((tmp_path / "calls_baseline_seed1.txt").read_text().splitlines()) == 1

@@ -17,11 +17,15 @@ from scipy import stats as scipy_stats
 from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.evaluate import coco_evaluate, coco_from_dict, cocoeval_metrics, load_coco_gt
 from tfg_mm.stats import (
+    ImageMatches,
     _detection_arrays,
     _ground_truth_arrays,
     _resampled_detections,
     _resampled_ground_truth,
     _resampled_images,
+    hierarchical_bootstrap,
+    hierarchical_draws,
+    hierarchical_replicas,
     paired_bootstrap,
     summarize_seeds,
     verdict,
@@ -241,3 +245,166 @@ def test_seeded_and_validated():
         paired_bootstrap(two_classes, dets_a, dets_b, classes=["crack"])
     with pytest.raises(DataError, match="map_small"):  # every box is 50x40: no small objects
         paired_bootstrap(gt, dets_a, dets_b, metric="map_small")
+
+
+# --------------------------------------------------------------------------------------------
+# Matches once per image, re-accumulated per resample (ImageMatches)
+# --------------------------------------------------------------------------------------------
+def _random_case(rng: np.random.Generator, n_images: int, n_classes: int, ties: bool) -> tuple[dict, list[dict]]:
+    """Random ground truth and detections: several classes, empty images, crowd boxes, all sizes
+    (small / medium / large), near-misses, wrong classes, >100 detections of one class in an image,
+    and (``ties``) scores rounded to 0.1 so that equal scores across images test the stable sort."""
+
+    def box() -> list[float]:
+        return [*rng.uniform(0, 250, 2), *np.exp(rng.uniform(1, 5.5, 2))]
+
+    def score() -> float:
+        return float(np.round(rng.uniform(), 1) if ties else rng.uniform())
+
+    categories = [{"id": c + 1, "name": f"c{c}"} for c in range(n_classes)]
+    images = [{"id": 10 * i + 5, "height": 300, "width": 400} for i in range(n_images)]
+    annotations, dets = [], []
+    for image in images:
+        if rng.uniform() < 0.2:
+            continue  # an empty image
+        for _ in range(int(rng.integers(0, 5))):
+            b, cat = box(), int(rng.integers(1, n_classes + 1))
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image["id"],
+                    "category_id": cat,
+                    "bbox": b,
+                    "area": b[2] * b[3],
+                    "iscrowd": int(rng.uniform() < 0.1),
+                }
+            )
+            for _ in range(int(rng.integers(0, 3))):  # hits, near-misses and wrong classes
+                wrong = rng.uniform() < 0.2
+                dets.append(
+                    {
+                        "image_id": image["id"],
+                        "category_id": int(rng.integers(1, n_classes + 1)) if wrong else cat,
+                        "bbox": [v + rng.normal(0, 4) for v in b],
+                        "score": score(),
+                    }
+                )
+        for _ in range(int(rng.integers(0, 120 if rng.uniform() < 0.1 else 8))):  # background
+            dets.append(
+                {
+                    "image_id": image["id"],
+                    "category_id": int(rng.integers(1, n_classes + 1)),
+                    "bbox": box(),
+                    "score": score(),
+                }
+            )
+    return {"images": images, "annotations": annotations, "categories": categories}, dets
+
+
+def _flat(metrics: dict) -> dict:
+    out = {key: metrics[key] for key in ("map", "map50", "map75", "map_small", "map_medium", "map_large")}
+    for name, values in metrics["per_class"].items():
+        out[f"ap:{name}"], out[f"ap50:{name}"] = values["ap"], values["ap50"]
+    return out
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_matches_equal_cocoeval_on_the_rebuilt_resample(case):
+    rng = np.random.default_rng(case)
+    gt_dict, dets = _random_case(rng, int(rng.integers(1, 14)), int(rng.integers(1, 5)), ties=case % 2 == 0)
+    names, cat_ids = [c["name"] for c in gt_dict["categories"]], [c["id"] for c in gt_dict["categories"]]
+    matches = ImageMatches.build(load_coco_gt(gt_dict, "faster_coco_eval"), dets, cat_ids)
+    n = len(gt_dict["images"])
+    draws = [np.arange(n), *(rng.integers(0, n, size=n) for _ in range(4)), np.zeros(n, dtype=np.int64)]
+    for draw in draws:  # identity, random draws with duplicates, one image n times
+        fast = _flat(matches.metrics(draw, names, cat_ids))
+        reference = _flat(_evaluate_draw(gt_dict, dets, list(draw), backend="pycocotools"))
+        assert fast.keys() == reference.keys()
+        for key, value in reference.items():  # exactly pycocotools' numbers, NaN where undefined
+            assert (math.isnan(value) and math.isnan(fast[key])) or fast[key] == value, (key, draw)
+        faster = _flat(_evaluate_draw(gt_dict, dets, list(draw), backend="faster_coco_eval"))
+        for key, value in faster.items():  # faster_coco_eval's C++ sums round differently, in the last bit
+            assert fast[key] == pytest.approx(value, abs=1e-12, nan_ok=True), (key, draw)
+
+
+def test_matches_with_a_class_absent_from_the_draw_and_no_detections():
+    gt = {
+        "images": [{"id": 1, "height": 100, "width": 100}, {"id": 2, "height": 100, "width": 100}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400.0, "iscrowd": 0},
+            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [10, 10, 20, 20], "area": 400.0, "iscrowd": 0},
+        ],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9}]
+    matches = ImageMatches.build(gt, dets, [1, 2])
+    only_first = matches.metrics(np.array([0, 0]), ["a", "b"], [1, 2])
+    assert only_first["per_class"]["a"]["ap"] == pytest.approx(1.0)
+    assert math.isnan(only_first["per_class"]["b"]["ap"])  # no ground truth of b in this draw
+    only_second = matches.metrics(np.array([1, 1]), ["a", "b"], [1, 2])
+    assert only_second["per_class"]["b"]["ap"] == 0.0 and math.isnan(only_second["per_class"]["a"]["ap"])
+    empty = ImageMatches.build(gt, [], [1, 2]).metrics(np.array([0, 1]), ["a", "b"], [1, 2])
+    assert empty["map"] == 0.0
+
+
+def test_fast_bootstrap_equals_the_cocoeval_reference_draw_for_draw():
+    rng = np.random.default_rng(5)
+    gt_dict, dets_a = _random_case(rng, 10, 3, ties=False)
+    dets_b = [dict(d, score=float(d["score"] * rng.uniform(0.5, 1.5))) for d in dets_a]
+    kwargs = {"n_resamples": 25, "seed": 3, "classes": ["c0"], "backend": "pycocotools"}
+    fast = paired_bootstrap(gt_dict, dets_a, dets_b, **kwargs)
+    reference = paired_bootstrap(gt_dict, dets_a, dets_b, method="cocoeval", **kwargs)
+    for key in ("lo", "hi", "delta", "n_valid"):
+        assert fast[key] == reference[key], key
+        assert fast["per_class"]["c0"][key] == reference["per_class"]["c0"][key], key
+
+
+# --------------------------------------------------------------------------------------------
+# Hierarchical (seeds, then images) bootstrap
+# --------------------------------------------------------------------------------------------
+def test_hierarchical_interval_has_the_known_spread():
+    """Δ of seed s on image i is u_s + e_i: between-seed sd 0.02, image sd 0.05 (additive, no
+    interaction). A replica is mean(u over the drawn seeds) + mean(e over the drawn images), two
+    independent draws, so its variance is var(u) / S + var(e) / n (population variances of the
+    observed values): the seeds' share is what the image-only bootstrap misses."""
+    rng = np.random.default_rng(0)
+    n_seeds, n_images = 20, 60
+    u = rng.normal(0, 0.02, n_seeds)
+    e = rng.normal(0, 0.05, n_images)
+    contributions = u[:, None] + e[None, :]
+    replicas = hierarchical_replicas(lambda s, draw: contributions[s, draw].mean(), n_seeds, n_images, 4000, seed=1)
+    expected_sd = math.sqrt(u.var() / n_seeds + e.var() / n_images)
+    assert replicas.std() == pytest.approx(expected_sd, rel=0.06)
+    lo, hi = np.quantile(replicas, [0.025, 0.975])
+    assert hi - lo == pytest.approx(2 * scipy_stats.norm.ppf(0.975) * expected_sd, rel=0.1)
+    # images only (one seed): the seed spread is not in the interval
+    one_seed = hierarchical_replicas(lambda s, draw: contributions[0, draw].mean(), 1, n_images, 4000, seed=1)
+    assert one_seed.std() == pytest.approx(e.std() / math.sqrt(n_images), rel=0.06)
+    # identical seeds: drawing seeds changes nothing, the replicas are the one-seed replicas
+    same = hierarchical_replicas(lambda s, draw: contributions[0, draw].mean(), 3, n_images, 200, seed=1)
+    assert same == pytest.approx(one_seed[:200], abs=1e-15)
+
+
+def test_hierarchical_draws_reuse_the_paired_image_draws():
+    counts, draws = hierarchical_draws(3, 10, 50, seed=4)
+    _, one_seed_draws = hierarchical_draws(1, 10, 50, seed=4)
+    assert all((a == b).all() for a, b in zip(draws, one_seed_draws))
+    assert counts.shape == (50, 3) and (counts.sum(axis=1) == 3).all() and (counts == 0).any()
+
+
+def test_hierarchical_bootstrap_one_seed_is_the_plain_paired_bootstrap():
+    rng = np.random.default_rng(11)
+    gt_dict, dets_a = _random_case(rng, 9, 2, ties=False)
+    dets_b = [dict(d, score=float(d["score"] * rng.uniform(0.5, 1.5))) for d in dets_a]
+    kwargs = {"n_resamples": 20, "seed": 2, "classes": ["c1"], "backend": "pycocotools"}
+    plain = paired_bootstrap(gt_dict, dets_a, dets_b, method="cocoeval", **kwargs)
+    one = hierarchical_bootstrap(gt_dict, [(dets_a, dets_b)], **kwargs)
+    assert (one["lo"], one["hi"], one["delta"]) == (plain["lo"], plain["hi"], plain["delta"])
+    assert one["n_seeds"] == 1 and one["per_seed"][0]["delta"] == plain["delta"]
+    # Two seeds that are the same model: same interval (resampling identical seeds adds nothing)
+    copies = hierarchical_bootstrap(gt_dict, [(dets_a, dets_b), (list(dets_a), list(dets_b))], **kwargs)
+    assert (copies["lo"], copies["hi"]) == pytest.approx((one["lo"], one["hi"]), abs=1e-12)
+    # A second seed whose Δ differs widens the interval and moves Δ to the seed mean
+    worse = hierarchical_bootstrap(gt_dict, [(dets_a, dets_b), (dets_a, dets_a)], **kwargs)
+    assert worse["delta"] == pytest.approx(plain["delta"] / 2)
+    assert worse["n_seeds"] == 2 and [p["delta"] for p in worse["per_seed"]] == [plain["delta"], 0.0]

@@ -362,7 +362,11 @@ class AblationParams(BaseModel):
     )
     workers: int = Field(1, ge=1, description="Variants run in parallel processes.")
     reuse: bool = Field(True, description="Reuse a finished run with the same params, dataset hash and code version.")
-    bootstrap_resamples: int = Field(500, ge=10, description="Paired bootstrap resamples of the validation images.")
+    bootstrap_resamples: int = Field(
+        500,
+        ge=10,
+        description="Bootstrap resamples of the Δ intervals (validation images; with several seeds, seeds then images).",
+    )
     confidence: float = Field(0.95, ge=0.5, le=0.999, description="Confidence level of the bootstrap intervals.")
     wise_lambdas: list[Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
@@ -861,8 +865,8 @@ def params_from_notebook(namespace: Mapping[str, Any], ignore: Iterable[str] = (
 #: Top-level grid keys that belong to the grid runner, not to the schema: :func:`load_grid` passes
 #: them through as written and ``tfg_mm.ablations.load_ablation_grid`` checks them (the hard classes'
 #: default is the dataset's fact, ``tfg_mm.data.synthetic.HARD_CLASSES``; a `wise` variant must be a
-#: variant of the grid).
-GRID_RUNNER_KEYS = ("hard_classes", "wise")
+#: variant of the grid; `baseline_seeds` are the training seeds of the baseline).
+GRID_RUNNER_KEYS = ("hard_classes", "wise", "baseline_seeds")
 
 
 def load_grid(path: str | Path, extra_keys: Iterable[str] = GRID_RUNNER_KEYS) -> dict:

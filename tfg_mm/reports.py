@@ -1107,8 +1107,9 @@ def ablation_table(summary: Mapping[str, Any]) -> pd.DataFrame:
     """The thesis table: one row per variant (baseline first).
 
     Columns: status, seeds, mAP / mAP50 / hard-class AP as mean ± sd over seeds, ΔmAP and Δ of each
-    hard class's AP with the paired-bootstrap interval, and the verdict (improves / worse / within
-    noise: an interval that contains 0).
+    hard class's AP with the (hierarchical, with several seeds) paired-bootstrap interval, the
+    verdict (improves / worse / within noise: an interval that contains 0), and what the interval
+    covers in words (with one seed: validation images only, training noise not included).
     """
     hard = list(summary.get("hard_classes", []))
     level = summary.get("confidence", 0.95)
@@ -1125,6 +1126,13 @@ def ablation_table(summary: Mapping[str, Any]) -> pd.DataFrame:
         }
         for name in hard:
             row[f"AP {name}"] = f"{_number(base['final']['per_class'].get(name, {}).get('ap')):.4f}"
+        spread = summary.get("baseline_seeds") or {}
+        stats = spread.get("stats") or {}
+        if stats.get("map", {}).get("n", 1) > 1:  # several baseline seeds: mean ± sd like the variants
+            row["seeds"] = ", ".join(str(r["seed"]) for r in spread["runs"] if r.get("status") == "finished")
+            row["mAP"], row["mAP50"] = _fmt_mean_sd(stats.get("map")), _fmt_mean_sd(stats.get("map50"))
+            for name in hard:
+                row[f"AP {name}"] = _fmt_mean_sd(stats.get(f"ap:{name}"))
         rows.append(row)
     for variant in summary.get("variants", []):
         row = {
@@ -1140,6 +1148,7 @@ def ablation_table(summary: Mapping[str, Any]) -> pd.DataFrame:
         delta = variant.get("delta") or {}
         row[f"ΔmAP [{ci}]"] = _fmt_interval(delta.get("map"))
         row["verdict"] = (delta.get("map") or {}).get("verdict", "")
+        row["interval covers"] = (delta.get("map") or {}).get("covers", "")
         for name in hard:
             entry = (delta.get("per_class") or {}).get(name)
             row[f"ΔAP {name} [{ci}]"] = _fmt_interval(entry)
@@ -1149,6 +1158,22 @@ def ablation_table(summary: Mapping[str, Any]) -> pd.DataFrame:
             row["verdict"] = row["verdict"] or portable_text(f"failed: {first.get('error', '')}")[:160]
         rows.append(row)
     return pd.DataFrame(rows).fillna("")
+
+
+def baseline_spread_table(summary: Mapping[str, Any]) -> pd.DataFrame:
+    """The baseline's seed spread: one row per metric (mAP, mAP50, AP of each class), its mean ± sd
+    over the baseline's training seeds and the value of each seed (``summary["baseline_seeds"]``)."""
+    spread = summary.get("baseline_seeds") or {}
+    finished = [r for r in spread.get("runs", []) if r.get("status") == "finished"]
+    rows = []
+    for key, stats in (spread.get("stats") or {}).items():
+        label = {"map": "mAP", "map50": "mAP50"}.get(key, f"AP {key.removeprefix('ap:')}")
+        row = {"metric": label, "mean ± sd": f"{stats['mean']:.4f} ± {stats['sd']:.4f}", "seeds": stats["n"]}
+        for run in finished:
+            value = run["per_class"].get(key.removeprefix("ap:")) if key.startswith("ap:") else run.get(key)
+            row[f"seed {run['seed']}"] = "" if value is None else f"{_number(value):.4f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _variant_runs(summary: Mapping[str, Any]):
@@ -1444,7 +1469,8 @@ def build_index(
                 escape=True,
                 caption="Ablations against the DEIMv2 baseline "
                 f"(mean ± sd over seeds; paired bootstrap {summary.get('confidence')} "
-                "intervals over validation images).",
+                "intervals over validation images, and over training seeds where there are several; "
+                "the column `interval covers` says which).",
                 label="tab:ablations",
             ),
         )
@@ -1453,13 +1479,18 @@ def build_index(
             f"<p class='note'>Grid <code>{html.escape(portable_text(str(summary.get('grid', ''))))}</code>; "
             f"{html.escape(summary.get('description', ''))}. Values are mean ± sd over seeds; "
             f"Δ is the seed mean of (variant − baseline) with a paired bootstrap "
-            f"{round(100 * summary.get('confidence', 0.95))}% interval over validation images "
+            f"{round(100 * summary.get('confidence', 0.95))}% interval "
             f"({summary.get('bootstrap_resamples')} resamples); an interval that contains 0 is "
             f"<em>within noise</em>. Baseline: <code>{html.escape(portable_text(str(summary.get('baseline_run', ''))))}"
             f"</code>. {html.escape(summary.get('interval_note', ''))}</p>"
         )
         parts.append(table.to_html(index=False, escape=True, border=0, classes="ablations"))
         parts.append(_error_table_section(summary, reports_dir))
+        spread = summary.get("baseline_seeds") or {}
+        if spread.get("stats"):
+            parts.append("<h3>Baseline seed spread</h3>")
+            parts.append(f"<p class='note'>{html.escape(spread.get('note', ''))}</p>")
+            parts.append(baseline_spread_table(summary).to_html(index=False, escape=True, border=0))
         figures = (
             (
                 "ablations_trajectories",

@@ -7,6 +7,7 @@ Grid files (``params/ablations/*.yaml``) are flat::
     seeds: [0, 1]
     hard_classes: [perforation, break]          # optional (default: the embedded set's hard classes)
     wise: {variant: name, lambdas: [0, 0.5, 1]}  # optional WiSE-FT curve of one variant
+    baseline_seeds: [0, 1, 2]                    # optional: train the baseline with these seeds too
     variants:
       - name: minilm
         overrides: {text_encoder: minilm}
@@ -25,6 +26,14 @@ it). ``workers > 1`` runs several notebooks at once in separate processes (each 
 has its own kernel), each limited to ``cpu_count // workers`` threads.
 The unit of work is injectable (``run_variant(parameters, run_dir)``) so that the orchestration is
 tested without training.
+
+**Baseline seeds** (grid key ``baseline_seeds``, e.g. ``[0, 1, 2]`` in ``full.yaml``): before the
+variants, the baseline (``baseline``, e.g. ``runs/baseline``, trained by notebook 01) is trained
+again with each other seed ``k`` into ``<baseline>_seed<k>`` (e.g. ``runs/baseline_seed1``: the
+baseline's own recorded params with ``seed: k``; notebook 01, reused when finished with the same
+``run_id``), and variant seed ``k`` fine-tunes from and is compared with the baseline of seed
+``k``, so that the Δ intervals (:mod:`tfg_mm.ablations.summary`) hold the training noise of both.
+Without the key (``small.yaml``) the one baseline serves every seed.
 """
 
 from __future__ import annotations
@@ -99,6 +108,15 @@ def load_ablation_grid(path: str | Path) -> dict:
             lambdas = load_params({"wise_lambdas": lambdas}, source_names=[f"{path}: wise.lambdas"]).wise_lambdas
         wise = {"variant": str(wise["variant"]), "lambdas": lambdas}
     grid["wise"] = wise
+
+    baseline_seeds = grid.get("baseline_seeds", [])
+    if not isinstance(baseline_seeds, list) or not all(
+        isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in baseline_seeds
+    ):
+        raise ConfigError(
+            f"{path}: `baseline_seeds` must be a list of seeds (integers >= 0), e.g. [0, 1, 2]; got {baseline_seeds!r}"
+        )
+    grid["baseline_seeds"] = sorted(set(baseline_seeds))
     return grid
 
 
@@ -132,9 +150,11 @@ def plan_runs(
     explicit: Mapping[str, Any] | None = None,
     seeds: Sequence[int] | None = None,
     reuse: bool = True,
+    baseline_runs: Mapping[int, str] | None = None,
 ) -> list[dict]:
     """One entry per (variant, seed): its resolved params, the notebook parameters, and whether a
-    finished run with the same ``run_id`` can be reused. See the module docstring for the layering."""
+    finished run with the same ``run_id`` can be reused. See the module docstring for the layering;
+    ``baseline_runs[seed]`` (the trained baseline seeds) replaces ``baseline`` for that seed."""
     ablations_dir = Path(ablations_dir).resolve()
     given = {k: v for k, v in (explicit or {}).items() if k not in _GRID_LEVEL_KEYS}
     sources = [params_file] if params_file else []
@@ -151,8 +171,14 @@ def plan_runs(
                 variant["overrides"],
                 given,
                 {"seed": int(seed), "run_dir": str(run_dir)},
+                {"baseline": str(baseline_runs[int(seed)])} if int(seed) in (baseline_runs or {}) else {},
                 source_names=names
-                + [f"{grid['path']}: variant {variant['name']!r}", "notebook 03 parameter", "grid runner"],
+                + [
+                    f"{grid['path']}: variant {variant['name']!r}",
+                    "notebook 03 parameter",
+                    "grid runner",
+                    f"{grid['path']}: baseline_seeds",
+                ],
             )
             dataset_hash = _dataset_hash(params, hashes)
             expected = runs.run_id(params, dataset_hash, code, _baseline_id(params)) if dataset_hash else None
@@ -176,6 +202,53 @@ def plan_runs(
                     "params": params,
                 }
             )
+    return planned
+
+
+def baseline_seed_dir(baseline: str | Path, seed: int) -> Path:
+    """Where the grid trains the baseline with another seed: ``<baseline>_seed<k>`` next to it."""
+    path = resolve_path(baseline)
+    return path.parent / f"{path.name}_seed{seed}"
+
+
+def plan_baseline_seeds(grid: Mapping[str, Any], baseline: str, reuse: bool = True) -> list[dict]:
+    """One entry per seed of the grid's ``baseline_seeds``: run_dir, params, and whether it is reusable.
+
+    The baseline run ``baseline`` (finished) is the entry of its own seed; every other seed gets the
+    baseline's recorded params with that seed, in :func:`baseline_seed_dir`.
+    """
+    seeds = list(grid.get("baseline_seeds") or [])
+    if not seeds or not baseline:
+        return []
+    main_dir = resolve_path(baseline)
+    main = runs.read_metrics(main_dir)
+    main_params = load_params(main["params"], source_names=[f"{main_dir / 'metrics.json'}: params"])
+    code = runs.code_version()
+    hashes: dict = {}
+    planned = []
+    for seed in seeds:
+        if seed == main_params.seed:
+            planned.append({"seed": seed, "run_dir": str(main_dir), "run_id": main.get("run_id"), "reuse": True})
+            continue
+        run_dir = baseline_seed_dir(baseline, seed)
+        params = load_params(
+            main_params,
+            {"seed": int(seed), "run_dir": str(run_dir)},
+            source_names=[f"{main_dir / 'metrics.json'}: params", f"{grid['path']}: baseline_seeds"],
+        )
+        dataset_hash = _dataset_hash(params, hashes)
+        expected = runs.run_id(params, dataset_hash, code) if dataset_hash else None
+        existing = _existing(run_dir)
+        reusable = bool(
+            reuse and expected and existing.get("status") == "finished" and existing.get("run_id") == expected
+        )
+        same = existing.get("run_id") == expected and expected is not None
+        params = load_params(
+            params, {"overwrite": existing.get("status") == "finished", "resume": same or not existing}
+        )
+        planned.append(
+            {"seed": int(seed), "run_dir": str(run_dir), "run_id": expected, "reuse": reusable, "params": params}
+        )
     return planned
 
 
@@ -226,17 +299,26 @@ def run_notebook02(parameters: dict, run_dir: Path) -> None:
     Notebook 02's figures go to ``run_dir/figures`` (``TFG_MM_FIGURES_DIR``), not over the main
     run's ``reports/figures``. The executed notebook is written even when a cell fails.
     """
+    _run_notebook("02_phase2", parameters, run_dir)
+
+
+def run_notebook01(parameters: dict, run_dir: Path) -> None:
+    """Execute ``notebooks/01_baseline.ipynb`` into ``run_dir``: a baseline seed (see :func:`run_notebook02`)."""
+    _run_notebook("01_baseline", parameters, run_dir)
+
+
+def _run_notebook(name: str, parameters: dict, run_dir: Path) -> None:
     run_dir = Path(run_dir)
     previous = os.environ.get("TFG_MM_FIGURES_DIR")
     os.environ["TFG_MM_FIGURES_DIR"] = str(run_dir / "figures")
     try:
-        executed = execute(NOTEBOOKS / "02_phase2.ipynb", run_dir / "02_phase2.ipynb", parameters, progress=False)
+        executed = execute(NOTEBOOKS / f"{name}.ipynb", run_dir / f"{name}.ipynb", parameters, progress=False)
     finally:
         if previous is None:
             os.environ.pop("TFG_MM_FIGURES_DIR", None)
         else:
             os.environ["TFG_MM_FIGURES_DIR"] = previous
-    render_html(executed, run_dir / "02_phase2.html")
+    render_html(executed, run_dir / f"{name}.html")
 
 
 def failure_record(exc: BaseException) -> dict:
@@ -331,6 +413,7 @@ def run_grid(
     wise_lambdas: Sequence[float] | None = None,
     run_variant: RunVariant = run_notebook02,
     progress: bool = True,
+    run_baseline_seed: RunVariant = run_notebook01,
 ) -> dict:
     """Run every variant × seed (see the module docstring) and write ``<ablations_dir>/grid.json``.
 
@@ -346,18 +429,33 @@ def run_grid(
     if params_file and not Path(params_file).is_absolute() and not Path(params_file).exists():
         params_file = resolve_path(params_file)
     planned = plan_runs(grid, ablations_dir, params_file, explicit, seeds, reuse)
-    if planned and planned[0]["params"].baseline:
+    main_baseline = planned[0]["params"].baseline if planned else ""
+    if main_baseline:
         # an unfinished baseline (interrupted or failed) would give every variant a wrong reference
-        require_finished_baseline(planned[0]["params"].baseline)
+        require_finished_baseline(main_baseline)
+    baseline_results = []
+    for entry in plan_baseline_seeds(grid, main_baseline, reuse):
+        result = _execute_run({**entry, "variant": "baseline"}, run_baseline_seed)
+        baseline_results.append(result)
+        if progress:
+            extra = f" ({result['error']})" if result["status"] == "failed" else ""
+            print(
+                f"[ablations] baseline seed {result['seed']}: {result['status']} in {result['seconds']:.0f} s{extra}",
+                flush=True,
+            )
+    baseline_runs = {r["seed"]: r["run_dir"] for r in baseline_results if r["status"] != "failed"}
+    if baseline_runs:  # variant seed k fine-tunes from the baseline of seed k
+        planned = plan_runs(grid, ablations_dir, params_file, explicit, seeds, reuse, baseline_runs)
     wise = dict(grid.get("wise") or {}) or None
     if wise is not None:
         wise["lambdas"] = list(
             (explicit or {}).get("wise_lambdas") or wise.get("lambdas") or wise_lambdas or SCHEMA_DEFAULTS.wise_lambdas
         )
     record = {
-        "grid": {k: grid[k] for k in ("path", "description", "base", "seeds", "variants")},
+        "grid": {k: grid.get(k) for k in ("path", "description", "base", "seeds", "variants", "baseline_seeds")},
         "settings": {
-            "baseline": planned[0]["params"].baseline if planned else "",
+            "baseline": main_baseline,
+            "baseline_runs": {str(k): v for k, v in baseline_runs.items()},
             "bootstrap_resamples": int(bootstrap_resamples),
             "confidence": float(confidence),
             "hard_classes": list(grid.get("hard_classes", HARD_CLASSES)),
@@ -368,6 +466,7 @@ def run_grid(
             "reuse": reuse,
         },
         "runs": [],
+        "baseline_runs": baseline_results,
     }
     ablations_dir.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, int], dict] = {}

@@ -1,13 +1,18 @@
 """The statistics of a grid from its run folders: the summary dict that notebook 03 and the index draw.
 
-Each variant's selected checkpoint is compared with the baseline on the validation images with
-:func:`tfg_mm.stats.paired_bootstrap` (ΔmAP and Δ AP of each hard class), on the detections of
-:func:`tfg_mm.ablations.repredict.run_detections`. With several seeds the table shows mean ± sd
-over seeds, and the Δ interval is the seed mean of the per-seed percentile bounds: every seed uses
-the same bootstrap draws (same bootstrap seed), for which averaging the bounds is conservative (at
-least as wide as the interval of the seed-averaged Δ). A Δ whose interval contains 0 is "within
-noise". Detections, bootstrap results and WiSE-FT curves are cached per run, keyed by everything
-they depend on, so rebuilding the report (``python -m tfg_mm report``) is cheap.
+Each variant's selected checkpoints are compared with the baseline on the validation images with
+:func:`tfg_mm.stats.hierarchical_bootstrap` (ΔmAP and Δ AP of each hard class), on the detections
+of :func:`tfg_mm.ablations.repredict.run_detections`. With several seeds the table shows mean ± sd
+over seeds, and the Δ interval comes from a hierarchical paired bootstrap: each resample draws the
+variant's finished seeds with replacement, then the validation images (one draw for the variant and
+the baseline), and averages Δ over the drawn seeds, so the interval holds training noise as well as
+validation-set noise. Variant seed ``s`` is compared with the baseline of seed ``s`` when the grid
+trained baseline seeds (grid key ``baseline_seeds``), else with the one baseline. With one seed the
+interval is the plain paired bootstrap over images, and ``interval_note`` (shown by
+:func:`tfg_mm.reports.ablation_table` and the index) says in words that training noise is not in it.
+A Δ whose interval contains 0 is "within noise". Detections, bootstrap results and WiSE-FT curves
+are cached, keyed by everything they depend on, so rebuilding the report
+(``python -m tfg_mm report``) is cheap.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from tfg_mm.config import resolve_path
 from tfg_mm.errors import ConfigError
 from tfg_mm.io import atomic_write_json
 from tfg_mm.phase2 import baseline_folder
-from tfg_mm.stats import paired_bootstrap, summarize_seeds, verdict
+from tfg_mm.stats import hierarchical_bootstrap, summarize_seeds
 
 SUMMARY_FILE = "summary.json"
 
@@ -35,38 +40,48 @@ def _finite(value: Any) -> float | None:
 
 
 def _bootstrap(
-    run_dir: Path,
-    metrics: dict,
-    base_dets: list[dict],
-    base_key: str,
+    variant_dir: Path,
+    seeds: list[dict],
     settings: dict,
     classes: list[str],
     progress: bool,
 ) -> dict:
-    """Paired bootstrap of the run against the baseline, cached in ``{run_dir}/bootstrap.json``."""
+    """Hierarchical paired bootstrap of a variant's finished seeds against their baselines.
+
+    ``seeds``: one ``{"seed", "run_dir", "metrics", "baseline": (detections, cache key)}`` per
+    finished seed. Cached in ``{variant_dir}/bootstrap.json`` under the key of every run, checkpoint
+    and baseline it uses.
+    """
     key = cache_key(
-        metrics.get("run_id"),
-        metrics["final"].get("checkpoint"),
-        base_key,
+        "hierarchical-v1",
+        [
+            (s["seed"], s["metrics"].get("run_id"), s["metrics"]["final"].get("checkpoint"), s["baseline"][1])
+            for s in seeds
+        ],
         settings["bootstrap_resamples"],
         settings["confidence"],
         classes,
     )
-    cached = read_cache(run_dir / "bootstrap.json", key)
+    cached = read_cache(variant_dir / "bootstrap.json", key)
     if cached is not None:
         return cached
-    dets, note = run_detections(run_dir, metrics)
-    result = paired_bootstrap(
-        metrics["dataset"]["val_json"],
-        base_dets,
-        dets,
+    pairs, notes = [], set()
+    for s in seeds:
+        dets, note = run_detections(s["run_dir"], s["metrics"])
+        pairs.append((s["baseline"][0], dets))
+        notes.add(note)
+    result = hierarchical_bootstrap(
+        seeds[0]["metrics"]["dataset"]["val_json"],
+        pairs,
         n_resamples=settings["bootstrap_resamples"],
         confidence=settings["confidence"],
         classes=classes,
         progress=progress,
     )
-    result["detections"] = note
-    write_cache(run_dir / "bootstrap.json", key, result)
+    result["seeds"] = [s["seed"] for s in seeds]
+    result["baseline_seeds"] = len({id(pair[0]) for pair in pairs})
+    result["detections"] = sorted(notes)
+    write_cache(variant_dir / "bootstrap.json", key, result)
     return result
 
 
@@ -84,18 +99,95 @@ def _mean_per_class(entries: list[Mapping[str, Any]]) -> dict | None:
     return out
 
 
-def _mean_interval(entries: list[dict]) -> dict:
-    """Seed mean of Δ and of the interval bounds (conservative for shared draws), with its verdict."""
-    lo = sum(e["lo"] for e in entries) / len(entries)
-    hi = sum(e["hi"] for e in entries) / len(entries)
+def _interval_entry(result: dict, n_baselines: int) -> dict:
+    """What the table shows of one interval, with the noise it covers in words."""
     return {
-        "delta": sum(e["delta"] for e in entries) / len(entries),
-        "lo": lo,
-        "hi": hi,
-        "verdict": verdict(lo, hi),
-        "n_seeds": len(entries),
-        "per_seed": [{k: e[k] for k in ("delta", "lo", "hi", "verdict")} for e in entries],
+        **{k: result[k] for k in ("delta", "lo", "hi", "verdict", "n_valid")},
+        "n_seeds": result["n_seeds"],
+        "covers": covers(result["n_seeds"], n_baselines),
     }
+
+
+def covers(n_seeds: int, n_baselines: int = 1) -> str:
+    """The noise a Δ interval covers, in words (a column of the ablation table)."""
+    if n_seeds <= 1:
+        return "validation images only (1 seed: training noise not included)"
+    if n_baselines <= 1:
+        return f"{n_seeds} variant seeds × validation images (baseline: 1 seed, its training noise not included)"
+    return f"{n_seeds} seeds (variant and baseline) × validation images"
+
+
+def interval_note(variants: list[dict]) -> str:
+    """The sentence under the ablation table that says what the Δ intervals hold."""
+    n_seeds = sorted({v["delta"]["map"]["n_seeds"] for v in variants if v.get("delta", {}).get("map")})
+    if not n_seeds:
+        return ""
+    if n_seeds == [1]:
+        return (
+            "One training seed per variant: each Δ interval is a paired bootstrap over validation images "
+            "only. Training noise (another seed of the same run) is NOT included, and here it is of the "
+            "same order as the differences (see the baseline's seed spread with `make full-grid`), so an "
+            "'improves' on one seed is not yet a finding."
+        )
+    return (
+        "Δ intervals: hierarchical paired bootstrap (each resample draws the training seeds with "
+        "replacement, then the validation images, the same for variant and baseline; the replica is the "
+        "seed mean of Δ), so they include training noise; the 'interval covers' column says which."
+        + (" Variants with one seed cover validation images only." if 1 in n_seeds else "")
+    )
+
+
+def baseline_seed_spread(record: dict, baseline_metrics: dict | None) -> dict:
+    """The baseline's seed spread: per seed mAP, mAP50 and each class's AP, and mean ± sd over seeds.
+
+    The seeds are the grid's trained baseline seeds (``settings.baseline_runs``, grid key
+    ``baseline_seeds``), else the one baseline. ``stats`` keys: ``map``, ``map50``, ``ap:<class>``.
+    """
+    settings = record["settings"]
+    folders = {int(k): v for k, v in (settings.get("baseline_runs") or {}).items()}
+    if not folders and baseline_metrics is not None:
+        folders = {int(baseline_metrics.get("params", {}).get("seed", 0)): settings["baseline"]}
+    out: dict[str, Any] = {"runs": [], "stats": {}}
+    for entry in record.get("baseline_runs", []):
+        if entry["status"] == "failed":
+            out["runs"].append(
+                {"seed": entry["seed"], "run_dir": entry["run_dir"], "status": "failed", "error": entry.get("error")}
+            )
+    finals = []
+    for seed, folder in sorted(folders.items()):
+        path = resolve_path(folder)
+        if not runs.is_finished(path):
+            out["runs"].append(
+                {"seed": seed, "run_dir": str(path), "status": "failed", "error": "no finished metrics.json"}
+            )
+            continue
+        final = runs.read_metrics(path)["final"]
+        finals.append(final)
+        out["runs"].append(
+            {
+                "seed": seed,
+                "run_dir": str(path),
+                "status": "finished",
+                "map": final.get("map"),
+                "map50": final.get("map50"),
+                "per_class": {c: v.get("ap") for c, v in final.get("per_class", {}).items()},
+            }
+        )
+    out["runs"].sort(key=lambda r: r["seed"])
+    keys = [("map", lambda f: f.get("map")), ("map50", lambda f: f.get("map50"))]
+    classes = list(finals[0].get("per_class", {})) if finals else []
+    keys += [(f"ap:{c}", lambda f, c=c: f.get("per_class", {}).get(c, {}).get("ap")) for c in classes]
+    for key, get in keys:
+        values = [v for v in (_finite(get(f)) for f in finals) if v is not None]
+        if values:
+            out["stats"][key] = summarize_seeds(values)
+    n = len(finals)
+    out["note"] = (
+        f"The baseline trained with {n} seeds (same params and data): mean ± sd (ddof 1) over seeds."
+        if n > 1
+        else "One baseline seed: its training noise is unmeasured here (`make full-grid` trains 3 seeds)."
+    )
+    return out
 
 
 def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
@@ -126,8 +218,6 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
         "baseline_run": settings["baseline"],
         "variants": [],
         "notes": [],
-        "interval_note": "With several seeds, the Δ interval is the seed mean of the per-seed bounds "
-        "(same bootstrap draws for every seed: conservative).",
     }
 
     baseline_metrics, base_ckpt = None, None
@@ -139,6 +229,7 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
         "checkpoint": str(base_ckpt) if base_ckpt else None,
         "final": (baseline_metrics or {}).get("final"),
     }
+    summary["baseline_seeds"] = baseline_seed_spread(record, baseline_metrics)
     base_final = summary["baseline"]["final"]
     class_names = list((base_final or {}).get("per_class", {}))
     hard = [c for c in settings["hard_classes"] if not class_names or c in class_names]
@@ -147,7 +238,22 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
         summary["notes"].append(f"hard classes {missing} are not classes of this dataset ({class_names}); left out")
     summary["hard_classes"] = hard
 
-    base_dets, base_key = None, ""
+    baseline_runs = {int(k): v for k, v in (settings.get("baseline_runs") or {}).items()}
+    base_cache: dict[str, tuple[list[dict], str]] = {}
+
+    def baseline_detections(seed: int) -> tuple[list[dict], str]:
+        """The detections of the baseline that variant seed ``seed`` is compared with, and their key."""
+        folder = str(resolve_path(baseline_runs.get(seed, settings["baseline"])))
+        if folder not in base_cache:
+            if folder == str(resolve_path(settings["baseline"])):
+                ckpt, metrics, cache = base_ckpt, baseline_metrics, "baseline_detections_val.cache.json"
+            else:
+                ckpt, metrics = baseline_folder(folder)
+                cache = f"baseline_seed{seed}_detections_val.cache.json"
+            dets, _ = run_detections(Path(folder), metrics, cache_path=ablations_dir / cache)
+            base_cache[folder] = (dets, cache_key(metrics.get("run_id"), str(ckpt)))
+        return base_cache[folder]
+
     by_run = {(r["variant"], r["seed"]): r for r in record["runs"]}
     for variant in grid["variants"]:
         name = variant["name"]
@@ -162,7 +268,7 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
             "delta": {},
             "per_class_delta": {},
         }
-        intervals: list[dict] = []
+        finished: list[dict] = []
         finals: list[dict] = []
         for entry in sorted(entries, key=lambda r: r["seed"]):
             run_dir = Path(entry["run_dir"])
@@ -191,20 +297,8 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
             out["runs"].append(run_out)
             out["seeds_finished"].append(entry["seed"])
             finals.append(metrics["final"])
-            if baseline_metrics is None:
-                continue
-            try:
-                if base_dets is None:
-                    cache = ablations_dir / "baseline_detections_val.cache.json"
-                    base_dets, _ = run_detections(
-                        resolve_path(settings["baseline"]), baseline_metrics, cache_path=cache
-                    )
-                    base_key = cache_key(baseline_metrics.get("run_id"), str(base_ckpt))
-                intervals.append(_bootstrap(run_dir, metrics, base_dets, base_key, settings, hard, progress))
-            except Exception as exc:  # the statistics of one run must not hide the others'; the note says why
-                summary["notes"].append(
-                    f"{name} seed {entry['seed']}: no bootstrap interval ({type(exc).__name__}: {exc})"
-                )
+            if baseline_metrics is not None:
+                finished.append({"seed": entry["seed"], "run_dir": run_dir, "metrics": metrics})
         failed = len(out["errors"])
         out["status"] = (
             "finished"
@@ -223,24 +317,42 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
                 if values:
                     out["stats"][f"ap:{cls}"] = summarize_seeds(values)
             if base_final:
-                for cls, base_values in base_final["per_class"].items():
-                    deltas = [
-                        f["per_class"][cls]["ap"] - base_values["ap"]
-                        for f in finals
-                        if _finite(f["per_class"].get(cls, {}).get("ap")) is not None
-                        and _finite(base_values.get("ap")) is not None
+                # each seed against the baseline it is compared with: its own seed's when trained
+                base_ap = {
+                    r["seed"]: r["per_class"] for r in summary["baseline_seeds"]["runs"] if r["status"] == "finished"
+                }
+                main_ap = {c: v.get("ap") for c, v in base_final["per_class"].items()}
+                for cls in base_final["per_class"]:
+                    pairs = [
+                        (f["per_class"].get(cls, {}).get("ap"), base_ap.get(seed, main_ap).get(cls))
+                        for seed, f in zip(out["seeds_finished"], finals)
                     ]
+                    deltas = [v - b for v, b in pairs if _finite(v) is not None and _finite(b) is not None]
                     out["per_class_delta"][cls] = sum(deltas) / len(deltas) if deltas else None
             out["error_analysis"] = {
                 key: _mean_per_class([f[key] for f in finals if isinstance(f.get(key), Mapping)])
                 for key in ("errors", "operating_points")
             }
-        if intervals:
-            out["delta"]["map"] = _mean_interval(intervals)
-            out["delta"]["per_class"] = {cls: _mean_interval([i["per_class"][cls] for i in intervals]) for cls in hard}
-            out["delta"]["detections"] = sorted({i.get("detections", "") for i in intervals})
+        if finished:
+            try:
+                for f in finished:
+                    f["baseline"] = baseline_detections(f["seed"])
+                result = _bootstrap(ablations_dir / name, finished, settings, hard, progress)
+                n_base = result["baseline_seeds"]
+                out["delta"]["map"] = _interval_entry(result, n_base)
+                out["delta"]["map"]["per_seed"] = [
+                    {"seed": seed, **entry} for seed, entry in zip(result["seeds"], result["per_seed"])
+                ]
+                out["delta"]["per_class"] = {
+                    cls: _interval_entry({**result["per_class"][cls], "n_seeds": result["n_seeds"]}, n_base)
+                    for cls in hard
+                }
+                out["delta"]["detections"] = result["detections"]
+            except Exception as exc:  # the statistics of one variant must not hide the others'; the note says why
+                summary["notes"].append(f"{name}: no bootstrap interval ({type(exc).__name__}: {exc})")
         summary["variants"].append(out)
 
+    summary["interval_note"] = interval_note(summary["variants"])
     summary["wise"] = _wise_summary(settings.get("wise"), summary, base_ckpt, progress)
     atomic_write_json(ablations_dir / SUMMARY_FILE, summary)
     return summary
