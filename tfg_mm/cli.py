@@ -122,7 +122,9 @@ def cmd_report(args) -> int:
     from tfg_mm import ablations, reports
 
     # the statistics first (they may re-predict detections); the index only draws them
-    print(reports.build_index(ablations.summarize_if_run(args.ablations_dir)))
+    summary = ablations.summarize_if_run(args.ablations_dir)
+    hard = summary["hard_classes"] if summary else reports.HARD_CLASSES
+    print(reports.build_index(summary, flips=reports.phase2_flips(args.phase2_dir, hard)))
     return 0
 
 
@@ -198,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rebuild reports/index.html from finished runs")
     p.add_argument("--ablations-dir", default=str(project_root() / "runs" / "ablations"))
+    p.add_argument(
+        "--phase2-dir",
+        default=str(project_root() / "runs" / "phase2"),
+        help="the phase-2 run whose baseline -> phase 2 flips the index shows (left out when not finished)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("params-doc", help="print (or --write) the generated parameter reference")
