@@ -29,6 +29,7 @@ LAYERS = {
     "model": 4,
     "stats": 4,
     "runs": 4,
+    "tracking": 4,
     "notebooks": 4,
     "train": 5,
     "experiment": 6,
