@@ -9,16 +9,21 @@
    another finished run unless ``overwrite``, and an interrupted run unless it is this very run
    (same params, dataset and code), since resuming continues the old run; then ``run_dir`` is
    prepared;
-4. every RNG is seeded, then the data are loaded, then the phase builds its model and task. This
+4. the run's tracking starts (:func:`tfg_mm.tracking.start`: MLflow / TensorBoard, or nothing with
+   ``tracking: none``; a resumed run continues its MLflow run), before seeding, so that nothing
+   the tracking libraries do can move a random number of the run;
+5. every RNG is seeded, then the data are loaded, then the phase builds its model and task. This
    order fixes which random numbers each step draws, so it is part of a run's result;
-5. the loop (:class:`~tfg_mm.train.Trainer`) trains and rewrites the run contract after every
-   evaluated epoch, or, for an evaluation-only run, the checkpoint is evaluated once;
-6. the run contract, as written, is returned.
+6. the loop (:class:`~tfg_mm.train.Trainer`) trains and rewrites the run contract after every
+   evaluated epoch, or, for an evaluation-only run, the checkpoint is evaluated once; each contract
+   is also handed to the tracker, which logs what is new (and, at the end, the artefacts);
+7. the run contract, as written, is returned.
 
 Any exception after step 3 (a bad batch, a non-finite loss, Ctrl-C, ...) marks the run failed
 before it propagates: ``metrics.json`` keeps its history and gets ``status: failed`` and
 ``failure`` (type, message, epoch, step, stage, the traceback file ``run_dir/traceback.txt``); the
-checkpoints already written stay. Rerunning the same command resumes from the last saved epoch.
+checkpoints already written stay; the tracked run ends FAILED (KILLED for Ctrl-C) with that
+contract and traceback as artefacts. Rerunning the same command resumes from the last saved epoch.
 
 The phase supplies its paths (:class:`~tfg_mm.config.RunPaths`, resolved once when the run
 starts), its name, what else its result depends on, and a ``build`` step that turns the loaded

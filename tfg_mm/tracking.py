@@ -531,7 +531,7 @@ def start(
 
 
 def log_figures(metrics: Mapping[str, Any], prefix: str, params=None, folder: str | Path | None = None) -> list[str]:
-    """Add the report figures ``<prefix>*.png`` / ``.svg`` (in :func:`tfg_mm.figures.figures_dir`) to the run.
+    """Add the report figures ``<prefix>*.png`` (in :func:`tfg_mm.figures.figures_dir`) to the run.
 
     ``metrics`` is the run contract the notebook drew them from; its tracking record says where the
     run was logged (MLflow: artefacts under ``figures/``; TensorBoard: the PNGs as images at the
@@ -545,7 +545,8 @@ def log_figures(metrics: Mapping[str, Any], prefix: str, params=None, folder: st
         return []
     run_dir = resolve_path(str(run_params.get("run_dir", "")))
     folder = Path(folder) if folder is not None else figures_dir()
-    files = sorted(p for p in folder.glob(f"{prefix}*") if p.suffix in (".png", ".svg") and p.is_file())
+    # PNG only: the SVGs (for the thesis) carry their render date, so they would be new bytes on every render
+    files = sorted(p for p in folder.glob(f"{prefix}*.png") if p.is_file())
     if not files or not run_dir.is_dir():
         return []
     done_path = run_dir / FIGURES_RECORD
@@ -578,7 +579,7 @@ def log_figures(metrics: Mapping[str, Any], prefix: str, params=None, folder: st
             continue
         tracker.backends.append(backend)
     tracker._each("logging the figures", lambda backend: backend.artifacts(new, "figures"))
-    tracker._each("logging the figures", lambda backend: backend.images([p for p in new if p.suffix == ".png"], step))
+    tracker._each("logging the figures", lambda backend: backend.images(new, step))
     tracker._each("closing", lambda backend: backend.close())
     if tracker.errors:
         return []
