@@ -279,3 +279,32 @@ def test_a_notebook_run_is_tracked_without_a_line_in_its_outputs(tiny_dataset, t
     assert run.info.status == "FINISHED" and run.data.metrics["final/map"] == metrics["final"]["map"]
     scalars, _ = _scalars(tmp_path / "run")
     assert [s for s, _ in scalars["map"]] == [h["epoch"] for h in metrics["history"]]
+
+
+@pytest.mark.slow
+def test_a_store_lost_mid_run_is_switched_off_after_one_warning(tiny_params, tmp_path, monkeypatch, caplog):
+    """The store answers at the start, then fails on epoch 1: one warning, the run and TensorBoard go on."""
+    store = tmp_path / "store"
+    real = tracking._MlflowBackend.metrics
+    calls = {"n": 0}
+
+    def flaky(self, values, step):
+        calls["n"] += 1
+        if step >= 1:
+            raise OSError("database is locked")
+        return real(self, values, step)
+
+    monkeypatch.setattr(tracking._MlflowBackend, "metrics", flaky)
+    params = tiny_params(**RUN, tracking="all", tracking_uri=str(store))
+    with caplog.at_level(logging.WARNING, logger="tfg_mm.tracking"):
+        metrics = run_baseline(params, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tfg_mm.tracking"]
+    assert len(warnings) == 1 and "mlflow: logging epoch 1 failed (OSError: database is locked)" in warnings[0]
+    assert calls["n"] == 2  # epoch 0, then the failing epoch 1; never again
+    assert metrics["status"] == "finished" and metrics["tracking"]["errors"] == warnings
+    client = _client(store)
+    run_id = client.search_runs([client.get_experiment_by_name("tfg_mm-baseline").experiment_id])[0].info.run_id
+    assert metrics["tracking"]["mlflow"]["run_id"] == run_id  # what was logged stays findable
+    assert [m.step for m in client.get_metric_history(run_id, "map")] == [0]
+    scalars, _ = _scalars(Path(params.run_dir))
+    assert [s for s, _ in scalars["map"]] == [0, 1, 2]

@@ -402,6 +402,8 @@ class Tracker:
         self.requested = tuple(requested)
         self.backends: list = []
         self.errors: list[str] = []
+        #: per backend opened: where it logs (kept when it fails later: what it logged is still there)
+        self.records: dict[str, Any] = {}
         #: per backend: {epoch: flattened metrics already logged}
         self._logged: dict[str, dict[int, dict[str, float]]] = {}
         self._final_logged: dict[str, dict[str, float]] = {}
@@ -430,16 +432,20 @@ class Tracker:
         """``{"tracking": {...}}`` for the run contract, or ``{}`` when nothing is tracked."""
         if not self.requested:
             return {}
-        record: dict[str, Any] = {"backends": list(self.requested)}
-        for backend in self.backends:
-            record[backend.name] = backend.record()
-        record["errors"] = list(self.errors)
+        record: dict[str, Any] = {"backends": list(self.requested), **self.records, "errors": list(self.errors)}
         return {CONTRACT_KEY: record}
 
     def log_contract(self, history: Sequence[Mapping], final: Mapping | None) -> None:
         """Log the epochs of ``history`` not yet logged (or logged with other values), then ``final``."""
         if not self.backends:
             return
+        try:
+            self._log_contract(history, final)
+        except Exception as exc:  # a contract this module cannot read: tracking stops, the run goes on
+            for backend in list(self.backends):
+                self._fail(backend.name, "reading the run contract", exc)
+
+    def _log_contract(self, history: Sequence[Mapping], final: Mapping | None) -> None:
         for entry in history:
             epoch = int(entry["epoch"])
             values = flatten_metrics(entry)
@@ -481,14 +487,23 @@ def start(
     code: Mapping[str, Any],
     previous: Mapping[str, Any] | None = None,
 ) -> Tracker:
-    """The tracker of a run about to start (``tracking: none``: one that does nothing).
+    """The tracker of a run about to start (``tracking: none``: one that does nothing). Never raises.
 
     ``previous`` is the contract of the interrupted run this run resumes (:func:`tfg_mm.runs.interrupted_run`):
     its MLflow run is continued and its logged epochs are not logged again.
     """
     tracker = Tracker(run_dir, BACKENDS[params.tracking])
+    try:
+        _open_backends(tracker, params, run_dir, phase, run_id, dataset, code, previous)
+    except Exception as exc:  # a bug of this module must not cost the run either
+        for name in tracker.requested:
+            tracker._fail(name, "starting the run", exc)
+    return tracker
+
+
+def _open_backends(tracker: Tracker, params, run_dir, phase, run_id, dataset, code, previous) -> None:
     if not tracker.requested:
-        return tracker
+        return
     old = (previous or {}).get(CONTRACT_KEY) or {}
     old = old if isinstance(old, Mapping) else {}
     old_history = [h for h in (previous or {}).get("history") or [] if isinstance(h, Mapping) and "epoch" in h]
@@ -519,10 +534,10 @@ def start(
             tracker._fail(backend_name, "starting the run", exc)
             continue
         tracker.backends.append(backend)
+        tracker.records[backend_name] = backend.record()
         if continued and backend_name in (old.get("backends") or []):
             # what the interrupted run logged: not logged again when the same values come back
             tracker._logged[backend_name] = {int(h["epoch"]): flatten_metrics(h) for h in old_history}
-    return tracker
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,8 +552,18 @@ def log_figures(metrics: Mapping[str, Any], prefix: str, params=None, folder: st
     run was logged (MLflow: artefacts under ``figures/``; TensorBoard: the PNGs as images at the
     selected epoch). ``params`` (the notebook's) can switch it off (``tracking: none``). Figures
     already logged with the same bytes are skipped, so re-rendering a reused run costs nothing.
-    Returns the names logged; never raises for a tracking failure (logged once as a warning).
+    Returns the names logged; never raises (a failure is logged once as a warning).
     """
+    try:
+        return _log_figures(metrics, prefix, params, folder)
+    except Exception as exc:  # the figures are in reports/ anyway; the notebook goes on
+        log.warning(
+            "tracking: logging the figures %s* failed (%s); they are in the reports only", prefix, _first_line(exc)
+        )
+        return []
+
+
+def _log_figures(metrics: Mapping[str, Any], prefix: str, params, folder: str | Path | None) -> list[str]:
     record = metrics.get(CONTRACT_KEY)
     run_params = metrics.get("params") or {}
     if not isinstance(record, Mapping) or (params is not None and params.tracking == "none"):
