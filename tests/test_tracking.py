@@ -15,8 +15,9 @@ from tfg_mm import runs, tracking
 from tfg_mm.baseline import BaselineTask, run_baseline
 from tfg_mm.config import load_params, project_root
 
-#: 2 epochs of 2 steps: epochs 0 (the starting point), 1 and 2 are evaluated and logged.
-RUN = {"epochs": 2, "max_steps_per_epoch": 2}
+#: 2 epochs of 2 steps: epochs 0 (the starting point), 1 and 2 are evaluated and logged. Augmentation
+#: and EMA on: a tracking call that drew a random number would change the history.
+RUN = {"epochs": 2, "max_steps_per_epoch": 2, "augment": True, "ema": True, "ema_warmup": 5}
 
 
 def _client(store: Path):
