@@ -21,6 +21,8 @@ os.environ["TFG_MM_FIGURES_DIR"] = os.path.join(_SCRATCH, "figures")
 os.environ["TFG_MM_REPORTS_DIR"] = os.path.join(_SCRATCH, "reports")
 # ... and so do the markers of fully decoded datasets (tfg_mm.data.validate.decode_images)
 os.environ["TFG_MM_CACHE_DIR"] = os.path.join(_SCRATCH, "cache")
+# ... and so does the default MLflow store of runs that track (tfg_mm.tracking.default_store)
+os.environ["TFG_MM_TRACKING_DIR"] = os.path.join(_SCRATCH, "mlruns")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +41,8 @@ TINY = {
     "top_k": 50,
     "generate_if_missing": False,
     "resume": True,
+    # MLflow / TensorBoard cost seconds per run and change no number: tests/test_tracking.py switches them on
+    "tracking": "none",
 }
 
 

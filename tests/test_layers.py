@@ -32,6 +32,7 @@ LAYERS = {
     "analysis": 4,
     "galleries": 4,
     "runs": 4,
+    "tracking": 4,
     "notebooks": 4,
     "train": 5,
     "experiment": 6,

@@ -73,6 +73,7 @@ Prompts = Literal["single", "ensemble"]
 TextEncoderKind = Literal["minilm", "sentence", "open_clip", "random", "none"]
 Unfreeze = Literal["none", "heads", "decoder", "encoder", "all"]
 DetectorMode = Literal["eval_shim", "train_frozen"]
+Tracking = Literal["all", "mlflow", "tensorboard", "none"]
 
 
 def _is_device(device: str) -> str:
@@ -185,7 +186,7 @@ class DetectorParams(BaseModel):
 
 
 class TrainingParams(BaseModel):
-    """The one training loop shared by every phase: optimiser, schedule, EMA, evaluation, run folder."""
+    """The one training loop shared by every phase: optimiser, schedule, EMA, evaluation, run folder, tracking."""
 
     epochs: int = Field(12, ge=0, description="Training epochs (0 = evaluate only).")
     batch_size: int = Field(16, ge=1, description="Images per optimiser step (per device).")
@@ -255,6 +256,21 @@ class TrainingParams(BaseModel):
     save_every: int = Field(1, ge=1, description="Write the resumable `last` checkpoint every this many epochs.")
     max_steps_per_epoch: int | None = Field(
         None, ge=1, description="Cap on optimiser steps per epoch (for tests and smoke runs); null = whole epoch."
+    )
+    tracking: Tracking = Field(
+        "all",
+        description="Where every run also logs its params, per-epoch metrics and artefacts: `mlflow`, "
+        "`tensorboard` (`{run_dir}/tensorboard`), `all` (both) or `none`. Never changes a result or the run id; "
+        "a tracking failure is logged once and the run goes on (see README, Experiment tracking).",
+    )
+    tracking_uri: str = Field(
+        "",
+        description="MLflow store: empty = the local SQLite store `runs/mlruns/mlflow.db` (artefacts in "
+        "`runs/mlruns/artifacts`); a folder (relative to the project root) holds such a store; or any MLflow "
+        "tracking URI (`http://host:5000`, `sqlite:///file.db`).",
+    )
+    experiment_name: str = Field(
+        "", description="MLflow experiment of the run; empty = `tfg_mm-<phase>` (`tfg_mm-baseline`, `tfg_mm-phase2`)."
     )
 
 

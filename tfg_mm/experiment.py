@@ -9,16 +9,21 @@
    another finished run unless ``overwrite``, and an interrupted run unless it is this very run
    (same params, dataset and code), since resuming continues the old run; then ``run_dir`` is
    prepared;
-4. every RNG is seeded, then the data are loaded, then the phase builds its model and task. This
+4. the run's tracking starts (:func:`tfg_mm.tracking.start`: MLflow / TensorBoard, or nothing with
+   ``tracking: none``; a resumed run continues its MLflow run), before seeding, so that nothing
+   the tracking libraries do can move a random number of the run;
+5. every RNG is seeded, then the data are loaded, then the phase builds its model and task. This
    order fixes which random numbers each step draws, so it is part of a run's result;
-5. the loop (:class:`~tfg_mm.train.Trainer`) trains and rewrites the run contract after every
-   evaluated epoch, or, for an evaluation-only run, the checkpoint is evaluated once;
-6. the run contract, as written, is returned.
+6. the loop (:class:`~tfg_mm.train.Trainer`) trains and rewrites the run contract after every
+   evaluated epoch, or, for an evaluation-only run, the checkpoint is evaluated once; each contract
+   is also handed to the tracker, which logs what is new (and, at the end, the artefacts);
+7. the run contract, as written, is returned.
 
 Any exception after step 3 (a bad batch, a non-finite loss, Ctrl-C, ...) marks the run failed
 before it propagates: ``metrics.json`` keeps its history and gets ``status: failed`` and
 ``failure`` (type, message, epoch, step, stage, the traceback file ``run_dir/traceback.txt``); the
-checkpoints already written stay. Rerunning the same command resumes from the last saved epoch.
+checkpoints already written stay; the tracked run ends FAILED (KILLED for Ctrl-C) with that
+contract and traceback as artefacts. Rerunning the same command resumes from the last saved epoch.
 
 The phase supplies its paths (:class:`~tfg_mm.config.RunPaths`, resolved once when the run
 starts), its name, what else its result depends on, and a ``build`` step that turns the loaded
@@ -33,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from tfg_mm import runs
+from tfg_mm import runs, tracking
 from tfg_mm.config import RunPaths
 from tfg_mm.data.loaders import Data, dataset_record, make_data, resolve_dataset
 from tfg_mm.io import atomic_write_json, atomic_write_text
@@ -81,7 +86,13 @@ def run_experiment(
             log.info("reusing the finished run %s (same params, dataset and code)", paths.run_dir)
             return existing
     runs.check_run_dir(paths.run_dir, params, record["hash"], code, depends_on)
+    # the run this one resumes (read before prepare_run_dir, which may start the folder over)
+    resumed = runs.interrupted_run(paths.run_dir) if params.resume and not params.overwrite else None
     runs.prepare_run_dir(paths.run_dir, overwrite=params.overwrite, resume=params.resume)
+    # before seeding: whatever the tracking libraries do on import cannot shift a random number of the run
+    tracker = tracking.start(
+        params, paths.run_dir, phase=phase, run_id=rid, dataset=record, code=code, previous=resumed
+    )
     trainer: Trainer | None = None
     setup: Setup | None = None
     try:
@@ -91,16 +102,25 @@ def run_experiment(
         task = setup.task
 
         def contract(history: list[dict], final: dict | None, status: str) -> None:
-            runs.write_metrics(
-                paths.run_dir,
-                params=params,
-                dataset=record,
-                history=history,
-                final=final,
-                extra={"phase": phase, **setup.extra, **task.contract_extra()},
-                status=status,
-                depends_on=depends_on,
-            )
+            def write() -> None:
+                runs.write_metrics(
+                    paths.run_dir,
+                    params=params,
+                    dataset=record,
+                    history=history,
+                    final=final,
+                    extra={"phase": phase, **setup.extra, **task.contract_extra(), **tracker.contract_entry()},
+                    status=status,
+                    depends_on=depends_on,
+                )
+
+            write()
+            errors = len(tracker.errors)
+            tracker.log_contract(history, final)
+            if status == "finished":
+                tracker.end("finished", [paths.run_dir / runs.METRICS_FILE, *_figures(paths.run_dir)])
+            if len(tracker.errors) != errors:  # a backend failed and was switched off: the contract says so
+                write()
 
         # an evaluation-only run never draws a training batch: its loop gets the validation loader
         trainer = Trainer(
@@ -134,7 +154,9 @@ def run_experiment(
             final = {**entry, "selected_by": "evaluation only", "checkpoint": setup.evaluated, **trainer.analyse()}
             contract([entry], final, "finished")
     except BaseException as exc:  # recorded, then raised unchanged: the caller's exit code says it failed
-        _record_failure(exc, paths, params, record, phase, depends_on, setup, trainer)
+        _record_failure(exc, paths, params, record, phase, depends_on, setup, trainer, tracker)
+        status = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
+        tracker.end(status, [paths.run_dir / runs.METRICS_FILE, paths.run_dir / runs.TRACEBACK_FILE])
         raise
     return runs.read_metrics(paths.run_dir)
 
@@ -148,6 +170,7 @@ def _record_failure(
     depends_on: str,
     setup: Setup | None,
     trainer: Trainer | None,
+    tracker: tracking.Tracker,
 ) -> None:
     """Write ``run_dir/traceback.txt`` and mark the run contract failed (never raises over ``exc``)."""
     try:
@@ -162,7 +185,12 @@ def _record_failure(
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         if runs.mark_failed(paths.run_dir, failure) is None:  # nothing evaluated yet: a contract of its own
-            extra = {"phase": phase, **(setup.extra if setup is not None else {}), "failure": failure}
+            extra = {
+                "phase": phase,
+                **(setup.extra if setup is not None else {}),
+                **tracker.contract_entry(),
+                "failure": failure,
+            }
             runs.write_metrics(
                 paths.run_dir,
                 params=params,
@@ -181,3 +209,8 @@ def _record_failure(
         )
     except Exception:  # the original error matters more than its record
         log.exception("could not record the failure of %s", paths.run_dir)
+
+
+def _figures(run_dir) -> list:
+    """PNG / SVG files a run wrote into its own folder (logged with its artefacts)."""
+    return sorted(p for p in run_dir.iterdir() if p.suffix in (".png", ".svg") and p.is_file())

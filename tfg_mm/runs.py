@@ -114,6 +114,10 @@ RUN_ID_EXCLUDED = frozenset(
         "reuse",
         "bootstrap_resamples",
         "confidence",
+        # where the run is also logged (MLflow / TensorBoard): a copy of what metrics.json holds
+        "tracking",
+        "tracking_uri",
+        "experiment_name",
     }
 )
 #: Parameters that may change when an interrupted run resumes: exactly those that cannot change its
