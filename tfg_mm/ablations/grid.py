@@ -182,16 +182,7 @@ def plan_runs(
             )
             dataset_hash = _dataset_hash(params, hashes)
             expected = runs.run_id(params, dataset_hash, code, _baseline_id(params)) if dataset_hash else None
-            existing = _existing(run_dir)
-            reusable = bool(
-                reuse and expected and existing.get("status") == "finished" and existing.get("run_id") == expected
-            )
-            # A stale finished run (other params / data / code) is replaced; an interrupted run of the
-            # same id resumes from its last checkpoint; anything else starts from scratch.
-            same = existing.get("run_id") == expected and expected is not None
-            params = load_params(
-                params, {"overwrite": existing.get("status") == "finished", "resume": same or not existing}
-            )
+            reusable, params = _reuse_or_restart(params, run_dir, expected, reuse)
             planned.append(
                 {
                     "variant": variant["name"],
@@ -203,6 +194,17 @@ def plan_runs(
                 }
             )
     return planned
+
+
+def _reuse_or_restart(params, run_dir: Path, expected: str | None, reuse: bool):
+    """Whether the run in ``run_dir`` is reused (finished with the ``expected`` id and ``reuse`` on), and
+    the params it runs with otherwise: a stale finished run (other params / data / code) is replaced, an
+    interrupted run of the same id resumes from its last checkpoint, anything else starts from scratch."""
+    existing = _existing(run_dir)
+    reusable = bool(reuse and expected and existing.get("status") == "finished" and existing.get("run_id") == expected)
+    same = existing.get("run_id") == expected and expected is not None
+    params = load_params(params, {"overwrite": existing.get("status") == "finished", "resume": same or not existing})
+    return reusable, params
 
 
 def baseline_seed_dir(baseline: str | Path, seed: int) -> Path:
@@ -238,14 +240,7 @@ def plan_baseline_seeds(grid: Mapping[str, Any], baseline: str, reuse: bool = Tr
         )
         dataset_hash = _dataset_hash(params, hashes)
         expected = runs.run_id(params, dataset_hash, code) if dataset_hash else None
-        existing = _existing(run_dir)
-        reusable = bool(
-            reuse and expected and existing.get("status") == "finished" and existing.get("run_id") == expected
-        )
-        same = existing.get("run_id") == expected and expected is not None
-        params = load_params(
-            params, {"overwrite": existing.get("status") == "finished", "resume": same or not existing}
-        )
+        reusable, params = _reuse_or_restart(params, run_dir, expected, reuse)
         planned.append(
             {"seed": int(seed), "run_dir": str(run_dir), "run_id": expected, "reuse": reusable, "params": params}
         )
