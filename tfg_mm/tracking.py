@@ -322,13 +322,15 @@ class _TensorBoardBackend:
     def _has_events(self) -> bool:
         return any(self.folder.glob("events.out.tfevents.*"))
 
-    def _writer(self, step: int):
+    def _writer(self, step: int, purge: bool = True):
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             existing = self._has_events()
-            # a resumed run re-logs from `step` on: TensorBoard hides the older events from there
-            self.writer = SummaryWriter(str(self.folder), purge_step=step if existing else None)
+            # a resumed run re-logs its metrics from `step` on: TensorBoard hides the older events from
+            # there. The figures of a finished run are added without a purge (it would hide every
+            # scalar from the selected epoch on).
+            self.writer = SummaryWriter(str(self.folder), purge_step=step if existing and purge else None)
             if not existing:
                 self.writer.add_text("params", self.params_text, 0)
         return self.writer
@@ -346,7 +348,7 @@ class _TensorBoardBackend:
         import numpy as np
         from PIL import Image
 
-        writer = self._writer(step)
+        writer = self._writer(step, purge=False)
         for path in files:
             with Image.open(path) as image:
                 writer.add_image(f"figures/{path.stem}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
