@@ -435,5 +435,5 @@ def test_portable_text_hides_this_machines_folders_and_keeps_others():
     shown = portable_text(text)
     assert str(root) not in shown.replace("/srv/set", "")
     assert "data data/synthetic," in shown and "root ." in shown and "/srv/set" in shown
-    assert sys.prefix not in shown and ("<python env>/lib/x" in shown or ".venv/lib/x" in shown or "~/" in shown)
+    assert sys.prefix not in shown and ("{python env}/lib/x" in shown or ".venv/lib/x" in shown or "~/" in shown)
     assert portable_text(f"{root}x/y") == f"{root}x/y"  # a sibling folder sharing the prefix is not the root

@@ -688,10 +688,13 @@ def resolve_path(path: str | Path) -> Path:
 def portable_text(text: str) -> str:
     """``text`` with this machine's absolute folders replaced, for reports (a thesis page shows no machine path).
 
-    The project root becomes a relative path (``.`` alone), the Python environment ``<python env>``
+    The project root becomes a relative path (``.`` alone; a ``.venv`` inside it stays ``.venv/...``), a
+    Python environment elsewhere ``{python env}`` (no angle brackets: Markdown would take them for a tag)
     and the home folder ``~``; other paths (a user's own data elsewhere) stay as they are.
     """
-    prefixes = [(project_root(), ""), (Path(sys.prefix), "<python env>"), (Path.home(), "~")]
+    prefixes = [(project_root(), ""), (Path.home(), "~")]
+    if not Path(sys.prefix).is_relative_to(project_root()):
+        prefixes.append((Path(sys.prefix), "{python env}"))
     for prefix, shown in sorted(prefixes, key=lambda p: -len(str(p[0]))):
         if str(prefix) in ("/", ""):
             continue

@@ -370,7 +370,9 @@ def plot_gate(metrics: Mapping[str, Any], save: str | None = None) -> plt.Figure
                 series = [_number(row[c]) if len(row) > c else math.nan for row in per_class]
                 ax.plot(epochs, series, lw=1, alpha=0.7, label=names[c] if c < len(names) else f"class {c}")
             ax.legend(fontsize=7)
-        ax.set_title({"alpha_mean": "gate α", "scale": "logit scale", "bias": "bias"}[key])
+        ax.set_title(
+            {"alpha_mean": "gate α", "scale": "logit scale", "bias": "bias"}[key], pad=14
+        )  # above the stage labels
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     return _finish(fig, save)
