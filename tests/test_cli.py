@@ -26,6 +26,7 @@ def test_help_lists_every_command():
         "pipeline",
         "report",
         "params-doc",
+        "split",
     ):
         assert command in out, command
 

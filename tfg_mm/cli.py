@@ -26,6 +26,7 @@ from tfg_mm.config import default_of, load_params, parameter_reference, project_
 from tfg_mm.convert import main as convert_main
 from tfg_mm.data.importers import DIFFICULT_MODES, voc_to_coco, yolo_to_coco
 from tfg_mm.data.loaders import DEFAULT_DATASET
+from tfg_mm.data.split import format_counts, split_coco
 from tfg_mm.data.synthetic import generate
 from tfg_mm.errors import TfgError, TrainingError
 from tfg_mm.io import atomic_write_text
@@ -70,7 +71,7 @@ def cmd_generate(args) -> int:
 def cmd_import_voc(args) -> int:
     out = voc_to_coco(args.voc_dir, args.out_json, images_dir=args.images_dir, difficult=args.difficult)
     print(f"wrote {out}")
-    return 0
+    return _split_after_import(args, out)
 
 
 def cmd_import_yolo(args) -> int:
@@ -81,7 +82,47 @@ def cmd_import_yolo(args) -> int:
     )
     out = yolo_to_coco(args.labels_dir, args.images_dir, names, args.out_json)
     print(f"wrote {out}")
+    return _split_after_import(args, out)
+
+
+def _print_split(record: dict, out_dir: Path) -> None:
+    print(format_counts(record))
+    files = ", ".join(record["files"].values())
+    print(f"wrote {files} and split_counts.json in {out_dir}")
+
+
+def _split_after_import(args, out: Path) -> int:
+    if args.val_fraction is None:
+        return 0
+    record = split_coco(out, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+    _print_split(record, Path(out).parent)
     return 0
+
+
+def cmd_split(args) -> int:
+    record = split_coco(
+        args.coco_json,
+        out_dir=args.out,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+    )
+    _print_split(record, Path(args.out) if args.out else Path(args.coco_json).parent)
+    return 0
+
+
+def _split_options(p, val_default: float | None) -> None:
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=val_default,
+        help="fraction of the images in val.json"
+        + (" (default 0.2)" if val_default is not None else "; given, the imported json is split right away"),
+    )
+    p.add_argument(
+        "--test-fraction", type=float, default=0.0, help="fraction of the images in test.json (default 0: none)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0): the same seed gives the same split")
 
 
 def cmd_convert(args) -> int:
@@ -161,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="<difficult>1</difficult> objects: ignore = iscrowd 1, ignored by COCO evaluation and left out of the "
         "training targets (default); keep = ordinary boxes; drop = left out",
     )
+    _split_options(p, None)
     p.set_defaults(func=cmd_import_voc)
 
     p = sub.add_parser("import-yolo", help="convert a YOLO txt dataset to a COCO json")
@@ -168,7 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images_dir")
     p.add_argument("out_json")
     p.add_argument("--classes", required=True, help="comma-separated class names, or a file with one name a line")
+    _split_options(p, None)
     p.set_defaults(func=cmd_import_yolo)
+
+    p = sub.add_parser(
+        "split",
+        help="stratified, seeded train / val (/ test) split of one COCO json (train.json, val.json, split_counts.json)",
+    )
+    p.add_argument("coco_json")
+    p.add_argument("--out", default=None, help="output folder (default: beside the input json)")
+    _split_options(p, 0.2)
+    p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("convert", help="import an official DEIMv2 .pth checkpoint into the project's format")
     p.add_argument("checkpoint")
