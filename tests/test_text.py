@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tfg_mm.config import DEFAULT_TEMPLATES, Params, default_of
+from tfg_mm.config import DEFAULT_TEMPLATES, Params, default_of, load_params
 from tfg_mm.errors import ConfigError, OfflineError
+from tfg_mm.phase2 import text_embeddings
 from tfg_mm.text import (
     RandomPrototypes,
     TextEncoder,
@@ -22,6 +23,9 @@ from tfg_mm.text import (
     cache_key,
     class_embeddings,
     class_prompts,
+    humanise,
+    load_class_descriptions,
+    prompts_record,
 )
 
 TINY_OPEN_CLIP = {
@@ -197,3 +201,119 @@ def test_none_and_unknown_kind():
     assert build_text_encoder("none") is None
     with pytest.raises(ConfigError, match=r"`text_encoder: clip` is unknown\. Fix: use one of \['minilm', "):
         build_text_encoder("clip")
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("scratch", "scratch"),
+        ("Normal", "Normal"),
+        ("surface_crack", "surface crack"),
+        ("oil-stain", "oil stain"),
+        ("surfaceCrack", "surface crack"),
+        ("RolledInScale", "Rolled in scale"),
+        ("HTTPError", "HTTP error"),
+        ("crazing__pitted-surface", "crazing pitted surface"),
+        ("  edge_crack ", "edge crack"),
+        ("crack2Wide", "crack2 wide"),
+    ],
+)
+def test_humanise(name, words):
+    assert humanise(name) == words
+
+
+def test_embedded_default_prompts_stay_byte_identical():
+    """The embedded set's classes have no separators: their prompts are exactly the templates' (the
+    `make all` numbers do not move)."""
+    names = ["scratch", "perforation", "break", "stain", "dent", "inclusion"]
+    assert class_prompts(names) == [[t.format(n) for t in DEFAULT_TEMPLATES] for n in names]
+    assert class_prompts(names, "ensemble", {}) == class_prompts(names)
+    assert class_prompts(names, "single") == [[f"a photo of a {n}."] for n in names]
+    assert class_prompts(names)[0][0] == "a photo of a scratch defect"
+
+
+def test_humanised_names_in_single_and_ensemble():
+    single = class_prompts(["surface_crack", "oil-stain"], "single")
+    assert single == [["a photo of a surface crack."], ["a photo of a oil stain."]]
+    ensemble = class_prompts(["surface_crack"], "ensemble", templates=["a {} defect", "{} on steel"])
+    assert ensemble == [["a surface crack defect", "surface crack on steel"]]
+
+
+def test_descriptions_file_lists_single_first_ensemble_each(tmp_path):
+    path = tmp_path / "catalogue.yaml"
+    path.write_text(
+        "surface_crack:\n  - A thin dark line across the rolled surface.\n  - A fracture of the sheet's skin.\n"
+        "oil-stain: An irregular dark patch with soft edges.\n"
+    )
+    names = ["surface_crack", "oil-stain", "dent"]
+    single = class_prompts(names, "single", str(path))
+    assert single == [
+        ["A thin dark line across the rolled surface."],
+        ["An irregular dark patch with soft edges."],
+        ["a photo of a dent."],
+    ]
+    templates = ["a {} defect", "{} on steel"]
+    ensemble = class_prompts(names, "ensemble", path, templates)
+    assert ensemble[0] == [
+        "a surface crack defect",
+        "surface crack on steel",
+        "A thin dark line across the rolled surface.",
+        "A fracture of the sheet's skin.",
+    ]
+    assert ensemble[1] == ["a oil stain defect", "oil stain on steel", "An irregular dark patch with soft edges."]
+    assert ensemble[2] == ["a dent defect", "dent on steel"]
+    # JSON works too, and gives the same prompts as the YAML
+    as_json = tmp_path / "catalogue.json"
+    as_json.write_text(json.dumps({"surface_crack": ["A thin dark line across the rolled surface."]}))
+    assert class_prompts(names, "single", as_json)[0] == single[0]
+    # and a mapping written in the params
+    assert class_prompts(names, "ensemble", {"dent": ["a shallow hollow", "a pressed-in area"]}, templates)[2] == [
+        "a dent defect",
+        "dent on steel",
+        "a shallow hollow",
+        "a pressed-in area",
+    ]
+
+
+def test_descriptions_file_errors(tmp_path):
+    path = tmp_path / "cat.yaml"
+    path.write_text("surface_crak: a typo in the class name\n")
+    with pytest.raises(ConfigError, match=r"cat\.yaml has entries \['surface_crak'\] that are not classes"):
+        class_prompts(["surface_crack"], "single", path)
+    path.write_text("surface_crack: []\n")
+    with pytest.raises(ConfigError, match=r"cat\.yaml: entry 'surface_crack' = \[\] is empty"):
+        class_prompts(["surface_crack"], "single", path)
+    path.write_text("- a list, not a mapping\n")
+    with pytest.raises(ConfigError, match=r"cat\.yaml holds a list, not a mapping"):
+        load_class_descriptions(path)
+    path.write_text("a: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"cat\.yaml cannot be parsed"):
+        load_class_descriptions(path)
+    with pytest.raises(ConfigError, match=r"missing\.yaml does not exist\. Fix: point `class_descriptions`"):
+        load_class_descriptions(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"`class_descriptions`: entry 'dent' = 3"):
+        load_class_descriptions({"dent": 3})
+
+
+def test_class_descriptions_parameter_takes_a_mapping_or_a_file():
+    assert Params(class_descriptions="params/catalogue.yaml").class_descriptions == "params/catalogue.yaml"
+    assert Params(class_descriptions={"dent": ["a", "b"]}).class_descriptions == {"dent": ["a", "b"]}
+    with pytest.raises(ConfigError, match=r"`class_descriptions\['dent'\]` = \[\] is not a valid string"):
+        load_params({"class_descriptions": {"dent": []}})
+
+
+def test_prompts_used_are_recorded_by_class(tmp_path):
+    """The run contract's `text_encoder` record (phase 2's `text_embeddings`) holds the prompts by class."""
+    path = tmp_path / "cat.yaml"
+    path.write_text("oil-stain: [a dark patch, an oily smear]\n")
+    params = load_params({"text_encoder": "random", "prompts": "ensemble", "class_descriptions": str(path)})
+    emb, info = text_embeddings(params, ["oil-stain", "dent"])
+    assert emb.shape[0] == 2
+    by_class = info["prompts"]
+    assert list(by_class) == ["oil-stain", "dent"]
+    assert by_class["oil-stain"] == [t.format("oil stain") for t in DEFAULT_TEMPLATES] + [
+        "a dark patch",
+        "an oily smear",
+    ]
+    assert by_class["dent"] == [t.format("dent") for t in DEFAULT_TEMPLATES]
+    assert prompts_record(["a"], [["x"]]) == {"a": ["x"]}

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from tfg_mm.errors import ConfigError
 
@@ -100,6 +100,30 @@ def _template_has_one_placeholder(template: str) -> str:
     if template.count("{}") != 1:
         raise ValueError(f"template {template!r} must hold exactly one '{{}}' placeholder for the class name")
     return template
+
+
+def _class_descriptions_value(value: Any) -> dict | str:
+    """A mapping class name → description (str) or descriptions (non-empty list of str), or a file path (str).
+
+    One pydantic union would report each wrong value three times (once per member); this names it once.
+    The file itself is read (and its keys checked against the classes) by ``tfg_mm.text.class_prompts``.
+    """
+    if isinstance(value, str | Path):
+        if not str(value).strip():
+            raise ValueError("an empty path: give a YAML / JSON file, or write the mapping itself")
+        return str(value)
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{_yaml_value(value)} is neither a mapping class name → description(s) nor a file path")
+    clean: dict[str, str | list[str]] = {}
+    for name, text in value.items():
+        ok = isinstance(text, str) or (isinstance(text, list) and text and all(isinstance(t, str) for t in text))
+        if not ok:
+            raise ValueError(
+                f"`class_descriptions[{str(name)!r}]` = {_yaml_value(text)} is not a valid string or non-empty list "
+                "of strings (write one description, or a list of them)"
+            )
+        clean[str(name)] = text
+    return clean
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,13 +342,16 @@ class Phase2Params(BaseModel):
     fusion_bias: bool = Field(True, description="Learnable bias added to the scaled similarity.")
     prompts: Prompts = Field(
         "ensemble",
-        description="`single` = one prompt per class (its description, else "
-        f'"{SINGLE_TEMPLATE.format("{class name}")}"); `ensemble` = every template (plus the description, if '
-        "any), each embedding normalised, averaged, renormalised.",
+        description="`single` = one prompt per class (its first description, else "
+        f'"{SINGLE_TEMPLATE.format("{class name}")}"); `ensemble` = every template (plus each of its descriptions), '
+        "each embedding normalised, averaged, renormalised. Class names are humanised in the templates "
+        "(`surface_crack`, `oil-stain`, `surfaceCrack` → surface crack, oil stain, surface crack).",
     )
-    class_descriptions: dict[str, str] = Field(
+    class_descriptions: Annotated[Any, BeforeValidator(_class_descriptions_value)] = Field(
         default_factory=dict,
-        description="Class name → one description used as its prompt (the only mapping-valued parameter).",
+        description="Class name → one description or a list of them, written here or as the path of a YAML / "
+        "JSON file holding that mapping (e.g. a thesis's defect catalogue). `single` uses a class's first "
+        "description; `ensemble` every template plus each description (the only mapping-valued parameter).",
     )
     templates: list[Annotated[str, AfterValidator(_template_has_one_placeholder)]] = Field(
         default_factory=lambda: list(DEFAULT_TEMPLATES),
@@ -560,7 +587,11 @@ def _unknown_key_message(key: str, value: Any) -> str:
 
 
 #: How the reference and the errors show a type that a validator narrows (the annotation says only ``int | str``).
-_SHOWN_TYPES = {"num_workers": 'int | "auto"', "pin_memory": 'bool | "auto"'}
+_SHOWN_TYPES = {
+    "num_workers": 'int | "auto"',
+    "pin_memory": 'bool | "auto"',
+    "class_descriptions": "dict[str, str | list[str]] | str",
+}
 
 
 def _field_type_text(name: str) -> str:

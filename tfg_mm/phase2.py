@@ -22,6 +22,7 @@ without augmentation when the cache is on; stage B uses ``augment`` as set.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ def fusion_config(params, hidden_dim: int) -> dict:
 
 def text_embeddings(params, class_names: list[str]) -> tuple[torch.Tensor | None, dict]:
     """Class embeddings [C, dim] for ``text_encoder`` (None for ``none``) and their provenance."""
-    from tfg_mm.text import build_text_encoder, class_embeddings, class_prompts
+    from tfg_mm.text import build_text_encoder, class_embeddings, class_prompts, prompts_record
 
     if params.text_encoder == "none":
         return None, {"kind": "none"}
@@ -77,7 +78,7 @@ def text_embeddings(params, class_names: list[str]) -> tuple[torch.Tensor | None
     )
     prompts = class_prompts(class_names, params.prompts, params.class_descriptions or None, params.templates)
     emb = class_embeddings(encoder, prompts, cache_dir=resolve_path(params.text_cache_dir))
-    return emb, {**encoder.description, "prompts": prompts}
+    return emb, {**encoder.description, "prompts": prompts_record(class_names, prompts)}
 
 
 def build_fusion_from_config(cfg: dict, text: torch.Tensor) -> nn.Module:
@@ -359,7 +360,7 @@ def run_phase2(params, progress: bool = True) -> dict:
         return Setup(Phase2Task(model, data.class_names, params, data.train), extra)
 
     return run_experiment(
-        params, RunPaths.of(params), "phase2", build, depends_on=_baseline_identity(*baseline), progress=progress
+        params, RunPaths.of(params), "phase2", build, depends_on=_depends_on(params, baseline), progress=progress
     )
 
 
@@ -369,7 +370,18 @@ def depends_on_baseline(params) -> str:
     Folded into the phase-2 ``run_id``, so retraining the baseline in the same folder invalidates
     the phase-2 runs built on the old one. A plain checkpoint folder is identified by its files.
     """
-    return _baseline_identity(*baseline_folder(params.baseline))
+    return _depends_on(params, baseline_folder(params.baseline))
+
+
+def _depends_on(params, baseline: tuple[Path, dict | None]) -> str:
+    """The baseline's identity, plus the content hash of a ``class_descriptions`` file: the params
+    hold only its path, so an edited file must still make another run (nothing added without a file)."""
+    identity = _baseline_identity(*baseline)
+    if isinstance(params.class_descriptions, str) and params.text_encoder != "none":
+        path = resolve_path(params.class_descriptions)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
+        identity += f";class_descriptions:{digest}"
+    return identity
 
 
 def _baseline_identity(ckpt: Path, base_metrics: dict | None) -> str:

@@ -31,14 +31,16 @@ import io
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Protocol, get_args, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+import yaml
 from transformers import AutoModel, AutoTokenizer
 
-from tfg_mm.config import DEFAULT_TEMPLATES, SINGLE_TEMPLATE, Prompts, TextEncoderKind, default_of
+from tfg_mm.config import DEFAULT_TEMPLATES, SINGLE_TEMPLATE, Prompts, TextEncoderKind, default_of, resolve_path
 from tfg_mm.errors import ConfigError, OfflineError
 from tfg_mm.io import atomic_write_bytes
 
@@ -334,27 +336,73 @@ def build_text_encoder(
 # prompts and the cached class embeddings
 
 
+def load_class_descriptions(
+    descriptions: dict[str, str | list[str]] | str | Path | None,
+) -> tuple[dict[str, list[str]], str]:
+    """``class_descriptions`` as class name → list of descriptions, and where it came from (for messages).
+
+    A string or path is a YAML or JSON file (relative paths resolve against the project root) holding
+    the mapping class name → one description or a list of them; a mapping is used as it is.
+    """
+    if descriptions is None:
+        return {}, "`class_descriptions`"
+    if isinstance(descriptions, str | Path):
+        path = resolve_path(descriptions)
+        where = f"`class_descriptions` file {path}"
+        if not path.is_file():
+            raise ConfigError(
+                f"{where} does not exist. Fix: point `class_descriptions` at a YAML / JSON file mapping each class "
+                "name to a description or a list of them (relative paths start at the project root)."
+            )
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where} cannot be parsed ({exc}). Fix: write valid YAML or JSON.") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(
+                f"{where} holds a {type(raw).__name__}, not a mapping. Fix: write `class name: description` "
+                "lines (or `class name: [description, ...]`)."
+            )
+    else:
+        raw, where = dict(descriptions), "`class_descriptions`"
+    out: dict[str, list[str]] = {}
+    for name, value in raw.items():
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ConfigError(
+                f"{where}: entry '{name}' = {value!r} is empty or not text. Fix: write a sentence, a list of "
+                "sentences, or remove the entry."
+            )
+        out[str(name)] = list(texts)
+    return out, where
+
+
 def class_prompts(
     class_names: list[str],
     mode: Prompts = default_of("prompts"),
-    descriptions: dict[str, str] | None = None,
+    descriptions: dict[str, str | list[str]] | str | Path | None = None,
     templates: list[str] | None = None,
 ) -> list[list[str]]:
     """The prompts of each class, in class order.
 
     ``mode``, ``descriptions`` and ``templates`` are the parameters ``prompts``,
     ``class_descriptions`` and ``templates``; left out, they take the schema's defaults.
+    ``descriptions`` maps a class name to one description or a list of them, or is the path of a
+    YAML / JSON file holding that mapping (:func:`load_class_descriptions`).
 
-    * ``single``: one prompt per class, its description from ``descriptions`` (the thesis's
-      "Normal, clean surface…") or, for a class without one, ``SINGLE_TEMPLATE``
-      (``"a photo of a {name}."``).
+    * ``single``: one prompt per class: its **first** description (the thesis's "Normal, clean
+      surface…") or, for a class without one, ``SINGLE_TEMPLATE`` (``"a photo of a {name}."``).
     * ``ensemble``: every template formatted with the class name (the schema's
-      ``DEFAULT_TEMPLATES`` unless ``templates`` is given), plus the class's description when there
-      is one.
+      ``DEFAULT_TEMPLATES`` unless ``templates`` is given), then **each** of the class's
+      descriptions, in the order written.
 
-    Underscores in class names become spaces: encoders read ``scratch_mark`` as a made-up word.
+    Class names are humanised in the templates (:func:`humanise`): ``surface_crack`` →
+    "surface crack", ``oil-stain`` → "oil stain", ``surfaceCrack`` → "surface crack"; encoders read
+    ``scratch_mark`` as a made-up word. Descriptions are used as written.
     """
-    descriptions = dict(descriptions or {})
+    descriptions, where = load_class_descriptions(descriptions)
     names = list(class_names)
     if not names:
         raise ConfigError("class_names is empty. Fix: the dataset's categories define the classes.")
@@ -364,15 +412,12 @@ def class_prompts(
     unknown = sorted(set(descriptions) - set(names))
     if unknown:
         raise ConfigError(
-            f"`class_descriptions` has entries {unknown} that are not classes {names}. "
-            "Fix: key each description by a class name exactly as in the dataset."
+            f"{where} has entries {unknown} that are not classes {names}. "
+            "Fix: key each description by a class name exactly as in the dataset's categories."
         )
-    for name, text in descriptions.items():
-        if not isinstance(text, str) or not text.strip():
-            raise ConfigError(f"`class_descriptions: {name}` is empty. Fix: write a sentence or remove the entry.")
 
     if mode == "single":
-        return [[descriptions.get(n) or SINGLE_TEMPLATE.format(_readable(n))] for n in names]
+        return [[descriptions[n][0]] if n in descriptions else [SINGLE_TEMPLATE.format(humanise(n))] for n in names]
     if mode == "ensemble":
         templates = list(DEFAULT_TEMPLATES if templates is None else templates)
         if not templates:
@@ -383,18 +428,30 @@ def class_prompts(
                     f"`templates` entry {template!r} must contain exactly one '{{}}' for the "
                     "class name. Fix: e.g. 'a {} defect.'."
                 )
-        prompts = []
-        for n in names:
-            per_class = [t.format(_readable(n)) for t in templates]
-            if n in descriptions:
-                per_class.append(descriptions[n])
-            prompts.append(per_class)
-        return prompts
+        return [[t.format(humanise(n)) for t in templates] + descriptions.get(n, []) for n in names]
     raise ConfigError(f"`prompts: {mode}` is unknown. Fix: use one of {list(get_args(Prompts))}.")
 
 
-def _readable(name: str) -> str:
-    return name.replace("_", " ").strip()
+def prompts_record(class_names: list[str], prompts: list[list[str]]) -> dict[str, list[str]]:
+    """The prompts used, by class name, in class order (the run contract's ``text_encoder.prompts``)."""
+    return {name: list(p) for name, p in zip(class_names, prompts, strict=True)}
+
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def humanise(name: str) -> str:
+    """A class name as words: ``_`` and ``-`` become spaces, camelCase is split (``surfaceCrack`` →
+    "surface crack"; a capitalised word after the first is lower-cased, an acronym kept: ``HTTPError``
+    → "HTTP error"), runs of spaces collapse. A name without separators or inner capitals is returned
+    unchanged (``scratch``, ``Normal``)."""
+    words = []
+    for chunk in re.split(r"[_\-\s]+", name.strip()):
+        parts = [p for p in _CAMEL.split(chunk) if p]
+        for k, part in enumerate(parts):
+            first = not words and k == 0
+            words.append(part.lower() if not first and part[:1].isupper() and part[1:].islower() else part)
+    return " ".join(w for w in words if w)
 
 
 def cache_key(description: dict, prompts: list[list[str]]) -> str:
