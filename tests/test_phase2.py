@@ -157,3 +157,37 @@ def test_cached_outputs_follow_the_model_device():
     moved = _to(_stack(cached), torch.device("meta"))
     assert moved["pred_logits"].device.type == "meta" and moved["pred_logits"].shape == (2, 3, 4)
     assert moved["aux"][0]["hidden"].device.type == "meta" and moved["n"] == 1
+
+
+def test_contract_records_prompts_and_descriptions_file_joins_run_id(baseline_run, tiny_params, tmp_path):
+    """`metrics.json` → `text_encoder.prompts` holds the prompts used per class (descriptions from a
+    file included); editing the file changes the phase-2 run id, so a stale run is not reused."""
+    import json
+
+    from tfg_mm.config import DEFAULT_TEMPLATES
+    from tfg_mm.phase2 import depends_on_baseline
+
+    run_dir, _ = baseline_run
+    catalogue = tmp_path / "catalogue.yaml"
+    catalogue.write_text("scratch: [a long thin bright line, a shallow groove]\n")
+    params = tiny_params(
+        **{**PHASE2, "text_encoder": "random", "epochs": 1, "warmup_epochs": 1},
+        baseline=str(run_dir),
+        run_dir=str(tmp_path / "desc"),
+        class_descriptions=str(catalogue),
+    )
+    run_phase2(params, progress=False)
+    contract = json.loads((tmp_path / "desc" / "metrics.json").read_text())
+    prompts = contract["text_encoder"]["prompts"]
+    assert list(prompts) == contract["classes"]
+    assert prompts["scratch"] == [t.format("scratch") for t in DEFAULT_TEMPLATES] + [
+        "a long thin bright line",
+        "a shallow groove",
+    ]
+    assert prompts["dent"] == [t.format("dent") for t in DEFAULT_TEMPLATES]
+    before = depends_on_baseline(params)
+    catalogue.write_text("scratch: a long thin bright line\n")
+    after = depends_on_baseline(params)
+    assert before != after and before.startswith(after.split(";class_descriptions:")[0])
+    plain = tiny_params(**PHASE2, baseline=str(run_dir))
+    assert ";class_descriptions:" not in depends_on_baseline(plain)  # nothing added without a file
