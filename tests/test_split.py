@@ -174,3 +174,12 @@ def test_split_command_and_import_with_val_fraction(tmp_path, capsys):
     parts = [_read(out_json.parent, s) for s in ("train", "val")]
     assert sorted(len(p["images"]) for p in parts) == [3, 9]
     assert (out_json.parent / COUNTS_FILE).is_file() and not (out_json.parent / "test.json").exists()
+
+
+def test_a_test_json_left_from_an_earlier_split_is_named(tmp_path, caplog):
+    src = _write(tmp_path, _coco(n_images=30))
+    split_coco(src, val_fraction=0.2, test_fraction=0.2)
+    with caplog.at_level(logging.WARNING, logger="tfg_mm.data.split"):
+        split_coco(src, val_fraction=0.2)
+    assert "test.json is left from an earlier split" in caplog.text
+    assert (tmp_path / "test.json").exists()  # nothing deleted

@@ -180,7 +180,7 @@ def split_coco(
     record: dict = {
         "source": str(coco_json),
         "seed": seed,
-        "fractions": {s: fractions[s] for s in used},
+        "fractions": {s: round(fractions[s], 6) for s in used},
         "files": {},
         "splits": {},
         "missing": missing_named,
@@ -193,6 +193,14 @@ def split_coco(
         atomic_write_text(path, json.dumps(part, indent=1, ensure_ascii=False) + "\n")
         record["files"][split] = path.name
         record["splits"][split] = split_counts(part)
+    for split in SPLITS:
+        if split not in used and (out / f"{split}.json").exists():
+            log.warning(
+                "%s is left from an earlier split and shares images with this one. Fix: delete it, or split "
+                "again with --%s-fraction.",
+                out / f"{split}.json",
+                split,
+            )
     atomic_write_text(out / COUNTS_FILE, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     return record
 
@@ -201,8 +209,8 @@ def format_counts(record: dict) -> str:
     """The counts record as a plain table: one row per class, images / annotations per split."""
     used = list(record["splits"])
     classes = list(next(iter(record["splits"].values()))["classes"]) if used else []
-    width = max([len("all (images / annotations)"), *(len(c) for c in classes)])
-    lines = [f"{'class':<{width}}  " + "  ".join(f"{s:>14}" for s in used)]
+    width = max([len("class (images / annotations)"), *(len(c) for c in classes)])
+    lines = [f"{'class (images / annotations)':<{width}}  " + "  ".join(f"{s:>14}" for s in used)]
     for c in classes:
         cells = [
             f"{record['splits'][s]['classes'][c]['images']:>6} / {record['splits'][s]['classes'][c]['annotations']:<5}"
@@ -210,5 +218,5 @@ def format_counts(record: dict) -> str:
         ]
         lines.append(f"{c:<{width}}  " + "  ".join(f"{x:>14}" for x in cells))
     totals = [f"{record['splits'][s]['images']:>6} / {record['splits'][s]['annotations']:<5}" for s in used]
-    lines.append(f"{'all (images / annotations)':<{width}}  " + "  ".join(f"{x:>14}" for x in totals))
+    lines.append(f"{'all classes':<{width}}  " + "  ".join(f"{x:>14}" for x in totals))
     return "\n".join(lines)
