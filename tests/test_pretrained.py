@@ -176,3 +176,12 @@ def test_evaluating_a_checkpoint_of_another_class_count_is_refused(transformers_
     params = tiny_params(checkpoint=str(transformers_folder[0]), run_dir=str(tmp_path / "eval"))
     with pytest.raises(CheckpointError, match="80 classes, the dataset has 6"):
         run_baseline(params, progress=False)
+
+
+def test_phase2_baseline_must_be_a_baseline_of_this_dataset(transformers_folder, official_pth):
+    from tfg_mm.phase2 import baseline_folder
+
+    with pytest.raises(CheckpointError, match=r"deimv2 checkpoint, not a baseline.*`pretrained: "):
+        baseline_folder(str(transformers_folder[0]))
+    with pytest.raises(CheckpointError, match=r"official \.pth is not a baseline.*`pretrained: "):
+        baseline_folder(str(official_pth))

@@ -90,8 +90,7 @@ def build_baseline_model(params, data: Data, source: Path | None) -> tuple[nn.Mo
             what="checkpoint" if evaluating else "pretrained",
         )
         detector.apply_config_overrides(model, detector.run_config_overrides(params))
-        hub = table["kind"].startswith("hub")
-        origin = {"source": table["source"] if hub else str(source), "preset": model.config.preset}
+        origin = {"source": table["path"] or table["source"], "preset": model.config.preset}
         if not evaluating:
             origin["pretrained"] = {
                 **table,

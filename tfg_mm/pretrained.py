@@ -31,7 +31,7 @@ from tfg_mm.config import resolve_path
 from tfg_mm.convert import convert_checkpoint
 from tfg_mm.detector.checkpoint import CLASS_HEAD_MARKERS, download, read_config_dict
 from tfg_mm.detector.official import OFFICIAL_PRIOR_PROB, official_head_init
-from tfg_mm.errors import CheckpointError
+from tfg_mm.errors import CheckpointError, OfflineError
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ def load_pretrained(
 
     ``adapt_classes=False`` refuses a class-count mismatch (``CheckpointError``, naming the parameter
     ``what``). ``seed`` seeds the fresh class heads. The table (also logged at INFO) is
-    ``{source, kind, preset, source_classes, classes, loaded, reinitialised, dropped}``: ``loaded`` a count,
+    ``{source, kind, path, preset, source_classes, classes, loaded, reinitialised, dropped}`` (``path``: the
+    local folder or file read, a run_dir's ``checkpoints/best``; None for a hub id): ``loaded`` a count,
     the other two the tensor names.
     """
     kind, where = source_kind(source)
@@ -100,7 +101,13 @@ def load_pretrained(
             # the weights must not depend on the temporary files once the folder is gone
             model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
     else:
-        folder = download(where) if kind == "hub" else where
+        try:
+            folder = download(where) if kind == "hub" else where
+        except (CheckpointError, OfflineError) as error:
+            raise type(error)(
+                f"`{what}: {source}`: no file or folder {resolve_path(source)} exists, so it was taken as a Hugging "
+                f"Face id. {error}"
+            ) from error
         if kind == "hub":
             kind = read_config_dict(folder).get("model_type", "hub")
             kind = f"hub ({kind})"
@@ -123,6 +130,7 @@ def load_pretrained(
     table = {
         "source": source,
         "kind": kind,
+        "path": None if kind.startswith("hub") else str(where),
         "preset": model.config.preset,
         "source_classes": source_classes,
         "classes": num_classes,
