@@ -17,14 +17,18 @@ random-init build starts them (score heads: xavier weights and the official prio
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
+from transformers.utils import logging as hf_logging
 
 from tfg_mm import detector
 from tfg_mm.config import resolve_path
@@ -91,28 +95,8 @@ def load_pretrained(
     the other two the tensor names.
     """
     kind, where = source_kind(source)
-    dropped: list[str] = []
-    if kind == "official_pth":
-        with tempfile.TemporaryDirectory(prefix="tfg_mm_pth_") as tmp:
-            folder = convert_checkpoint(where, Path(tmp) / "converted")
-            report = detector.read_metadata(folder)["conversion"]
-            dropped = sorted(report["dropped_official"] + report["unmapped_official"])
-            model = detector.load(folder)
-            # the weights must not depend on the temporary files once the folder is gone
-            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
-    else:
-        try:
-            folder = download(where) if kind == "hub" else where
-        except (CheckpointError, OfflineError) as error:
-            raise type(error)(
-                f"`{what}: {source}`: no file or folder {resolve_path(source)} exists, so it was taken as a Hugging "
-                f"Face id. {error}"
-            ) from error
-        if kind == "hub":
-            kind = read_config_dict(folder).get("model_type", "hub")
-            kind = f"hub ({kind})"
-        model = detector.from_pretrained(str(folder))
-        dropped = sorted(name for name in _saved_names(folder) if name.startswith("model.enc_output."))
+    with _quiet():
+        model, kind, dropped = _read_source(source, kind, where, what)
     source_classes = model.config.num_labels
     labels = {int(k): str(v) for k, v in (id2label or {i: f"class_{i}" for i in range(num_classes)}).items()}
     if source_classes != num_classes and not adapt_classes:
@@ -140,6 +124,54 @@ def load_pretrained(
     }
     logger.info("%s", format_table(table))
     return model.eval(), table
+
+
+def _read_source(source: str, kind: str, where, what: str):
+    """The source's own model (its class count), its kind and the source tensors it does not use."""
+    dropped: list[str] = []
+    if kind == "official_pth":
+        with tempfile.TemporaryDirectory(prefix="tfg_mm_pth_") as tmp:
+            folder = convert_checkpoint(where, Path(tmp) / "converted")
+            report = detector.read_metadata(folder)["conversion"]
+            dropped = sorted(report["dropped_official"] + report["unmapped_official"])
+            model = detector.load(folder)
+            # the weights must not depend on the temporary files once the folder is gone
+            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    else:
+        try:
+            folder = download(where) if kind == "hub" else where
+        except (CheckpointError, OfflineError) as error:
+            raise type(error)(
+                f"`{what}: {source}`: no file or folder {resolve_path(source)} exists, so it was taken as a Hugging "
+                f"Face id. {error}"
+            ) from error
+        if kind == "hub":
+            kind = read_config_dict(folder).get("model_type", "hub")
+            kind = f"hub ({kind})"
+        model = detector.from_pretrained(str(folder))
+        dropped = sorted(name for name in _saved_names(folder) if name.startswith("model.enc_output."))
+    return model, kind, dropped
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """One table says what a load did: transformers' load report and progress bars, the converter's printed
+    report and the enc_output warning of ``detector.from_pretrained`` (the same facts) are held back."""
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    checkpoint_logger = logging.getLogger("tfg_mm.detector.checkpoint")
+    level = checkpoint_logger.level
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    checkpoint_logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        checkpoint_logger.setLevel(level)
 
 
 def adapt_class_heads(
