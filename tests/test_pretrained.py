@@ -68,7 +68,7 @@ def official_pth(tmp_path_factory) -> Path:
 
 def _check_adapted(model, table, source_state: dict[str, torch.Tensor]) -> None:
     assert model.config.num_labels == N and model.config.id2label == LABELS
-    assert table["source_classes"] == 80 and table["classes"] == N
+    assert table["source_classes"] == 80 and table["classes"] == N and not table["class_names_replaced"]
     assert table["reinitialised"] == HEADS
     assert table["loaded"] == len(source_state)
     state = model.state_dict()
@@ -117,6 +117,7 @@ def test_the_same_class_count_keeps_every_tensor_and_takes_the_dataset_names(tmp
     save(source, tmp_path / "ckpt")
     model, table = load_pretrained(str(tmp_path / "ckpt"), N, LABELS, adapt_classes=False)
     assert table["reinitialised"] == [] and table["dropped"] == [] and table["kind"] == "tfg_deimv2"
+    assert table["class_names_replaced"]  # class_0.. -> the dataset's names
     assert model.config.id2label == LABELS
     for name, tensor in source.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name

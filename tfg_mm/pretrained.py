@@ -105,6 +105,7 @@ def load_pretrained(
             "use `pretrained:` with `reinit_class_heads: true` (the class heads start fresh); to evaluate, give a "
             "checkpoint trained on this dataset's classes."
         )
+    source_names = [str(model.config.id2label.get(i, "")) for i in range(source_classes)]
     if source_classes == num_classes:
         _set_labels(model.config, labels)
         reinitialised: list[str] = []
@@ -121,6 +122,9 @@ def load_pretrained(
         "loaded": loaded,
         "reinitialised": reinitialised,
         "dropped": dropped,
+        # same class count, other names: the heads are kept, class i of the source becomes class i here
+        "class_names_replaced": source_classes == num_classes
+        and source_names != [labels[i] for i in range(num_classes)],
     }
     logger.info("%s", format_table(table))
     return model.eval(), table
@@ -241,4 +245,6 @@ def format_table(table: dict[str, Any]) -> str:
         f"  re-initialised  {len(reinit):>5} tensors{': ' + ', '.join(reinit) if reinit else ''}",
         f"  dropped         {len(dropped):>5} tensors{': ' + ', '.join(dropped) if dropped else ''}",
     ]
+    if table.get("class_names_replaced"):
+        lines.append("  class heads kept with the source's order: its class i is the dataset's class i (other names)")
     return "\n".join(lines)
