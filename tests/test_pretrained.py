@@ -189,3 +189,24 @@ def test_phase2_baseline_must_be_a_baseline_of_this_dataset(transformers_folder,
         baseline_folder(str(transformers_folder[0]))
     with pytest.raises(CheckpointError, match=r"official \.pth is not a baseline.*`pretrained: "):
         baseline_folder(str(official_pth))
+
+
+def test_the_run_card_shows_the_initial_weights_in_one_line():
+    from tfg_mm import reports
+
+    table = {
+        "source": "coco80.pth",
+        "kind": "official_pth",
+        "source_classes": 80,
+        "classes": 6,
+        "loaded": 486,
+        "reinitialised": HEADS,
+        "dropped": ["decoder.anchors"],
+    }
+    metrics = {"status": "finished", "params": {}, "model": {"source": "coco80.pth", "pretrained": table}}
+    text = reports.provenance_markdown(metrics)
+    assert (
+        "| **initial weights** | coco80.pth (official_pth, 80 classes -> 6): 486 tensors loaded, 9 re-initialised "
+        "(the class heads), 1 dropped |" in text
+    )
+    assert "model.enc_score_head" not in text  # the names stay in metrics.json
