@@ -27,6 +27,7 @@ LAYERS = {
     "text": 3,
     "fusion": 3,
     "shim": 3,
+    "pretrained": 3,
     "model": 4,
     "stats": 4,
     "analysis": 4,

@@ -17,6 +17,7 @@ from tfg_mm.data.loaders import Data
 from tfg_mm.errors import ConfigError
 from tfg_mm.experiment import Setup, run_experiment
 from tfg_mm.io import atomic_dir
+from tfg_mm.pretrained import load_pretrained
 from tfg_mm.train import Task, split_decay
 
 
@@ -64,7 +65,11 @@ def build_baseline_model(params, data: Data, source: Path | None) -> tuple[nn.Mo
     """The detector a baseline run trains or evaluates, and where it came from.
 
     ``source`` is ``checkpoint`` (else ``pretrained``) resolved (:attr:`tfg_mm.config.RunPaths.source`);
-    None builds the preset with a random init.
+    None builds the preset with a random init. Any source :func:`tfg_mm.pretrained.load_pretrained` reads
+    (run_dir, tfg_mm or transformers checkpoint folder, official ``.pth``, hub id); ``pretrained`` with
+    another class count re-initialises the class heads (``reinit_class_heads``) and the contract's
+    ``model.pretrained`` records what was loaded, re-initialised and dropped. ``checkpoint`` (evaluate
+    only) must have the dataset's class count.
     """
     id2label = dict(enumerate(data.class_names))
     n = params.num_classes or len(data.class_names)
@@ -75,15 +80,24 @@ def build_baseline_model(params, data: Data, source: Path | None) -> tuple[nn.Mo
             f"the dataset's classes."
         )
     if source is not None:
-        path = source
-        if path.is_dir() and (path / "metrics.json").exists() and (path / "checkpoints" / "best").exists():
-            path = path / "checkpoints" / "best"  # a run_dir of notebook 01
-        if path.is_dir():
-            model = detector.load(path, num_classes=n, reinit_class_heads=params.reinit_class_heads, id2label=id2label)
-        else:  # a Hugging Face id, as written in the params
-            model = detector.from_pretrained(params.checkpoint or params.pretrained)
+        evaluating = bool(params.checkpoint)
+        model, table = load_pretrained(
+            params.checkpoint or params.pretrained,
+            n,
+            id2label,
+            adapt_classes=params.reinit_class_heads and not evaluating,
+            seed=params.seed,
+            what="checkpoint" if evaluating else "pretrained",
+        )
         detector.apply_config_overrides(model, detector.run_config_overrides(params))
-        return model, {"source": str(path), "preset": params.preset}
+        origin = {"source": table["path"] or table["source"], "preset": model.config.preset}
+        if not evaluating:
+            origin["pretrained"] = {
+                **table,
+                "reinitialised_count": len(table["reinitialised"]),
+                "dropped_count": len(table["dropped"]),
+            }
+        return model, origin
     model = detector.build(
         params.preset,
         n,

@@ -171,19 +171,25 @@ class DetectorParams(BaseModel):
     )
     pretrained: str = Field(
         "",
-        description="Initial detector weights: a Hugging Face model id or a local folder; empty = random init.",
+        description="Initial detector weights to fine-tune: a Hugging Face model id, a transformers DEIMv2 folder "
+        "(save_pretrained), a tfg_mm checkpoint folder or run_dir (its checkpoints/best), or an official DEIMv2 "
+        ".pth (converted on the fly); empty = random init. Another class count re-initialises the class heads "
+        "(`reinit_class_heads`); the run contract's `model.pretrained` lists what was loaded, re-initialised and "
+        "dropped.",
     )
     checkpoint: str = Field(
         "",
-        description="An existing checkpoint folder to evaluate instead of training; empty = train.",
+        description="An existing checkpoint to evaluate instead of training (any source `pretrained` takes, with "
+        "the dataset's classes); empty = train.",
     )
     num_classes: int | None = Field(
         None, ge=1, description="Number of object classes; null = taken from the dataset's categories."
     )
     reinit_class_heads: bool = Field(
-        False,
-        description="Allow a checkpoint with another number of classes: re-initialise only the class heads "
-        "(and say so) instead of failing with a size mismatch.",
+        True,
+        description="`pretrained` weights with another number of classes: re-initialise the class heads (every "
+        "decoder layer's and the encoder's score head with the official prior bias, the denoising class "
+        "embedding) and load everything else; false = fail on a class mismatch.",
     )
     fidelity: Fidelity = Field(
         "official",

@@ -38,6 +38,7 @@ from tfg_mm.data.loaders import Data
 from tfg_mm.errors import CheckpointError, ConfigError
 from tfg_mm.experiment import Setup, run_experiment
 from tfg_mm.model import MultimodalDetector
+from tfg_mm.pretrained import OFFICIAL_SUFFIXES, source_kind
 from tfg_mm.train import Task, Trainer, split_decay
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,20 @@ def baseline_folder(baseline: str) -> tuple[Path, dict | None]:
             )
         return ckpt, metrics
     if path.is_dir():
+        kind, _ = source_kind(baseline)
+        if kind != "tfg_deimv2":
+            raise CheckpointError(
+                f"Parameter `baseline: {baseline}`: {path} is a {kind} checkpoint, not a baseline trained by notebook 01 "
+                "on this dataset (phase 2 freezes the baseline detector, so its class heads must be this dataset's). "
+                f"Fix: train the baseline from it first (notebook 01 / `python -m tfg_mm train` with `pretrained: "
+                f"{baseline}`: the class heads are adapted to the dataset) and set `baseline` to that run_dir."
+            )
         return path, None
+    if path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
+        raise CheckpointError(
+            f"Parameter `baseline: {baseline}`: an official .pth is not a baseline trained on this "
+            f"dataset. Fix: train notebook 01 with `pretrained: {baseline}` and set `baseline` to its run_dir."
+        )
     raise CheckpointError(
         f"Parameter `baseline: {baseline}`: {path} is neither a run_dir of notebook 01 nor a "
         f"checkpoint folder. Fix: run notebook 01 first (`make all` does) or fix the path."

@@ -181,7 +181,11 @@ def provenance_markdown(metrics: Mapping[str, Any]) -> str:
     if isinstance(env, Mapping):
         rows.append(("environment", environment_summary(env)))
     if model:
-        rows.append(("detector", ", ".join(f"{k}: {v}" for k, v in model.items() if k != "corrections")))
+        skip = ("corrections", "pretrained")
+        rows.append(("detector", ", ".join(f"{k}: {v}" for k, v in model.items() if k not in skip)))
+    loaded = model.get("pretrained") if isinstance(model, Mapping) else None
+    if isinstance(loaded, Mapping):
+        rows.append(("initial weights", _pretrained_summary(loaded)))
     if text:
         rows.append(("text encoder", ", ".join(f"{k}: {v}" for k, v in text.items() if k != "prompts")))
     mode = contract_field(metrics, "detector_mode") or (params.get("detector_mode") if text else None)
@@ -199,6 +203,16 @@ def provenance_markdown(metrics: Mapping[str, Any]) -> str:
         )
     lines = ["| | |", "|---|---|"] + [f"| **{cell(k)}** | {cell(v)} |" for k, v in rows]
     return "\n".join(lines)
+
+
+def _pretrained_summary(table: Mapping[str, Any]) -> str:
+    """One line of ``model.pretrained`` (:func:`tfg_mm.pretrained.load_pretrained`'s table) for the run card."""
+    reinit = len(table.get("reinitialised") or [])
+    return (
+        f"{table.get('source', '?')} ({table.get('kind', '?')}, {table.get('source_classes', '?')} classes -> "
+        f"{table.get('classes', '?')}): {table.get('loaded', '?')} tensors loaded, {reinit} re-initialised"
+        f"{' (the class heads)' if reinit else ''}, {len(table.get('dropped') or [])} dropped"
+    )
 
 
 def _status_text(metrics: Mapping[str, Any]) -> str:

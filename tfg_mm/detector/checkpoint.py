@@ -417,6 +417,17 @@ def _config_from_transformers(config_dict: dict) -> TfgDeimv2Config:
     return TfgDeimv2Config(**values)
 
 
+def download(model_id: str) -> Path:
+    """The local folder of hub id ``model_id`` (downloaded, or from the cache); ``OfflineError`` without network
+    and nothing cached, ``CheckpointError`` for an id that does not exist."""
+    return _download(model_id)
+
+
+def read_config_dict(folder: str | os.PathLike) -> dict:
+    """``config.json`` of a checkpoint folder as a dict (``CheckpointError`` naming it when absent or damaged)."""
+    return _read_config_dict(Path(folder))
+
+
 def _download(model_id: str) -> Path:
     try:
         return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.py"]))
