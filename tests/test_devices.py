@@ -180,3 +180,14 @@ def test_gpu_check_dry_run_on_cpu_writes_every_figure(tmp_path):
         assert train["steady_images_per_s"] > 0 and 0 <= result[phase]["map"] <= 1
     assert result["inference"]["float32"]["images_per_s"] > 0 and "no" not in result["inference"]
     assert "phase 1 training" in done.stdout and "inference float32" in done.stdout
+
+
+def test_repredict_uses_the_runs_device_or_falls_back():
+    """Re-prediction (ablation statistics, WiSE-FT) follows the run's `device`; a device this machine lacks
+    (a GPU run re-predicted on a laptop) falls back to `auto` instead of failing the report."""
+    from tfg_mm.ablations.repredict import _device
+    from tfg_mm.config import Params
+
+    assert _device(Params(device="cpu")) == torch.device("cpu")
+    missing = f"cuda:{torch.cuda.device_count() + 3}"
+    assert _device(Params(device=missing)) == resolve_device("auto")

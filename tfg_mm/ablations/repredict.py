@@ -31,7 +31,8 @@ from tfg_mm import runs
 from tfg_mm.baseline import BaselineTask
 from tfg_mm.config import load_params
 from tfg_mm.data.loaders import make_data
-from tfg_mm.errors import DataError
+from tfg_mm.devices import resolve_device
+from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.evaluate import evaluate
 from tfg_mm.io import atomic_write_json
 from tfg_mm.model import MultimodalDetector
@@ -71,8 +72,14 @@ def _val_data(params):
     return make_data(params, seed_everything(params.seed, params.deterministic), progress=False, need_train=False)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device(params) -> torch.device:
+    """The run's ``device`` when this machine has it, else ``auto`` (a run trained on a GPU re-predicted on a
+    laptop): re-prediction is evaluation, whose numbers do not depend on the device beyond float rounding."""
+    try:
+        return resolve_device(params.device)
+    except ConfigError as exc:
+        log.info("re-predicting on %s: %s", resolve_device("auto"), exc)
+        return resolve_device("auto")
 
 
 def _load_fusion(folder: Path):
@@ -88,7 +95,13 @@ def _load_fusion(folder: Path):
 
 def _detect(model_fn, params, data) -> tuple[dict, list[dict]]:
     return evaluate(
-        model_fn, data.val_loader, data.val.coco, data.class_names, data.cat_ids, top_k=params.top_k, device=_device()
+        model_fn,
+        data.val_loader,
+        data.val.coco,
+        data.class_names,
+        data.cat_ids,
+        top_k=params.top_k,
+        device=_device(params),
     )
 
 
@@ -105,10 +118,10 @@ def predict_run_detections(metrics: Mapping[str, Any]) -> tuple[list[dict], dict
     data = _val_data(params)
     if (folder / "detector").is_dir():
         model = MultimodalDetector(det.load(folder / "detector"), _load_fusion(folder), params.detector_mode)
-        model.to(_device()).eval()
+        model.to(_device(params)).eval()
         model_fn = model.predict
     else:
-        detector = det.load(folder).to(_device()).eval()
+        detector = det.load(folder).to(_device(params)).eval()
         model_fn = BaselineTask(detector, data.class_names).predict_fn(detector)
     evaluated, detections = _detect(model_fn, params, data)
     return detections, evaluated
@@ -184,7 +197,7 @@ def wise_curve(metrics: Mapping[str, Any], baseline_checkpoint: str | Path, lamb
         fusion = copy.deepcopy(fusion_state)
         if fusion is not None:
             scale_gate(fusion, float(lam))
-        model = MultimodalDetector(finetuned, fusion, params.detector_mode).to(_device()).eval()
+        model = MultimodalDetector(finetuned, fusion, params.detector_mode).to(_device(params)).eval()
         evaluated, _ = _detect(model.predict, params, data)
         points.append(
             {
