@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from tfg_mm.data.transforms import build_transforms
+from tfg_mm.data.transforms import augment_mode, build_transforms
 from tfg_mm.data.validate import ValidationReport, open_rgb, read_json, resolve_images_dir, validate_coco
 from tfg_mm.errors import DataError
 
@@ -51,8 +51,9 @@ def _under(root: Path, path: str | Path) -> Path:
 class CocoDetection(Dataset):
     """Images resized to ``image_size`` x ``image_size`` with DEIMv2-style targets.
 
-    ``train=True`` with ``augment=True`` applies the training augmentation; anything else gives the
-    plain resize. Images without annotations (defect-free) are kept: they are the negatives.
+    ``train=True`` with ``augment`` ``light`` (``True``) or ``official`` applies that training augmentation
+    (:func:`tfg_mm.data.transforms.build_transforms`); anything else gives the plain resize. ``no_aug``
+    (settable) switches a training set to its no-augmentation tail (the official ``stop_epoch`` policy). Images without annotations (defect-free) are kept: they are the negatives.
     Crowd annotations (``iscrowd=1``) are left out of the training targets (pycocotools ignores
     them in evaluation too).
     """
@@ -64,7 +65,7 @@ class CocoDetection(Dataset):
         images_dir: str | Path = "images",
         image_size: int = 160,
         train: bool = False,
-        augment: bool = True,
+        augment: bool | str = True,
         strict: bool = True,
     ) -> None:
         self.root = Path(root)
@@ -72,6 +73,7 @@ class CocoDetection(Dataset):
         self.images_dir: Path = _under(self.root, images_dir)
         self.image_size = image_size
         self.train = train
+        self._no_aug = False
         self.augment = augment  # builds self.transforms
         self.report: ValidationReport = validate_coco(
             self.coco_path, images_dir=self.images_dir, check_images=True, strict=strict
@@ -98,14 +100,36 @@ class CocoDetection(Dataset):
         self._labels = {i: torch.tensor(v, dtype=torch.int64) for i, v in labels.items()}
 
     @property
-    def augment(self) -> bool:
-        """Whether training augmentation is on; settable (phase 2 turns it off for the cached warm-up)."""
+    def augment(self) -> str:
+        """The training augmentation, ``official`` / ``light`` / ``none``; settable (``True`` = ``light``,
+        ``False`` = ``none``: phase 2 turns it off for the cached warm-up)."""
         return self._augment
 
     @augment.setter
-    def augment(self, value: bool) -> None:
-        self._augment = bool(value)
-        self.transforms = build_transforms(self.image_size, train=self.train, augment=self._augment)
+    def augment(self, value: bool | str) -> None:
+        self._augment = augment_mode(value)
+        self._build_transforms()
+
+    @property
+    def no_aug(self) -> bool:
+        """The no-augmentation tail of training (``no_aug_epochs``); settable between epochs."""
+        return self._no_aug
+
+    @no_aug.setter
+    def no_aug(self, value: bool) -> None:
+        if bool(value) != self._no_aug:
+            self._no_aug = bool(value)
+            self._build_transforms()
+
+    def _build_transforms(self) -> None:
+        self.transforms = build_transforms(
+            self.image_size, train=self.train, augment=self._augment, no_aug=self._no_aug
+        )
+
+    @property
+    def augmenting(self) -> bool:
+        """Whether items are randomly augmented (a training set with augmentation on)."""
+        return self.train and self._augment != "none"
 
     @property
     def num_classes(self) -> int:
@@ -141,7 +165,7 @@ class CocoDetection(Dataset):
         im = self._images[index]
         image_id = im["id"]
         if not self.load_images:
-            if self.train and self.augment:
+            if self.augmenting:
                 raise RuntimeError("labels-only items (load_images=False) need augmentation off")
             height, width = int(im["height"]), int(im["width"])
             boxes = tv_tensors.BoundingBoxes(self._boxes[image_id].clone(), format="XYXY", canvas_size=(height, width))
