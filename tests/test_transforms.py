@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from tfg_mm.config import load_params
 from tfg_mm.data import CocoDetection, collate
@@ -108,3 +109,47 @@ def test_no_aug_tail_switches_at_the_right_epoch(tiny_dataset):
             same += torch.allclose(image, reference, atol=1e-6) or torch.allclose(image, reference.flip(-1), atol=1e-6)
         assert same == 8 if tail else same < 8, (epoch, same)
     assert set_augment_tail(loader, 3, epochs=5, no_aug_epochs=0) is False and train.no_aug is False
+
+
+def test_mosaic_tiles_four_samples_with_valid_boxes(monkeypatch):
+    """Known answer without the affine's motion: each sample's box lands in its quadrant, halved."""
+    from tfg_mm.data.transforms import mosaic
+
+    samples = [_sample(1, seed=k) for k in range(4)]
+    torch.manual_seed(0)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        image, target = mosaic(samples, 160)
+        boxes = target["boxes"]
+        assert image.shape == (3, 160, 160) and image.dtype == torch.uint8 and len(target["labels"]) == len(boxes) == 4
+        assert bool((boxes >= 0).all() and (boxes <= 160).all())
+    # the tiles before the affine: scale (0.5 tile / image) and the quadrant offsets
+    monkeypatch.setattr(v2, "RandomAffine", lambda **kw: v2.Identity())
+    _, target = mosaic(samples, 160)
+    sx, sy = 80 / W, 80 / H
+    box = torch.tensor([10 * sx, 20 * sy, 60 * sx, 90 * sy])
+    offsets = torch.tensor([[0, 0, 0, 0], [80, 0, 80, 0], [0, 80, 0, 80], [80, 80, 80, 80]], dtype=torch.float32)
+    assert torch.allclose(target["boxes"].as_subclass(torch.Tensor), box + offsets, atol=1e-4)
+
+
+@pytest.mark.parametrize("mosaic_prob", [0.0, 1.0])
+def test_mosaic_in_the_dataset(tiny_dataset, mosaic_prob):
+    """`mosaic_prob` 0 draws no extra random number (items as without it); 1 makes every item a valid mosaic,
+    never in the no-augmentation tail."""
+    kwargs = dict(image_size=160, train=True, augment="official")
+    base = CocoDetection(tiny_dataset, "instances_train.json", **kwargs)
+    ds = CocoDetection(tiny_dataset, "instances_train.json", mosaic_prob=mosaic_prob, **kwargs)
+    torch.manual_seed(3)
+    a = ds[0]
+    torch.manual_seed(3)
+    b = base[0]
+    assert torch.equal(a[0], b[0]) == (mosaic_prob == 0)
+    boxes = a[1]["boxes"]
+    assert bool((boxes >= 0).all() and (boxes <= 1).all()) and len(boxes) == len(a[1]["class_labels"])
+    ds.no_aug = True
+    torch.manual_seed(3)
+    plain = CocoDetection(tiny_dataset, "instances_train.json", image_size=160)[0][0]
+    image = ds[0][0]
+    assert torch.allclose(image, plain, atol=1e-6) or torch.allclose(image, plain.flip(-1), atol=1e-6)
+    with pytest.raises(ConfigError, match="`mosaic_prob: 0.5` applies to `augment: official` only"):
+        load_params({"mosaic_prob": 0.5})

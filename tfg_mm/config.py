@@ -307,6 +307,14 @@ class TrainingParams(BaseModel):
         + ", ".join(f"`{k}`" for k in RECIPE_KEYS)
         + " must stay at their defaults.",
     )
+    mosaic_prob: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="`augment: official` only: the chance that a training image is a 2 x 2 mosaic of it and three "
+        "random others under a random affine (the official DEIMv2 Mosaic settings; it then skips zoom-out and IoU "
+        "crop); 0 = off. Never in the no-augmentation tail.",
+    )
     no_aug_epochs: int = Field(
         0,
         ge=0,
@@ -904,6 +912,14 @@ def _check_recipe(params: Params) -> list[tuple[str, str]]:
                         f"{_yaml_value(default)}), or use `recipe: custom` to set the schedule yourself.",
                     )
                 )
+    if params.mosaic_prob > 0 and params.augment != "official":
+        problems.append(
+            (
+                "mosaic_prob",
+                f"`mosaic_prob: {params.mosaic_prob}` applies to `augment: official` only (now `augment: "
+                f"{params.augment}`). Fix: set `augment: official`, or `mosaic_prob: 0`.",
+            )
+        )
     if params.no_aug_epochs > params.epochs:
         problems.append(
             (

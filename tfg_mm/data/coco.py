@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from tfg_mm.data.transforms import augment_mode, build_transforms
+from tfg_mm.data.transforms import augment_mode, build_transforms, mosaic
 from tfg_mm.data.validate import ValidationReport, open_rgb, read_json, resolve_images_dir, validate_coco
 from tfg_mm.errors import DataError
 
@@ -67,6 +67,7 @@ class CocoDetection(Dataset):
         train: bool = False,
         augment: bool | str = True,
         strict: bool = True,
+        mosaic_prob: float = 0.0,
     ) -> None:
         self.root = Path(root)
         self.coco_path: Path = _under(self.root, ann_file)
@@ -74,6 +75,8 @@ class CocoDetection(Dataset):
         self.image_size = image_size
         self.train = train
         self._no_aug = False
+        #: ``augment: official`` only: the chance that an item is a mosaic of four (outside the no-augmentation tail)
+        self.mosaic_prob = float(mosaic_prob)
         self.augment = augment  # builds self.transforms
         self.report: ValidationReport = validate_coco(
             self.coco_path, images_dir=self.images_dir, check_images=True, strict=strict
@@ -125,6 +128,23 @@ class CocoDetection(Dataset):
         self.transforms = build_transforms(
             self.image_size, train=self.train, augment=self._augment, no_aug=self._no_aug
         )
+        self.mosaic_transforms = build_transforms(self.image_size, train=self.train, augment="official", mosaic=True)
+
+    def _mosaic_now(self) -> bool:
+        """Whether this item is a mosaic (a random draw only when mosaics are on: other runs' random streams stay)."""
+        if not (self.train and self._augment == "official" and not self._no_aug and self.mosaic_prob > 0):
+            return False
+        return torch.rand(1).item() < self.mosaic_prob
+
+    def _raw(self, index: int) -> tuple[tv_tensors.Image, dict]:
+        """Item ``index`` as decoded: uint8 image and its XYXY boxes / labels, before any transform."""
+        im = self._images[index]
+        pil = open_rgb(self.images_dir / im["file_name"])
+        image = tv_tensors.Image(F.pil_to_tensor(pil))
+        boxes = tv_tensors.BoundingBoxes(
+            self._boxes[im["id"]].clone(), format="XYXY", canvas_size=(pil.height, pil.width)
+        )
+        return image, {"boxes": boxes, "labels": self._labels[im["id"]].clone()}
 
     @property
     def augmenting(self) -> bool:
@@ -175,11 +195,14 @@ class CocoDetection(Dataset):
             image = torch.empty(3, 0, 0)
             out_h, out_w = target["boxes"].canvas_size
         else:
-            pil = open_rgb(self.images_dir / im["file_name"])
-            height, width = pil.height, pil.width
-            image = tv_tensors.Image(F.pil_to_tensor(pil))
-            boxes = tv_tensors.BoundingBoxes(self._boxes[image_id].clone(), format="XYXY", canvas_size=(height, width))
-            image, target = self.transforms(image, {"boxes": boxes, "labels": self._labels[image_id].clone()})
+            image, target = self._raw(index)
+            height, width = image.shape[-2:]
+            if self._mosaic_now():
+                others = torch.randint(len(self), (3,)).tolist()
+                image, target = mosaic([(image, target), *(self._raw(i) for i in others)], self.image_size)
+                image, target = self.mosaic_transforms(image, target)
+            else:
+                image, target = self.transforms(image, target)
             out_h, out_w = image.shape[-2:]
         cxcywh = F.convert_bounding_box_format(target["boxes"], new_format=tv_tensors.BoundingBoxFormat.CXCYWH)
         scale = torch.tensor([out_w, out_h, out_w, out_h], dtype=torch.float32)

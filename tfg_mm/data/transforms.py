@@ -13,7 +13,9 @@ Three recipes (parameter ``augment``; ``true`` / ``false`` are the older spellin
 - ``official``: the official DEIMv2 training pipeline (``configs/base/dataloader.yml`` of
   ``Intellindust-AI-Lab/DEIMv2``) rebuilt from torchvision v2 ops: photometric distortion (p 0.5),
   zoom-out on a black canvas (p 0.5, up to 4x), IoU crop (p 0.8), sanitise, horizontal flip, resize,
-  sanitise. Mosaic is not built. In the no-augmentation tail (``no_aug=True``, the official
+  sanitise; with probability ``mosaic_prob`` (default 0) a 2 x 2 mosaic of the image and three random
+  others under a random affine (:func:`mosaic`) replaces the zoom-out and IoU crop, as officially. In the
+  no-augmentation tail (``no_aug=True``, the official
   ``stop_epoch`` policy) the policy ops (photometric, zoom-out, IoU crop) are left out; the flip
   stays, as officially.
 - ``none``: the plain square resize and conversion to float in [0, 1] (what evaluation uses).
@@ -70,15 +72,34 @@ class RandomIoUCropWithBoxes(v2.RandomIoUCrop):
         return super().forward(*inputs)
 
 
-def _official_steps(size: tuple[int, int], no_aug: bool) -> list[v2.Transform]:
+def mosaic(samples: list[tuple[tv_tensors.Image, dict]], image_size: int) -> tuple[tv_tensors.Image, dict]:
+    """Four ``(uint8 image, {"boxes", "labels"})`` samples tiled 2 x 2 into one ``image_size`` canvas (each
+    resized to a half-size square tile), then a random affine (rotation ±10°, translation ±10 %, scale 0.5-1.5,
+    black fill): the official DEIMv2 ``Mosaic`` settings, from torchvision v2 ops."""
+    if len(samples) != 4:
+        raise ValueError(f"mosaic takes 4 samples, got {len(samples)}")
+    tile = image_size // 2
+    resize = v2.Resize((tile, tile), antialias=True)
+    canvas = torch.zeros(3, 2 * tile, 2 * tile, dtype=torch.uint8)
+    boxes, labels = [], []
+    for k, (image, target) in enumerate(samples):
+        image, target = resize(image, target)
+        y0, x0 = (k // 2) * tile, (k % 2) * tile
+        canvas[:, y0 : y0 + tile, x0 : x0 + tile] = image
+        boxes.append(target["boxes"].as_subclass(torch.Tensor).reshape(-1, 4) + torch.tensor([x0, y0, x0, y0]))
+        labels.append(target["labels"])
+    merged = tv_tensors.BoundingBoxes(torch.cat(boxes), format="XYXY", canvas_size=(2 * tile, 2 * tile))
+    affine = v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.5, 1.5), fill=0)
+    return affine(tv_tensors.Image(canvas), {"boxes": merged, "labels": torch.cat(labels)})
+
+
+def _official_steps(size: tuple[int, int], no_aug: bool, mosaic: bool = False) -> list[v2.Transform]:
     steps: list[v2.Transform] = []
     if not no_aug:
-        steps += [
-            v2.RandomPhotometricDistort(p=0.5),
-            v2.RandomZoomOut(fill=0, side_range=(1.0, 4.0), p=0.5),
-            RandomIoUCropWithBoxes(p=0.8),
-            v2.SanitizeBoundingBoxes(min_size=1.0),
-        ]
+        steps.append(v2.RandomPhotometricDistort(p=0.5))
+        if not mosaic:  # officially, mosaic and zoom-out / IoU crop never act on the same sample
+            steps += [v2.RandomZoomOut(fill=0, side_range=(1.0, 4.0), p=0.5), RandomIoUCropWithBoxes(p=0.8)]
+        steps.append(v2.SanitizeBoundingBoxes(min_size=1.0))
     steps += [
         v2.RandomHorizontalFlip(p=0.5),
         v2.Resize(size, antialias=True),
@@ -89,20 +110,23 @@ def _official_steps(size: tuple[int, int], no_aug: bool) -> list[v2.Transform]:
     return steps
 
 
-def build_transforms(image_size: int, train: bool, augment: bool | str = "light", no_aug: bool = False) -> v2.Compose:
+def build_transforms(
+    image_size: int, train: bool, augment: bool | str = "light", no_aug: bool = False, mosaic: bool = False
+) -> v2.Compose:
     """Transforms for ``(tv_tensors.Image uint8, {"boxes": BoundingBoxes, "labels": Tensor})``.
 
     ``train`` with ``augment`` ``light`` / ``official`` adds that random augmentation (module docstring);
     otherwise it is the plain square resize and conversion to float in [0, 1] (what evaluation uses).
     ``no_aug``: the no-augmentation tail of a training run (``no_aug_epochs``): ``official`` keeps only
-    its flip, ``light`` becomes the plain resize.
+    its flip, ``light`` becomes the plain resize. ``mosaic``: the ``official`` steps that follow a
+    :func:`mosaic` (no zoom-out, no IoU crop).
     """
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 32:
         raise ConfigError(f"image_size={image_size!r}: must be an integer >= 32 (e.g. 160 for the default set).")
     mode = augment_mode(augment)
     size = (image_size, image_size)
     if train and mode == "official":
-        return v2.Compose(_official_steps(size, no_aug))
+        return v2.Compose(_official_steps(size, no_aug, mosaic))
     light = train and mode == "light" and not no_aug
     steps: list[v2.Transform] = []
     if light:
