@@ -297,7 +297,7 @@ class TrainingParams(BaseModel):
         "light",
         description="Training augmentation (torchvision.transforms.v2): `light` = flips, mild colour jitter and "
         "crop (the default); `official` = the official DEIMv2 pipeline (photometric distortion, zoom-out, IoU "
-        "crop, flip, sanitised boxes; no mosaic); `none`. `true` / `false` mean `light` / `none`.",
+        "crop, flip, sanitised boxes; mosaic with `mosaic_prob`); `none`. `true` / `false` mean `light` / `none`.",
     )
     recipe: Annotated[Recipe, BeforeValidator(_recipe_value)] = Field(
         "custom",
