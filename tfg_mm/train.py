@@ -7,7 +7,8 @@ plugs its multimodal task into the same loop. :mod:`tfg_mm.experiment` is the se
 (reuse check, run folder, seeding, data, the phase's task, the run contract).
 
 What the loop guarantees, for every phase:
-- AdamW (or SGD) with the task's parameter groups; linear warm-up then flat-cosine / cosine;
+- AdamW (or SGD) with the task's parameter groups; linear warm-up (quadratic with `recipe: official`,
+  :func:`tfg_mm.detector.recipe.resolve_recipe`) then flat-cosine / cosine; the no-augmentation tail;
   gradient clipping; an EMA of the weights (``torch.optim.swa_utils.AveragedModel``) with the
   official DEIM warm-up ``decay * (1 - exp(-updates / warmup))``; ``accelerate`` for device,
   mixed precision and ``accelerate launch`` multi-GPU.
