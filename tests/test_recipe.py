@@ -170,3 +170,18 @@ def test_official_recipe_run_records_what_it_used(tiny_dataset, tmp_path):
     # group 0 is the backbone (lr 0.001): flat for steps 0-1, then cosine to 0.5 at step 4; step 3: 0.75
     assert last["lr"] == pytest.approx(0.001 * 0.75)
     assert metrics["params"]["recipe"] == "official"
+
+
+def test_recipe_is_part_of_the_run_identity():
+    """The resolved schedule is a function of the params (recipe, preset, epochs, batch size, step cap), the dataset
+    (its length) and the code (the table): all three make the run id, so two recipes never share a run."""
+    from tfg_mm.runs import code_version, run_id
+
+    code = code_version()
+    ids = {
+        run_id(load_params({"recipe": r, "augment": a}), "hash", code)
+        for r in ("custom", "official")
+        for a in ("light", "official")
+    }
+    assert len(ids) == 4
+    assert run_id(load_params({"augment": True}), "hash", code) == run_id(load_params({}), "hash", code)
