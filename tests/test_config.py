@@ -173,7 +173,9 @@ def test_the_one_mapping_parameter_is_accepted():
         ("templates", ["a photo"], ['`templates[0]` = "a photo"', "exactly one '{}' placeholder"]),
         ("templates", ["a {} on {}"], ['`templates[0]` = "a {} on {}"', "exactly one '{}' placeholder"]),
         ("class_descriptions", {"scratch": 3}, ["`class_descriptions['scratch']` = 3", "valid string"]),
-        ("augment", "maybe", ['`augment` = "maybe"', "allowed: bool"]),
+        ("augment", "maybe", ['`augment` = "maybe"', '"official" | "light" | "none" | bool']),
+        ("augment", "offical", ['`augment` = "offical"', "did you mean `official`?"]),
+        ("recipe", "oficial", ['`recipe` = "oficial"', "did you mean `official`?"]),
         # ranges added for issue 9 (item 8)
         ("alpha", -5, ["`alpha` = -5", "≥ 0, ≤ 1"]),
         ("alpha", 1.5, ["`alpha` = 1.5", "≥ 0, ≤ 1"]),
@@ -210,7 +212,7 @@ def test_lax_but_safe_coercion_of_yaml_scalars(tmp_path):
     # PyYAML reads `1e-3` (no dot) as a string: it must still be the number 0.001.
     path = _write(tmp_path / "p.yaml", "lr: 1e-3\nepochs: 3.0\naugment: 'false'\nnum_classes: null\n")
     p = load_params(path)
-    assert math.isclose(p.lr, 1e-3) and p.epochs == 3 and p.augment is False and p.num_classes is None
+    assert math.isclose(p.lr, 1e-3) and p.epochs == 3 and p.augment == "none" and p.num_classes is None
     with pytest.raises(ConfigError, match="`epochs` = 3.5"):
         load_params({"epochs": 3.5})
 

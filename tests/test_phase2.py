@@ -104,7 +104,7 @@ def test_cached_warmup_reuses_the_cache(baseline_run, tiny_params, tmp_path):
         progress=False,
     )
     task.on_epoch_start(1, trainer)
-    assert data.train.augment is False  # the cached mode is defined on un-augmented images
+    assert data.train.augment == "none"  # the cached mode is defined on un-augmented images
     trainer.rebuild_optimizer()
     trainer._train_one_epoch(1)
     assert set(task.cache) == set(data.train.image_ids)
@@ -114,7 +114,7 @@ def test_cached_warmup_reuses_the_cache(baseline_run, tiny_params, tmp_path):
     assert task.cache_seconds == first  # nothing recomputed in the second warm-up epoch
     assert data.train.load_images is False  # ... and no image decoded either
     task.on_epoch_start(3, trainer)
-    assert data.train.augment is True and data.train.load_images is True  # stage B: images, `augment` as set
+    assert data.train.augment == "light" and data.train.load_images is True  # stage B: images, `augment` as set
 
 
 def test_no_text_branch_skips_stage_a(baseline_run, tiny_params, tmp_path):

@@ -74,6 +74,28 @@ TextEncoderKind = Literal["minilm", "sentence", "open_clip", "random", "none"]
 Unfreeze = Literal["none", "heads", "decoder", "encoder", "all"]
 DetectorMode = Literal["eval_shim", "train_frozen"]
 Tracking = Literal["all", "mlflow", "tensorboard", "none"]
+Augment = Literal["official", "light", "none"]
+Recipe = Literal["custom", "official"]
+
+#: The parameters ``recipe: official`` sets from the preset's official schedule (``tfg_mm.detector.presets.
+#: resolve_recipe``). With ``recipe: official`` each must stay at its schema default: a value that differs is
+#: refused (one recipe decides the schedule; no silent mix of the two).
+RECIPE_KEYS: tuple[str, ...] = (
+    "optimizer",
+    "lr",
+    "lr_backbone",
+    "weight_decay",
+    "scheduler",
+    "lr_warmup_steps",
+    "flat_fraction",
+    "min_lr_ratio",
+    "ema_decay",
+    "ema_warmup",
+    "no_aug_epochs",
+)
+#: How YAML / papermill spell a bool in a string (pydantic's lax bool values)
+_TRUE_WORDS = frozenset({"true", "yes", "y", "on", "t", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "n", "off", "f", "0"})
 
 
 def _is_device(device: str) -> str:
@@ -92,6 +114,29 @@ def _pin(value: bool | str) -> bool | str:
     if isinstance(value, str) and value != "auto":
         raise ValueError("write `true`, `false` or `auto`")
     return value
+
+
+def _choice_with_hint(value: Any, choices: tuple[str, ...]) -> Any:
+    """A string outside ``choices`` fails with the closest choice ("did you mean `official`?")."""
+    if isinstance(value, str) and value not in choices:
+        near = difflib.get_close_matches(value.lower(), choices, n=1, cutoff=0.5)
+        hint = f"did you mean `{near[0]}`?" if near else f"choose one of {', '.join(choices)}"
+        raise ValueError(f"{value!r} is not one of {', '.join(choices)}: {hint}")
+    return value
+
+
+def _augment_value(value: Any) -> Any:
+    """``augment``: ``official`` / ``light`` / ``none``; ``true`` / ``false`` (its older bool spelling) mean
+    ``light`` / ``none``."""
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return "light" if value else "none"
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+        return "light" if value.strip().lower() in _TRUE_WORDS else "none"
+    return _choice_with_hint(value, get_args(Augment))
+
+
+def _recipe_value(value: Any) -> Any:
+    return _choice_with_hint(value, get_args(Recipe))
 
 
 def _template_has_one_placeholder(template: str) -> str:
@@ -248,7 +293,34 @@ class TrainingParams(BaseModel):
         description="Mixed precision through accelerate: `bf16` (CPU and GPUs of compute capability 8.0+) or `fp16` "
         "(CUDA only, with gradient scaling: a step whose gradients overflow is skipped and the scale lowered).",
     )
-    augment: bool = Field(True, description="Training augmentation (torchvision.transforms.v2).")
+    augment: Annotated[Augment, BeforeValidator(_augment_value)] = Field(
+        "light",
+        description="Training augmentation (torchvision.transforms.v2): `light` = flips, mild colour jitter and "
+        "crop (the default); `official` = the official DEIMv2 pipeline (photometric distortion, zoom-out, IoU "
+        "crop, flip, sanitised boxes; mosaic with `mosaic_prob`); `none`. `true` / `false` mean `light` / `none`.",
+    )
+    recipe: Annotated[Recipe, BeforeValidator(_recipe_value)] = Field(
+        "custom",
+        description="`custom` = the schedule parameters as given; `official` = the preset size's official DEIMv2 "
+        "schedule scaled to `epochs` (lr, backbone lr, weight decay, quadratic warm-up, flat-cosine to "
+        "lr_gamma, no-augmentation tail, EMA), recorded as `recipe` in metrics.json; then "
+        + ", ".join(f"`{k}`" for k in RECIPE_KEYS)
+        + " must stay at their defaults.",
+    )
+    mosaic_prob: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="`augment: official` only: the chance that a training image is a 2 x 2 mosaic of it and three "
+        "random others under a random affine (the official DEIMv2 Mosaic settings; it then skips zoom-out and IoU "
+        "crop); 0 = off. Never in the no-augmentation tail.",
+    )
+    no_aug_epochs: int = Field(
+        0,
+        ge=0,
+        description="The last this many epochs train without random augmentation (the official `stop_epoch` "
+        "policy: `official` keeps only the flip, `light` none); `recipe: official` sets it.",
+    )
     num_workers: Annotated[int | str, AfterValidator(_workers)] = Field(
         "auto",
         description="DataLoader worker processes (≥ 0); `auto` = none on CPU (the project's CPU results), "
@@ -597,6 +669,7 @@ _SHOWN_TYPES = {
     "num_workers": 'int | "auto"',
     "pin_memory": 'bool | "auto"',
     "class_descriptions": "dict[str, str | list[str]] | str",
+    "augment": '"official" | "light" | "none" | bool',
 }
 
 
@@ -822,6 +895,43 @@ def _check_gate(params: Params) -> list[tuple[str, str]]:
 
 
 register_params_check(_check_gate)
+
+
+def _check_recipe(params: Params) -> list[tuple[str, str]]:
+    """``recipe: official`` sets the schedule keys: one that differs from its default is refused, not mixed in."""
+    problems = []
+    if params.recipe == "official":
+        for key in RECIPE_KEYS:
+            value, default = getattr(params, key), default_of(key)
+            if value != default:
+                problems.append(
+                    (
+                        key,
+                        f"`{key}: {_yaml_value(value)}` is set, but `recipe: official` sets `{key}` from the official "
+                        f"schedule of preset `{params.preset}`. Fix: remove `{key}` (back to its default "
+                        f"{_yaml_value(default)}), or use `recipe: custom` to set the schedule yourself.",
+                    )
+                )
+    if params.mosaic_prob > 0 and params.augment != "official":
+        problems.append(
+            (
+                "mosaic_prob",
+                f"`mosaic_prob: {params.mosaic_prob}` applies to `augment: official` only (now `augment: "
+                f"{params.augment}`). Fix: set `augment: official`, or `mosaic_prob: 0`.",
+            )
+        )
+    if params.no_aug_epochs > params.epochs:
+        problems.append(
+            (
+                "no_aug_epochs",
+                f"`no_aug_epochs: {params.no_aug_epochs}` is more than `epochs: {params.epochs}`. Fix: at most "
+                f"{params.epochs}.",
+            )
+        )
+    return problems
+
+
+register_params_check(_check_recipe)
 
 
 def load_params(

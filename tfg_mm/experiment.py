@@ -109,7 +109,14 @@ def run_experiment(
                     dataset=record,
                     history=history,
                     final=final,
-                    extra={"phase": phase, **setup.extra, **task.contract_extra(), **tracker.contract_entry()},
+                    extra={
+                        "phase": phase,
+                        # the schedule used (`recipe: official` resolved: tfg_mm.detector.recipe.resolve_recipe)
+                        **({"recipe": trainer.recipe} if trainer is not None else {}),
+                        **setup.extra,
+                        **task.contract_extra(),
+                        **tracker.contract_entry(),
+                    },
                     status=status,
                     depends_on=depends_on,
                 )

@@ -7,7 +7,8 @@ plugs its multimodal task into the same loop. :mod:`tfg_mm.experiment` is the se
 (reuse check, run folder, seeding, data, the phase's task, the run contract).
 
 What the loop guarantees, for every phase:
-- AdamW (or SGD) with the task's parameter groups; linear warm-up then flat-cosine / cosine;
+- AdamW (or SGD) with the task's parameter groups; linear warm-up (quadratic with `recipe: official`,
+  :func:`tfg_mm.detector.recipe.resolve_recipe`) then flat-cosine / cosine; the no-augmentation tail;
   gradient clipping; an EMA of the weights (``torch.optim.swa_utils.AveragedModel``) with the
   official DEIM warm-up ``decay * (1 - exp(-updates / warmup))``; ``accelerate`` for device,
   mixed precision and ``accelerate launch`` multi-GPU.
@@ -48,7 +49,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
 from tfg_mm import analysis
-from tfg_mm.config import portable_text
+from tfg_mm.config import RECIPE_KEYS, portable_text
+from tfg_mm.detector.recipe import resolve_recipe
 from tfg_mm.devices import check_amp, resolve_device
 from tfg_mm.errors import CheckpointError, ConfigError, NonFiniteError, TrainingError
 from tfg_mm.evaluate import evaluate
@@ -146,22 +148,52 @@ def build_optimizer(groups: list[dict], params) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=params.lr, momentum=0.9, weight_decay=params.weight_decay)
 
 
-def lr_factor(step: int, total_steps: int, warmup: int, kind: str, flat_fraction: float, min_ratio: float) -> float:
-    """Multiplier of each group's initial lr: linear warm-up, then constant / cosine / flat-cosine.
+def lr_factor(
+    step: int,
+    total_steps: int,
+    warmup: int,
+    kind: str,
+    flat_fraction: float,
+    min_ratio: float,
+    warmup_power: int = 1,
+    decay_end: float = 1.0,
+) -> float:
+    """Multiplier of each group's initial lr: warm-up, then constant / cosine / flat-cosine.
 
+    Warm-up: ``((step + 1) / warmup) ** warmup_power`` (1 linear; 2 the official DEIM quadratic one).
     Flat-cosine (DEIM): hold the lr flat for ``flat_fraction`` of the steps, then cosine-decay to
-    ``min_ratio`` of the initial value.
+    ``min_ratio`` of the initial value, reached at ``decay_end`` of the steps (1 = the last step; the
+    official recipe ends the decay where its no-augmentation tail starts and keeps ``min_ratio`` there).
     """
     if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
+        return ((step + 1) / warmup) ** warmup_power
     if kind == "constant" or total_steps <= 0:
         return 1.0
     start = warmup if kind == "cosine" else max(warmup, int(flat_fraction * total_steps))
     if step < start:
         return 1.0
-    span = max(1, total_steps - start)
+    end = total_steps if decay_end >= 1.0 else int(decay_end * total_steps)
+    if decay_end < 1.0 and step >= end:
+        return min_ratio
+    span = max(1, end - start)
     progress = min(1.0, (step - start) / span)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_augment_tail(loader: DataLoader, epoch: int, epochs: int, no_aug_epochs: int) -> bool:
+    """Switch the training set of ``loader`` to its no-augmentation tail in the last ``no_aug_epochs`` epochs.
+
+    The official ``stop_epoch`` policy: epochs ``epochs - no_aug_epochs + 1 .. epochs`` (1-based, as the history
+    counts) train without the random augmentation (``tfg_mm.data.CocoDetection.no_aug``). Called before every
+    epoch, also after a resume; DataLoader workers are not persistent, so the next epoch's workers see it.
+    Returns whether ``epoch`` is in the tail.
+    """
+    tail = no_aug_epochs > 0 and epoch > epochs - no_aug_epochs
+    dataset = getattr(loader, "dataset", None)
+    if hasattr(dataset, "no_aug") and dataset.no_aug != tail:
+        dataset.no_aug = tail
+        log.info("epoch %d: training augmentation %s", epoch, "off (no-augmentation tail)" if tail else "on")
+    return tail
 
 
 def ema_multi_avg_fn(decay: float, warmup: int) -> Callable:
@@ -283,6 +315,11 @@ class Trainer:
                 "instead (`workers` in notebook 03)."
             )
         self.train_loader = train_loader
+        #: the schedule this run trains with (``recipe: official`` resolved against the run's length), recorded as
+        #: ``recipe`` in the run contract; the loop and the task's parameter groups read it through ``self.params``
+        self.recipe = resolve_recipe(params, self.steps_per_epoch())
+        if self.recipe["recipe"] != "custom":
+            self.params = params.model_copy(update={k: self.recipe[k] for k in RECIPE_KEYS})
         self.val_loader = val_loader
         self.history: list[dict] = []
         self.best_score = -math.inf
@@ -314,16 +351,26 @@ class Trainer:
             raise ConfigError("Nothing to train: every parameter is frozen. Fix: check `unfreeze` / `epochs`.")
         self.optimizer = build_optimizer(groups, self.params)
 
-    def total_steps(self) -> int:
+    def steps_per_epoch(self) -> int:
         per_epoch = len(self.train_loader)
         if self.params.max_steps_per_epoch:
             per_epoch = min(per_epoch, self.params.max_steps_per_epoch)
-        return per_epoch * self.params.epochs
+        return per_epoch
+
+    def total_steps(self) -> int:
+        return self.steps_per_epoch() * self.params.epochs
 
     def set_lr(self) -> float:
         p = self.params
         f = lr_factor(
-            self.global_step, self.total_steps(), p.lr_warmup_steps, p.scheduler, p.flat_fraction, p.min_lr_ratio
+            self.global_step,
+            self.total_steps(),
+            p.lr_warmup_steps,
+            p.scheduler,
+            p.flat_fraction,
+            p.min_lr_ratio,
+            warmup_power=self.recipe["warmup_power"],
+            decay_end=self.recipe["decay_end"],
         )
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * f
@@ -453,6 +500,7 @@ class Trainer:
             self._evaluate_and_record(epoch=0, losses={}, seconds=0.0, lr=0.0)
         for epoch in range(max(1, self.start_epoch), p.epochs + 1):
             self.epoch, self.stage = epoch, "setup"
+            set_augment_tail(self.train_loader, epoch, p.epochs, p.no_aug_epochs)
             self.task.on_epoch_start(epoch, self)
             t0 = time.perf_counter()
             self._epoch_first_step, self.stage = self.global_step, "train"

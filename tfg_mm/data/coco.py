@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from tfg_mm.data.transforms import build_transforms
+from tfg_mm.data.transforms import augment_mode, build_transforms, mosaic
 from tfg_mm.data.validate import ValidationReport, open_rgb, read_json, resolve_images_dir, validate_coco
 from tfg_mm.errors import DataError
 
@@ -51,8 +51,9 @@ def _under(root: Path, path: str | Path) -> Path:
 class CocoDetection(Dataset):
     """Images resized to ``image_size`` x ``image_size`` with DEIMv2-style targets.
 
-    ``train=True`` with ``augment=True`` applies the training augmentation; anything else gives the
-    plain resize. Images without annotations (defect-free) are kept: they are the negatives.
+    ``train=True`` with ``augment`` ``light`` (``True``) or ``official`` applies that training augmentation
+    (:func:`tfg_mm.data.transforms.build_transforms`); anything else gives the plain resize. ``no_aug``
+    (settable) switches a training set to its no-augmentation tail (the official ``stop_epoch`` policy). Images without annotations (defect-free) are kept: they are the negatives.
     Crowd annotations (``iscrowd=1``) are left out of the training targets (pycocotools ignores
     them in evaluation too).
     """
@@ -64,14 +65,18 @@ class CocoDetection(Dataset):
         images_dir: str | Path = "images",
         image_size: int = 160,
         train: bool = False,
-        augment: bool = True,
+        augment: bool | str = True,
         strict: bool = True,
+        mosaic_prob: float = 0.0,
     ) -> None:
         self.root = Path(root)
         self.coco_path: Path = _under(self.root, ann_file)
         self.images_dir: Path = _under(self.root, images_dir)
         self.image_size = image_size
         self.train = train
+        self._no_aug = False
+        #: ``augment: official`` only: the chance that an item is a mosaic of four (outside the no-augmentation tail)
+        self.mosaic_prob = float(mosaic_prob)
         self.augment = augment  # builds self.transforms
         self.report: ValidationReport = validate_coco(
             self.coco_path, images_dir=self.images_dir, check_images=True, strict=strict
@@ -98,14 +103,53 @@ class CocoDetection(Dataset):
         self._labels = {i: torch.tensor(v, dtype=torch.int64) for i, v in labels.items()}
 
     @property
-    def augment(self) -> bool:
-        """Whether training augmentation is on; settable (phase 2 turns it off for the cached warm-up)."""
+    def augment(self) -> str:
+        """The training augmentation, ``official`` / ``light`` / ``none``; settable (``True`` = ``light``,
+        ``False`` = ``none``: phase 2 turns it off for the cached warm-up)."""
         return self._augment
 
     @augment.setter
-    def augment(self, value: bool) -> None:
-        self._augment = bool(value)
-        self.transforms = build_transforms(self.image_size, train=self.train, augment=self._augment)
+    def augment(self, value: bool | str) -> None:
+        self._augment = augment_mode(value)
+        self._build_transforms()
+
+    @property
+    def no_aug(self) -> bool:
+        """The no-augmentation tail of training (``no_aug_epochs``); settable between epochs."""
+        return self._no_aug
+
+    @no_aug.setter
+    def no_aug(self, value: bool) -> None:
+        if bool(value) != self._no_aug:
+            self._no_aug = bool(value)
+            self._build_transforms()
+
+    def _build_transforms(self) -> None:
+        self.transforms = build_transforms(
+            self.image_size, train=self.train, augment=self._augment, no_aug=self._no_aug
+        )
+        self.mosaic_transforms = build_transforms(self.image_size, train=self.train, augment="official", mosaic=True)
+
+    def _mosaic_now(self) -> bool:
+        """Whether this item is a mosaic (a random draw only when mosaics are on: other runs' random streams stay)."""
+        if not (self.train and self._augment == "official" and not self._no_aug and self.mosaic_prob > 0):
+            return False
+        return torch.rand(1).item() < self.mosaic_prob
+
+    def _raw(self, index: int) -> tuple[tv_tensors.Image, dict]:
+        """Item ``index`` as decoded: uint8 image and its XYXY boxes / labels, before any transform."""
+        im = self._images[index]
+        pil = open_rgb(self.images_dir / im["file_name"])
+        image = tv_tensors.Image(F.pil_to_tensor(pil))
+        boxes = tv_tensors.BoundingBoxes(
+            self._boxes[im["id"]].clone(), format="XYXY", canvas_size=(pil.height, pil.width)
+        )
+        return image, {"boxes": boxes, "labels": self._labels[im["id"]].clone()}
+
+    @property
+    def augmenting(self) -> bool:
+        """Whether items are randomly augmented (a training set with augmentation on)."""
+        return self.train and self._augment != "none"
 
     @property
     def num_classes(self) -> int:
@@ -141,7 +185,7 @@ class CocoDetection(Dataset):
         im = self._images[index]
         image_id = im["id"]
         if not self.load_images:
-            if self.train and self.augment:
+            if self.augmenting:
                 raise RuntimeError("labels-only items (load_images=False) need augmentation off")
             height, width = int(im["height"]), int(im["width"])
             boxes = tv_tensors.BoundingBoxes(self._boxes[image_id].clone(), format="XYXY", canvas_size=(height, width))
@@ -151,11 +195,14 @@ class CocoDetection(Dataset):
             image = torch.empty(3, 0, 0)
             out_h, out_w = target["boxes"].canvas_size
         else:
-            pil = open_rgb(self.images_dir / im["file_name"])
-            height, width = pil.height, pil.width
-            image = tv_tensors.Image(F.pil_to_tensor(pil))
-            boxes = tv_tensors.BoundingBoxes(self._boxes[image_id].clone(), format="XYXY", canvas_size=(height, width))
-            image, target = self.transforms(image, {"boxes": boxes, "labels": self._labels[image_id].clone()})
+            image, target = self._raw(index)
+            height, width = image.shape[-2:]
+            if self._mosaic_now():
+                others = torch.randint(len(self), (3,)).tolist()
+                image, target = mosaic([(image, target), *(self._raw(i) for i in others)], self.image_size)
+                image, target = self.mosaic_transforms(image, target)
+            else:
+                image, target = self.transforms(image, target)
             out_h, out_w = image.shape[-2:]
         cxcywh = F.convert_bounding_box_format(target["boxes"], new_format=tv_tensors.BoundingBoxFormat.CXCYWH)
         scale = torch.tensor([out_w, out_h, out_w, out_h], dtype=torch.float32)

@@ -109,7 +109,13 @@ def make_data(
     train_loader = None
     if need_train:
         train = CocoDetection(
-            root, params.train_json, params.images_dir, image_size=params.image_size, train=True, augment=params.augment
+            root,
+            params.train_json,
+            params.images_dir,
+            image_size=params.image_size,
+            train=True,
+            augment=params.augment,
+            mosaic_prob=params.mosaic_prob,
         )
         if list(train.categories) != list(val.categories):
             raise ConfigError(
