@@ -9,7 +9,8 @@ the library has no test hooks. ``python tests/ddp_driver.py STEPS_FILE [nan:RANK
   statistics are used instead, as in eval mode);
 * every training step's loss and terms are appended to ``STEPS_FILE.<rank>`` (one JSON line a step);
 * ``nan:RANK:STEP`` makes the loss of that rank's STEP-th step (1-based) NaN; ``nanout:RANK:STEP`` its
-  input pixels (so the model's outputs are NaN and the criterion's guard fires on that rank only).
+  input pixels (so the model's outputs are NaN and the criterion's guard fires on that rank only);
+  ``batchnorm`` keeps BatchNorm's batch statistics (to measure their effect).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import os
 import sys
 
 
-def install(steps_file: str, nan: tuple[int, int] | None, nan_out: tuple[int, int] | None) -> None:
+def install(
+    steps_file: str, nan: tuple[int, int] | None, nan_out: tuple[int, int] | None, batchnorm: bool = False
+) -> None:
     import torch
     from torch import nn
 
@@ -33,7 +36,8 @@ def install(steps_file: str, nan: tuple[int, int] | None, nan_out: tuple[int, in
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
 
-    baseline.BaselineTask.set_train_mode = set_train_mode
+    if not batchnorm:
+        baseline.BaselineTask.set_train_mode = set_train_mode
     real_loss = baseline.BaselineTask.loss
     calls = {"n": 0}
 
@@ -61,9 +65,11 @@ def main(argv: list[str]) -> int:
     steps_file, options = argv[0], argv[1:split]
     faults: dict[str, tuple[int, int]] = {}
     for option in options:
+        if option == "batchnorm":
+            continue
         kind, r, s = option.split(":")
         faults[kind] = (int(r), int(s))
-    install(steps_file, faults.get("nan"), faults.get("nanout"))
+    install(steps_file, faults.get("nan"), faults.get("nanout"), "batchnorm" in options)
     from tfg_mm.cli import main as cli_main
 
     return cli_main(argv[split + 1 :])
