@@ -44,6 +44,14 @@ def _torchrun(n: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
 
 
+def _accelerate_launch(n: int) -> list[str]:
+    """``accelerate launch`` with the flags that start n CPU processes (``--cpu`` would start one: README)."""
+    return [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={n}"),
+        *("--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0"),
+    ]
+
+
 def _steps(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -135,8 +143,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_dataset
 def test_a_nan_on_one_process_stops_every_process_with_the_same_error(tiny_dataset, tmp_path):
     driver = str(REPO_ROOT / "tests" / "ddp_driver.py")
     run_dir = tmp_path / "run"
-    # rank 1's second step sees NaN pixels: its model outputs are NaN, the criterion's guard fires there
-    cmd = [*_torchrun(2), driver, str(tmp_path / "s"), "nanout:1:2", "--", "train"]
+    # rank 1's second step sees NaN pixels: its model outputs are NaN, the criterion's guard fires there.
+    # Launched by `accelerate launch` (the equivalence test uses torchrun): both launchers are covered.
+    cmd = [*_accelerate_launch(2), driver, str(tmp_path / "s"), "nanout:1:2", "--", "train"]
     done = _run([*cmd, *_overrides(tiny_dataset, run_dir, batch_size=2, epochs=1)])
     assert done.returncode != 0
     mark = "error: Training diverged"  # (a progress bar without its newline may stand before it)
@@ -147,3 +156,5 @@ def test_a_nan_on_one_process_stops_every_process_with_the_same_error(tiny_datas
     assert record["status"] == "failed" and record["failure"]["type"] == "TrainingError"
     assert record["failure"]["message"] == errors[0].removeprefix("error: ")
     assert [h["epoch"] for h in record["history"]] == [0]  # the epoch-0 evaluation stays
+    assert record["training"]["world_size"] == 2  # two processes were started
+    assert len(_steps(tmp_path / "s.0")) == len(_steps(tmp_path / "s.1")) == 1  # step 2 raised on both
