@@ -158,3 +158,22 @@ def test_a_nan_on_one_process_stops_every_process_with_the_same_error(tiny_datas
     assert [h["epoch"] for h in record["history"]] == [0]  # the epoch-0 evaluation stays
     assert record["training"]["world_size"] == 2  # two processes were started
     assert len(_steps(tmp_path / "s.0")) == len(_steps(tmp_path / "s.1")) == 1  # step 2 raised on both
+
+
+@pytest.mark.slow
+def test_phase2_trains_in_two_processes_with_its_cached_warm_up(tiny_dataset, tmp_path):
+    from tfg_mm.baseline import run_baseline
+    from tfg_mm.config import load_params
+
+    base = tmp_path / "base"
+    run_baseline(load_params({**TINY, "dataset": str(tiny_dataset), "run_dir": str(base), "epochs": 1,
+                              "max_steps_per_epoch": 1}), progress=False)  # fmt: skip
+    run_dir = tmp_path / "phase2"
+    phase2 = {"baseline": base, "text_encoder": "minilm", "warmup_epochs": 1, "unfreeze": "heads", "batch_size": 2}
+    done = _run([*_torchrun(2), "-m", "tfg_mm", "phase2", *_overrides(tiny_dataset, run_dir, **phase2)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = runs.read_metrics(run_dir)
+    assert record["status"] == "finished" and record["training"]["world_size"] == 2
+    assert [(h["epoch"], h["stage"]) for h in record["history"]] == [(0, "A"), (1, "A"), (2, "B")]
+    assert record["cache_seconds"] > 0  # stage A trained from the main process's feature cache
+    assert len(json.loads((run_dir / runs.DETECTIONS_FILE).read_text())) == 6 * TINY["top_k"]
