@@ -19,6 +19,7 @@ LAYERS = {
     "config": 1,
     "figures": 1,
     "devices": 1,
+    "distributed": 1,
     "data": 2,
     "detector": 2,
     "loss": 3,

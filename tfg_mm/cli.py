@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from tfg_mm import distributed
 from tfg_mm.baseline import run_baseline
 from tfg_mm.config import default_of, load_params, parameter_reference, project_root
 from tfg_mm.convert import main as convert_main
@@ -133,14 +134,16 @@ def cmd_convert(args) -> int:
 def cmd_train(args) -> int:
     metrics = run_baseline(_params(args))
     f = metrics["final"]
-    print(f"baseline: mAP {f['map']:.4f}  mAP50 {f['map50']:.4f}  (run_dir {metrics['params']['run_dir']})")
+    if distributed.rank() == 0:  # several processes: the main one reports
+        print(f"baseline: mAP {f['map']:.4f}  mAP50 {f['map50']:.4f}  (run_dir {metrics['params']['run_dir']})")
     return 0
 
 
 def cmd_phase2(args) -> int:
     metrics = run_phase2(_params(args))
     f = metrics["final"]
-    print(f"phase 2: mAP {f['map']:.4f}  mAP50 {f['map50']:.4f}  (run_dir {metrics['params']['run_dir']})")
+    if distributed.rank() == 0:  # several processes: the main one reports
+        print(f"phase 2: mAP {f['map']:.4f}  mAP50 {f['map50']:.4f}  (run_dir {metrics['params']['run_dir']})")
     return 0
 
 

@@ -264,7 +264,12 @@ class TrainingParams(BaseModel):
     """The one training loop shared by every phase: optimiser, schedule, EMA, evaluation, run folder, tracking."""
 
     epochs: int = Field(12, ge=0, description="Training epochs (0 = evaluate only).")
-    batch_size: int = Field(16, ge=1, description="Images per optimiser step (per device).")
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="Images per optimiser step and process; several processes (`torchrun`, `accelerate launch`) "
+        "train on `batch_size` x processes images a step.",
+    )
     lr: float = Field(5e-4, gt=0, description="Learning rate of the detector's encoder, decoder and heads.")
     lr_backbone: float = Field(
         5e-4,

@@ -19,6 +19,14 @@
    is also handed to the tracker, which logs what is new (and, at the end, the artefacts);
 7. the run contract, as written, is returned.
 
+Several processes (``torchrun`` / ``accelerate launch``, data parallelism: :mod:`tfg_mm.distributed`):
+steps 1-4 run on the main process (the others wait and get its outcome, an error included), the data
+are loaded by the main process first (it validates and caches, the others then read), every
+process seeds with ``seed`` (data order) and ``seed + rank`` (augmentation), the train loader holds
+``batch_size`` x processes images a batch (each process trains on its share: the Trainer), and only
+the main process writes the run folder, the contract and the tracking. The number of processes is
+part of the run's identity (it changes the global batch): :func:`tfg_mm.runs.with_world_size`.
+
 Any exception after step 3 (a bad batch, a non-finite loss, Ctrl-C, ...) marks the run failed
 before it propagates: ``metrics.json`` keeps its history and gets ``status: failed`` and
 ``failure`` (type, message, epoch, step, stage, the traceback file ``run_dir/traceback.txt``); the
@@ -38,11 +46,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from tfg_mm import runs, tracking
+from tfg_mm import distributed, runs, tracking
 from tfg_mm.config import RunPaths
 from tfg_mm.data.loaders import Data, dataset_record, make_data, resolve_dataset
+from tfg_mm.devices import check_amp, resolve_device
 from tfg_mm.io import atomic_write_json, atomic_write_text
-from tfg_mm.train import Task, Trainer, seed_everything
+from tfg_mm.train import Task, Trainer, make_accelerator, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -76,32 +85,60 @@ def run_experiment(
     ``depends_on`` names what else the result depends on (phase 2: the baseline run's id); it is
     folded into the run id. ``train=False`` evaluates the model ``build`` loads instead of training.
     """
-    root = resolve_dataset(params, progress=progress, root=paths.dataset)
-    record = dataset_record(root, params.train_json, params.val_json, params.images_dir)
+    accelerator = None
+    if distributed.launched_world_size() > 1:  # the process group opens here, before any file is touched
+        device = resolve_device(params.device)
+        check_amp(params.amp, device)
+        accelerator = make_accelerator(device, params.amp)
+    world = accelerator.num_processes if accelerator is not None else 1
+    is_main = accelerator is None or accelerator.is_main_process
+    depends_on = runs.with_world_size(depends_on, world)
     code = runs.code_version()
+
+    def prepare() -> tuple[dict, dict | None, dict | None]:
+        root = resolve_dataset(params, progress=progress, root=paths.dataset)
+        record = dataset_record(root, params.train_json, params.val_json, params.images_dir)
+        rid = runs.run_id(params, record["hash"], code, depends_on)
+        if not params.overwrite:
+            existing = runs.finished_run(paths.run_dir, rid)
+            if existing is not None:
+                log.info("reusing the finished run %s (same params, dataset and code)", paths.run_dir)
+                return record, existing, None
+        runs.check_run_dir(paths.run_dir, params, record["hash"], code, depends_on)
+        # the run this one resumes (read before prepare_run_dir, which may start the folder over)
+        resumed = runs.interrupted_run(paths.run_dir) if params.resume and not params.overwrite else None
+        runs.prepare_run_dir(paths.run_dir, overwrite=params.overwrite, resume=params.resume)
+        return record, None, resumed
+
+    record, existing, resumed = _on_main(prepare, is_main, world)
+    if existing is not None:
+        return existing
     rid = runs.run_id(params, record["hash"], code, depends_on)
-    if not params.overwrite:
-        existing = runs.finished_run(paths.run_dir, rid)
-        if existing is not None:
-            log.info("reusing the finished run %s (same params, dataset and code)", paths.run_dir)
-            return existing
-    runs.check_run_dir(paths.run_dir, params, record["hash"], code, depends_on)
-    # the run this one resumes (read before prepare_run_dir, which may start the folder over)
-    resumed = runs.interrupted_run(paths.run_dir) if params.resume and not params.overwrite else None
-    runs.prepare_run_dir(paths.run_dir, overwrite=params.overwrite, resume=params.resume)
     # before seeding: whatever the tracking libraries do on import cannot shift a random number of the run
-    tracker = tracking.start(
-        params, paths.run_dir, phase=phase, run_id=rid, dataset=record, code=code, previous=resumed
+    tracker = (
+        tracking.start(params, paths.run_dir, phase=phase, run_id=rid, dataset=record, code=code, previous=resumed)
+        if is_main
+        else tracking.Tracker()
     )
     trainer: Trainer | None = None
     setup: Setup | None = None
     try:
-        loader_gen = seed_everything(params.seed, params.deterministic)
-        data = make_data(params, loader_gen, progress=progress, need_train=train, record=record)
+        loader_gen = seed_everything(params.seed, params.deterministic, rank=distributed.rank())
+        if not is_main:  # the main process validates the images first (a cached marker), then the others
+            distributed.barrier()
+        data = make_data(params, loader_gen, progress=progress, need_train=train, record=record, processes=world)
+        if is_main:
+            distributed.barrier()
         setup = build(data)
         task = setup.task
 
+        training = {"world_size": world, "batch_size_per_process": params.batch_size}
+        training["global_batch_size"] = params.batch_size * world
+
         def contract(history: list[dict], final: dict | None, status: str) -> None:
+            if not is_main:
+                return
+
             def write() -> None:
                 runs.write_metrics(
                     paths.run_dir,
@@ -114,6 +151,7 @@ def run_experiment(
                         # the schedule used (`recipe: official` resolved: tfg_mm.detector.recipe.resolve_recipe)
                         **({"recipe": trainer.recipe} if trainer is not None else {}),
                         **setup.extra,
+                        "training": training,
                         **task.contract_extra(),
                         **tracker.contract_entry(),
                     },
@@ -142,6 +180,7 @@ def run_experiment(
             contract,
             progress,
             run_id=rid,
+            accelerator=accelerator,
         )
         if train:
             trainer.fit()
@@ -149,7 +188,8 @@ def run_experiment(
             task.model.to(trainer.accelerator.device)
             trainer.stage = "evaluate"
             metrics, dets = trainer.evaluate()
-            atomic_write_json(paths.run_dir / runs.DETECTIONS_FILE, dets)
+            if is_main:
+                atomic_write_json(paths.run_dir / runs.DETECTIONS_FILE, dets)
             entry = {
                 "epoch": 0,
                 **{k: metrics[k] for k in _EVAL_KEYS},
@@ -160,12 +200,36 @@ def run_experiment(
             }
             final = {**entry, "selected_by": "evaluation only", "checkpoint": setup.evaluated, **trainer.analyse()}
             contract([entry], final, "finished")
+            distributed.barrier()
     except BaseException as exc:  # recorded, then raised unchanged: the caller's exit code says it failed
+        if not is_main:  # the main process records it (every process raises the same TrainingError)
+            raise
         _record_failure(exc, paths, params, record, phase, depends_on, setup, trainer, tracker)
         status = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
         tracker.end(status, [paths.run_dir / runs.METRICS_FILE, paths.run_dir / runs.TRACEBACK_FILE])
         raise
     return runs.read_metrics(paths.run_dir)
+
+
+def _on_main(step: Callable, is_main: bool, world: int):
+    """``step()`` on the main process; the other processes wait and get its result, or raise its error."""
+    if world == 1:
+        return step()
+    outcome, error = None, None
+    if is_main:
+        try:
+            outcome = step()
+        except Exception as exc:  # handed to the other processes, then raised here unchanged
+            error = exc
+    try:
+        shared = distributed.broadcast_object((outcome, error))
+    except Exception:  # an error that does not pickle: its message
+        shared = distributed.broadcast_object((outcome, RuntimeError(f"{type(error).__name__}: {error}")))
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise shared[1]
+    return shared[0]
 
 
 def _record_failure(

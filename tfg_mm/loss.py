@@ -45,6 +45,7 @@ from transformers.loss.loss_deimv2 import Deimv2Loss
 from transformers.loss.loss_for_object_detection import box_iou, generalized_box_iou
 from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
 
+from tfg_mm import distributed
 from tfg_mm.detector.official import register_criterion
 from tfg_mm.detector.presets import OFFICIAL_CRITERION, OFFICIAL_DECODER
 from tfg_mm.errors import ConfigError, DataError, NonFiniteError, TfgError
@@ -575,11 +576,20 @@ def _output_tensors(outputs: Mapping) -> list[tuple[str, Tensor]]:
 
 
 def _raise_if_not_finite(named: Sequence[tuple[str, Tensor]], epoch: int, kind: str) -> None:
-    """One device sync for all tensors; on a failure, name the first non-finite one and count its entries."""
-    if not named:
-        return
-    flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])
-    if bool(flags.all()):
+    """One device sync for all tensors; on a failure, name the first non-finite one and count its entries.
+
+    Under several processes the verdict is shared (:func:`tfg_mm.distributed.any_rank`): when one rank sees a
+    non-finite value every rank raises (the others say so), instead of waiting in the next collective.
+    """
+    flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]) if named else None
+    ok = flags is None or bool(flags.all())
+    if distributed.initialized() and distributed.any_rank(not ok, named[0][1].device if named else None):
+        if ok:
+            raise NonFiniteError(
+                f"non-finite {kind} on another process (epoch {epoch}); that process's error names it.",
+                what="another process",
+            )
+    elif ok:
         return
     name, tensor = named[int((~flags).nonzero()[0, 0])]
     values = tensor.detach()

@@ -239,6 +239,23 @@ def environment() -> dict:
     }
 
 
+def with_world_size(depends_on: str, world_size: int) -> str:
+    """What a run depends on, with its number of processes when there are several (data parallelism).
+
+    The global batch is ``batch_size`` x processes, so a run of 2 processes is another run than one of
+    1 process with the same params: another run id. A one-process run's ``depends_on`` (and id) is unchanged.
+    """
+    return depends_on if world_size == 1 else f"{depends_on};world_size={world_size}"
+
+
+def world_size_of(depends_on: str) -> int:
+    """The number of processes :func:`with_world_size` folded into ``depends_on`` (1 when none)."""
+    for part in depends_on.split(";"):
+        if part.startswith("world_size="):
+            return int(part.split("=", 1)[1])
+    return 1
+
+
 def run_id(params: Params | Mapping[str, Any], dataset_hash: str, code: Mapping[str, Any], depends_on: str = "") -> str:
     """Stable 16-hex-digit id of what determines a run's result.
 
@@ -327,6 +344,10 @@ def run_differences(
     for key in ("package", "git_commit", "source_sha256"):
         if old_code.get(key) != code.get(key):
             out.append(f"code `{key}`: {_short(old_code.get(key))} -> {_short(code.get(key))}")
+    old_training = old.get("training") if isinstance(old.get("training"), Mapping) else {}
+    old_world, new_world = old_training.get("world_size", 1), world_size_of(depends_on)
+    if old_world != new_world:
+        out.append(f"processes (world size): {old_world} -> {new_world} (the global batch is batch_size x processes)")
     if not out and old.get("run_id") != run_id(params, dataset_hash, code, depends_on):
         out.append("what the run depends on (phase 2: the baseline run it starts from) changed")
     return out

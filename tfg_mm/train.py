@@ -16,6 +16,13 @@ What the loop guarantees, for every phase:
   ``{run_dir}/metrics.json`` rewritten atomically after every evaluated epoch.
 - A non-finite loss stops the run with :class:`~tfg_mm.errors.TrainingError` naming epoch, step
   and loss terms; the last good checkpoint and history stay on disk.
+- Several processes (``torchrun --nproc_per_node N`` / ``accelerate launch --multi_gpu --num_processes N``):
+  data parallelism (:mod:`tfg_mm.distributed`). Each rank trains on its disjoint share of every global
+  batch (``batch_size`` per process, ``batch_size`` x N a step), the gradients and BatchNorm statistics
+  are averaged over the ranks, each rank predicts its share of the validation images and the main
+  process evaluates them all; checkpoints, the state, the contract and the progress log are written by
+  the main process only. Seeds: the model is identical on every rank (rank 0's, broadcast), the data
+  order too (``seed``); augmentation and denoising noise draw from ``seed + rank``.
 - An interrupted run resumes from ``{run_dir}/state/last.pt`` (model, optimiser, scheduler, EMA,
   RNG states, history) and ends with the same metrics as an uninterrupted run on CPU. The state
   carries the run id it belongs to: a state of another run is refused (the experiment refuses it
@@ -42,18 +49,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from accelerate.state import AcceleratorState
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
-from tfg_mm import analysis
+from tfg_mm import analysis, distributed
 from tfg_mm.config import RECIPE_KEYS, portable_text
 from tfg_mm.detector.recipe import resolve_recipe
 from tfg_mm.devices import check_amp, resolve_device
 from tfg_mm.errors import CheckpointError, ConfigError, NonFiniteError, TrainingError
-from tfg_mm.evaluate import evaluate
+from tfg_mm.evaluate import coco_evaluate, evaluate, predict, to_coco_detections
 from tfg_mm.io import atomic_write_bytes, atomic_write_json
 from tfg_mm.runs import DETECTIONS_FILE, append_progress
 
@@ -67,11 +75,15 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
 # Reproducibility
 # ----------------------------------------------------------------------------------------------
-def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
-    """Seed python, numpy and torch; return the generator that drives data shuffling."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def seed_everything(seed: int, deterministic: bool = True, rank: int = 0) -> torch.Generator:
+    """Seed python, numpy and torch; return the generator that drives data shuffling.
+
+    ``rank`` (several processes): the global generators (augmentation, denoising noise) get ``seed + rank``,
+    the data-order generator ``seed`` on every rank, so that all ranks cut the same global batches.
+    """
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -110,8 +122,8 @@ def make_accelerator(device: torch.device, amp: str) -> Accelerator:
     or device in a later ``Accelerator``; in a single process (a notebook running phase 1 with ``amp: no``,
     then phase 2 with ``amp: bf16``) that state is reset first, so each run gets what its params say.
     """
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
+    if device.type == "cuda" and device.index is not None and distributed.launched_world_size() == 1:
+        torch.cuda.set_device(device)  # several processes: accelerate puts rank r on cuda:LOCAL_RANK
     state = AcceleratorState._shared_state
     if state and state.get("num_processes", 1) == 1:
         if state.get("_mixed_precision") != amp or getattr(state.get("device"), "type", None) != device.type:
@@ -284,6 +296,7 @@ class Trainer:
         write_contract: Callable[[list[dict], dict | None, str], None],
         progress: bool = True,
         run_id: str = "",
+        accelerator: Accelerator | None = None,
     ):
         self.params = params
         #: the run this loop belongs to (:func:`tfg_mm.runs.run_id`), stored in and checked against the state
@@ -304,16 +317,10 @@ class Trainer:
         #: the run's device (``device``: auto / cpu / cuda / cuda:N, :func:`tfg_mm.devices.resolve_device`)
         self.device = resolve_device(params.device)
         check_amp(params.amp, self.device)
-        self.accelerator = make_accelerator(self.device, params.amp)
-        if self.accelerator.num_processes > 1:
-            # The loop uses accelerate for device placement, mixed precision and backward; it does not
-            # yet shard data / wrap the model for several processes. Refuse rather than train N copies.
-            raise ConfigError(
-                f"`accelerate launch` started {self.accelerator.num_processes} processes, but tfg_mm's training "
-                "loop runs on one device per run. Fix: launch with one process (`accelerate launch "
-                "--num_processes 1` or plain `python -m tfg_mm ...`) and run seeds / variants in parallel "
-                "instead (`workers` in notebook 03)."
-            )
+        self.accelerator = accelerator if accelerator is not None else make_accelerator(self.device, params.amp)
+        #: processes of the run (data parallelism, :mod:`tfg_mm.distributed`) and whether this one writes
+        self.world = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
         self.train_loader = train_loader
         #: the schedule this run trains with (``recipe: official`` resolved against the run's length), recorded as
         #: ``recipe`` in the run contract; the loop and the task's parameter groups read it through ``self.params``
@@ -390,7 +397,11 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_state(self, epoch: int) -> None:
-        """Everything needed to resume after ``epoch``: one atomic file."""
+        """Everything needed to resume after ``epoch``: one atomic file (written by the main process; every
+        process's RNG states go in it)."""
+        ranks_rng = distributed.gather_objects(rng_state(self.loader_gen)) if self.world > 1 else None
+        if not self.is_main:
+            return
         state = {
             "run_id": self.run_id,
             "epoch": epoch,
@@ -406,6 +417,8 @@ class Trainer:
         }
         if self.accelerator.scaler is not None:  # amp fp16: the gradient scale goes on where it was
             state["scaler"] = self.accelerator.scaler.state_dict()
+        if ranks_rng is not None:
+            state["rng_ranks"] = ranks_rng
         buf = io.BytesIO()
         torch.save(state, buf)
         self.stage = "save"
@@ -415,7 +428,7 @@ class Trainer:
         path = self.state_dir / "last.pt"
         # a process killed inside the atomic write leaves its complete-or-partial temporary file
         # (never last.pt itself): it is garbage of the size of the state, removed here
-        for leftover in self.state_dir.glob(".last.pt.*.tmp"):
+        for leftover in self.state_dir.glob(".last.pt.*.tmp") if self.is_main else ():
             leftover.unlink(missing_ok=True)
         if not (self.params.resume and path.exists()):
             return False
@@ -448,15 +461,25 @@ class Trainer:
         self.best_score = state["best_score"]
         self.best_epoch = state["best_epoch"]
         self.start_epoch = state["epoch"] + 1
-        set_rng_state(state["rng"], self.loader_gen)
+        ranks_rng = state.get("rng_ranks")
+        rank = self.accelerator.process_index
+        set_rng_state(ranks_rng[rank] if ranks_rng and len(ranks_rng) == self.world else state["rng"], self.loader_gen)
         log.info("Resumed %s after epoch %d", self.run_dir, state["epoch"])
         return True
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> tuple[dict, list[dict]]:
+        """Validation metrics and detections. Several processes: each predicts its share of the images, the
+        main process evaluates all of them (each image once) and every process gets its metrics; the
+        detections are the main process's (empty elsewhere)."""
         model = self.eval_model()
         was_training = model.training
         model.eval()
+        if self.world > 1:
+            try:
+                return self._evaluate_sharded(model)
+            finally:
+                model.train(was_training)
         try:
             metrics, dets = evaluate(
                 self.task.predict_fn(model),
@@ -472,11 +495,41 @@ class Trainer:
             model.train(was_training)
         return metrics, dets
 
+    def _evaluate_sharded(self, model: nn.Module) -> tuple[dict, list[dict]]:
+        dataset = self.val_loader.dataset
+        rank = self.accelerator.process_index
+        indices = list(range(rank, len(dataset), self.world))  # strided: every image on exactly one rank
+        loader = DataLoader(
+            Subset(dataset, indices),
+            batch_size=self.val_loader.batch_size,
+            shuffle=False,
+            collate_fn=self.val_loader.collate_fn,
+            num_workers=self.val_loader.num_workers,
+            pin_memory=self.val_loader.pin_memory,
+        )
+        results, image_ids = predict(
+            self.task.predict_fn(model),
+            loader,
+            top_k=self.params.top_k,
+            device=self.accelerator.device,
+            progress=self.progress and self.is_main,
+        )
+        shard = [
+            (index, to_coco_detections([result], [image_id], self.cat_ids))
+            for index, result, image_id in zip(indices, results, image_ids)
+        ]
+        shards = distributed.gather_objects(shard)
+        metrics, dets = None, []
+        if self.is_main:
+            dets = distributed.merge_detection_shards(shards, len(dataset))
+            metrics = coco_evaluate(self.coco_gt, dets, self.task.class_names, self.cat_ids)
+        return distributed.broadcast_object(metrics), dets
+
     def analyse(self) -> dict:
         """The error analysis of the selected checkpoint's detections (``{run_dir}/detections_val.json``):
         writes ``{run_dir}/analysis.json`` and returns ``{"operating_points", "errors"}`` for ``final``
         (:mod:`tfg_mm.analysis`); ``{}`` when no detections were kept."""
-        if not (self.run_dir / DETECTIONS_FILE).exists():
+        if not self.is_main or not (self.run_dir / DETECTIONS_FILE).exists():
             return {}
         self.stage = "analyse"
         start = time.perf_counter()
@@ -489,6 +542,9 @@ class Trainer:
         p = self.params
         self._fit_t0 = time.perf_counter()
         self.task.model.to(self.accelerator.device)
+        if self.world > 1:
+            distributed.broadcast_module(self.task.model)  # rank 0's initial weights everywhere, as DDP does
+            self.train_loader = self._sharded_train_loader()
         self.stage = "resume"
         if not self.try_resume():
             self.epoch = 0
@@ -513,6 +569,42 @@ class Trainer:
         self.stage = "finish"
         return self._finish()
 
+    def _sharded_train_loader(self) -> DataLoader:
+        """Each rank's disjoint share of every global batch (accelerate's ``split_batches``): the loader the
+        experiment built holds ``batch_size`` x processes images a batch, in the order of the data seed."""
+        return prepare_data_loader(
+            self.train_loader,
+            num_processes=self.world,
+            process_index=self.accelerator.process_index,
+            split_batches=True,
+            put_on_device=False,
+        )
+
+    def _agree_on_step(
+        self, epoch: int, step: int, loss: torch.Tensor | None, terms: dict, failure: tuple[bool, str] | None
+    ) -> tuple[float, dict[str, float]]:
+        """Several processes: the step's loss and terms averaged over the ranks; a non-finite loss or a
+        :class:`NonFiniteError` on any rank stops every rank with the same :class:`TrainingError`."""
+        value = float(loss.detach().float().item()) if loss is not None else math.nan
+        shards = distributed.gather_objects((failure, value, terms))
+        origin = [(r, f[1]) for r, (f, _, _) in enumerate(shards) if f is not None and f[0]]
+        if origin or any(f is not None for f, _, _ in shards):
+            rank, what = origin[0] if origin else (0, "non-finite value")
+            raise TrainingError(self._non_finite_message(epoch, step, f"process {rank} of {self.world}: {what}"))
+        bad = [r for r, (_, v, _) in enumerate(shards) if not math.isfinite(v)]
+        if bad:
+            rank, (_, v, rank_terms) = bad[0], shards[bad[0]]
+            nonfinite = {k: x for k, x in rank_terms.items() if not math.isfinite(x)}
+            what = (
+                f"process {rank} of {self.world}: non-finite loss ({v}); non-finite terms: "
+                f"{nonfinite or 'none individually (the sum overflowed)'}; all terms: "
+                f"{ {k: round(x, 4) for k, x in rank_terms.items()} }"
+            )
+            raise TrainingError(self._non_finite_message(epoch, step, what))
+        keys = list(dict.fromkeys(k for _, _, t in shards for k in t))
+        mean_terms = {k: sum(float(t.get(k, 0.0)) for _, _, t in shards) / self.world for k in keys}
+        return sum(v for _, v, _ in shards) / self.world, mean_terms
+
     def _train_one_epoch(self, epoch: int) -> dict[str, float]:
         p = self.params
         model = self.task.model
@@ -523,7 +615,11 @@ class Trainer:
         if p.max_steps_per_epoch:
             steps = min(steps, p.max_steps_per_epoch)
         bar = tqdm(
-            self.train_loader, total=steps, desc=f"epoch {epoch}/{p.epochs}", disable=not self.progress, leave=False
+            self.train_loader,
+            total=steps,
+            desc=f"epoch {epoch}/{p.epochs}",
+            disable=not (self.progress and self.is_main),
+            leave=False,
         )
         t_step = time.perf_counter()
         loss_sum = 0.0
@@ -537,12 +633,18 @@ class Trainer:
             # (tfg_mm.loss.check_finite_outputs): NaN boxes would otherwise die in transformers' GIoU assertion
             # as a raw ValueError. Here the error gets the epoch, step, run and fixes; the total is checked too
             # (a task whose loss does not go through that criterion, or a sum that overflows).
+            failure = None
             try:
                 with self.accelerator.autocast():
                     loss, terms = self.task.loss(model, batch, epoch)
             except NonFiniteError as exc:
-                raise TrainingError(self._non_finite_message(epoch, step, str(exc).rstrip("."))) from exc
-            if not torch.isfinite(loss):
+                if self.world == 1:
+                    raise TrainingError(self._non_finite_message(epoch, step, str(exc).rstrip("."))) from exc
+                loss, terms, failure = None, {}, (exc.what != "another process", str(exc).rstrip("."))
+            mean_loss = None
+            if self.world > 1:  # every rank learns of a failure on any rank; the logged numbers are the means
+                mean_loss, terms = self._agree_on_step(epoch, step, loss, terms, failure)
+            elif not torch.isfinite(loss):
                 bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
                 what = (
                     f"non-finite loss ({loss.item()}); non-finite terms: "
@@ -552,6 +654,8 @@ class Trainer:
                 raise TrainingError(self._non_finite_message(epoch, step, what))
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)  # amp fp16: the loss times the gradient scaler's scale
+            if self.world > 1:  # the mean gradient of the global batch, on every rank (what DDP computes)
+                distributed.average_gradients(q for g in self.optimizer.param_groups for q in g["params"])
             scaler = self.accelerator.scaler  # None unless amp fp16 (on CUDA)
             if scaler is not None:
                 # the true gradients, for clipping; the guard above saw the unscaled loss, so a scale too high
@@ -567,12 +671,14 @@ class Trainer:
             else:
                 self.optimizer.step()
             self.global_step += 1
+            if self.world > 1:  # BatchNorm running statistics: the mean over the ranks, the same on each
+                distributed.average_buffers(model)
             if self.ema is not None:
                 self.ema.update_parameters(model)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             count += 1
-            loss_value = loss.item()
+            loss_value = loss.item() if mean_loss is None else mean_loss
             loss_sum += loss_value
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
             now = time.perf_counter()
@@ -596,7 +702,9 @@ class Trainer:
         return steps_left * self._train_seconds / self._train_steps + evaluations_left * self._eval_seconds
 
     def _progress(self, event: str, epoch: int, evaluations_from: int | None = None, **values) -> None:
-        """One line of ``{run_dir}/progress.jsonl`` (for the terminal; never read by a report)."""
+        """One line of ``{run_dir}/progress.jsonl`` (for the terminal; never read by a report; main process only)."""
+        if not self.is_main:
+            return
         self._last_progress = time.perf_counter()
         entry = {
             "run": portable_text(str(self.run_dir)),
@@ -646,20 +754,23 @@ class Trainer:
             **self.task.epoch_extra(self.eval_model()),
         }
         self.history.append(entry)
-        score = metrics[self.params.select_metric]
+        score = metrics[self.params.select_metric]  # the main process's, on every rank (broadcast)
         model = self.eval_model()
         meta = {"epoch": epoch, "metrics": _headline(metrics), "run_dir": str(self.run_dir)}
-        self.task.save_model(model, self.ckpt_dir / "last", meta)
+        if self.is_main:
+            self.task.save_model(model, self.ckpt_dir / "last", meta)
         if score > self.best_score:
             self.best_score = score
             self.best_epoch = epoch
-            self.task.save_model(model, self.ckpt_dir / "best", meta)
-            # the selected checkpoint's validation detections: the ablation statistics resample them
-            atomic_write_json(self.run_dir / DETECTIONS_FILE, dets)
-        self.write_contract(self.history, None, "running")
+            if self.is_main:
+                self.task.save_model(model, self.ckpt_dir / "best", meta)
+                # the selected checkpoint's validation detections: the ablation statistics resample them
+                atomic_write_json(self.run_dir / DETECTIONS_FILE, dets)
+        if self.is_main:
+            self.write_contract(self.history, None, "running")
         self._latest_eval = {"map": metrics["map"], "map50": metrics["map50"], "map_epoch": epoch}
         self._progress("eval", epoch, evaluations_from=epoch + 1)
-        if self.progress:
+        if self.progress and self.is_main:
             tqdm.write(f"[{self.run_dir.name}] epoch {epoch}: mAP {metrics['map']:.4f}  mAP50 {metrics['map50']:.4f}")
 
     def _finish(self) -> TrainResult:
@@ -668,8 +779,10 @@ class Trainer:
         final["selected_by"] = self.params.select_metric
         final["checkpoint"] = str(self.ckpt_dir / "best")
         final.update(self.analyse())
-        self.write_contract(self.history, final, "finished")
+        if self.is_main:
+            self.write_contract(self.history, final, "finished")
         self._progress("finish", self.params.epochs, best_epoch=self.best_epoch, best_map=best["map"])
+        distributed.barrier()  # the other processes return once the contract is final
         return TrainResult(self.history, final, self.ckpt_dir / "best", self.ckpt_dir / "last")
 
 

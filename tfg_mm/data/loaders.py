@@ -91,13 +91,19 @@ class Data:
 
 
 def make_data(
-    params, loader_gen: torch.Generator, progress: bool = True, need_train: bool = True, record: dict | None = None
+    params,
+    loader_gen: torch.Generator,
+    progress: bool = True,
+    need_train: bool = True,
+    record: dict | None = None,
+    processes: int = 1,
 ) -> Data:
     """The run's datasets and loaders (the train ones only when ``need_train``).
 
     ``record`` is the run's :func:`dataset_record` when the caller has already located and
     fingerprinted the dataset (a run does it once, before its reuse check); without it the dataset
-    is located here and fingerprinted after loading.
+    is located here and fingerprinted after loading. ``processes`` (data parallelism): the train loader
+    cuts global batches of ``batch_size`` x processes images, which the training loop shares out.
     """
     root = Path(record["root"]) if record is not None else resolve_dataset(params, progress=progress)
     # workers / pinned memory for the run's device (`auto`: none on CPU, as always; tfg_mm.devices)
@@ -122,14 +128,15 @@ def make_data(
                 f"The train and val annotation files of {root} list different categories "
                 f"({train.categories} vs {val.categories}). Fix: use one category list in both."
             )
+        global_batch = params.batch_size * processes
         train_loader = DataLoader(
             train,
-            batch_size=params.batch_size,
+            batch_size=global_batch,
             shuffle=True,
             generator=loader_gen,
             collate_fn=collate,
             **settings,
-            drop_last=len(train) > params.batch_size,
+            drop_last=len(train) > global_batch,
         )
     val_loader = DataLoader(val, batch_size=params.batch_size, shuffle=False, collate_fn=collate, **settings)
     if record is None:
