@@ -124,6 +124,26 @@ def test_slurm_without_a_partition_or_sbatch_is_refused_before_any_run(setup, mo
     assert _calls(out, "minilm") == 0 and not (out / "grid.json").exists()
 
 
+def test_notebook03_parameters_reach_the_executor(setup):
+    """`papermill notebooks/03_ablations.ipynb -p executor slurm ...` injects names the parameters
+    cell does not list: run_from_notebook passes them on (here: refused for the missing partition)."""
+    tmp_path, params_file = setup
+    namespace = {
+        "params_file": str(params_file),
+        "grid": str(_grid_file(tmp_path, GOOD)),
+        "baseline": str(tmp_path / "baseline"),
+        "run_dir": str(tmp_path / "ablations"),
+        "executor": "slurm",
+        "slurm_time_min": 30,
+    }
+    with pytest.raises(ConfigError, match="`slurm_partition`"):
+        ablations.run_from_notebook(namespace, run_variant=fake_run, progress=False)
+    namespace["executor"] = "submitit_local"
+    with pytest.raises(ConfigError, match='did you mean "submitit-local"'):
+        ablations.run_from_notebook(namespace, run_variant=fake_run, progress=False)
+    assert _calls(tmp_path / "ablations", "minilm") == 0
+
+
 def test_executor_keys_in_a_grid_file_are_validated_and_explicit_values_win(setup):
     tmp_path, params_file = setup
     path = _grid_file(tmp_path, GOOD)

@@ -23,7 +23,9 @@ executed notebook, its HTML and the run contract ``metrics.json``). A run that r
 A finished run whose ``run_id`` (params, dataset hash, code version and the baseline's run id:
 :func:`tfg_mm.runs.run_id`) equals the planned one is reused, not re-run (``reuse: false`` re-runs
 it). ``workers > 1`` runs several notebooks at once in separate processes (each papermill execution
-has its own kernel), each limited to ``cpu_count // workers`` threads.
+has its own kernel), each limited to ``cpu_count // workers`` threads. ``executor: slurm`` (or
+``submitit-local``) runs every run as one submitit job instead, the same unit inside the job
+(:mod:`tfg_mm.ablations.executors`); a job that dies is recorded failed with its logs.
 The unit of work is injectable (``run_variant(parameters, run_dir)``) so that the orchestration is
 tested without training.
 
