@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tfg_mm import ablations, reports
+from tfg_mm import ablations, reports, runs
 from tfg_mm.baseline import run_baseline
 from tfg_mm.config import load_params, project_root
 from tfg_mm.data.synthetic import generate
@@ -75,8 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, table in tables.items():
             print(f"\n== executor: {name} ({seconds[name]} s) ==\n{table.to_string(index=False)}")
     equal = tables["local"].equals(tables["submitit-local"])
-    print(f"\nsame table: {equal}; seconds: {seconds}; work folder: {out}")
-    return 0 if equal else 1
+    # the runs themselves, number by number: every epoch's losses and mAP, the selected checkpoint's mAP
+    same_runs = True
+    for variant_dir in sorted(p for p in (out / "local").iterdir() if (p / "seed0" / "metrics.json").exists()):
+        a, b = (runs.read_metrics(out / name / variant_dir.name / "seed0") for name in executors)
+        numbers = [[{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]] for r in (a, b)]
+        same = a["run_id"] == b["run_id"] and numbers[0] == numbers[1] and a["final"]["map"] == b["final"]["map"]
+        same_runs &= same
+        losses = [h["loss"] for h in a["history"]]
+        print(f"{variant_dir.name}: losses {losses}, final mAP {a['final']['map']:.6f}; identical runs: {same}")
+    print(f"\nsame table: {equal}; identical runs: {same_runs}; seconds: {seconds}; work folder: {out}")
+    return 0 if equal and same_runs else 1
 
 
 if __name__ == "__main__":

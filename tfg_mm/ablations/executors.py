@@ -149,6 +149,16 @@ def submit_and_wait(
         for job, _ in running:
             job.cancel(check=False)
         raise
+    finally:
+        _remove_empty(resolve_path(settings["slurm_log_dir"]) / "%j")
+
+
+def _remove_empty(folder) -> None:
+    """submitit creates its folder pattern (``<log dir>/%j``) literally too, and leaves it empty."""
+    try:
+        folder.rmdir()
+    except OSError:  # absent, or not empty
+        pass
 
 
 #: Schema defaults of the settings (what a run gets when neither the grid file nor notebook 03 sets one).
