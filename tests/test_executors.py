@@ -152,7 +152,14 @@ def test_executor_keys_in_a_grid_file_are_validated_and_explicit_values_win(setu
     with pytest.raises(ConfigError) as err:
         ablations.load_ablation_grid(path)
     assert str(path) in str(err.value) and 'did you mean "slurm"' in str(err.value)
-    path.write_text(path.read_text().replace("slrum", "slurm\nslurm_partition: gpu\nslurm_time_min: 30"))
+    path.write_text(path.read_text().replace("slrum", "slurm\nslurm_sbatch: {account: [a, b]}"))
+    with pytest.raises(
+        ConfigError, match=r"grid\.yaml: `slurm_sbatch` = .*each sbatch option takes one value.*`account`"
+    ):
+        ablations.load_ablation_grid(path)
+    path.write_text(
+        path.read_text().replace("slurm_sbatch: {account: [a, b]}", "slurm_partition: gpu\nslurm_time_min: 30")
+    )
     grid = ablations.load_ablation_grid(path)
     assert grid["executor_settings"] == {"executor": "slurm", "slurm_partition": "gpu", "slurm_time_min": 30}
     settings = ablations.executor_settings(grid["executor_settings"], {"executor": "local"})

@@ -89,6 +89,16 @@ def _workers(value: int | str) -> int | str:
     return value
 
 
+def _sbatch_options(value: dict[str, Any]) -> dict[str, Any]:
+    bad = {k: v for k, v in value.items() if not isinstance(v, (str, int, float, bool))}
+    if bad:
+        raise ValueError(
+            f"each sbatch option takes one value (a string, number or true), e.g. `{{account: mylab, "
+            f"qos: normal}}`; not {', '.join(f'`{k}`' for k in bad)}"
+        )
+    return value
+
+
 def _pin(value: bool | str) -> bool | str:
     if isinstance(value, str) and value != "auto":
         raise ValueError("write `true`, `false` or `auto`")
@@ -431,7 +441,7 @@ class AblationParams(BaseModel):
     slurm_array_parallelism: int = Field(
         8, ge=1, description="Grid runs at most running at once (SLURM job array `%N`; `submitit-local`: subprocesses)."
     )
-    slurm_sbatch: dict[str, str | int | float | bool] = Field(
+    slurm_sbatch: Annotated[dict[str, Any], AfterValidator(_sbatch_options)] = Field(
         default_factory=dict,
         description="Extra sbatch options of the grid's jobs, e.g. `{account: mylab, qos: normal, constraint: a100}` "
         "(submitit's `slurm_additional_parameters`).",
@@ -641,6 +651,7 @@ _SHOWN_TYPES = {
     "num_workers": 'int | "auto"',
     "pin_memory": 'bool | "auto"',
     "class_descriptions": "dict[str, str | list[str]] | str",
+    "slurm_sbatch": "dict[str, str | int | float | bool]",
 }
 
 
