@@ -96,6 +96,7 @@ RECIPE_KEYS: tuple[str, ...] = (
 #: How YAML / papermill spell a bool in a string (pydantic's lax bool values)
 _TRUE_WORDS = frozenset({"true", "yes", "y", "on", "t", "1"})
 _FALSE_WORDS = frozenset({"false", "no", "n", "off", "f", "0"})
+Executor = Literal["local", "slurm", "submitit-local"]
 
 
 def _is_device(device: str) -> str:
@@ -107,6 +108,16 @@ def _is_device(device: str) -> str:
 def _workers(value: int | str) -> int | str:
     if value != "auto" and (isinstance(value, str) or value < 0):
         raise ValueError("write a number of worker processes ≥ 0, or `auto`")
+    return value
+
+
+def _sbatch_options(value: dict[str, Any]) -> dict[str, Any]:
+    bad = {k: v for k, v in value.items() if not isinstance(v, (str, int, float, bool))}
+    if bad:
+        raise ValueError(
+            f"each sbatch option takes one value (a string, number or true), e.g. `{{account: mylab, "
+            f"qos: normal}}`; not {', '.join(f'`{k}`' for k in bad)}"
+        )
     return value
 
 
@@ -486,7 +497,36 @@ class AblationParams(BaseModel):
     seeds: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=lambda: [0], min_length=1, description="Seeds each variant runs with."
     )
-    workers: int = Field(1, ge=1, description="Variants run in parallel processes.")
+    workers: int = Field(1, ge=1, description="Variants run in parallel processes (`executor: local`).")
+    executor: Executor = Field(
+        "local",
+        description="Where the grid's runs execute: `local` worker processes on this machine, `slurm` one SLURM "
+        "job per run through submitit (a job array), `submitit-local` the same jobs through submitit's local "
+        "executor (subprocesses on this machine: how the SLURM path is tested).",
+    )
+    slurm_partition: str = Field(
+        "", description="SLURM partition of the grid's jobs (`executor: slurm`; required there, `sinfo -s` lists them)."
+    )
+    slurm_gpus_per_run: int = Field(1, ge=0, description="GPUs per grid run (SLURM `--gpus-per-node`; 0 = CPU).")
+    slurm_cpus_per_run: int = Field(
+        4, ge=1, description="CPUs per grid run (SLURM `--cpus-per-task`; also the run's OMP / MKL threads)."
+    )
+    slurm_mem_gb: float = Field(32.0, gt=0, description="Memory per grid run in GB (SLURM `--mem`).")
+    slurm_time_min: int = Field(
+        240, ge=1, description="Time limit per grid run in minutes (SLURM `--time`); a run past it is recorded failed."
+    )
+    slurm_array_parallelism: int = Field(
+        8, ge=1, description="Grid runs at most running at once (SLURM job array `%N`; `submitit-local`: subprocesses)."
+    )
+    slurm_sbatch: Annotated[dict[str, Any], AfterValidator(_sbatch_options)] = Field(
+        default_factory=dict,
+        description="Extra sbatch options of the grid's jobs, e.g. `{account: mylab, qos: normal, constraint: a100}` "
+        "(submitit's `slurm_additional_parameters`).",
+    )
+    slurm_log_dir: str = Field(
+        "runs/slurm",
+        description="Folder of the grid jobs' submitit files and logs (`<folder>/<job id>/`; relative: to the project).",
+    )
     reuse: bool = Field(True, description="Reuse a finished run with the same params, dataset hash and code version.")
     bootstrap_resamples: int = Field(
         500,
@@ -500,6 +540,20 @@ class AblationParams(BaseModel):
         description="WiSE-FT interpolation weights λ: θ = (1−λ)·θ_baseline + λ·θ_finetuned.",
     )
 
+
+#: Where the grid's runs execute (:mod:`tfg_mm.ablations.executors`): keys a grid file may set at its
+#: top level too; never part of a run's params or ``run_id`` (the same run, wherever it ran).
+EXECUTOR_KEYS = (
+    "executor",
+    "slurm_partition",
+    "slurm_gpus_per_run",
+    "slurm_cpus_per_run",
+    "slurm_mem_gb",
+    "slurm_time_min",
+    "slurm_array_parallelism",
+    "slurm_sbatch",
+    "slurm_log_dir",
+)
 
 #: Display order of the groups (reference doc, ``group_of``).
 _GROUPS: tuple[tuple[str, type[BaseModel]], ...] = (
@@ -555,7 +609,7 @@ def default_of(name: str) -> Any:
 
 
 #: Parameters whose value is legitimately a mapping (every other mapping is a nesting mistake).
-_MAPPING_FIELDS = frozenset({"class_descriptions"})
+_MAPPING_FIELDS = frozenset({"class_descriptions", "slurm_sbatch"})
 #: Names other tools use for our parameters (YOLO, Detectron, Hugging Face): an exact hint beats difflib.
 _ALIASES = {
     "learning_rate": "lr",
@@ -675,6 +729,7 @@ _SHOWN_TYPES = {
     "pin_memory": 'bool | "auto"',
     "class_descriptions": "dict[str, str | list[str]] | str",
     "augment": '"official" | "light" | "none" | bool',
+    "slurm_sbatch": "dict[str, str | int | float | bool]",
 }
 
 
@@ -733,6 +788,13 @@ def _allowed_text(name: str) -> str:
     return text
 
 
+def _literal_choices(annotation: Any) -> list[str]:
+    """The string values a ``Literal`` (possibly inside ``Annotated`` / a union / a list) allows."""
+    if get_origin(annotation) is Literal:
+        return [str(a) for a in get_args(annotation)]
+    return [c for arg in get_args(annotation) for c in _literal_choices(arg)]
+
+
 def _loc_text(loc: tuple) -> str:
     text = str(loc[0])
     for part in loc[1:]:
@@ -765,6 +827,9 @@ def _validation_problems(exc: ValidationError, data: Mapping, origins: Mapping[s
             # Strings are quoted so that `"1e-3"` (a YAML string) reads differently from `0.001`.
             shown = f'"{value}"' if isinstance(value, str) else _yaml_value(_plain(value))
             line = f"`{_loc_text(loc)}` = {shown}: {message}; allowed: {_allowed_text(key)}"
+            if error["type"] == "literal_error" and isinstance(value, str):
+                near = difflib.get_close_matches(value, _literal_choices(Params.model_fields[key].annotation), n=1)
+                line += f' (did you mean "{near[0]}"?)' if near else ""
         problems.append(f"{source}: {line}")
     return problems
 

@@ -50,7 +50,7 @@ from typing import Any, Literal
 import torch
 
 import tfg_mm
-from tfg_mm.config import Params, diff_from_default, load_params, resolve_path
+from tfg_mm.config import EXECUTOR_KEYS, Params, diff_from_default, load_params, resolve_path
 from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.io import atomic_write_json, probe_writable
 
@@ -114,6 +114,7 @@ RUN_ID_EXCLUDED = frozenset(
         "reuse",
         "bootstrap_resamples",
         "confidence",
+        *EXECUTOR_KEYS,  # where a grid run executes (local, SLURM) changes none of its numbers
         # where the run is also logged (MLflow / TensorBoard): a copy of what metrics.json holds
         "tracking",
         "tracking_uri",

@@ -2,6 +2,8 @@
 
 * :mod:`tfg_mm.ablations.grid`: grid files, the plan of every run (params layering, reuse of
   finished runs), execution (one process per run when ``workers > 1``) and the failure record.
+* :mod:`tfg_mm.ablations.executors`: ``executor: slurm`` / ``submitit-local``: one submitit job per
+  run (SLURM job array, or submitit's local executor), waited for; a job that dies is recorded.
 * :mod:`tfg_mm.ablations.repredict`: detections of a run's selected checkpoint (re-predicted when
   the run did not save them) and the WiSE-FT weight interpolation.
 * :mod:`tfg_mm.ablations.summary`: the statistics summary (mean ± sd over seeds, paired-bootstrap
@@ -16,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from tfg_mm.ablations.executors import executor_settings, make_executor
 from tfg_mm.ablations.grid import (
     FAILURE_FILE,
     GRID_RECORD,
@@ -40,19 +43,23 @@ from tfg_mm.ablations.repredict import (
     wise_curve,
 )
 from tfg_mm.ablations.summary import SUMMARY_FILE, summarize, summarize_if_run
+from tfg_mm.config import EXECUTOR_KEYS
 from tfg_mm.notebooks import notebook_params
 
 __all__ = [
     "DETECTIONS_FILE",
+    "EXECUTOR_KEYS",
     "FAILURE_FILE",
     "GRID_RECORD",
     "SUMMARY_FILE",
     "RunVariant",
     "baseline_seed_dir",
+    "executor_settings",
     "explicit_parameters",
     "failure_record",
     "interpolate_state",
     "load_ablation_grid",
+    "make_executor",
     "notebook_parameters",
     "plan_baseline_seeds",
     "plan_runs",
@@ -91,5 +98,6 @@ def run_from_notebook(
         wise_lambdas=p.wise_lambdas,
         run_variant=run_variant,
         progress=progress,
+        executor={k: v for k, v in explicit.items() if k in EXECUTOR_KEYS},
     )
     return summarize(p.run_dir, progress=progress)

@@ -23,7 +23,9 @@ executed notebook, its HTML and the run contract ``metrics.json``). A run that r
 A finished run whose ``run_id`` (params, dataset hash, code version and the baseline's run id:
 :func:`tfg_mm.runs.run_id`) equals the planned one is reused, not re-run (``reuse: false`` re-runs
 it). ``workers > 1`` runs several notebooks at once in separate processes (each papermill execution
-has its own kernel), each limited to ``cpu_count // workers`` threads.
+has its own kernel), each limited to ``cpu_count // workers`` threads. ``executor: slurm`` (or
+``submitit-local``) runs every run as one submitit job instead, the same unit inside the job
+(:mod:`tfg_mm.ablations.executors`); a job that dies is recorded failed with its logs.
 The unit of work is injectable (``run_variant(parameters, run_dir)``) so that the orchestration is
 tested without training.
 
@@ -39,17 +41,28 @@ Without the key (``small.yaml``) the one baseline serves every seed.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import json
 import multiprocessing
 import os
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tfg_mm import runs
-from tfg_mm.config import AblationParams, Params, diff_from_default, load_grid, load_params, resolve_path
+from tfg_mm.ablations.executors import check_settings, executor_settings, submit_and_wait
+from tfg_mm.config import (
+    EXECUTOR_KEYS,
+    GRID_RUNNER_KEYS,
+    AblationParams,
+    Params,
+    diff_from_default,
+    load_grid,
+    load_params,
+    resolve_path,
+)
 from tfg_mm.data.loaders import dataset_record
 from tfg_mm.data.synthetic import HARD_CLASSES
 from tfg_mm.errors import CheckpointError, ConfigError, DataError
@@ -75,14 +88,19 @@ def load_ablation_grid(path: str | Path) -> dict:
     """A grid file: :func:`tfg_mm.config.load_grid` (base / seeds / variants, validated through the
     schema; ``hard_classes`` and ``wise`` passed through as written) with those two checked here.
 
-    Returns load_grid's dict with ``hard_classes`` (default :data:`tfg_mm.data.synthetic.HARD_CLASSES`)
+    Returns load_grid's dict with ``executor_settings`` (the executor keys the file sets at its top
+    level, e.g. ``executor: slurm``, ``slurm_partition: gpu``: :mod:`tfg_mm.ablations.executors`),
+    ``hard_classes`` (default :data:`tfg_mm.data.synthetic.HARD_CLASSES`)
     and ``wise`` (``{"variant", "lambdas"}`` with ``lambdas`` None when the file gives none, or None).
     """
     path = Path(path)
     if not path.is_absolute() and not path.exists():
         path = resolve_path(path)
-    grid = load_grid(path)
+    grid = load_grid(path, extra_keys=(*GRID_RUNNER_KEYS, *EXECUTOR_KEYS))
     names = [v["name"] for v in grid["variants"]]
+    # where the runs execute (executor: slurm, ...): schema keys, validated here, applied by run_grid
+    grid["executor_settings"] = {k: grid.pop(k) for k in EXECUTOR_KEYS if k in grid}
+    executor_settings(grid["executor_settings"], source_names=[str(path)])
 
     hard = grid.get("hard_classes", list(HARD_CLASSES))
     if not isinstance(hard, list) or not all(isinstance(h, str) and h for h in hard):
@@ -361,6 +379,73 @@ def _execute_run(entry: dict, run_variant: RunVariant) -> dict:
     return {**result, "status": "finished", "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _job_died(entry: dict, exc: BaseException, job: dict) -> dict:
+    """The record of a run whose submitted job died before the unit could record anything (time
+    limit, preemption, node failure, out of memory): submitit's error text and the job's log files,
+    written like any failure (``failure.json``, the run contract marked failed)."""
+    run_dir = Path(entry["run_dir"])
+    record = {
+        "variant": entry["variant"],
+        "seed": entry["seed"],
+        "run_dir": str(run_dir),
+        "run_id": entry["run_id"],
+        "status": "failed",
+        "seconds": 0.0,
+        **failure_record(exc),
+        "job": {**job, "died": True},
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / FAILURE_FILE, record)
+    _mark_contract_failed(run_dir, record)
+    return record
+
+
+def _execute_all(
+    entries: Sequence[dict],
+    run_variant: RunVariant,
+    settings: Mapping[str, Any],
+    workers: int,
+    report: Callable[[str], None],
+) -> Iterator[dict]:
+    """The result of every entry, as each ends: reused ones first, then the others on the executor
+    (local: in this process, or ``workers`` worker processes; slurm / submitit-local: one job each)."""
+    for entry in entries:
+        if entry["reuse"]:
+            yield _execute_run(entry, run_variant)
+    to_run = [e for e in entries if not e["reuse"]]
+    if settings["executor"] != "local":
+        run_one = functools.partial(_execute_run, run_variant=run_variant)
+        for entry, result, error, job in submit_and_wait(to_run, run_one, settings, report):
+            yield _job_died(entry, error, job) if result is None else {**result, "job": job}
+    elif workers <= 1 or len(to_run) <= 1:
+        for entry in to_run:
+            yield _execute_run(entry, run_variant)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        # fork: a worker starts in milliseconds instead of re-importing torch / transformers. A worker
+        # runs no torch op itself (the default unit launches a fresh papermill kernel), so the fork
+        # caveat of OpenMP thread pools does not apply to it.
+        context = multiprocessing.get_context("fork")
+        with cf.ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(threads,)
+        ) as pool:
+            futures = {pool.submit(_execute_run, entry, run_variant): entry for entry in to_run}
+            for future in cf.as_completed(futures):
+                entry = futures[future]
+                try:
+                    yield future.result()
+                except Exception as exc:  # the worker process itself died: recorded like a failed run
+                    yield {
+                        "variant": entry["variant"],
+                        "seed": entry["seed"],
+                        "run_dir": entry["run_dir"],
+                        "run_id": entry["run_id"],
+                        "status": "failed",
+                        "seconds": 0.0,
+                        **failure_record(exc),
+                    }
+
+
 def _mark_contract_failed(run_dir: Path, record: dict) -> None:
     """The run's own ``metrics.json`` says ``failed`` too, as after a failure of any entry point.
 
@@ -383,6 +468,19 @@ def _mark_contract_failed(run_dir: Path, record: dict) -> None:
                 "time": None,
             },
         )
+
+
+def _progress_line(label: str, result: dict) -> str:
+    """One line per ended run: ``minilm seed 0: finished in 61 s (job 1234_0)``; a
+    failure adds the first line of its error (and, for a job that died, its error log)."""
+    job = result.get("job")
+    notes = [f"job {job['id']}"] if job else []
+    if result["status"] == "failed":
+        notes.append(str(result.get("error", "")).strip().splitlines()[0] if result.get("error") else "error")
+        if job and job.get("died"):
+            notes.append(f"log: {job['stderr']}")
+    extra = f" ({'; '.join(notes)})" if notes else ""
+    return f"{label}: {result['status']} in {result['seconds']:.0f} s{extra}"
 
 
 def _worker_init(threads: int) -> None:
@@ -409,6 +507,7 @@ def run_grid(
     run_variant: RunVariant = run_notebook02,
     progress: bool = True,
     run_baseline_seed: RunVariant = run_notebook01,
+    executor: Mapping[str, Any] | None = None,
 ) -> dict:
     """Run every variant × seed (see the module docstring) and write ``<ablations_dir>/grid.json``.
 
@@ -416,10 +515,17 @@ def run_grid(
     resamples, confidence, hard classes, WiSE-FT), and one entry per run with ``status`` finished /
     reused / failed, ``seconds`` and, for a failure, ``error`` and ``cell``. The WiSE-FT λs are, first
     found: notebook 03's explicit ``wise_lambdas``, the grid's ``wise.lambdas``, ``wise_lambdas``,
-    the schema's default.
+    the schema's default. ``executor`` holds the executor settings given explicitly (notebook 03's
+    ``executor``, ``slurm_*``: :mod:`tfg_mm.ablations.executors`), over the grid file's.
     """
     if not isinstance(grid, Mapping):
         grid = load_ablation_grid(grid)
+    settings = executor_settings(
+        grid.get("executor_settings") or {},
+        executor or {},
+        source_names=[str(grid.get("path", "grid")), "notebook 03 parameter"],
+    )
+    check_settings(settings, f"{grid.get('path', 'grid')} / notebook 03")
     ablations_dir = resolve_path(ablations_dir)
     if params_file and not Path(params_file).is_absolute() and not Path(params_file).exists():
         params_file = resolve_path(params_file)
@@ -428,16 +534,22 @@ def run_grid(
     if main_baseline:
         # an unfinished baseline (interrupted or failed) would give every variant a wrong reference
         require_finished_baseline(main_baseline)
-    baseline_results = []
-    for entry in plan_baseline_seeds(grid, main_baseline, reuse):
-        result = _execute_run({**entry, "variant": "baseline"}, run_baseline_seed)
-        baseline_results.append(result)
+    ablations_dir.mkdir(parents=True, exist_ok=True)
+
+    def report(line: str) -> None:
+        """A line in the terminal (``progress``) and in ``<ablations_dir>/progress.jsonl``, which
+        the pipeline's progress watcher prints while notebook 03 runs; the report never shows it."""
+        runs.append_progress(ablations_dir, {"run": "ablations", "event": line})
         if progress:
-            extra = f" ({result['error']})" if result["status"] == "failed" else ""
-            print(
-                f"[ablations] baseline seed {result['seed']}: {result['status']} in {result['seconds']:.0f} s{extra}",
-                flush=True,
-            )
+            print(f"[ablations] {line}", flush=True)
+
+    baseline_plan = [{**entry, "variant": "baseline"} for entry in plan_baseline_seeds(grid, main_baseline, reuse)]
+    baseline_results = []
+    for result in _execute_all(baseline_plan, run_baseline_seed, settings, 1, report):
+        baseline_results.append(result)
+        report(_progress_line(f"baseline seed {result['seed']}", result))
+    order = [e["seed"] for e in baseline_plan]
+    baseline_results.sort(key=lambda r: order.index(r["seed"]))
     baseline_runs = {r["seed"]: r["run_dir"] for r in baseline_results if r["status"] != "failed"}
     if baseline_runs:  # variant seed k fine-tunes from the baseline of seed k
         planned = plan_runs(grid, ablations_dir, params_file, explicit, seeds, reuse, baseline_runs)
@@ -458,59 +570,22 @@ def run_grid(
             "params_file": str(params_file or ""),
             "explicit": dict(explicit or {}),
             "workers": workers,
+            "executor": dict(settings),
             "reuse": reuse,
         },
         "runs": [],
         "baseline_runs": baseline_results,
     }
-    ablations_dir.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, int], dict] = {}
 
     def done(result: dict) -> None:
         results[(result["variant"], result["seed"])] = result
         record["runs"] = [results[(e["variant"], e["seed"])] for e in planned if (e["variant"], e["seed"]) in results]
         atomic_write_json(ablations_dir / GRID_RECORD, record)
-        if progress:
-            extra = f" ({result['error']})" if result["status"] == "failed" else ""
-            print(
-                f"[ablations] {result['variant']} seed {result['seed']}: {result['status']} "
-                f"in {result['seconds']:.0f} s{extra}",
-                flush=True,
-            )
+        report(_progress_line(f"{result['variant']} seed {result['seed']}", result))
 
-    to_run = [e for e in planned if not e["reuse"]]
-    for entry in planned:
-        if entry["reuse"]:
-            done(_execute_run(entry, run_variant))
-    if workers <= 1 or len(to_run) <= 1:
-        for entry in to_run:
-            done(_execute_run(entry, run_variant))
-    else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        # fork: a worker starts in milliseconds instead of re-importing torch / transformers. A worker
-        # runs no torch op itself (the default unit launches a fresh papermill kernel), so the fork
-        # caveat of OpenMP thread pools does not apply to it.
-        context = multiprocessing.get_context("fork")
-        with cf.ProcessPoolExecutor(
-            max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(threads,)
-        ) as pool:
-            futures = {pool.submit(_execute_run, entry, run_variant): entry for entry in to_run}
-            for future in cf.as_completed(futures):
-                entry = futures[future]
-                try:
-                    done(future.result())
-                except Exception as exc:  # the worker process itself died: recorded like a failed run
-                    done(
-                        {
-                            "variant": entry["variant"],
-                            "seed": entry["seed"],
-                            "run_dir": entry["run_dir"],
-                            "run_id": entry["run_id"],
-                            "status": "failed",
-                            "seconds": 0.0,
-                            **failure_record(exc),
-                        }
-                    )
+    for result in _execute_all(planned, run_variant, settings, workers, report):
+        done(result)
     if not planned:
         atomic_write_json(ablations_dir / GRID_RECORD, record)
     return record
