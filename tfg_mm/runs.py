@@ -103,6 +103,9 @@ RUN_ID_EXCLUDED = frozenset(
         "device",
         "num_workers",
         "pin_memory",
+        # how the optimiser update is computed: `foreach` (the default) is bit-identical to `for-loop`;
+        # `fused` differs by float rounding only, like another `device` (tests/test_speed.py)
+        "optimizer_impl",
         # checkpoint frequency and the embedding cache location change no number
         "save_every",
         "text_cache_dir",
