@@ -121,3 +121,27 @@ def test_paired_iou_is_the_diagonal_on_hand_made_boxes():
     assert giou.tolist() == pytest.approx([1.0, -1.0 / 3.0, 1.0 / 3.0])
     assert torch.equal(iou, _matrix_diag_iou(a, b)[0])
     assert torch.equal(giou, _matrix_diag_giou(a, b))
+
+
+@pytest.mark.slow
+def test_eager_and_sdpa_attention_give_the_same_loss_and_gradients_to_rounding(tiny_dataset, tiny_params):
+    """`attn_implementation`: both run the same attention; the train-mode loss agrees to 1e-5 (relative) and so do
+    the gradients (1e-4 of the largest); the parameter reaches the built model through the run's overrides."""
+    batch, num_classes = _batch(tiny_dataset)
+    results = {}
+    for impl in ("sdpa", "eager"):
+        params = tiny_params(attn_implementation=impl)
+        overrides = detector.run_config_overrides(params)
+        model = detector.build("atto", num_classes, image_size=160, seed=0, **overrides)
+        assert model.config._attn_implementation == impl
+        model.train()
+        torch.manual_seed(1)
+        out = model(batch["pixel_values"], labels=batch["labels"], epoch=1)
+        out.loss.backward()
+        results[impl] = (
+            float(out.loss),
+            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]),
+        )
+    (loss_a, grad_a), (loss_b, grad_b) = results["sdpa"], results["eager"]
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert (grad_a - grad_b).abs().max() <= 1e-4 * grad_a.abs().max()

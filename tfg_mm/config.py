@@ -231,6 +231,11 @@ class TrainingParams(BaseModel):
     )
     weight_decay: float = Field(1e-4, ge=0, description="AdamW / SGD weight decay (never applied to norms and biases).")
     optimizer: Optimizer = Field("AdamW", description="Optimiser.")
+    attn_implementation: AttnImplementation = Field(
+        "auto",
+        description="The detector's self-attention: `sdpa` (torch's fused scaled-dot-product attention) or "
+        "`eager` (matmul + softmax); equal to float rounding. `auto` = transformers' choice (`sdpa`).",
+    )
     optimizer_impl: OptimizerImpl = Field(
         "auto",
         description="How torch runs the optimiser update: `for-loop` (one tensor at a time), `foreach` (all "
