@@ -4,6 +4,7 @@
     python scripts/bench_step.py --compile       # also torch.compile of the detector (minutes of compiling)
     python scripts/bench_step.py --epoch         # also one full epoch: chosen default vs today
     python scripts/bench_step.py --profile       # the top operators of today's step (torch.profiler)
+    python scripts/bench_step.py --components 20 --out reports/bench_step_parts.json  # the parts alone
 
 The model and loss are those of ``params/baseline.yaml`` (atto, 160 px, batch 8, the official criterion),
 on real batches of the embedded synthetic set (augmented, as in training). One *step* is what the training
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -104,8 +106,10 @@ def _build(option: Option, params, num_classes: int, init_state: dict):
     ema = torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=ema_multi_avg_fn(params.ema_decay, params.ema_warmup), use_buffers=True
     )
-    forward = torch.compile(model) if option.compile else model
-    return model, forward, optimizer, ema
+    if option.compile:
+        # the inner Deimv2Model only: the criterion (scipy's Hungarian matcher) cannot be traced
+        model.model.compile()
+    return model, model, optimizer, ema
 
 
 def _matrix_diag_iou(boxes1, boxes2):
@@ -170,7 +174,9 @@ def _options(with_compile: bool) -> list[Option]:
         Option("new default", "every default after this change"),
     ]
     if with_compile:
-        options.append(Option("compile=model", "new default + torch.compile(detector)", compile=True))
+        options.append(
+            Option("compile=model", "new default + torch.compile of the detector (not the loss)", compile=True)
+        )
     return options
 
 
@@ -249,6 +255,78 @@ def bench_epoch(params, ds) -> dict:
     return out
 
 
+def _leaves(tree, memo: dict):
+    """The output dict with every floating tensor a fresh leaf that requires grad (shared ones stay shared)."""
+    if isinstance(tree, dict):
+        return {k: _leaves(v, memo) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_leaves(v, memo) for v in tree]
+    if isinstance(tree, torch.Tensor) and tree.is_floating_point():
+        if id(tree) not in memo:
+            memo[id(tree)] = tree.detach().clone().requires_grad_(True)
+        return memo[id(tree)]
+    return tree
+
+
+def _interleaved(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: round(statistics.median(v) * 1000, 2) for name, v in times.items()}
+
+
+def bench_components(params, ds, reps: int) -> dict:
+    """Parts of the step timed alone, interleaved (median ms): the loss forward + backward on fixed model outputs
+    (N x N matrix vs paired IoU), the optimiser update (for-loop / foreach / fused), and the model's forward +
+    backward with SDPA vs eager attention."""
+    num_classes = len(ds.categories)
+    model = detector.build(params.preset, num_classes, image_size=params.image_size, seed=params.seed)
+    model.train()
+    batch = _batches(ds, params.batch_size, 1)[0]
+    criterion = tfg_loss.DEIMv2Criterion.from_config(model.config)
+    with torch.no_grad():
+        raw = model(batch["pixel_values"], labels=batch["labels"], epoch=1, compute_loss=False)
+    outputs = tfg_loss.official_outputs(raw, model.config)
+
+    def loss_step(kind: str) -> Callable[[], None]:
+        def run() -> None:
+            with _switches(Option(kind, "", loss=kind)):
+                memo: dict = {}
+                sum(criterion(_leaves(outputs, memo), batch["labels"], epoch=1).values()).backward()
+
+        return run
+
+    result = {"loss_fwd_bwd_ms": _interleaved({"matrix": loss_step("matrix"), "paired": loss_step("paired")}, reps)}
+
+    optimizers = {}
+    for impl in ("for-loop", "foreach", "fused"):
+        copy_ = detector.build(params.preset, num_classes, image_size=params.image_size, seed=params.seed)
+        for q in copy_.parameters():
+            q.grad = torch.randn_like(q) * 1e-3
+        groups = [{"params": list(copy_.parameters()), "lr": params.lr}]
+        opt = build_optimizer(groups, params.model_copy(update={"optimizer_impl": impl}))
+        optimizers[impl] = opt.step
+    result["optimizer_step_ms"] = _interleaved(optimizers, reps)
+
+    def model_step(impl: str) -> Callable[[], None]:
+        def run() -> None:
+            detector.set_attn_implementation(model, impl)
+            out = model(batch["pixel_values"], labels=batch["labels"], epoch=1)
+            model.zero_grad(set_to_none=True)
+            out.loss.backward()
+
+        return run
+
+    result["model_fwd_bwd_ms"] = _interleaved(
+        {"sdpa": model_step("sdpa"), "eager": model_step("eager")}, max(3, reps // 3)
+    )
+    detector.set_attn_implementation(model, "sdpa")
+    return result
+
+
 def profile_today(params, ds, steps: int = 3) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -274,6 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="also torch.compile of the detector")
     ap.add_argument("--epoch", action="store_true", help="also one full epoch, today vs the new default")
     ap.add_argument("--profile", action="store_true", help="print the top operators of today's step")
+    ap.add_argument(
+        "--components",
+        type=int,
+        default=0,
+        metavar="REPS",
+        help="only time the parts (loss, optimiser, attention) alone, REPS interleaved repeats",
+    )
     ap.add_argument("--out", default=str(REPO / "reports" / "bench_step.json"))
     args = ap.parse_args(argv)
 
@@ -282,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     ds = _dataset(params)
     if args.profile:
         print(profile_today(params, ds))
+        return 0
+    if args.components:
+        parts = bench_components(params, ds, args.components)
+        print(json.dumps(parts, indent=1))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(args.out), {"threads": torch.get_num_threads(), "components": parts})
         return 0
     options = _options(args.compile)
     if args.only:
