@@ -62,6 +62,8 @@ SINGLE_TEMPLATE = "a photo of a {}."
 Preset = Literal["atto", "femto", "pico", "n", "s", "m", "l", "x"]
 Fidelity = Literal["official", "transformers"]
 Optimizer = Literal["AdamW", "SGD"]
+OptimizerImpl = Literal["auto", "for-loop", "foreach", "fused"]
+AttnImplementation = Literal["auto", "eager", "sdpa"]
 Scheduler = Literal["flatcosine", "cosine", "constant"]
 Amp = Literal["no", "fp16", "bf16"]
 SelectMetric = Literal["map", "map50"]
@@ -290,6 +292,17 @@ class TrainingParams(BaseModel):
     )
     weight_decay: float = Field(1e-4, ge=0, description="AdamW / SGD weight decay (never applied to norms and biases).")
     optimizer: Optimizer = Field("AdamW", description="Optimiser.")
+    attn_implementation: AttnImplementation = Field(
+        "auto",
+        description="The detector's self-attention: `sdpa` (torch's fused scaled-dot-product attention) or "
+        "`eager` (matmul + softmax); equal to float rounding. `auto` = transformers' choice (`sdpa`).",
+    )
+    optimizer_impl: OptimizerImpl = Field(
+        "auto",
+        description="How torch runs the optimiser update: `for-loop` (one tensor at a time), `foreach` (all "
+        "tensors per operation: identical numbers, fewer calls) or `fused` (one kernel; equal to rounding). "
+        "`auto` = `foreach` (scripts/bench_step.py).",
+    )
     scheduler: Scheduler = Field(
         "flatcosine",
         description="Learning-rate schedule after warm-up: `flatcosine` = flat for `flat_fraction` of training, "

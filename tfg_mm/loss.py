@@ -42,7 +42,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from transformers.loss.loss_d_fine import bbox2distance
 from transformers.loss.loss_deimv2 import Deimv2Loss
-from transformers.loss.loss_for_object_detection import box_iou, generalized_box_iou
+from transformers.loss.loss_for_object_detection import box_area, box_iou, generalized_box_iou
 from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
 
 from tfg_mm import distributed
@@ -108,6 +108,37 @@ def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     return torch.stack(
         [center_x - 0.5 * width, center_y - 0.5 * height, center_x + 0.5 * width, center_y + 0.5 * height], dim=-1
     )
+
+
+def paired_box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
+    """IoU and union of ``boxes1[i]`` with ``boxes2[i]`` (corner format, ``[N, 4]`` each): the diagonal of
+    transformers' ``box_iou(boxes1, boxes2)``, computed by the same operations on ``N`` pairs instead of
+    ``N x N``, so the values are bit-identical (and so are the gradients: off the diagonal the matrix form only
+    adds exact zeros). The loss terms compare each matched prediction with its own target only; the matrix form
+    cost ``O(N^2)`` for the denoising layers, whose ``N`` is the targets times the denoising groups."""
+    area1 = box_area(boxes1)
+    area2 = box_area(boxes2)
+    left_top = torch.max(boxes1[:, :2], boxes2[:, :2])
+    right_bottom = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    width_height = (right_bottom - left_top).clamp(min=0)
+    inter = width_height[:, 0] * width_height[:, 1]
+    union = area1 + area2 - inter
+    return inter / union, union
+
+
+def paired_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """GIoU of ``boxes1[i]`` with ``boxes2[i]``: the diagonal of transformers' ``generalized_box_iou``, same
+    operations and the same corner-format check, on ``N`` pairs (see :func:`paired_box_iou`)."""
+    if not (boxes1[:, 2:] >= boxes1[:, :2]).all():
+        raise ValueError(f"boxes1 must be in [x0, y0, x1, y1] (corner) format, but got {boxes1}")
+    if not (boxes2[:, 2:] >= boxes2[:, :2]).all():
+        raise ValueError(f"boxes2 must be in [x0, y0, x1, y1] (corner) format, but got {boxes2}")
+    iou, union = paired_box_iou(boxes1, boxes2)
+    top_left = torch.min(boxes1[:, :2], boxes2[:, :2])
+    bottom_right = torch.max(boxes1[:, 2:], boxes2[:, 2:])
+    width_height = (bottom_right - top_left).clamp(min=0)
+    area = width_height[:, 0] * width_height[:, 1]
+    return iou - (area - union) / area
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,8 +383,8 @@ class DEIMv2Criterion(Deimv2Loss):
         idx = self._get_source_permutation_idx(indices)
         src_boxes = outputs["pred_boxes"][idx]
         target_boxes = torch.cat([t["boxes"][i] for t, (_, i) in zip(targets, indices)], dim=0)
-        ious, _ = box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))
-        ious = torch.diag(ious).detach()
+        ious, _ = paired_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))
+        ious = ious.detach()
 
         src_logits = outputs["logits"]
         target_classes_original = torch.cat([t["class_labels"][i] for t, (_, i) in zip(targets, indices)])
@@ -386,7 +417,7 @@ class DEIMv2Criterion(Deimv2Loss):
         losses = {}
         loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
         losses["loss_bbox"] = loss_bbox.sum() / num_boxes
-        loss_giou = 1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes)))
+        loss_giou = 1 - paired_generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))
         losses["loss_giou"] = loss_giou.sum() / num_boxes
         return losses
 
@@ -429,7 +460,7 @@ class DEIMv2Criterion(Deimv2Loss):
             target_corners, weight_right, weight_left = bbox2distance(
                 ref_points, box_cxcywh_to_xyxy(target_boxes), self.reg_max, reg_scale, up
             )
-        ious = torch.diag(box_iou(box_cxcywh_to_xyxy(out["pred_boxes"][idx]), box_cxcywh_to_xyxy(target_boxes))[0])
+        ious = paired_box_iou(box_cxcywh_to_xyxy(out["pred_boxes"][idx]), box_cxcywh_to_xyxy(target_boxes))[0]
         weight_targets = ious.unsqueeze(-1).repeat(1, 1, 4).reshape(-1).detach()
         losses["loss_fgl"] = self.unimodal_distribution_focal_loss(
             pred_corners, target_corners, weight_right, weight_left, weight_targets, avg_factor=num_boxes

@@ -31,6 +31,7 @@ from tfg_mm.detector.presets import (
     preset_config,
     preset_image_size,
     run_config_overrides,
+    set_attn_implementation,
 )
 
 register_auto_classes()
@@ -56,6 +57,7 @@ __all__ = [
     "preset_image_size",
     "read_metadata",
     "save",
+    "set_attn_implementation",
     "trainable_parameter_summary",
     "unfreeze",
 ]

@@ -470,9 +470,12 @@ def check_image_size(preset: str, image_size: int, num_queries: int | None = Non
 def run_config_overrides(params: Any) -> dict[str, Any]:
     """The ``TfgDeimv2Config`` fields a run's parameters set over the preset's or the checkpoint's values.
 
-    ``matcher_change_epoch`` and ``num_queries`` when given (None keeps the preset's / checkpoint's value).
+    ``matcher_change_epoch`` and ``num_queries`` when given (None keeps the preset's / checkpoint's value), and
+    ``attn_implementation`` unless ``auto`` (not a config field: :func:`set_attn_implementation` applies it).
     """
     fields = {}
+    if getattr(params, "attn_implementation", "auto") != "auto":
+        fields["attn_implementation"] = params.attn_implementation
     if getattr(params, "matcher_change_epoch", None) is not None:
         fields["matcher_change_epoch"] = int(params.matcher_change_epoch)
     if getattr(params, "num_queries", None) is not None:
@@ -485,9 +488,27 @@ def apply_config_overrides(model: Any, fields: dict[str, Any]) -> None:
     them at every forward). Neither changes a weight shape: the queries are selected encoder tokens."""
     config = model.config
     for name, value in fields.items():
-        setattr(config, name, value)
+        if name == "attn_implementation":
+            set_attn_implementation(model, value)
+        else:
+            setattr(config, name, value)
     if "num_queries" in fields:
         check_image_size_of_config(config)
+
+
+def set_attn_implementation(model: Any, impl: str) -> None:
+    """Run the detector's self-attention (AIFI encoder and decoder) as ``eager`` (matmul + softmax) or ``sdpa``
+    (``torch.nn.functional.scaled_dot_product_attention``, transformers' default); ``auto`` keeps the model's.
+
+    Both compute the same attention (float rounding apart: tests/test_speed.py); which is faster depends on the
+    device (scripts/bench_step.py). Set on the detector's own config, which its attention modules read at every
+    forward; the HGNetV2 / DINOv3 backbone config is left alone (HGNetV2 has no attention and refuses ``sdpa``).
+    """
+    if impl == "auto":
+        return
+    if impl not in ("eager", "sdpa"):
+        raise ConfigError(f"`attn_implementation: {impl}` is unknown. Fix: use auto, eager or sdpa.")
+    model.config._attn_implementation = impl
 
 
 def check_image_size_of_config(config: Deimv2Config, image_size: int | None = None) -> None:
@@ -692,6 +713,7 @@ def build(
     """
     if fidelity not in ("official", "transformers"):
         raise ConfigError(f"build(fidelity={fidelity!r}): choose 'official' or 'transformers' (benchmark only).")
+    attn = overrides.pop("attn_implementation", "auto")
     config = preset_config(preset, num_classes, id2label=id2label, image_size=image_size, **overrides)
     if seed is not None:
         torch.manual_seed(seed)
@@ -710,6 +732,7 @@ def build(
         return Deimv2ForObjectDetection(Deimv2Config(**plain))
     model = TfgDeimv2ForObjectDetection(config)
     official_head_init(model)
+    set_attn_implementation(model, attn)
     return model
 
 
