@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -65,6 +66,31 @@ def test_generate_command(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "d" / "instances_train.json").exists()
+
+
+def test_generate_command_draws_a_class_subset(tmp_path):
+    """`--classes`: another synthetic set with fewer classes (scripts/bench_pretrained.py's target set)."""
+    argv = [sys.executable, "-m", "tfg_mm", "generate", "--n-train", "6", "--n-val", "2", "--image-size", "96"]
+    proc = subprocess.run(
+        [*argv, "--out", str(tmp_path / "d"), "--seed", "1", "--classes", "break, stain"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for split in ("train", "val"):
+        data = json.loads((tmp_path / "d" / f"instances_{split}.json").read_text())
+        assert [(c["id"], c["name"]) for c in data["categories"]] == [(1, "break"), (2, "stain")]
+        assert {a["category_id"] for a in data["annotations"]} <= {1, 2}
+    assert {a["category_id"] for a in json.loads((tmp_path / "d" / "instances_train.json").read_text())["annotations"]}
+    bad = subprocess.run(
+        [*argv, "--out", str(tmp_path / "e"), "--classes", "scratch,rust"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "rust" in bad.stderr and "scratch" in bad.stderr
+    assert not (tmp_path / "e").exists()
 
 
 def test_pipeline_only_runs_the_named_steps(monkeypatch, tmp_path):

@@ -196,7 +196,9 @@ def test_from_pretrained_refuses_an_architecture_of_no_official_size(tmp_path):
 def test_from_pretrained_offline_says_how_to_use_a_folder(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(OfflineError, match="folder"):
+    with pytest.raises(OfflineError, match="folder") as info:
         from_pretrained("Intellindust/DEIMv2_HGNetv2_ATTO_COCO_not_cached")
+    # the command named is the one huggingface_hub installs (`huggingface-cli` is gone since 1.0)
+    assert "`hf download Intellindust/DEIMv2_HGNetv2_ATTO_COCO_not_cached --local-dir <folder>`" in str(info.value)
     with pytest.raises(CheckpointError):
         from_pretrained(str(Path(__file__).parent))  # a folder without config.json

@@ -64,6 +64,7 @@ def cmd_generate(args) -> int:
         image_size=args.image_size,
         progress=True,
         stress=args.stress,
+        **({"classes": [c.strip() for c in args.classes.split(",") if c.strip()]} if args.classes else {}),
     )
     print(f"synthetic dataset in {out} ({time.perf_counter() - t0:.1f} s)")
     return 0
@@ -191,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--stress",
         action="store_true",
         help="the stress case: grayscale images with image-spanning defects (boxes touching every border)",
+    )
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="comma-separated subset of the classes to draw (default all six: scratch,perforation,break,stain,dent,"
+        "inclusion); category ids follow the order given",
     )
     p.set_defaults(func=cmd_generate)
 

@@ -438,6 +438,6 @@ def _download(model_id: str) -> Path:
     except (LocalEntryNotFoundError, OSError) as error:
         raise OfflineError(
             f"Could not download {model_id!r} from the Hugging Face hub ({type(error).__name__}: {error}). "
-            "Without network, download it elsewhere (huggingface-cli download "
-            f"{model_id} --local-dir <folder>), copy the folder here and pass that folder path instead."
+            f"Fix: on a machine with network run `hf download {model_id} --local-dir <folder>` (the `hf` command "
+            "of huggingface_hub), copy the folder here and pass that folder path instead."
         ) from error
