@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from tfg_mm import ablations, reports, runs
 from tfg_mm.baseline import run_baseline
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         "submitit-local": {
             "executor": "submitit-local",
             "slurm_log_dir": str(out / "slurm"),
-            "slurm_cpus_per_run": 1,
+            # the same thread count as the local runs (their kernels inherit this process's): a run's float
+            # arithmetic, hence its numbers, depends on how many threads split each reduction
+            "slurm_cpus_per_run": torch.get_num_threads(),
             "slurm_array_parallelism": 2,
         },
     }
