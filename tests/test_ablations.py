@@ -135,8 +135,8 @@ def _calls(ablations_dir: Path, variant: str, seed: int = 0) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-@pytest.fixture()
-def setup(tmp_path):
+def grid_setup(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny COCO set, a phase-2 params file and a stand-in finished baseline under ``tmp_path``."""
     dataset = _make_dataset(tmp_path / "data")
     params_file = tmp_path / "phase2.yaml"
     params_file.write_text(f"dataset: {dataset}\nbaseline: {tmp_path / 'baseline'}\nepochs: 2\n")
@@ -144,6 +144,11 @@ def setup(tmp_path):
     (tmp_path / "baseline").mkdir()
     _write_run(base, tmp_path / "baseline", noise=1.0)
     return tmp_path, params_file
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    return grid_setup(tmp_path)
 
 
 def _grid_file(tmp_path: Path, variants: str, name: str = "grid.yaml", hard: str = "[perforation, break]") -> Path:

@@ -17,7 +17,7 @@ import cloudpickle
 import pandas as pd
 import pytest
 
-from tests.test_ablations import FAILING, GOOD, _calls, _grid_file, fake_run
+from tests.test_ablations import FAILING, GOOD, _calls, _grid_file, fake_run, grid_setup
 from tfg_mm import ablations, reports, runs
 from tfg_mm.baseline import run_baseline
 from tfg_mm.config import load_params
@@ -31,16 +31,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture()
-def setup(tmp_path):  # the grid fixture of tests/test_ablations.py (a tiny COCO set, a fake baseline)
-    from tests.test_ablations import _make_dataset, _write_run
-
-    dataset = _make_dataset(tmp_path / "data")
-    params_file = tmp_path / "phase2.yaml"
-    params_file.write_text(f"dataset: {dataset}\nbaseline: {tmp_path / 'baseline'}\nepochs: 2\n")
-    base = load_params(params_file, {"run_dir": str(tmp_path / "baseline"), "seed": 0})
-    (tmp_path / "baseline").mkdir()
-    _write_run(base, tmp_path / "baseline", noise=1.0)
-    return tmp_path, params_file
+def setup(tmp_path):  # the grid fixture of tests/test_ablations.py (a tiny COCO set, a stand-in baseline)
+    return grid_setup(tmp_path)
 
 
 MINILM = GOOD.split("  - name: noisy")[0]

@@ -607,12 +607,7 @@ class Trainer:
         bad = [r for r, (_, v, _) in enumerate(shards) if not math.isfinite(v)]
         if bad:
             rank, (_, v, rank_terms) = bad[0], shards[bad[0]]
-            nonfinite = {k: x for k, x in rank_terms.items() if not math.isfinite(x)}
-            what = (
-                f"process {rank} of {self.world}: non-finite loss ({v}); non-finite terms: "
-                f"{nonfinite or 'none individually (the sum overflowed)'}; all terms: "
-                f"{ {k: round(x, 4) for k, x in rank_terms.items()} }"
-            )
+            what = f"process {rank} of {self.world}: {_describe_non_finite(v, rank_terms)}"
             raise TrainingError(self._non_finite_message(epoch, step, what))
         keys = list(dict.fromkeys(k for _, _, t in shards for k in t))
         mean_terms = {k: sum(float(t.get(k, 0.0)) for _, _, t in shards) / self.world for k in keys}
@@ -658,12 +653,7 @@ class Trainer:
             if self.world > 1:  # every rank learns of a failure on any rank; the logged numbers are the means
                 mean_loss, terms = self._agree_on_step(epoch, step, loss, terms, failure)
             elif not torch.isfinite(loss):
-                bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
-                what = (
-                    f"non-finite loss ({loss.item()}); non-finite terms: "
-                    f"{bad or 'none individually (the sum overflowed)'}; all terms: "
-                    f"{ {k: round(v, 4) for k, v in terms.items()} }"
-                )
+                what = _describe_non_finite(loss.item(), terms)
                 raise TrainingError(self._non_finite_message(epoch, step, what))
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)  # amp fp16: the loss times the gradient scaler's scale
@@ -797,6 +787,15 @@ class Trainer:
         self._progress("finish", self.params.epochs, best_epoch=self.best_epoch, best_map=best["map"])
         distributed.barrier()  # the other processes return once the contract is final
         return TrainResult(self.history, final, self.ckpt_dir / "best", self.ckpt_dir / "last")
+
+
+def _describe_non_finite(loss: float, terms: dict[str, float]) -> str:
+    """The non-finite guard's account of a step's loss: the total, the terms that are not finite, all terms."""
+    bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
+    return (
+        f"non-finite loss ({loss}); non-finite terms: {bad or 'none individually (the sum overflowed)'}; "
+        f"all terms: { {k: round(v, 4) for k, v in terms.items()} }"
+    )
 
 
 def _headline(metrics: dict) -> dict:
