@@ -40,8 +40,9 @@ from tfg_mm import loss as tfg_loss  # noqa: E402
 from tfg_mm.config import load_params, project_root  # noqa: E402
 from tfg_mm.data.coco import CocoDetection, collate  # noqa: E402
 from tfg_mm.data.synthetic import generate  # noqa: E402
+from tfg_mm.detector.speed import ChannelsLastMaxPool2d, compile_static_parts  # noqa: E402
 from tfg_mm.io import atomic_write_json  # noqa: E402
-from tfg_mm.train import build_optimizer, ema_multi_avg_fn, seed_everything  # noqa: E402
+from tfg_mm.train import EMA, build_optimizer, ema_multi_avg_fn, seed_everything  # noqa: E402
 
 REPO = project_root()
 
@@ -58,6 +59,8 @@ class Option:
     deterministic: bool = True
     threads: int | None = None
     compile: bool = False
+    ema: str = "lean"  # "torch": torch's AveragedModel.update_parameters (before this change)
+    pool: str = "channels-last"  # "torch": nn.MaxPool2d in the input's (contiguous) format
     loss: str = "paired"  # "matrix": the loss before this change (diagonal of N x N IoU / GIoU matrices)
 
 
@@ -88,6 +91,10 @@ def _build(option: Option, params, num_classes: int, init_state: dict):
     overrides = detector.run_config_overrides(params)
     model = detector.build(params.preset, num_classes, image_size=params.image_size, seed=params.seed, **overrides)
     model.load_state_dict(init_state)
+    if option.pool == "torch":
+        for module in model.modules():
+            if isinstance(module, ChannelsLastMaxPool2d):
+                module.__class__ = torch.nn.MaxPool2d
     if option.attn is not None:
         detector.set_attn_implementation(model, option.attn)
     model.train()
@@ -103,12 +110,10 @@ def _build(option: Option, params, num_classes: int, init_state: dict):
         {"params": no_decay, "lr": params.lr, "weight_decay": 0.0},
     ]
     optimizer = build_optimizer(groups, opt_params)
-    ema = torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=ema_multi_avg_fn(params.ema_decay, params.ema_warmup), use_buffers=True
-    )
+    ema_cls = torch.optim.swa_utils.AveragedModel if option.ema == "torch" else EMA
+    ema = ema_cls(model, multi_avg_fn=ema_multi_avg_fn(params.ema_decay, params.ema_warmup), use_buffers=True)
     if option.compile:
-        # the inner Deimv2Model only: the criterion (scipy's Hungarian matcher) cannot be traced
-        model.model.compile()
+        compile_static_parts(model)  # `compile: backbone`, after the EMA's copy as in training
     return model, model, optimizer, ema
 
 
@@ -157,17 +162,30 @@ def _step_fn(option: Option, params, model, forward, optimizer, ema) -> Callable
 
 
 def _options(with_compile: bool) -> list[Option]:
-    today = {"attn": "sdpa", "optimizer_impl": "for-loop", "loss": "matrix"}
+    today = {"attn": "sdpa", "optimizer_impl": "for-loop", "loss": "matrix", "ema": "torch", "pool": "torch"}
 
     def like_today(name: str, what: str, **changes) -> Option:
         return Option(name, what, **{**today, **changes})
 
     options = [
-        like_today("today", "before this change: SDPA attention, AdamW for-loop, N x N IoU in the loss"),
+        like_today(
+            "today",
+            "before the speed work: SDPA attention, AdamW for-loop, N x N IoU in the loss, torch's EMA update, "
+            "contiguous max pooling",
+        ),
         like_today("loss=paired", "the loss's IoU / GIoU on matched pairs (bit-identical)", loss="paired"),
         like_today("adamw=foreach", "AdamW over all tensors per operation (bit-identical)", optimizer_impl="foreach"),
         like_today("adamw=fused", "AdamW fused kernel (equal to rounding)", optimizer_impl="fused"),
         like_today("attn=eager", "attention as matmul + softmax instead of SDPA", attn="eager"),
+        like_today(
+            "attn=blocks", "decoder self-attention over the visible denoising blocks only (rounding)", attn="blocks"
+        ),
+        like_today(
+            "ema=lean", "the EMA update without torch's per-tensor detach / regrouping (bit-identical)", ema="lean"
+        ),
+        like_today(
+            "pool=channels-last", "the stem's max pooling in channels-last format (bit-identical)", pool="channels-last"
+        ),
         like_today("channels_last", "model and images in channels-last memory format", channels_last=True),
         like_today("deterministic=false", "torch.use_deterministic_algorithms(False)", deterministic=False),
         like_today("threads=1", "torch.set_num_threads(1)", threads=1),
@@ -175,7 +193,7 @@ def _options(with_compile: bool) -> list[Option]:
     ]
     if with_compile:
         options.append(
-            Option("compile=model", "new default + torch.compile of the detector (not the loss)", compile=True)
+            Option("compile=backbone", "new default + `compile: backbone` (backbone and encoder)", compile=True)
         )
     return options
 

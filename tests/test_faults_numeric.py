@@ -271,7 +271,8 @@ def test_num_queries_override_reaches_the_model_and_fits_a_small_image() -> None
 # matcher_change_epoch (item 8): from the parameter to the criterion's matcher
 # ----------------------------------------------------------------------------------------------
 def test_matcher_change_epoch_parameter_reaches_the_criterion() -> None:
-    assert run_config_overrides(load_params({})) == {}  # null: the preset's value (atto 450) stays
+    # null: the preset's value (atto 450) stays; only the attention kind (not a config field) is always applied
+    assert run_config_overrides(load_params({})) == {"attn_implementation": "auto"}
     assert build("atto", 3, image_size=IMAGE_SIZE).config.matcher_change_epoch == 450
     params = load_params({"matcher_change_epoch": 2})
     model = build("atto", 3, image_size=IMAGE_SIZE, **run_config_overrides(params))

@@ -63,7 +63,8 @@ Preset = Literal["atto", "femto", "pico", "n", "s", "m", "l", "x"]
 Fidelity = Literal["official", "transformers"]
 Optimizer = Literal["AdamW", "SGD"]
 OptimizerImpl = Literal["auto", "for-loop", "foreach", "fused"]
-AttnImplementation = Literal["auto", "eager", "sdpa"]
+Compile = Literal["none", "backbone"]
+AttnImplementation = Literal["auto", "blocks", "sdpa", "eager"]
 Scheduler = Literal["flatcosine", "cosine", "constant"]
 Amp = Literal["no", "fp16", "bf16"]
 SelectMetric = Literal["map", "map50"]
@@ -294,14 +295,23 @@ class TrainingParams(BaseModel):
     optimizer: Optimizer = Field("AdamW", description="Optimiser.")
     attn_implementation: AttnImplementation = Field(
         "auto",
-        description="The detector's self-attention: `sdpa` (torch's fused scaled-dot-product attention) or "
-        "`eager` (matmul + softmax); equal to float rounding. `auto` = transformers' choice (`sdpa`).",
+        description="The detector's self-attention: `blocks` (the training decoder's attention computed only over "
+        "the query blocks the denoising mask leaves visible; otherwise `sdpa`), `sdpa` (torch's fused "
+        "scaled-dot-product attention over every pair, masked) or `eager` (matmul + softmax); equal to float "
+        "rounding. `auto` = `blocks` (scripts/bench_step.py).",
+    )
+    compile: Compile = Field(
+        "none",
+        description="`backbone`: `torch.compile` the detector's backbone and hybrid encoder (fixed input shapes) "
+        "before training; the decoder and the loss, whose shapes change with every batch's boxes, stay eager. "
+        "About 1.1x a CPU step after a one-off compile (about 2 min on 2 cores, seconds once torch's cache "
+        "holds it; needs a C++ compiler); equal to float rounding (scripts/bench_step.py --compile).",
     )
     optimizer_impl: OptimizerImpl = Field(
         "auto",
         description="How torch runs the optimiser update: `for-loop` (one tensor at a time), `foreach` (all "
         "tensors per operation: identical numbers, fewer calls) or `fused` (one kernel; equal to rounding). "
-        "`auto` = `foreach` (scripts/bench_step.py).",
+        "`auto` = `fused` (scripts/bench_step.py).",
     )
     scheduler: Scheduler = Field(
         "flatcosine",

@@ -612,7 +612,13 @@ def _raise_if_not_finite(named: Sequence[tuple[str, Tensor]], epoch: int, kind: 
     Under several processes the verdict is shared (:func:`tfg_mm.distributed.any_rank`): when one rank sees a
     non-finite value every rank raises (the others say so), instead of waiting in the next collective.
     """
-    flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]) if named else None
+    flags = None
+    if named:
+        # a cheap screen first: one float32 sum per tensor (NaN and inf propagate into it). Only when a sum is not
+        # finite (a non-finite entry, or finite entries overflowing the sum) are the entries themselves checked.
+        sums = torch.stack([t.detach().sum(dtype=torch.float32) for _, t in named])
+        if not bool(torch.isfinite(sums).all()):
+            flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])
     ok = flags is None or bool(flags.all())
     if distributed.initialized() and distributed.any_rank(not ok, named[0][1].device if named else None):
         if ok:

@@ -3,6 +3,7 @@
 Importing this package registers the model type ``tfg_deimv2`` with transformers' Auto classes.
 """
 
+from tfg_mm.detector import speed as _speed  # noqa: F401  (registers `attn_implementation: blocks`)
 from tfg_mm.detector.checkpoint import (
     from_pretrained,
     load,

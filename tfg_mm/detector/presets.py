@@ -471,10 +471,11 @@ def run_config_overrides(params: Any) -> dict[str, Any]:
     """The ``TfgDeimv2Config`` fields a run's parameters set over the preset's or the checkpoint's values.
 
     ``matcher_change_epoch`` and ``num_queries`` when given (None keeps the preset's / checkpoint's value), and
-    ``attn_implementation`` unless ``auto`` (not a config field: :func:`set_attn_implementation` applies it).
+    ``attn_implementation`` (not a config field: :func:`set_attn_implementation` applies it, ``auto`` included, so
+    that a loaded checkpoint trains with the same attention as a built model).
     """
     fields = {}
-    if getattr(params, "attn_implementation", "auto") != "auto":
+    if hasattr(params, "attn_implementation"):
         fields["attn_implementation"] = params.attn_implementation
     if getattr(params, "matcher_change_epoch", None) is not None:
         fields["matcher_change_epoch"] = int(params.matcher_change_epoch)
@@ -497,18 +498,26 @@ def apply_config_overrides(model: Any, fields: dict[str, Any]) -> None:
 
 
 def set_attn_implementation(model: Any, impl: str) -> None:
-    """Run the detector's self-attention (AIFI encoder and decoder) as ``eager`` (matmul + softmax) or ``sdpa``
-    (``torch.nn.functional.scaled_dot_product_attention``, transformers' default); ``auto`` keeps the model's.
+    """Run the detector's self-attention (AIFI encoder and decoder) as ``blocks``, ``sdpa`` or ``eager``; ``auto``
+    is ``blocks``.
 
-    Both compute the same attention (float rounding apart: tests/test_speed.py); which is faster depends on the
-    device (scripts/bench_step.py). Set on the detector's own config, which its attention modules read at every
-    forward; the HGNetV2 / DINOv3 backbone config is left alone (HGNetV2 has no attention and refuses ``sdpa``).
+    - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` over every query pair, the denoising mask
+      applied (transformers' default);
+    - ``eager``: the same as matmul + softmax;
+    - ``blocks``: the training decoder's attention computed only over the blocks the denoising mask leaves
+      visible (:mod:`tfg_mm.detector.speed`); every other attention (evaluation, the encoder) is ``sdpa``.
+
+    All three compute the same attention up to float rounding (tests/test_speed.py); which is faster depends on
+    the device (scripts/bench_step.py: ``blocks`` on CPU). Set on the detector's own config, which its attention
+    modules read at every forward; the HGNetV2 / DINOv3 backbone config is left alone (HGNetV2 has no attention
+    and refuses ``sdpa``).
     """
-    if impl == "auto":
-        return
-    if impl not in ("eager", "sdpa"):
-        raise ConfigError(f"`attn_implementation: {impl}` is unknown. Fix: use auto, eager or sdpa.")
-    model.config._attn_implementation = impl
+    from tfg_mm.detector.speed import BLOCKS
+
+    names = {"auto": BLOCKS, "blocks": BLOCKS, "eager": "eager", "sdpa": "sdpa"}
+    if impl not in names:
+        raise ConfigError(f"`attn_implementation: {impl}` is unknown. Fix: use auto, blocks, sdpa or eager.")
+    model.config._attn_implementation = names[impl]
 
 
 def check_image_size_of_config(config: Deimv2Config, image_size: int | None = None) -> None:
