@@ -171,7 +171,7 @@ def test_every_attention_implementation_gives_the_same_loss_and_gradients_to_rou
         out = model(batch["pixel_values"], labels=batch["labels"], epoch=1)
         out.loss.backward()
         results[impl] = (
-            float(out.loss),
+            out.loss.item(),
             torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]),
         )
     loss_a, grad_a = results["sdpa"]

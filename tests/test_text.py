@@ -23,6 +23,7 @@ from tfg_mm.text import (
     cache_key,
     class_embeddings,
     class_prompts,
+    fill_template,
     humanise,
     load_class_descriptions,
     prompts_record,
@@ -222,19 +223,44 @@ def test_humanise(name, words):
     assert humanise(name) == words
 
 
-def test_embedded_default_prompts_stay_byte_identical():
-    """The embedded set's classes have no separators: their prompts are exactly the templates' (the
-    `make all` numbers do not move)."""
+def test_embedded_default_prompts_are_the_templates_with_the_article_agreeing():
+    """The embedded set's classes have no separators: their prompts are the templates', except that "a" before
+    "inclusion" reads "an" (the one vowel-initial class)."""
     names = ["scratch", "perforation", "break", "stain", "dent", "inclusion"]
-    assert class_prompts(names) == [[t.format(n) for t in DEFAULT_TEMPLATES] for n in names]
-    assert class_prompts(names, "ensemble", {}) == class_prompts(names)
-    assert class_prompts(names, "single") == [[f"a photo of a {n}."] for n in names]
-    assert class_prompts(names)[0][0] == "a photo of a scratch defect"
+    prompts = class_prompts(names)
+    assert prompts[:5] == [[t.format(n) for t in DEFAULT_TEMPLATES] for n in names[:5]]
+    assert prompts[5] == [
+        "a photo of an inclusion defect",
+        "inclusion on a metal surface",
+        "an industrial image of inclusion",
+        "a close-up photo of an inclusion on steel",
+        "an inclusion defect on a rolled metal sheet",
+        "a surface inspection image showing inclusion",
+    ]
+    assert class_prompts(names, "ensemble", {}) == prompts
+    assert class_prompts(names, "single")[:5] == [[f"a photo of a {n}."] for n in names[:5]]
+    assert class_prompts(names, "single")[5] == ["a photo of an inclusion."]
+
+
+@pytest.mark.parametrize(
+    ("template", "name", "expected"),
+    [
+        ("a photo of a {}.", "oil stain", "a photo of an oil stain."),
+        ("A {} defect", "edge crack", "An edge crack defect"),
+        ("a  {}", "inclusion", "an  inclusion"),  # spacing kept
+        ("a {} defect", "dent", "a dent defect"),
+        ("data {}", "inclusion", "data inclusion"),  # only a lone article changes
+        ("{} near a", "inclusion", "inclusion near a"),  # only the article right before the name
+        ("an {}", "dent", "an dent"),  # a template's own article is kept as written
+    ],
+)
+def test_the_article_before_the_class_name_agrees(template, name, expected):
+    assert fill_template(template, name) == expected
 
 
 def test_humanised_names_in_single_and_ensemble():
     single = class_prompts(["surface_crack", "oil-stain"], "single")
-    assert single == [["a photo of a surface crack."], ["a photo of a oil stain."]]
+    assert single == [["a photo of a surface crack."], ["a photo of an oil stain."]]
     ensemble = class_prompts(["surface_crack"], "ensemble", templates=["a {} defect", "{} on steel"])
     assert ensemble == [["a surface crack defect", "surface crack on steel"]]
 
@@ -260,7 +286,7 @@ def test_descriptions_file_lists_single_first_ensemble_each(tmp_path):
         "A thin dark line across the rolled surface.",
         "A fracture of the sheet's skin.",
     ]
-    assert ensemble[1] == ["a oil stain defect", "oil stain on steel", "An irregular dark patch with soft edges."]
+    assert ensemble[1] == ["an oil stain defect", "oil stain on steel", "An irregular dark patch with soft edges."]
     assert ensemble[2] == ["a dent defect", "dent on steel"]
     # JSON works too, and gives the same prompts as the YAML
     as_json = tmp_path / "catalogue.json"
@@ -311,7 +337,7 @@ def test_prompts_used_are_recorded_by_class(tmp_path):
     assert emb.shape[0] == 2
     by_class = info["prompts"]
     assert list(by_class) == ["oil-stain", "dent"]
-    assert by_class["oil-stain"] == [t.format("oil stain") for t in DEFAULT_TEMPLATES] + [
+    assert by_class["oil-stain"] == [fill_template(t, "oil stain") for t in DEFAULT_TEMPLATES] + [
         "a dark patch",
         "an oily smear",
     ]

@@ -462,7 +462,8 @@ class Phase2Params(BaseModel):
         description="`single` = one prompt per class (its first description, else "
         f'"{SINGLE_TEMPLATE.format("{class name}")}"); `ensemble` = every template (plus each of its descriptions), '
         "each embedding normalised, averaged, renormalised. Class names are humanised in the templates "
-        "(`surface_crack`, `oil-stain`, `surfaceCrack` → surface crack, oil stain, surface crack).",
+        "(`surface_crack`, `oil-stain`, `surfaceCrack` → surface crack, oil stain, surface crack), and an article "
+        'right before the name agrees with it ("a photo of an inclusion").',
     )
     class_descriptions: Annotated[Any, BeforeValidator(_class_descriptions_value)] = Field(
         default_factory=dict,

@@ -417,7 +417,9 @@ def class_prompts(
         )
 
     if mode == "single":
-        return [[descriptions[n][0]] if n in descriptions else [SINGLE_TEMPLATE.format(humanise(n))] for n in names]
+        return [
+            [descriptions[n][0]] if n in descriptions else [fill_template(SINGLE_TEMPLATE, humanise(n))] for n in names
+        ]
     if mode == "ensemble":
         templates = list(DEFAULT_TEMPLATES if templates is None else templates)
         if not templates:
@@ -428,8 +430,21 @@ def class_prompts(
                     f"`templates` entry {template!r} must contain exactly one '{{}}' for the "
                     "class name. Fix: e.g. 'a {} defect.'."
                 )
-        return [[t.format(humanise(n)) for t in templates] + descriptions.get(n, []) for n in names]
+        return [[fill_template(t, humanise(n)) for t in templates] + descriptions.get(n, []) for n in names]
     raise ConfigError(f"`prompts: {mode}` is unknown. Fix: use one of {list(get_args(Prompts))}.")
+
+
+_ARTICLE_BEFORE = re.compile(r"(^|\s)([Aa])(\s+)$")
+
+
+def fill_template(template: str, name: str) -> str:
+    """``template`` with ``name`` in its ``{}``, the article right before it agreeing: "a photo of a {}" with
+    "inclusion" gives "a photo of an inclusion" (a name starting with a vowel letter takes "an"; the rest of the
+    template is kept as written)."""
+    before, _, after = template.partition("{}")
+    if name[:1].lower() in "aeiou" and name[:1]:
+        before = _ARTICLE_BEFORE.sub(lambda m: f"{m.group(1)}{m.group(2)}n{m.group(3)}", before)
+    return f"{before}{name}{after}"
 
 
 def prompts_record(class_names: list[str], prompts: list[list[str]]) -> dict[str, list[str]]:
