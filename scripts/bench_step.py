@@ -55,7 +55,8 @@ class Option:
     what: str
     attn: str | None = None  # None: the project's default
     optimizer_impl: str | None = None  # None: the project's default
-    channels_last: bool = False
+    channels_last: bool = False  # the model's weights and the images in channels-last format
+    channels_last_input: bool = True  # only the images (the activations follow them): `memory_format: auto` on CPU
     deterministic: bool = True
     threads: int | None = None
     compile: bool = False
@@ -148,7 +149,7 @@ def _switches(option: Option):
 def _step_fn(option: Option, params, model, forward, optimizer, ema) -> Callable[[dict, int], float]:
     def step(batch: dict, epoch: int = 1) -> float:
         pixels = batch["pixel_values"]
-        if option.channels_last:
+        if option.channels_last or option.channels_last_input:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         out = forward(pixels, labels=batch["labels"], epoch=epoch)
         optimizer.zero_grad(set_to_none=True)
@@ -162,7 +163,14 @@ def _step_fn(option: Option, params, model, forward, optimizer, ema) -> Callable
 
 
 def _options(with_compile: bool) -> list[Option]:
-    today = {"attn": "sdpa", "optimizer_impl": "for-loop", "loss": "matrix", "ema": "torch", "pool": "torch"}
+    today = {
+        "attn": "sdpa",
+        "optimizer_impl": "for-loop",
+        "loss": "matrix",
+        "ema": "torch",
+        "pool": "torch",
+        "channels_last_input": False,
+    }
 
     def like_today(name: str, what: str, **changes) -> Option:
         return Option(name, what, **{**today, **changes})
@@ -185,6 +193,9 @@ def _options(with_compile: bool) -> list[Option]:
         ),
         like_today(
             "pool=channels-last", "the stem's max pooling in channels-last format (bit-identical)", pool="channels-last"
+        ),
+        like_today(
+            "input=channels-last", "training images in channels-last format (rounding)", channels_last_input=True
         ),
         like_today("channels_last", "model and images in channels-last memory format", channels_last=True),
         like_today("deterministic=false", "torch.use_deterministic_algorithms(False)", deterministic=False),

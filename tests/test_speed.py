@@ -12,6 +12,7 @@ from transformers.loss.loss_for_object_detection import box_iou, generalized_box
 
 from tfg_mm import detector
 from tfg_mm import loss as tfg_loss
+from tfg_mm import train as train_mod
 from tfg_mm.config import load_params
 from tfg_mm.data import CocoDetection, collate
 from tfg_mm.detector import speed
@@ -350,3 +351,72 @@ def test_compile_is_applied_after_the_ema_copy(tiny_params, tmp_path, monkeypatc
         progress=False,
     )
     assert events == ["ema", "compile"]
+
+
+# ----------------------------------------------------------------------------------------------
+# memory_format: channels-last training images
+# ----------------------------------------------------------------------------------------------
+def test_memory_format_choice():
+    assert train_mod.channels_last_images("auto", "cpu") is True
+    assert train_mod.channels_last_images("auto", "cuda:0") is False  # not measured on a GPU: transformers' way
+    assert train_mod.channels_last_images("channels_last", "cuda") is True
+    assert train_mod.channels_last_images("contiguous", "cpu") is False
+    with pytest.raises(ValueError):
+        load_params({"memory_format": "nhwc"})
+
+
+def test_channels_last_images_give_the_same_step(tiny_dataset):
+    """Channels-last training images: the same step in float64 to 1e-9 (in float32 the convolutions' other
+    summation order is amplified by the deep network to about 1 % of the largest gradient, like `compile`)."""
+    batch, num_classes = _batch(tiny_dataset, n=2)
+    labels = [
+        {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in t.items()}
+        for t in batch["labels"]
+    ]
+    results = []
+    for channels_last in (False, True):
+        model = detector.build("atto", num_classes, image_size=160, seed=0).double().train()
+        pixels = train_mod._to_device(batch, "cpu", channels_last)["pixel_values"].double()
+        assert pixels.is_contiguous(memory_format=torch.channels_last) is channels_last
+        torch.manual_seed(1)
+        out = model(pixels, labels=labels, epoch=1)
+        out.loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((out.loss.item(), grads))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-9)
+    assert (grad_a - grad_b).abs().max() <= 1e-9 * grad_a.abs().max()
+
+
+def test_the_loop_trains_on_channels_last_images_and_evaluates_contiguous(tiny_params, tmp_path, monkeypatch):
+    from tfg_mm import baseline
+
+    seen = {"train": [], "eval": []}
+    loss = baseline.BaselineTask.loss
+
+    def recording_loss(self, model, batch, epoch):
+        seen["train"].append(batch["pixel_values"].is_contiguous(memory_format=torch.channels_last))
+        return loss(self, model, batch, epoch)
+
+    predict_fn = baseline.BaselineTask.predict_fn
+
+    def recording_predict_fn(self, model):
+        fn = predict_fn(self, model)
+
+        def wrapped(pixel_values):
+            seen["eval"].append(not pixel_values.is_contiguous(memory_format=torch.channels_last))
+            return fn(pixel_values)
+
+        return wrapped
+
+    monkeypatch.setattr(baseline.BaselineTask, "loss", recording_loss)
+    monkeypatch.setattr(baseline.BaselineTask, "predict_fn", recording_predict_fn)
+    baseline.run_baseline(tiny_params(epochs=1, max_steps_per_epoch=2), progress=False)
+    assert seen["train"] == [True, True]
+    assert seen["eval"] and all(seen["eval"])
+    seen["train"].clear()
+    baseline.run_baseline(
+        tiny_params(epochs=1, max_steps_per_epoch=1, memory_format="contiguous", run_dir=str(tmp_path / "c")),
+        progress=False,
+    )
+    assert seen["train"] == [False]

@@ -104,11 +104,13 @@ RUN_ID_EXCLUDED = frozenset(
         "num_workers",
         "pin_memory",
         # how the optimiser update / the attention are computed: `foreach` (the default) is bit-identical to
-        # `for-loop`; `fused`, the attention kinds and `compile` differ by float rounding only, like another `device`
+        # `for-loop`; `fused`, the attention kinds, `compile` and `memory_format` differ by float rounding only, like
+        # another `device`
         # (tests/test_speed.py)
         "optimizer_impl",
         "attn_implementation",
         "compile",
+        "memory_format",
         # checkpoint frequency and the embedding cache location change no number
         "save_every",
         "text_cache_dir",

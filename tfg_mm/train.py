@@ -661,10 +661,11 @@ class Trainer:
         )
         t_step = time.perf_counter()
         loss_sum = 0.0
+        channels_last = channels_last_images(getattr(self.params, "memory_format", "auto"), self.accelerator.device)
         for step, batch in enumerate(bar):
             if step >= steps:
                 break
-            batch = _to_device(batch, self.accelerator.device)
+            batch = _to_device(batch, self.accelerator.device, channels_last)
             lr = self.set_lr()
             # The non-finite guard. The criterion checks the model outputs (logits, boxes, corners of every
             # decoder / encoder / denoising output) before its matcher and every term before returning it
@@ -842,8 +843,17 @@ def _summarise_losses(losses: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _to_device(batch: dict, device) -> dict:
+def channels_last_images(memory_format: str, device) -> bool:
+    """Whether training images go channels-last (``memory_format``; ``auto``: on the CPU only)."""
+    if memory_format == "auto":
+        return torch.device(device).type == "cpu"
+    return memory_format == "channels_last"
+
+
+def _to_device(batch: dict, device, channels_last: bool = False) -> dict:
     out = dict(batch)
     out["pixel_values"] = batch["pixel_values"].to(device)
+    if channels_last:
+        out["pixel_values"] = out["pixel_values"].contiguous(memory_format=torch.channels_last)
     out["labels"] = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in batch["labels"]]
     return out
