@@ -1,7 +1,7 @@
 """Training-step speed of the embedded default (issue 10, item 4): options side by side in ONE process.
 
     python scripts/bench_step.py                 # every option, interleaved, median of the repeats
-    python scripts/bench_step.py --compile       # also torch.compile of the detector (minutes of compiling)
+    python scripts/bench_step.py --compile       # also `compile: backbone` (a minute or two of compiling, once)
     python scripts/bench_step.py --epoch         # also one full epoch: chosen default vs today
     python scripts/bench_step.py --profile       # the top operators of today's step (torch.profiler)
     python scripts/bench_step.py --components 20 --out reports/bench_step_parts.json  # the parts alone
