@@ -237,20 +237,23 @@ def test_a_refused_mask_goes_to_sdpa_unchanged():
 
 
 @pytest.mark.parametrize("boxes", [[1, 3, 2], [7], [2, 0, 5, 1]])
-def test_block_attention_equals_masked_sdpa_to_rounding(boxes):
-    """Outputs and the gradients of query, key and value agree with torch's masked SDPA to 1e-5."""
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_block_attention_equals_masked_sdpa(boxes, dtype, tolerance):
+    """Outputs and the gradients of query, key and value agree with torch's masked SDPA: to 1e-5 in float32,
+    to 1e-12 in float64 (the same computation, summed in another order)."""
     mask, meta = _denoising_mask(boxes)
+    mask = mask.to(dtype)
     length = mask.shape[0]
     torch.manual_seed(1)
-    qkv = [torch.randn(3, 4, length, 8, requires_grad=True) for _ in range(3)]
-    grad_out = torch.randn(3, length, 4, 8)
+    qkv = [torch.randn(3, 4, length, 8, dtype=dtype, requires_grad=True) for _ in range(3)]
+    grad_out = torch.randn(3, length, 4, 8, dtype=dtype)
     out_blocks, _ = speed.denoising_block_attention(torch.nn.Module(), *qkv, mask, scaling=0.3)
     grads_blocks = torch.autograd.grad(out_blocks, qkv, grad_out)
     out_sdpa = torch.nn.functional.scaled_dot_product_attention(*qkv, attn_mask=mask, scale=0.3).transpose(1, 2)
     grads_sdpa = torch.autograd.grad(out_sdpa, qkv, grad_out)
-    assert (out_blocks - out_sdpa).abs().max() < 1e-5
+    assert (out_blocks - out_sdpa).abs().max() < tolerance
     for a, b in zip(grads_blocks, grads_sdpa):
-        assert (a - b).abs().max() < 1e-5
+        assert (a - b).abs().max() < tolerance
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,33 +307,40 @@ def test_lean_ema_update_is_bit_identical_to_torch():
     assert int(a["n_averaged"]) == 3
 
 
+def _float64_step(model, pixels, labels) -> tuple[float, torch.Tensor]:
+    """One float64 training forward + backward (seeded denoising): the loss and every gradient, flattened."""
+    labels = [
+        {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in t.items()} for t in labels
+    ]
+    torch.manual_seed(1)
+    out = model(pixels.double(), labels=labels, epoch=1)
+    out.loss.backward()
+    return out.loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def _assert_same_float64_step(a: tuple[float, torch.Tensor], b: tuple[float, torch.Tensor]) -> None:
+    assert b[0] == pytest.approx(a[0], rel=1e-9)
+    assert (a[1] - b[1]).abs().max() <= 1e-9 * a[1].abs().max()
+
+
 @pytest.mark.slow
 def test_compile_backbone_computes_the_eager_step(tiny_dataset):
     """`compile: backbone`: the backbone and the encoder are compiled in place (same state-dict keys), the decoder
     is not. In float64 a training step's loss and gradients equal the eager model's to 1e-9 (in float32 they
     agree to rounding, which the deep network and the loss amplify to about 1e-3 of the largest gradient)."""
     batch, num_classes = _batch(tiny_dataset, n=2)
-    labels = [
-        {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in t.items()}
-        for t in batch["labels"]
-    ]
     results = []
     for compile_ in (False, True):
         model = detector.build("atto", num_classes, image_size=160, seed=0).double().train()
+        keys = model.state_dict().keys()
         if compile_:
             assert speed.compile_static_parts(model) == 1
             inner = model.model
             assert inner.conv_encoder._compiled_call_impl is not None
             assert inner.encoder._compiled_call_impl is not None and inner.decoder._compiled_call_impl is None
-            assert model.state_dict().keys() == results[0][2]
-        torch.manual_seed(1)
-        out = model(batch["pixel_values"].double(), labels=labels, epoch=1)
-        out.loss.backward()
-        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        results.append((out.loss.item(), grads, model.state_dict().keys()))
-    (loss_a, grad_a, _), (loss_b, grad_b, _) = results
-    assert loss_b == pytest.approx(loss_a, rel=1e-9)
-    assert (grad_a - grad_b).abs().max() <= 1e-9 * grad_a.abs().max()
+            assert model.state_dict().keys() == keys
+        results.append(_float64_step(model, batch["pixel_values"], batch["labels"]))
+    _assert_same_float64_step(*results)
 
 
 def test_compile_is_applied_after_the_ema_copy(tiny_params, tmp_path, monkeypatch):
@@ -369,23 +379,13 @@ def test_channels_last_images_give_the_same_step(tiny_dataset):
     """Channels-last training images: the same step in float64 to 1e-9 (in float32 the convolutions' other
     summation order is amplified by the deep network to about 1 % of the largest gradient, like `compile`)."""
     batch, num_classes = _batch(tiny_dataset, n=2)
-    labels = [
-        {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in t.items()}
-        for t in batch["labels"]
-    ]
     results = []
     for channels_last in (False, True):
         model = detector.build("atto", num_classes, image_size=160, seed=0).double().train()
-        pixels = train_mod._to_device(batch, "cpu", channels_last)["pixel_values"].double()
+        pixels = train_mod._to_device(batch, "cpu", channels_last)["pixel_values"]
         assert pixels.is_contiguous(memory_format=torch.channels_last) is channels_last
-        torch.manual_seed(1)
-        out = model(pixels, labels=labels, epoch=1)
-        out.loss.backward()
-        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        results.append((out.loss.item(), grads))
-    (loss_a, grad_a), (loss_b, grad_b) = results
-    assert loss_b == pytest.approx(loss_a, rel=1e-9)
-    assert (grad_a - grad_b).abs().max() <= 1e-9 * grad_a.abs().max()
+        results.append(_float64_step(model, pixels, batch["labels"]))
+    _assert_same_float64_step(*results)
 
 
 def test_the_loop_trains_on_channels_last_images_and_evaluates_contiguous(tiny_params, tmp_path, monkeypatch):
