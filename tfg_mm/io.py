@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,28 +36,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def current_umask() -> int:
-    """The process's umask, read without changing it (``/proc``) where possible."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but there is no other way)
-    os.umask(mask)
-    return mask
-
-
-def _follow_umask(root: Path) -> None:
+def _follow_umask(root: Path, granted: int) -> None:
     """Give everything under ``root`` the modes a plain ``open`` / ``mkdir`` would: libraries that write
-    through their own temporary files (safetensors 0.8 writes ``model.safetensors`` as 0600) do not."""
-    mask = current_umask()
+    through their own temporary files (safetensors 0.8 writes ``model.safetensors`` as 0600) do not.
+
+    ``granted`` is the mode the kernel gave ``root`` when it was made with ``mkdir(root, 0o777)``: the umask
+    (or the parent folder's default ACL) already applied, so it is neither read nor changed here."""
     for folder, dirs, files in os.walk(root):
         for name in dirs + files:
             path = os.path.join(folder, name)
             if os.path.islink(path):  # links have no mode of their own; never chmod their target
                 continue
             executable = os.path.isdir(path) or os.stat(path).st_mode & 0o111
-            os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+            os.chmod(path, (0o777 if executable else 0o666) & granted)
 
 
 def _create_sibling(path: Path, create: Callable[[Path], int | None]) -> tuple[Path, int | None]:
@@ -134,12 +126,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, _ = _create_sibling(path, _new_dir)
+    granted = stat.S_IMODE(os.stat(tmp).st_mode) & 0o777  # 0o777 & ~umask, as the kernel applied it
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _follow_umask(tmp)
+    _follow_umask(tmp, granted)
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
