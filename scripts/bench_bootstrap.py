@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from tfg_mm.evaluate import load_coco_gt, resolve_classes
-from tfg_mm.stats import ImageMatches, _cocoeval_replicas, paired_bootstrap
+from tfg_mm.evaluation.coco import load_coco_gt, resolve_classes
+from tfg_mm.evaluation.stats import ImageMatches, _cocoeval_replicas, paired_bootstrap
 
 
 def synthetic_pair(n_images: int = 60, n_classes: int = 6, per_image: int = 300, seed: int = 0):

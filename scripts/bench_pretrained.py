@@ -32,10 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from tfg_mm.baseline import run_baseline
-from tfg_mm.config import load_params, project_root, resolve_path
+from tfg_mm.config import load_params
 from tfg_mm.data.synthetic import generate
 from tfg_mm.io import atomic_write_json
+from tfg_mm.paths import project_root, resolve_path
+from tfg_mm.training.baseline import run_baseline
 
 REPO = project_root()
 

@@ -36,13 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 from transformers.loss.loss_for_object_detection import box_iou, generalized_box_iou  # noqa: E402
 
 from tfg_mm import detector  # noqa: E402
-from tfg_mm import loss as tfg_loss  # noqa: E402
-from tfg_mm.config import load_params, project_root  # noqa: E402
+from tfg_mm.config import load_params  # noqa: E402
 from tfg_mm.data.coco import CocoDetection, collate  # noqa: E402
 from tfg_mm.data.synthetic import generate  # noqa: E402
+from tfg_mm.detector import loss as tfg_loss  # noqa: E402
 from tfg_mm.detector.speed import ChannelsLastMaxPool2d, compile_static_parts  # noqa: E402
 from tfg_mm.io import atomic_write_json  # noqa: E402
-from tfg_mm.train import EMA, build_optimizer, ema_multi_avg_fn, seed_everything  # noqa: E402
+from tfg_mm.paths import project_root  # noqa: E402
+from tfg_mm.training.baseline import BaselineTask  # noqa: E402
+from tfg_mm.training.loop import EMA, build_optimizer, ema_multi_avg_fn, seed_everything  # noqa: E402
 
 REPO = project_root()
 
@@ -115,7 +117,8 @@ def _build(option: Option, params, num_classes: int, init_state: dict):
     ema = ema_cls(model, multi_avg_fn=ema_multi_avg_fn(params.ema_decay, params.ema_warmup), use_buffers=True)
     if option.compile:
         compile_static_parts(model)  # `compile: backbone`, after the EMA's copy as in training
-    return model, model, optimizer, ema
+    task = BaselineTask(model, [])  # the training loop's loss: the official criterion built from the config
+    return model, task.loss, optimizer, ema
 
 
 def _matrix_diag_iou(boxes1, boxes2):
@@ -146,18 +149,18 @@ def _switches(option: Option):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _step_fn(option: Option, params, model, forward, optimizer, ema) -> Callable[[dict, int], float]:
+def _step_fn(option: Option, params, model, loss_fn, optimizer, ema) -> Callable[[dict, int], float]:
     def step(batch: dict, epoch: int = 1) -> float:
         pixels = batch["pixel_values"]
         if option.channels_last or option.channels_last_input:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        out = forward(pixels, labels=batch["labels"], epoch=epoch)
+        loss, _ = loss_fn(model, {"pixel_values": pixels, "labels": batch["labels"]}, epoch)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], params.grad_clip)
         optimizer.step()
         ema.update_parameters(model)
-        return float(out.loss.detach())
+        return float(loss.detach())
 
     return step
 
@@ -317,7 +320,7 @@ def bench_components(params, ds, reps: int) -> dict:
     batch = _batches(ds, params.batch_size, 1)[0]
     criterion = tfg_loss.DEIMv2Criterion.from_config(model.config)
     with torch.no_grad():
-        raw = model(batch["pixel_values"], labels=batch["labels"], epoch=1, compute_loss=False)
+        raw = model(batch["pixel_values"], labels=batch["labels"])
     outputs = tfg_loss.official_outputs(raw, model.config)
 
     def loss_step(kind: str) -> Callable[[], None]:
@@ -343,9 +346,11 @@ def bench_components(params, ds, reps: int) -> dict:
     def model_step(impl: str) -> Callable[[], None]:
         def run() -> None:
             detector.set_attn_implementation(model, impl)
-            out = model(batch["pixel_values"], labels=batch["labels"], epoch=1)
+            loss, _ = tfg_loss.compute_loss(
+                model(batch["pixel_values"], labels=batch["labels"]), batch["labels"], model.config, criterion, 1
+            )
             model.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
 
         return run
 

@@ -37,13 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 from bench_bootstrap import bench_bootstrap  # scripts/, this script's folder
 
-from tfg_mm.baseline import run_baseline
-from tfg_mm.config import load_params, project_root
+from tfg_mm.config import load_params
 from tfg_mm.data.loaders import make_data
 from tfg_mm.data.synthetic import generate
 from tfg_mm.io import atomic_write_json
-from tfg_mm.phase2 import Phase2Task, build_multimodal, ensure_baseline
-from tfg_mm.train import Trainer, seed_everything
+from tfg_mm.paths import project_root
+from tfg_mm.training.baseline import run_baseline
+from tfg_mm.training.loop import Trainer, seed_everything
+from tfg_mm.training.phase2 import Phase2Task, build_multimodal, ensure_baseline
 
 REPO = project_root()
 

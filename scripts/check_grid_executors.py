@@ -21,10 +21,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tfg_mm import ablations, reports, runs
-from tfg_mm.baseline import run_baseline
-from tfg_mm.config import load_params, project_root
+from tfg_mm import ablations, reporting
+from tfg_mm.config import load_params
 from tfg_mm.data.synthetic import generate
+from tfg_mm.paths import project_root
+from tfg_mm.training import runs
+from tfg_mm.training.baseline import run_baseline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             executor=executor,
         )
         seconds[name] = round(time.perf_counter() - t0, 1)
-        tables[name] = reports.ablation_table(ablations.summarize(out / name, progress=False))
+        tables[name] = reporting.ablation_table(ablations.summarize(out / name, progress=False))
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         for name, table in tables.items():
             print(f"\n== executor: {name} ({seconds[name]} s) ==\n{table.to_string(index=False)}")

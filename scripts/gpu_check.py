@@ -6,8 +6,8 @@
 On the embedded synthetic set (generated here: ``--train-images`` / ``--val-images`` images of 160 px, the
 embedded default's size, resized by the loaders to the preset's official input size), it trains
 
-1. phase 1 (``tfg_mm.baseline.run_baseline``): the preset from a random init for ``--epochs`` epochs;
-2. phase 2 (``tfg_mm.phase2.run_phase2``) on that baseline: one cached warm-up epoch (stage A) and
+1. phase 1 (``tfg_mm.training.baseline.run_baseline``): the preset from a random init for ``--epochs`` epochs;
+2. phase 2 (``tfg_mm.training.phase2.run_phase2``) on that baseline: one cached warm-up epoch (stage A) and
    ``--epochs`` epochs of stage B (fusion + detector heads), with ``--text-encoder`` (``random`` by default:
    fixed prototypes, no text model to load; the text only enters once, as a cached matrix);
 
@@ -42,14 +42,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 from tfg_mm import detector as deimv2
-from tfg_mm.baseline import BaselineTask, run_baseline
-from tfg_mm.config import load_params, project_root
+from tfg_mm.config import load_params
+from tfg_mm.config.presets import PRESETS
 from tfg_mm.data.synthetic import generate
-from tfg_mm.detector.presets import PRESETS
-from tfg_mm.devices import cpu_count, loader_settings, resolve_device
 from tfg_mm.io import atomic_write_json
-from tfg_mm.phase2 import run_phase2
-from tfg_mm.train import make_accelerator
+from tfg_mm.paths import project_root
+from tfg_mm.runtime.devices import cpu_count, loader_settings, resolve_device
+from tfg_mm.training.baseline import BaselineTask, run_baseline
+from tfg_mm.training.loop import make_accelerator
+from tfg_mm.training.phase2 import run_phase2
 
 REPO = project_root()
 

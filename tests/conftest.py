@@ -21,7 +21,7 @@ os.environ["TFG_MM_FIGURES_DIR"] = os.path.join(_SCRATCH, "figures")
 os.environ["TFG_MM_REPORTS_DIR"] = os.path.join(_SCRATCH, "reports")
 # ... and so do the markers of fully decoded datasets (tfg_mm.data.validate.decode_images)
 os.environ["TFG_MM_CACHE_DIR"] = os.path.join(_SCRATCH, "cache")
-# ... and so does the default MLflow store of runs that track (tfg_mm.tracking.default_store)
+# ... and so does the default MLflow store of runs that track (tfg_mm.training.tracking.default_store)
 os.environ["TFG_MM_TRACKING_DIR"] = os.path.join(_SCRATCH, "mlruns")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ def install(
     import torch
     from torch import nn
 
-    from tfg_mm import baseline
+    from tfg_mm.training import baseline
 
     rank = int(os.environ.get("RANK", "0"))
 

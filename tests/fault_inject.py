@@ -27,7 +27,8 @@ def _kill() -> None:
 
 
 def install(fault: str, n: int) -> None:
-    from tfg_mm import baseline, train
+    from tfg_mm.training import baseline
+    from tfg_mm.training import loop as train
 
     calls = {"n": 0}
 

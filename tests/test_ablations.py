@@ -1,7 +1,7 @@
 """The ablation grid runner: failures recorded, finished runs reused, statistics, notebook 03.
 
 The unit of work is injected: ``fake_run`` stands in for notebook 02. It writes a real run contract
-(:func:`tfg_mm.runs.write_metrics`) and real COCO detections of a tiny ground truth, so the
+(:func:`tfg_mm.training.runs.write_metrics`) and real COCO detections of a tiny ground truth, so the
 statistics (pycocotools + the paired bootstrap) and the report run for real, without training.
 """
 
@@ -18,16 +18,19 @@ import pytest
 import torch
 from PIL import Image
 
-from tfg_mm import ablations, reports, runs
-from tfg_mm.baseline import run_baseline
-from tfg_mm.config import load_params, project_root
+from tfg_mm import ablations, reporting
+from tfg_mm.config import load_params
 from tfg_mm.data.loaders import dataset_record
 from tfg_mm.data.synthetic import HARD_CLASSES
 from tfg_mm.errors import ConfigError, DataError
-from tfg_mm.evaluate import coco_evaluate
-from tfg_mm.fusion import ResidualTextFusion
-from tfg_mm.notebooks import execute, notebook_params, render_html
-from tfg_mm.phase2 import depends_on_baseline, run_phase2
+from tfg_mm.evaluation.coco import coco_evaluate
+from tfg_mm.multimodal.fusion import ResidualTextFusion
+from tfg_mm.paths import project_root
+from tfg_mm.training import runs
+from tfg_mm.training.baseline import run_baseline
+from tfg_mm.training.phase2 import depends_on_baseline, run_phase2
+from tfg_mm.workflow.notebooks import execute, render_html
+from tfg_mm.workflow.parameters import notebook_params
 
 CLASSES = ["scratch", "perforation", "break", "stain"]
 N_IMAGES = 12
@@ -228,7 +231,7 @@ def test_failing_variant_is_recorded_and_finished_runs_are_reused(setup):
     noisy = by_name["noisy"]["delta"]["map"]
     assert noisy["lo"] <= noisy["delta"] <= noisy["hi"] and noisy["verdict"] == "worse"  # 10x the box noise
     assert set(by_name["minilm"]["delta"]["per_class"]) == {"perforation", "break"}
-    table = reports.ablation_table(summary)
+    table = reporting.ablation_table(summary)
     assert list(table["variant"]) == ["baseline", "minilm", "noisy", "no_text"]
     assert table.loc[table["variant"] == "no_text", "verdict"].item().startswith("failed: RuntimeError")
 
@@ -393,11 +396,11 @@ def test_index_without_a_grid_still_links_reports(tmp_path):
     (tmp_path / "01_baseline.html").write_text("<html></html>")
     summary = ablations.summarize_if_run(tmp_path / "no_grid")  # what `python -m tfg_mm report` does
     assert summary is None
-    index = reports.build_index(summary, reports_dir=tmp_path).read_text()
+    index = reporting.build_index(summary, reports_dir=tmp_path).read_text()
     assert 'href="01_baseline.html"' in index and "No ablation grid has run yet" in index
     assert os.path.exists(tmp_path / "index.html")
     with pytest.raises(TypeError, match="summarize_if_run"):  # reports draws a summary; it never computes one
-        reports.build_index(tmp_path / "no_grid", reports_dir=tmp_path)
+        reporting.build_index(tmp_path / "no_grid", reports_dir=tmp_path)
 
 
 @pytest.mark.slow
@@ -508,9 +511,9 @@ def test_interval_of_several_seeds_is_hierarchical_and_one_seed_says_training_no
     entry = {v["name"]: v for v in summary["variants"]}["noisy"]["delta"]["map"]
     assert entry["n_seeds"] == 1 and "training noise not included" in entry["covers"]
     assert "NOT included" in summary["interval_note"]
-    table = reports.ablation_table(summary)
+    table = reporting.ablation_table(summary)
     assert "training noise not included" in table.loc[table["variant"] == "noisy", "interval covers"].item()
-    index = reports.build_index(summary, tmp_path / "reports").read_text()
+    index = reporting.build_index(summary, tmp_path / "reports").read_text()
     assert "Training noise (another seed of the same run) is NOT included" in index
 
     two = tmp_path / "two_seeds"
@@ -565,7 +568,7 @@ def test_baseline_seeds_are_trained_paired_with_variant_seeds_and_their_spread_i
     maps = [runs.read_metrics(d)["final"]["map"] for d in (tmp_path / "baseline", seed1)]
     assert spread["stats"]["map"]["mean"] == pytest.approx(np.mean(maps))
     assert spread["stats"]["map"]["sd"] == pytest.approx(np.std(maps, ddof=1))
-    table = reports.baseline_spread_table(summary)
+    table = reporting.baseline_spread_table(summary)
     assert list(table["metric"]) == ["mAP", "mAP50", *(f"AP {c}" for c in CLASSES)]
     assert list(table.columns) == ["metric", "mean ± sd", "seeds", "seed 0", "seed 1"]
     assert table.loc[0, "seed 1"] == f"{maps[1]:.4f}"
@@ -577,8 +580,8 @@ def test_baseline_seeds_are_trained_paired_with_variant_seeds_and_their_spread_i
     base_ap = [runs.read_metrics(d)["final"]["per_class"]["stain"]["ap"] for d in (tmp_path / "baseline", seed1)]
     expected = np.mean([v - b for v, b in zip(noisy_ap, base_ap)])
     assert {v["name"]: v for v in summary["variants"]}["noisy"]["per_class_delta"]["stain"] == pytest.approx(expected)
-    assert reports.ablation_table(summary).loc[0, "mAP"].count("±") == 1  # the baseline row: mean ± sd
-    index = reports.build_index(summary, tmp_path / "reports").read_text()
+    assert reporting.ablation_table(summary).loc[0, "mAP"].count("±") == 1  # the baseline row: mean ± sd
+    index = reporting.build_index(summary, tmp_path / "reports").read_text()
     assert "Baseline seed spread" in index and "trained with 2 seeds" in index
 
     # second run: the baseline seed is reused, not retrained

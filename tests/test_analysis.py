@@ -1,4 +1,4 @@
-"""Error analysis (tfg_mm.analysis) on hand-built cases with known answers, and through a tiny real run."""
+"""Error analysis (tfg_mm.evaluation.analysis) on hand-built cases with known answers, and through a tiny real run."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from tfg_mm import analysis
-from tfg_mm.analysis import ERROR_TYPES
-from tfg_mm.evaluate import coco_evaluate
+from tfg_mm.evaluation import analysis
+from tfg_mm.evaluation.analysis import ERROR_TYPES
+from tfg_mm.evaluation.coco import coco_evaluate
 
 #: AP of "TP, FP, TP" over two boxes (101-point COCO interpolation): recall <= 0.5 at precision 1, then 2/3
 AP_TP_FP_TP = (51 + 50 * 2 / 3) / 101
@@ -220,8 +220,8 @@ def test_analyse_run_writes_the_side_file(tmp_path):
 @pytest.mark.slow
 def test_a_tiny_run_records_operating_points_and_errors_for_every_class(tiny_params, tmp_path):
     """Train 1 epoch (2 steps), then evaluate the checkpoint only: both contracts carry the analysis."""
-    from tfg_mm import runs
-    from tfg_mm.baseline import run_baseline
+    from tfg_mm.training import runs
+    from tfg_mm.training.baseline import run_baseline
 
     m = run_baseline(tiny_params(epochs=1, max_steps_per_epoch=2, run_dir=str(tmp_path / "run")), progress=False)
     classes = list(m["final"]["per_class"])
@@ -262,7 +262,7 @@ def _final_with(points, errors):
 
 
 def test_contract_checks_operating_points_and_errors_when_present():
-    from tfg_mm import runs
+    from tfg_mm.training import runs
 
     good_point = {"a": {"threshold": 0.4, "precision": 0.9, "recall": 0.8, "f1": 0.85}}
     good_errors = {"a": dict.fromkeys(ERROR_TYPES, 0.0)}
@@ -295,11 +295,11 @@ def _analysed_run(tmp_path):
 
 
 def test_show_error_analysis_draws_and_saves_every_figure(tmp_path, monkeypatch):
-    from tfg_mm import reports
+    from tfg_mm import reporting
 
     monkeypatch.setenv("TFG_MM_FIGURES_DIR", str(tmp_path / "figures"))
     metrics = _analysed_run(tmp_path / "run")
-    figures = reports.show_error_analysis(metrics, save_prefix="01_baseline", hard_classes=["a"])
+    figures = reporting.show_error_analysis(metrics, save_prefix="01_baseline", hard_classes=["a"])
     assert set(figures) == {"pr", "f1", "confusion", "errors"}
     for stem in ("pr", "f1", "confusion", "errors"):
         assert (tmp_path / "figures" / f"01_baseline_{stem}.png").read_bytes()[:4] == b"\x89PNG"
@@ -320,15 +320,15 @@ def test_show_error_analysis_draws_and_saves_every_figure(tmp_path, monkeypatch)
     heights = sorted(round(p.get_height(), 6) for p in figures["errors"].axes[0].patches if p.get_width() > 0)
     recorded = sorted(round(v, 6) for e in metrics["final"]["errors"].values() for v in e.values())
     assert heights == recorded
-    table = reports.operating_points_table(metrics, hard_classes=["a"])
+    table = reporting.operating_points_table(metrics, hard_classes=["a"])
     assert list(table.index) == ["a (hard)", "b"] and table.loc["a (hard)", "F1"] == round(points["a"]["f1"], 3)
     # a contract written before the analysis existed: a note, no figure
     old = {"params": {"run_dir": str(tmp_path / "old")}, "final": {"map": 0.5}}
-    assert reports.show_error_analysis(old) == {}
+    assert reporting.show_error_analysis(old) == {}
 
 
 def test_error_table_and_index_section(tmp_path):
-    from tfg_mm import reports
+    from tfg_mm import reporting
 
     errors = {c: dict.fromkeys(ERROR_TYPES, 0.0) | {"missed": 0.1 * (i + 1)} for i, c in enumerate("ab")}
     summary = {
@@ -340,25 +340,25 @@ def test_error_table_and_index_section(tmp_path):
             {"name": "v2", "status": "failed", "errors": [{"seed": 0, "error": "x"}]},
         ],
     }
-    table = reports.error_table(summary)
+    table = reporting.error_table(summary)
     assert list(table.index) == ["baseline", "v1"]
     assert table.loc["baseline", ("b", "missed")] == 0.2 and table.loc["v1", ("b", "missed")] == 0.05
     assert list(table.columns.get_level_values(1))[:3] == ["classification", "localisation", "cls + loc"]
-    assert list(reports.error_table(summary, classes=["a", "b"]).columns.get_level_values(0)).count("a") == 6
-    page = reports._error_table_section(summary, tmp_path)
+    assert list(reporting.error_table(summary, classes=["a", "b"]).columns.get_level_values(0)).count("a") == 6
+    page = reporting.index._error_table_section(summary, tmp_path)
     assert "Errors per class" in page and "0.05" in page
     assert (tmp_path / "ablations_errors.csv").exists()
-    assert "No error analysis" in reports._error_table_section({"variants": []}, tmp_path)
+    assert "No error analysis" in reporting.index._error_table_section({"variants": []}, tmp_path)
 
 
 def test_error_comparison_of_a_run_with_its_baseline():
-    from tfg_mm import reports
+    from tfg_mm import reporting
 
     errors = {c: dict.fromkeys(ERROR_TYPES, 0.0) | {"missed": m} for c, m in (("perforation", 0.3), ("scratch", 0.1))}
     better = {c: v | {"missed": v["missed"] / 2} for c, v in errors.items()}
     metrics = {"final": {"errors": better}, "baseline": {"final": {"errors": errors}}}
-    table = reports.error_comparison(metrics)  # the hard classes this run has
+    table = reporting.error_comparison(metrics)  # the hard classes this run has
     assert list(table.index) == ["baseline", "this run"]
     assert sorted(set(table.columns.get_level_values(0))) == ["perforation"]
     assert table.loc["this run", ("perforation", "missed")] == 0.15
-    assert reports.error_comparison(metrics, {"errors": errors}, classes=["scratch"]).shape == (2, 6)
+    assert reporting.error_comparison(metrics, {"errors": errors}, classes=["scratch"]).shape == (2, 6)

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tfg_mm import pipeline
 from tfg_mm.errors import ConfigError
+from tfg_mm.workflow import pipeline
 
 
 def test_help_lists_every_command():

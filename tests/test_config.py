@@ -21,11 +21,9 @@ from tfg_mm.config import (
     load_params,
     parameter_reference,
     params_from_notebook,
-    portable_text,
-    project_root,
-    resolve_path,
 )
 from tfg_mm.errors import ConfigError
+from tfg_mm.paths import portable_text, project_root, resolve_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +83,7 @@ def test_every_choice_list_is_a_named_alias():
 
 
 def test_tables_keyed_by_a_choice_cover_every_choice():
-    from tfg_mm.phase2 import UNFREEZE_PARTS
+    from tfg_mm.training.phase2 import UNFREEZE_PARTS
 
     assert set(UNFREEZE_PARTS) == set(get_args(config.Unfreeze))
 

@@ -19,7 +19,8 @@ import torch
 from official import official_fixture
 from scipy.optimize import linear_sum_assignment
 
-from tfg_mm.convert import (
+from tfg_mm.detector import TfgDeimv2ForObjectDetection, load, preset_config, read_metadata
+from tfg_mm.detector.convert import (
     checkpoint_fingerprint,
     config_fingerprint,
     convert_checkpoint,
@@ -30,7 +31,6 @@ from tfg_mm.convert import (
     load_official_state_dict,
     main,
 )
-from tfg_mm.detector import TfgDeimv2ForObjectDetection, load, preset_config, read_metadata
 from tfg_mm.errors import CheckpointError, ConfigError
 
 TOLERANCE = 1e-4

@@ -13,9 +13,9 @@ import torch
 
 from tfg_mm.config import load_params
 from tfg_mm.data import CocoDetection, collate, dataset_fingerprint, load_coco, loaders
-from tfg_mm.data.inspect import class_counts, class_statistics, show_samples
 from tfg_mm.data.synthetic import DEFAULT_CLASSES, generate
 from tfg_mm.errors import ConfigError
+from tfg_mm.reporting.data import class_counts, class_statistics, show_samples
 
 matplotlib.use("Agg")
 

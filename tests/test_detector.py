@@ -14,14 +14,13 @@ from tfg_mm.detector import (
     build,
     freeze,
     from_pretrained,
-    official,
     preset_config,
     trainable_parameter_summary,
     unfreeze,
 )
-from tfg_mm.detector.official import registered_criterion
-from tfg_mm.errors import CheckpointError, ConfigError, OfflineError, TrainingError
-from tfg_mm.loss import compute_loss
+from tfg_mm.detector.loss import compute_loss
+from tfg_mm.errors import CheckpointError, ConfigError, OfflineError
+from tfg_mm.training.baseline import BaselineTask
 
 PIXELS = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
 
@@ -102,45 +101,32 @@ def test_anchors_follow_the_eval_input_size():
             plain(big)
 
 
-def test_forward_without_loss_builds_denoising_queries():
+def test_forward_builds_denoising_queries_and_computes_no_loss():
+    """The detector is a model: its forward never computes a loss (the task does, with the criterion it is given)."""
     model = build("atto", 3, image_size=320, seed=0).train()
     labels = [
         {"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.2]])}
     ]
-    out = model(PIXELS, labels=labels, compute_loss=False)
+    out = model(PIXELS, labels=labels)
     assert out.loss is None
     denoising, queries = out.denoising_meta_values["dn_num_split"]
     assert queries == 100 and denoising > 0
     assert out.intermediate_logits.shape[1] == model.config.decoder_layers + 1
 
 
-def test_forward_with_labels_computes_the_official_criterion():
-    """forward(labels=..., epoch=...) gives the loss of tfg_mm.loss.compute_loss on its own outputs."""
-    model = build("atto", 3, image_size=320, seed=0).train()
+def test_the_baseline_task_computes_the_official_criterion_it_was_built_with():
+    """One route from a run's parameters to its loss: the task's criterion is built once from the model's config
+    (the preset's criterion and the run's overrides), and its loss is compute_loss with it."""
+    model = build("atto", 3, image_size=320, seed=0, matcher_change_epoch=2).train()
+    task = BaselineTask(model, ["a", "b", "c"])
+    assert task.criterion.losses == ["mal", "boxes"] and task.criterion.matcher.change_epoch == 2  # atto, override
     labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
-    assert registered_criterion() is compute_loss  # registered by `import tfg_mm`
-    out = model(PIXELS, labels=labels, epoch=3)
-    total, terms = compute_loss(out, labels, model.config, epoch=3)
-    assert torch.equal(out.loss, total) and out.loss_dict == terms
+    torch.manual_seed(0)
+    loss, terms = task.loss(model, {"pixel_values": PIXELS, "labels": labels}, epoch=3)
+    torch.manual_seed(0)  # the same denoising queries
+    expected, expected_terms = compute_loss(model(PIXELS, labels=labels), labels, model.config, task.criterion, 3)
+    assert torch.equal(loss, expected) and terms == expected_terms
     assert "loss_mal_dn_0" in terms and not any("fgl" in name for name in terms)  # atto: mal + boxes only
-
-
-def test_forward_passes_config_and_epoch_to_the_registered_criterion(monkeypatch):
-    model = build("atto", 3, image_size=320, seed=0).train()
-    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
-    seen = {}
-
-    def fake_criterion(outputs, targets, config, epoch):
-        seen.update(targets=targets, config=config, epoch=epoch)
-        return outputs.logits.sum() * 0, {"loss_mal": 0.0}
-
-    monkeypatch.setattr(official, "_registered_criterion", fake_criterion)
-    out = model(PIXELS, labels=labels, epoch=3)
-    assert seen == {"targets": labels, "config": model.config, "epoch": 3} and out.loss_dict == {"loss_mal": 0.0}
-    monkeypatch.setattr(official, "_registered_criterion", None)
-    with pytest.raises(TrainingError, match="import tfg_mm"):
-        model(PIXELS, labels=labels)
-    assert model(PIXELS, labels=labels, compute_loss=False).loss is None
 
 
 def test_fidelity_transformers_is_the_plain_class():

@@ -1,4 +1,4 @@
-"""GPU settings (tfg_mm.devices): `device`, `amp`, `num_workers`, `pin_memory`, checked without a GPU.
+"""GPU settings (tfg_mm.runtime.devices): `device`, `amp`, `num_workers`, `pin_memory`, checked without a GPU.
 
 The resolvers take the machine's facts (CUDA visible, device count, CPUs) as arguments, so every device is
 checked here; the loop's fp16 path is checked on CPU with a real gradient scaler.
@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tfg_mm import devices, train
-from tfg_mm.baseline import run_baseline
 from tfg_mm.config import load_params
-from tfg_mm.devices import check_amp, loader_settings, resolve_device
 from tfg_mm.errors import ConfigError
+from tfg_mm.runtime import devices
+from tfg_mm.runtime.devices import check_amp, loader_settings, resolve_device
+from tfg_mm.training import loop as train
+from tfg_mm.training.baseline import run_baseline
 
 
 @pytest.mark.parametrize("value", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
@@ -78,7 +79,7 @@ def test_loader_settings_auto_per_device():
 
 def test_default_params_on_this_cpu_build_todays_loaders(tiny_dataset):
     from tfg_mm.data import loaders
-    from tfg_mm.train import seed_everything
+    from tfg_mm.training.loop import seed_everything
 
     params = load_params(dataset=str(tiny_dataset), generate_if_missing=False, device="cpu", batch_size=4)
     data = loaders.make_data(params, seed_everything(0), progress=False)

@@ -1,4 +1,4 @@
-"""Data parallelism (tfg_mm.distributed, the Trainer under torchrun): real processes, gloo on CPU.
+"""Data parallelism (tfg_mm.runtime.distributed, the Trainer under torchrun): real processes, gloo on CPU.
 
 The equivalence test runs the real command line through ``tests/ddp_driver.py`` twice: one process
 with a batch of 4 (plain ``python``) and two processes with 2 each (``torchrun --standalone``),
@@ -18,7 +18,8 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT, TINY
-from tfg_mm import distributed, runs
+from tfg_mm.runtime import distributed
+from tfg_mm.training import runs
 
 #: Relative tolerance of a step's loss (1 process, batch 4) vs the mean over 2 processes (batch 2 each).
 #: Measured: at most 4e-7 over 6 steps (float32 sums taken in another order); 1e-5 leaves room for
@@ -162,8 +163,8 @@ def test_a_nan_on_one_process_stops_every_process_with_the_same_error(tiny_datas
 
 @pytest.mark.slow
 def test_phase2_trains_in_two_processes_with_its_cached_warm_up(tiny_dataset, tmp_path):
-    from tfg_mm.baseline import run_baseline
     from tfg_mm.config import load_params
+    from tfg_mm.training.baseline import run_baseline
 
     base = tmp_path / "base"
     run_baseline(load_params({**TINY, "dataset": str(tiny_dataset), "run_dir": str(base), "epochs": 1,

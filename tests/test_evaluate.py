@@ -1,4 +1,4 @@
-"""Tests of tfg_mm.evaluate: DEIMv2 post-processing, COCO detections and COCOeval metrics.
+"""Tests of tfg_mm.evaluation.coco: DEIMv2 post-processing, COCO detections and COCOeval metrics.
 
 The expected APs are computed by hand from COCOeval's definition: 101 recall thresholds
 0.00, 0.01, ..., 1.00; at each, the interpolated precision (the best precision at any recall >= the
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tfg_mm.errors import DataError
-from tfg_mm.evaluate import coco_evaluate, evaluate, postprocess, to_coco_detections
+from tfg_mm.evaluation.coco import coco_evaluate, evaluate, postprocess, to_coco_detections
 
 BOX = [50.0, 50.0, 100.0, 100.0]  # xywh, area 10000 > 96**2: a "large" COCO box
 

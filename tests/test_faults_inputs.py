@@ -34,9 +34,9 @@ from tfg_mm.data.loaders import dataset_record
 from tfg_mm.data.synthetic import generate
 from tfg_mm.data.validate import decode_images, validate_coco
 from tfg_mm.errors import CheckpointError, ConfigError, DataError
-from tfg_mm.evaluate import coco_evaluate
+from tfg_mm.evaluation.coco import coco_evaluate
 from tfg_mm.io import atomic_dir, atomic_write_json, atomic_write_text
-from tfg_mm.runs import prepare_run_dir
+from tfg_mm.training.runs import prepare_run_dir
 
 # --------------------------------------------------------------------------------------------
 # Truncated images
@@ -112,7 +112,7 @@ def test_decode_is_cached_per_dataset_hash_and_a_changed_image_is_decoded_again(
 
 
 def test_truncated_image_stops_the_run_before_any_training(jpeg_dataset, tmp_path, tiny_params):
-    from tfg_mm.baseline import run_baseline
+    from tfg_mm.training.baseline import run_baseline
 
     _truncate(jpeg_dataset / "images" / "val_000000.jpg")
     run_dir = tmp_path / "run"
@@ -149,7 +149,7 @@ def test_truncated_safetensors_is_a_checkpoint_error_naming_the_file(atto_model,
 
 
 def test_convert_refuses_a_text_file_without_suggesting_to_unpickle_it(tmp_path):
-    from tfg_mm.convert import load_official_state_dict
+    from tfg_mm.detector.convert import load_official_state_dict
 
     text = tmp_path / "deimv2_atto.pth"
     text.write_text("<!DOCTYPE html>\n<html><body>Sign in to download</body></html>\n")
@@ -234,7 +234,7 @@ def test_prepare_run_dir_probes_a_read_only_folder_it_does_not_write(tmp_path, m
     def refuse(folder):
         raise PermissionError(13, "Permission denied", str(Path(folder) / ".write-probe.1234.tmp"))
 
-    monkeypatch.setattr("tfg_mm.runs.probe_writable", refuse)
+    monkeypatch.setattr("tfg_mm.training.runs.probe_writable", refuse)
     with pytest.raises(ConfigError, match=f"the folder {run_dir} cannot be written"):
         prepare_run_dir(run_dir)
 

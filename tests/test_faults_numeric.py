@@ -3,7 +3,7 @@
 Root cause of the raw ``ValueError: boxes1 must be in [x0, y0, x1, y1] (corner) format``: DEIMv2's FDR
 decoding can give a negative width (the weighting function allows distances below ``-reg_scale / 2`` on both
 sides), and transformers' ``center_to_corners_format`` does not clamp it as the official ``box_cxcywh_to_xyxy``
-does. The criterion now converts predicted boxes the official way (``tfg_mm.loss.box_cxcywh_to_xyxy``); these
+does. The criterion now converts predicted boxes the official way (``tfg_mm.detector.loss.box_cxcywh_to_xyxy``); these
 tests prove it changes nothing on valid boxes (bit for bit, loss and gradients) and that an inverted box no
 longer crashes. The guard tests prove that NaN outputs stop training with ``TrainingError`` naming epoch,
 step and tensor, before the matcher.
@@ -25,13 +25,13 @@ from transformers.loss.loss_deimv2 import Deimv2Loss
 from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
 from transformers.models.deimv2.modeling_deimv2 import distance2bbox, weighting_function
 
-import tfg_mm.loss as loss_module
-from tfg_mm.baseline import run_baseline
+import tfg_mm.detector.loss as loss_module
 from tfg_mm.config import load_params
+from tfg_mm.config.presets import criterion_settings
 from tfg_mm.detector import apply_config_overrides, build, load, min_image_size, run_config_overrides
-from tfg_mm.detector.presets import criterion_settings
+from tfg_mm.detector.loss import DEIMv2Criterion, box_cxcywh_to_xyxy, check_finite_outputs, official_outputs
 from tfg_mm.errors import ConfigError, NonFiniteError, TrainingError
-from tfg_mm.loss import DEIMv2Criterion, box_cxcywh_to_xyxy, check_finite_outputs, official_outputs
+from tfg_mm.training.baseline import BaselineTask, run_baseline
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 160
@@ -58,7 +58,7 @@ def _loss_and_grads(model, criterion) -> tuple[dict[str, torch.Tensor], dict[str
     torch.manual_seed(1)
     pixels = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     model.zero_grad()
-    output = model(pixels, labels=LABELS, compute_loss=False)
+    output = model(pixels, labels=LABELS)
     terms = criterion(official_outputs(output, model.config), LABELS, epoch=1)
     sum(terms.values()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -94,7 +94,7 @@ def test_official_conversion_changes_nothing_on_valid_boxes(settings, monkeypatc
     criterion = DEIMv2Criterion(num_classes=3, **kwargs)
     with torch.no_grad():
         torch.manual_seed(1)
-        output = model(torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE), labels=LABELS, compute_loss=False)
+        output = model(torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE), labels=LABELS)
     assert (output.intermediate_reference_points[..., 2:] > 0).all(), "the test needs valid boxes"
     terms, grads = _loss_and_grads(model, criterion)
     # The code before the fix: transformers' unclamped conversion everywhere.
@@ -113,7 +113,7 @@ def test_reimplemented_terms_and_matcher_equal_transformers_on_valid_boxes() -> 
     model = _model()
     with torch.no_grad():
         torch.manual_seed(1)
-        output = model(torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE), labels=LABELS, compute_loss=False)
+        output = model(torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE), labels=LABELS)
     criterion = DEIMv2Criterion(num_classes=3, **criterion_settings("atto"))
     outputs = official_outputs(output, model.config)
     views = [outputs, *outputs["aux_outputs"], outputs["pre_outputs"], *outputs["enc_aux_outputs"]]
@@ -136,7 +136,7 @@ def _inverted_case() -> tuple[dict, torch.Tensor]:
     model = _model()
     torch.manual_seed(1)
     with torch.no_grad():
-        output = model(torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE), labels=LABELS, compute_loss=False)
+        output = model(torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE), labels=LABELS)
     outputs = official_outputs(output, model.config)
     boxes = outputs["pred_boxes"].detach().clone()
     boxes[..., 2] = -boxes[..., 2]  # every final-layer box inverted in x
@@ -256,7 +256,8 @@ def test_num_queries_override_reaches_the_model_and_fits_a_small_image() -> None
     params = load_params({"image_size": 128, "num_queries": 80})
     model = build("atto", 3, image_size=params.image_size, seed=0, **run_config_overrides(params)).train()
     assert model.config.num_queries == 80 and min_image_size("atto", 80) == 128 and min_image_size("atto") == 160
-    assert torch.isfinite(model(torch.rand(2, 3, 128, 128), labels=LABELS).loss)
+    batch = {"pixel_values": torch.rand(2, 3, 128, 128), "labels": LABELS}
+    assert torch.isfinite(BaselineTask(model, ["a", "b", "c"]).loss(model, batch, epoch=1)[0])
     with torch.no_grad():
         assert model.eval()(torch.rand(1, 3, 128, 128)).logits.shape[:2] == (1, 80)
     # a loaded detector: the override is set on its config (the query count changes no weight)

@@ -20,11 +20,11 @@ import yaml
 
 from tests.conftest import REPO_ROOT, TINY
 from tfg_mm.ablations import run_grid
-from tfg_mm.baseline import run_baseline
 from tfg_mm.config import load_params
 from tfg_mm.data.synthetic import generate
 from tfg_mm.errors import ConfigError
-from tfg_mm.phase2 import run_phase2
+from tfg_mm.training.baseline import run_baseline
+from tfg_mm.training.phase2 import run_phase2
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The residual text fusion (tfg_mm.fusion): exact baseline at α = 0, the saddle, parameter groups,
+"""The residual text fusion (tfg_mm.multimodal.fusion): exact baseline at α = 0, the saddle, parameter groups,
 and its application to every decoder entry of the official output layout."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from official import official_fixture
 
 from tfg_mm.config import Params, default_of, load_params
 from tfg_mm.errors import CheckpointError, ConfigError, TfgError
-from tfg_mm.fusion import FUSION_PARAMS, ResidualTextFusion, apply_fusion
-from tfg_mm.phase2 import build_fusion_from_config, fusion_config
+from tfg_mm.multimodal.fusion import FUSION_PARAMS, ResidualTextFusion, apply_fusion
+from tfg_mm.training.phase2 import build_fusion_from_config, fusion_config
 
 C, D, T = 5, 16, 12
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import matplotlib
 import pytest
 
-from tfg_mm import galleries, reports
+from tfg_mm import reporting
 from tfg_mm.errors import ConfigError, DataError
+from tfg_mm.evaluation import matching as galleries
 
 matplotlib.use("Agg")
 
@@ -177,13 +178,13 @@ def test_galleries_and_side_by_side_on_the_tiny_set(tiny_dataset, tmp_path):
     phase2 = _run(tmp_path, tiny_dataset, "phase2", dets_without("break"), {})
 
     figures = Path(os.environ["TFG_MM_FIGURES_DIR"])
-    single = reports.show_galleries(base, save="test_gallery")
+    single = reporting.show_galleries(base, save="test_gallery")
     assert single["classes"]["perforation"]["tp"] == 0 and single["classes"]["perforation"]["missed"] == n_perf
     assert single["classes"]["break"]["tp"] == n_break and single["classes"]["break"]["missed"] == 0
     assert single["threshold_source"].startswith("the run's operating points")
     assert all((figures / f"test_gallery.{ext}").stat().st_size > 1000 for ext in ("png", "svg"))
 
-    out = reports.show_side_by_side(phase2, base, n_images=2, n_flips=2, save="test_p2")
+    out = reporting.show_side_by_side(phase2, base, n_images=2, n_flips=2, save="test_p2")
     assert out["classes"]["perforation"]["miss_to_hit"] == n_perf
     assert out["classes"]["perforation"]["hit_to_miss"] == 0
     assert out["classes"]["break"]["miss_to_hit"] == 0
@@ -194,12 +195,12 @@ def test_galleries_and_side_by_side_on_the_tiny_set(tiny_dataset, tmp_path):
             assert (figures / f"test_p2_{stem}.{ext}").stat().st_size > 1000
     assert len(out["images"]["perforation"]) == 2
     # the same numbers without drawing (the index's summary), and deterministic
-    summary = reports.flips_summary(phase2, base)
+    summary = reporting.flips_summary(phase2, base)
     assert summary["classes"] == out["classes"]
-    index = reports.build_index(None, reports_dir=tmp_path / "reports", flips=summary).read_text()
+    index = reporting.build_index(None, reports_dir=tmp_path / "reports", flips=summary).read_text()
     assert f"<td>perforation</td><td>{n_perf} (" in index and f"<td>+{n_perf}</td>" in index
     assert f"<td>-{n_break}</td>" in index
-    assert reports.phase2_flips(tmp_path / "no_run") is None  # no finished phase-2 run: no table
+    assert reporting.phase2_flips(tmp_path / "no_run") is None  # no finished phase-2 run: no table
     # a run without saved detections: the error names the file and the fix
     (tmp_path / "phase2" / "detections_val.json").unlink()
     with pytest.raises(
@@ -208,7 +209,7 @@ def test_galleries_and_side_by_side_on_the_tiny_set(tiny_dataset, tmp_path):
         galleries.load_run(phase2)
     # without baseline_metrics the phase-2 contract's `baseline` folder is read: here not a run folder
     with pytest.raises(ConfigError, match="not a run folder"):
-        reports.flips_summary({**phase2, "params": {**phase2["params"], "baseline": str(tmp_path / "none")}})
+        reporting.flips_summary({**phase2, "params": {**phase2["params"], "baseline": str(tmp_path / "none")}})
 
 
 def test_matching_equals_cocoeval_at_iou_50():

@@ -1,4 +1,4 @@
-"""The official DEIMv2 criterion (tfg_mm.loss), checked against the official loss fixtures and a real model.
+"""The official DEIMv2 criterion (tfg_mm.detector.loss), checked against the official loss fixtures and a real model.
 
 The fixtures (``tests/fixtures/deimv2_official/loss_*``, produced by the official ``DEIMCriterion``)
 are in the repository (``tests/official.py``).
@@ -17,10 +17,9 @@ from official import official_fixture
 from transformers import Deimv2Config
 from transformers.models.deimv2.modeling_deimv2 import distance2bbox, weighting_function
 
+from tfg_mm.config.presets import criterion_settings
 from tfg_mm.detector import build, preset_config
-from tfg_mm.detector.presets import criterion_settings
-from tfg_mm.errors import ConfigError, DataError
-from tfg_mm.loss import (
+from tfg_mm.detector.loss import (
     OFFICIAL_WEIGHTS,
     DEIMv2Criterion,
     DEIMv2HungarianMatcher,
@@ -28,6 +27,7 @@ from tfg_mm.loss import (
     normalize_targets,
     official_outputs,
 )
+from tfg_mm.errors import ConfigError, DataError
 
 LOSS_CASES = ["loss_atto_nodn", "loss_atto_dn", "loss_n_nodn", "loss_n_dn", "loss_s_nodn", "loss_s_dn"]
 REL_TOL = 1e-4  # every term and the total

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tfg_mm.notebooks import NOTEBOOKS, execute, render_html, report_noise
+from tfg_mm.workflow.notebooks import NOTEBOOKS, execute, render_html, report_noise
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +121,7 @@ def test_a_notebook_run_from_a_notebook_leaves_no_stderr(tmp_path):
     outer = nbformat.v4.new_notebook()
     outer.cells = [
         nbformat.v4.new_code_cell(
-            "from tfg_mm.notebooks import execute\n"
+            "from tfg_mm.workflow.notebooks import execute\n"
             f"out = execute({str(tmp_path / 'inner.ipynb')!r}, {str(tmp_path / 'inner_run.ipynb')!r}, "
             "{'known': 1, 'epochs': 2}, progress=False)\nprint('inner done')"
         )

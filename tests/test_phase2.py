@@ -7,11 +7,11 @@ import torch
 
 from tests.conftest import TINY
 from tfg_mm import detector
-from tfg_mm.baseline import run_baseline
 from tfg_mm.config import load_params
 from tfg_mm.data.loaders import make_data
-from tfg_mm.phase2 import Phase2Task, build_multimodal, run_phase2
-from tfg_mm.train import Trainer, seed_everything
+from tfg_mm.training.baseline import run_baseline
+from tfg_mm.training.loop import Trainer, seed_everything
+from tfg_mm.training.phase2 import Phase2Task, build_multimodal, run_phase2
 
 #: every test here trains a tiny baseline (module fixture) and phase-2 runs on top of it
 pytestmark = pytest.mark.slow
@@ -149,7 +149,7 @@ def test_cached_outputs_follow_the_model_device():
     On a GPU the cached hidden states once reached the fusion on the CPU ("mat1 is on cpu"); the meta
     device stands in for the accelerator here.
     """
-    from tfg_mm.phase2 import _slice, _stack, _to
+    from tfg_mm.training.phase2 import _slice, _stack, _to
 
     out = {"pred_logits": torch.randn(2, 3, 4), "aux": [{"hidden": torch.randn(2, 3, 8)}], "n": 1}
     cached = [_slice(out, j) for j in range(2)]
@@ -165,7 +165,7 @@ def test_contract_records_prompts_and_descriptions_file_joins_run_id(baseline_ru
     import json
 
     from tfg_mm.config import DEFAULT_TEMPLATES
-    from tfg_mm.phase2 import depends_on_baseline
+    from tfg_mm.training.phase2 import depends_on_baseline
 
     run_dir, _ = baseline_run
     catalogue = tmp_path / "catalogue.yaml"

@@ -21,11 +21,11 @@ import pytest
 import torch
 from official import official_fixture
 
-from tfg_mm.convert import map_official_shapes
+from tfg_mm.config.presets import HGNETV2_ARCHS, OFFICIAL_CRITERION, VIT_ARCHS, criterion_settings
 from tfg_mm.detector import PRESETS, TfgDeimv2Config, TfgDeimv2ForObjectDetection, preset_config
-from tfg_mm.detector.presets import HGNETV2_ARCHS, OFFICIAL_CRITERION, VIT_ARCHS, criterion_settings
-from tfg_mm.evaluate import postprocess
-from tfg_mm.loss import DEIMv2Criterion
+from tfg_mm.detector.convert import map_official_shapes
+from tfg_mm.detector.loss import DEIMv2Criterion
+from tfg_mm.evaluation.coco import postprocess
 
 SIZES = ("atto", "femto", "pico", "n", "s", "m", "l", "x")
 NUM_CLASSES = 5  # the fixtures' num_classes
@@ -279,7 +279,7 @@ def test_criterion_defaults_agree_with_the_loss_fixtures(case):
 # ------------------------------------------------------------------------------------------------------------
 # (b) State-dict shapes through the converter's key mapping (official -> ours)
 # ------------------------------------------------------------------------------------------------------------
-#: Official entries the converter drops (tfg_mm.convert.DROPPED_KEYS), per size.
+#: Official entries the converter drops (tfg_mm.detector.convert.DROPPED_KEYS), per size.
 def _expected_dropped(size: str, official_shapes: dict[str, list[int]]) -> set[str]:
     dropped = {"decoder.up", "decoder.reg_scale", "decoder.anchors", "decoder.valid_mask"}
     dropped |= {key for key in official_shapes if key.endswith(("rope_embed.periods", "qkv.bias_mask"))}

@@ -18,12 +18,12 @@ import pytest
 import torch
 from official import official_fixture
 
-from tfg_mm.baseline import run_baseline
 from tfg_mm.data.synthetic import DEFAULT_CLASSES
 from tfg_mm.detector import build, load, save
 from tfg_mm.detector.official import OFFICIAL_PRIOR_PROB
+from tfg_mm.detector.pretrained import load_pretrained, source_kind
 from tfg_mm.errors import CheckpointError, OfflineError
-from tfg_mm.pretrained import load_pretrained, source_kind
+from tfg_mm.training.baseline import run_baseline
 
 HEADS = [
     "model.decoder.class_embed.0.bias",
@@ -85,14 +85,14 @@ def _check_adapted(model, table, source_state: dict[str, torch.Tensor]) -> None:
 def test_a_transformers_folder_with_80_classes_loads_for_6(transformers_folder, caplog):
     folder, plain = transformers_folder
     assert source_kind(str(folder)) == ("deimv2", folder)
-    with caplog.at_level(logging.INFO, logger="tfg_mm.pretrained"):
+    with caplog.at_level(logging.INFO, logger="tfg_mm.detector.pretrained"):
         model, table = load_pretrained(str(folder), N, LABELS, seed=0)
     own = {k for k in model.state_dict() if k not in model.all_tied_weights_keys}
     expected = {k: plain[k] for k in own if k not in HEADS}
     _check_adapted(model, table, expected)
     assert table["kind"] == "deimv2" and table["preset"] == "atto"
     assert table["dropped"] == [f"model.enc_output.{i}.{p}" for i in (0, 1) for p in ("bias", "weight")]
-    tables = [r.getMessage() for r in caplog.records if r.name == "tfg_mm.pretrained"]
+    tables = [r.getMessage() for r in caplog.records if r.name == "tfg_mm.detector.pretrained"]
     # one table, no second account of the same facts (transformers' load report, the enc_output warning)
     assert [r.getMessage()[:60] for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert len(tables) == 1 and "80 classes -> 6" in tables[0] and "model.enc_score_head.weight" in tables[0]
@@ -102,7 +102,7 @@ def test_an_official_pth_with_80_classes_loads_for_6(official_pth, capsys):
     model, table = load_pretrained(str(official_pth), N, LABELS, seed=0)
     assert capsys.readouterr().out == ""  # the converter's report is in the table, not printed as well
     # the same .pth converted with the project's converter at its own 80 classes: everything but the heads
-    from tfg_mm.convert import convert_checkpoint
+    from tfg_mm.detector.convert import convert_checkpoint
 
     reference = load(convert_checkpoint(official_pth, official_pth.parent / "converted"))
     own = {k for k in model.state_dict() if k not in model.all_tied_weights_keys}
@@ -183,7 +183,7 @@ def test_evaluating_a_checkpoint_of_another_class_count_is_refused(transformers_
 
 
 def test_phase2_baseline_must_be_a_baseline_of_this_dataset(transformers_folder, official_pth):
-    from tfg_mm.phase2 import baseline_folder
+    from tfg_mm.training.phase2 import baseline_folder
 
     with pytest.raises(CheckpointError, match=r"deimv2 checkpoint, not a baseline.*`pretrained: "):
         baseline_folder(str(transformers_folder[0]))
@@ -192,7 +192,7 @@ def test_phase2_baseline_must_be_a_baseline_of_this_dataset(transformers_folder,
 
 
 def test_the_run_card_shows_the_initial_weights_in_one_line():
-    from tfg_mm import reports
+    from tfg_mm import reporting
 
     table = {
         "source": "coco80.pth",
@@ -204,7 +204,7 @@ def test_the_run_card_shows_the_initial_weights_in_one_line():
         "dropped": ["decoder.anchors"],
     }
     metrics = {"status": "finished", "params": {}, "model": {"source": "coco80.pth", "pretrained": table}}
-    text = reports.provenance_markdown(metrics)
+    text = reporting.provenance_markdown(metrics)
     assert (
         "| **initial weights** | coco80.pth (official_pth, 80 classes -> 6): 486 tensors loaded, 9 re-initialised "
         "(the class heads), 1 dropped |" in text

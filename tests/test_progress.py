@@ -9,8 +9,8 @@ import time
 import nbformat
 import pytest
 
-from tfg_mm import runs
-from tfg_mm.notebooks import ProgressWatcher, render_html, report_noise
+from tfg_mm.training import runs
+from tfg_mm.workflow.notebooks import ProgressWatcher, render_html, report_noise
 
 
 def _entry(**values) -> dict:

@@ -13,8 +13,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from tfg_mm import reports, runs
-from tfg_mm.config import load_params, project_root
+from tfg_mm import reporting
+from tfg_mm.config import load_params
+from tfg_mm.paths import project_root
+from tfg_mm.training import runs
 
 #: Debian's package puts it on PATH (.ci/run installs it)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -72,7 +74,7 @@ def figures_in_tmp(tmp_path, monkeypatch):
 
 
 def test_provenance_names_every_source():
-    text = reports.provenance_markdown(_metrics())
+    text = reporting.provenance_markdown(_metrics())
     for expected in (
         "phase2",
         "`epochs: 3`",
@@ -91,7 +93,7 @@ def test_provenance_names_every_source():
 
 
 def test_a_written_contract_is_read_as_written(tmp_path):
-    """The phase's extras are read where tfg_mm.runs.write_metrics puts them (top-level keys)."""
+    """The phase's extras are read where tfg_mm.training.runs.write_metrics puts them (top-level keys)."""
     metrics = _metrics()
     extra = {k: metrics[k] for k in ("phase", "classes", "detector_mode", "text_encoder", "baseline")}
     runs.write_metrics(
@@ -104,11 +106,11 @@ def test_a_written_contract_is_read_as_written(tmp_path):
         status="finished",
     )
     written = runs.read_metrics(tmp_path)
-    assert reports.baseline_final_of(written)["map"] == 0.62
-    assert reports.contract_field(written, "classes") == list(CLASSES)
+    assert reporting.baseline_final_of(written)["map"] == 0.62
+    assert reporting.contract_field(written, "classes") == list(CLASSES)
     local = {**written, "dataset": {**written["dataset"], "root": str(project_root() / "data" / "synthetic")}}
-    assert "| data/synthetic (hash" in reports.provenance_markdown(local)  # a thesis page shows no machine path
-    text = reports.provenance_markdown(written)
+    assert "| data/synthetic (hash" in reporting.provenance_markdown(local)  # a thesis page shows no machine path
+    text = reporting.provenance_markdown(written)
     env = written["environment"]
     for expected in (
         "phase2",
@@ -122,14 +124,14 @@ def test_a_written_contract_is_read_as_written(tmp_path):
         env["cpu"],
     ):
         assert expected in text, expected
-    assert "environment" not in reports.provenance_markdown(_metrics())  # a schema-1 record: no row
+    assert "environment" not in reporting.provenance_markdown(_metrics())  # a schema-1 record: no row
 
 
 def test_reports_imports_no_model_code():
-    """reports only draws: importing it loads neither the grid (which re-predicts) nor any model or training code."""
+    """reporting only draws: importing it loads neither the grid (which re-predicts) nor any model or training code."""
     probe = (
-        "import sys, tfg_mm.reports; print(sorted(m for m in sys.modules if m.startswith("
-        "('tfg_mm.ablations', 'tfg_mm.model', 'tfg_mm.train', 'tfg_mm.phase2', 'tfg_mm.evaluate'))))"
+        "import sys, tfg_mm.reporting; print(sorted(m for m in sys.modules if m.startswith("
+        "('tfg_mm.ablations', 'tfg_mm.multimodal.model', 'tfg_mm.training.loop', 'tfg_mm.training.phase2', 'tfg_mm.evaluation.coco'))))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -139,11 +141,11 @@ def test_reports_imports_no_model_code():
 def test_plots_return_figures_and_save_png_and_svg(tmp_path, per_class_gate):
     metrics = _metrics(per_class_gate)
     figures = {
-        "traj": reports.plot_trajectory(metrics, save="traj"),  # baseline taken from the contract
-        "per_class": reports.plot_per_class(metrics, save="per_class"),
-        "delta": reports.plot_per_class_delta(metrics, metrics["baseline"], save="delta"),
-        "gate": reports.plot_gate(metrics, save="gate"),
-        "losses": reports.plot_losses(metrics, save="losses"),
+        "traj": reporting.plot_trajectory(metrics, save="traj"),  # baseline taken from the contract
+        "per_class": reporting.plot_per_class(metrics, save="per_class"),
+        "delta": reporting.plot_per_class_delta(metrics, metrics["baseline"], save="delta"),
+        "gate": reporting.plot_gate(metrics, save="gate"),
+        "losses": reporting.plot_losses(metrics, save="losses"),
     }
     for stem, fig in figures.items():
         assert isinstance(fig, plt.Figure)
@@ -163,15 +165,15 @@ def test_gate_plot_tolerates_a_run_without_fusion():
     for entry in metrics["history"]:
         for key in ("alpha_mean", "alpha", "scale", "bias"):
             entry.pop(key)
-    fig = reports.plot_gate(metrics)
+    fig = reporting.plot_gate(metrics)
     assert fig.axes[0].texts[0].get_text() == "no fusion gate in this run"
 
 
 def test_final_table_with_and_without_baseline():
     metrics = _metrics()
-    alone = reports.final_table(metrics)
+    alone = reporting.final_table(metrics)
     assert list(alone.columns) == ["run"] and alone.loc["mAP", "run"] == pytest.approx(0.63)
-    table = reports.final_table(metrics, metrics["baseline"]["final"])
+    table = reporting.final_table(metrics, metrics["baseline"]["final"])
     assert table.loc["mAP", "Δ"] == pytest.approx(0.01)
     assert table.loc["AP break", "Δ"] == pytest.approx(0.03)
     assert {"AP perforation", "AP50 perforation"} <= set(table.index)
@@ -235,7 +237,7 @@ def _summary() -> dict:
 
 
 def test_ablation_table_marks_noise_and_failures():
-    table = reports.ablation_table(_summary())
+    table = reporting.ablation_table(_summary())
     assert isinstance(table, pd.DataFrame) and list(table["variant"]) == ["baseline", "minilm", "text_open_clip"]
     row = table.set_index("variant").loc["minilm"]
     assert row["mAP"] == "0.6300 ± 0.0040"
@@ -247,7 +249,7 @@ def test_ablation_table_marks_noise_and_failures():
 def _build(tmp_path: Path) -> Path:
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "02_phase2.html").write_text("<html><body>phase 2</body></html>")
-    return reports.build_index(_summary(), reports_dir=tmp_path / "reports")
+    return reporting.build_index(_summary(), reports_dir=tmp_path / "reports")
 
 
 def test_index_is_standalone_and_writes_table_and_figures(tmp_path):
@@ -327,10 +329,10 @@ def test_a_failed_run_is_marked_in_its_provenance():
             "traceback": "traceback.txt",
         },
     }
-    text = reports.provenance_markdown(failed)
+    text = reporting.provenance_markdown(failed)
     assert "**FAILED** (stage train, epoch 3, step 110): TrainingError: Non-finite loss" in text
     assert "traceback.txt" in text and "not a result" in text
-    assert "**RUNNING**" in reports.provenance_markdown({**_metrics(), "status": "running"})
+    assert "**RUNNING**" in reporting.provenance_markdown({**_metrics(), "status": "running"})
 
 
 def _overlaps(a, b) -> bool:
@@ -343,9 +345,9 @@ def test_per_class_legend_covers_no_bar(plot):
     for name in CLASSES:  # tall bars everywhere: an in-axes legend would cover one
         metrics["final"]["per_class"][name] = {"ap": 0.97, "ap50": 0.99}
     fig = (
-        reports.plot_per_class(metrics)
+        reporting.plot_per_class(metrics)
         if plot == "per_class"
-        else reports.plot_per_class_delta(metrics, {"per_class": _per_class(-0.5)})
+        else reporting.plot_per_class_delta(metrics, {"per_class": _per_class(-0.5)})
     )
     fig.canvas.draw()
     ax = fig.axes[0]
@@ -361,7 +363,7 @@ def test_per_class_legend_covers_no_bar(plot):
 def test_final_table_says_no_large_objects_instead_of_nan():
     metrics = _metrics()
     metrics["final"].update(map_small=0.4, map_medium=0.55, map_large=None)
-    table = reports.final_table(metrics, {**metrics["baseline"]["final"], "map_small": 0.3, "map_large": None})
+    table = reporting.final_table(metrics, {**metrics["baseline"]["final"], "map_small": 0.3, "map_large": None})
     assert list(table.loc["mAP large"]) == ["no large objects"] * 3
     assert table.loc["mAP small", "Δ"] == pytest.approx(0.1)
     assert table.loc["mAP medium", "run"] == pytest.approx(0.55)
@@ -373,7 +375,7 @@ def test_loss_panels_keep_the_stages_apart():
     metrics = _metrics()
     metrics["cached_warmup_mode"] = "detector_mode outputs on un-augmented images, no denoising queries"
     metrics["history"][3]["losses"] = {"loss_mal": 5.0, "loss_bbox": 2.0}  # stage B: more terms summed
-    fig = reports.plot_losses(metrics)
+    fig = reporting.plot_losses(metrics)
     axes = [ax for ax in fig.axes if ax.get_lines()]
     assert len(axes) == 2
     assert "stage A" in axes[0].get_title() and "no denoising" in axes[0].get_title()
@@ -382,7 +384,7 @@ def test_loss_panels_keep_the_stages_apart():
     assert {x for line in axes[1].get_lines() for x in line.get_xdata()} == {3}
     assert any("not comparable" in t.get_text() for t in fig.texts)
     baseline = {**_metrics(), "history": [{**h, "stage": None} for h in _metrics()["history"]]}
-    single = reports.plot_losses(baseline)
+    single = reporting.plot_losses(baseline)
     assert len([ax for ax in single.axes if ax.get_lines()]) == 1 and not single.texts
 
 
@@ -390,7 +392,7 @@ def test_wise_curve_has_one_panel_per_metric_scaled_to_its_data():
     summary = _summary()
     points = [{"lambda": lam, "map": 0.620 + 0.003 * lam, "map50": 0.80 - 0.02 * lam} for lam in (0, 0.5, 1)]
     summary["wise"]["curves"] = [{"seed": 0, "points": points}]
-    fig = reports.plot_wise_curve(summary)
+    fig = reporting.plot_wise_curve(summary)
     ax_map, ax_map50 = fig.axes
     lo, hi = ax_map.get_ylim()
     assert lo > 0.615 and hi < 0.628  # the 0.003 change fills its panel
@@ -399,7 +401,7 @@ def test_wise_curve_has_one_panel_per_metric_scaled_to_its_data():
     assert any("No bootstrap interval" in t.get_text() for t in fig.texts)
     for p in points:
         p.update(map_lo=p["map"] - 0.002, map_hi=p["map"] + 0.002, map50_interval={"lo": 0.7, "hi": 0.9})
-    fig = reports.plot_wise_curve(summary)
+    fig = reporting.plot_wise_curve(summary)
     assert all(len(ax.collections) == 1 for ax in fig.axes)  # one band per seed and metric
     assert fig.axes[1].get_ylim()[0] <= 0.7 and any("Bands" in t.get_text() for t in fig.texts)
 
@@ -414,7 +416,7 @@ def test_index_shows_no_machine_paths(tmp_path):
     )
     summary["variants"][1]["errors"][0]["error"] = f"DataError: {root}/runs/ablations/x/metrics.json is missing"
     (tmp_path / "reports").mkdir()
-    page = reports.build_index(summary, reports_dir=tmp_path / "reports").read_text()
+    page = reporting.build_index(summary, reports_dir=tmp_path / "reports").read_text()
     assert root not in page
     assert "from <code>runs/ablations</code>" in page and "<code>params/ablations/small.yaml</code>" in page
     assert "runs/ablations/x/metrics.json is missing" in page

@@ -14,11 +14,12 @@ import pytest
 from PIL import Image
 
 import tfg_mm
-from tfg_mm import runs
-from tfg_mm.config import Params, RunPaths, load_params, project_root
+from tfg_mm.config import Params, load_params
 from tfg_mm.data.loaders import dataset_record
 from tfg_mm.errors import ConfigError, DataError
-from tfg_mm.runs import (
+from tfg_mm.paths import RunPaths, project_root
+from tfg_mm.training import runs
+from tfg_mm.training.runs import (
     code_version,
     finished_run,
     is_finished,

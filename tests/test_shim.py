@@ -1,5 +1,5 @@
-"""The aux-output shim and the train_frozen mode (tfg_mm.shim), on a tiny real transformers DEIMv2
-and the project's official criterion (tfg_mm.loss)."""
+"""The aux-output shim and the train_frozen mode (tfg_mm.detector.shim), on a tiny real transformers DEIMv2
+and the project's official criterion (tfg_mm.detector.loss)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from torch import nn
 from transformers import Deimv2Config, Deimv2ForObjectDetection
 from transformers.models.hgnet_v2.configuration_hgnet_v2 import HGNetV2Config
 
-from tfg_mm import shim
+from tfg_mm.detector import shim
+from tfg_mm.detector.loss import DEIMv2Criterion, official_outputs
 from tfg_mm.errors import TfgError
-from tfg_mm.fusion import ResidualTextFusion, apply_fusion
-from tfg_mm.loss import DEIMv2Criterion, official_outputs
+from tfg_mm.multimodal.fusion import ResidualTextFusion, apply_fusion
 
 LAYERS, CLASSES = 3, 3
 LABELS = [
@@ -132,10 +132,10 @@ def test_eval_outputs_lack_aux_and_the_shim_replicates_the_final_layer(fresh_log
 
 def test_shim_logs_once_per_process(fresh_log_flag, caplog):
     outputs = eval_outputs(tiny_detector())
-    with caplog.at_level(logging.INFO, logger="tfg_mm.shim"):
+    with caplog.at_level(logging.INFO, logger="tfg_mm.detector.shim"):
         shim.add_aux_outputs(outputs, LAYERS)
         shim.add_aux_outputs(outputs, LAYERS)
-    records = [r for r in caplog.records if r.name == "tfg_mm.shim"]
+    records = [r for r in caplog.records if r.name == "tfg_mm.detector.shim"]
     assert len(records) == 1 and "copies of the final layer" in records[0].getMessage()
 
 

@@ -11,12 +11,13 @@ from test_loss import LOSS_CASES, _criterion_from_json, _load
 from transformers.loss.loss_for_object_detection import box_iou, generalized_box_iou
 
 from tfg_mm import detector
-from tfg_mm import loss as tfg_loss
-from tfg_mm import train as train_mod
 from tfg_mm.config import load_params
 from tfg_mm.data import CocoDetection, collate
+from tfg_mm.detector import loss as tfg_loss
 from tfg_mm.detector import speed
-from tfg_mm.train import EMA, build_optimizer, ema_multi_avg_fn, optimizer_kernel_kwargs
+from tfg_mm.training import loop as train_mod
+from tfg_mm.training.baseline import BaselineTask
+from tfg_mm.training.loop import EMA, build_optimizer, ema_multi_avg_fn, optimizer_kernel_kwargs
 
 
 def _batch(root, n: int = 4) -> tuple[dict, int]:
@@ -50,9 +51,9 @@ def test_foreach_optimizer_is_bit_identical_to_the_for_loop(tiny_dataset, optimi
         assert opt.defaults["foreach"] is (impl == "foreach")
         torch.manual_seed(1)
         for _ in range(2):
-            out = model(batch["pixel_values"], labels=batch["labels"], epoch=1)
+            loss = _training_loss(model, batch["pixel_values"], batch["labels"])
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             opt.step()
         weights[impl] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     different = [k for k in weights["for-loop"] if not torch.equal(weights["for-loop"][k], weights["foreach"][k])]
@@ -75,9 +76,9 @@ def test_fused_optimizer_equals_the_for_loop_to_rounding(tiny_dataset, optimizer
         opt = build_optimizer([{"params": list(model.parameters()), "lr": 1e-3}], params)
         assert bool(opt.defaults["fused"]) is (impl == "auto")
         torch.manual_seed(1)
-        out = model(batch["pixel_values"], labels=batch["labels"], epoch=1)
+        loss = _training_loss(model, batch["pixel_values"], batch["labels"])
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         opt.step()
         weights[impl] = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     worst = max((weights["for-loop"][k] - weights["auto"][k]).abs().max().item() for k in weights["auto"])
@@ -169,10 +170,10 @@ def test_every_attention_implementation_gives_the_same_loss_and_gradients_to_rou
         assert model.config._attn_implementation == {"blocks": speed.BLOCKS}.get(impl, impl)
         model.train()
         torch.manual_seed(1)
-        out = model(batch["pixel_values"], labels=batch["labels"], epoch=1)
-        out.loss.backward()
+        loss = _training_loss(model, batch["pixel_values"], batch["labels"])
+        loss.backward()
         results[impl] = (
-            out.loss.item(),
+            loss.item(),
             torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]),
         )
     loss_a, grad_a = results["sdpa"]
@@ -307,15 +308,20 @@ def test_lean_ema_update_is_bit_identical_to_torch():
     assert int(a["n_averaged"]) == 3
 
 
+def _training_loss(model, pixels: torch.Tensor, labels: list[dict], epoch: int = 1) -> torch.Tensor:
+    """The detector's official training loss on one batch, by the baseline task's route (its criterion)."""
+    return BaselineTask(model, []).loss(model, {"pixel_values": pixels, "labels": labels}, epoch)[0]
+
+
 def _float64_step(model, pixels, labels) -> tuple[float, torch.Tensor]:
     """One float64 training forward + backward (seeded denoising): the loss and every gradient, flattened."""
     labels = [
         {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in t.items()} for t in labels
     ]
     torch.manual_seed(1)
-    out = model(pixels.double(), labels=labels, epoch=1)
-    out.loss.backward()
-    return out.loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    loss = _training_loss(model, pixels.double(), labels)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
 def _assert_same_float64_step(a: tuple[float, torch.Tensor], b: tuple[float, torch.Tensor]) -> None:
@@ -346,8 +352,8 @@ def test_compile_backbone_computes_the_eager_step(tiny_dataset):
 def test_compile_is_applied_after_the_ema_copy(tiny_params, tmp_path, monkeypatch):
     """The loop compiles only with `compile: backbone`, and after the EMA's deep copy (a copy of a compiled module
     would run the original's forward)."""
-    from tfg_mm import train
-    from tfg_mm.baseline import run_baseline
+    from tfg_mm.training import loop as train
+    from tfg_mm.training.baseline import run_baseline
 
     events = []
     make_ema = train.Trainer.make_ema
@@ -389,7 +395,7 @@ def test_channels_last_images_give_the_same_step(tiny_dataset):
 
 
 def test_the_loop_trains_on_channels_last_images_and_evaluates_contiguous(tiny_params, tmp_path, monkeypatch):
-    from tfg_mm import baseline
+    from tfg_mm.training import baseline
 
     seen = {"train": [], "eval": []}
     loss = baseline.BaselineTask.loss

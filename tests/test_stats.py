@@ -1,4 +1,4 @@
-"""Tests of tfg_mm.stats: seed summaries, verdicts and the paired image bootstrap of ΔAP.
+"""Tests of tfg_mm.evaluation.stats: seed summaries, verdicts and the paired image bootstrap of ΔAP.
 
 The synthetic detections make AP computable by hand: one class, one GT box per image, and a model
 either finds an image's box exactly or outputs nothing there. Precision is then 1 up to the
@@ -15,8 +15,8 @@ import pytest
 from scipy import stats as scipy_stats
 
 from tfg_mm.errors import ConfigError, DataError
-from tfg_mm.evaluate import coco_evaluate, coco_from_dict, cocoeval_metrics, load_coco_gt
-from tfg_mm.stats import (
+from tfg_mm.evaluation.coco import coco_evaluate, coco_from_dict, cocoeval_metrics, load_coco_gt
+from tfg_mm.evaluation.stats import (
     ImageMatches,
     _detection_arrays,
     _ground_truth_arrays,

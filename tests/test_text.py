@@ -1,4 +1,4 @@
-"""Text encoders, prompts and the embedding cache (tfg_mm.text).
+"""Text encoders, prompts and the embedding cache (tfg_mm.multimodal.text).
 
 Real encoders only: the bundled all-MiniLM-L6-v2 and a tiny randomly initialised open_clip model
 registered from a config file. Nothing downloads: the pretrained-tag test runs with the hub offline.
@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 from tfg_mm.config import DEFAULT_TEMPLATES, Params, default_of, load_params
 from tfg_mm.errors import ConfigError, OfflineError
-from tfg_mm.phase2 import text_embeddings
-from tfg_mm.text import (
+from tfg_mm.multimodal.text import (
     RandomPrototypes,
     TextEncoder,
     build_text_encoder,
@@ -28,6 +27,7 @@ from tfg_mm.text import (
     load_class_descriptions,
     prompts_record,
 )
+from tfg_mm.training.phase2 import text_embeddings
 
 TINY_OPEN_CLIP = {
     "embed_dim": 24,

@@ -1,4 +1,4 @@
-"""Experiment tracking (tfg_mm.tracking): what a run logs to MLflow and TensorBoard is what its
+"""Experiment tracking (tfg_mm.training.tracking): what a run logs to MLflow and TensorBoard is what its
 metrics.json holds, read back with MLflow's client and TensorBoard's EventAccumulator; tracking
 changes no number and no run id; a store that is down costs one warning, never the run."""
 
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tfg_mm import runs, tracking
-from tfg_mm.baseline import BaselineTask, run_baseline
-from tfg_mm.config import load_params, project_root
+from tfg_mm.config import load_params
+from tfg_mm.paths import project_root
+from tfg_mm.training import runs, tracking
+from tfg_mm.training.baseline import BaselineTask, run_baseline
 
 #: 2 epochs of 2 steps: epochs 0 (the starting point), 1 and 2 are evaluated and logged. Augmentation
 #: and EMA on: a tracking call that drew a random number would change the history.
@@ -165,7 +166,7 @@ def test_a_tracked_run_reads_back_as_its_contract_and_tracking_changes_no_number
     # the report figures, added after the run by the notebook; a second call logs nothing new
     from matplotlib.figure import Figure
 
-    from tfg_mm.figures import save_figure
+    from tfg_mm.reporting.figures import save_figure
 
     figures = tmp_path / "figures"
     fig = Figure(figsize=(2, 2))
@@ -203,9 +204,9 @@ def test_a_store_that_is_down_costs_one_warning_never_the_run(tiny_params, tmp_p
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     params = tiny_params(**RUN, tracking="all", tracking_uri=f"http://127.0.0.1:{port}")
-    with caplog.at_level(logging.WARNING, logger="tfg_mm.tracking"):
+    with caplog.at_level(logging.WARNING, logger="tfg_mm.training.tracking"):
         metrics = run_baseline(params, progress=False)
-    warnings = [r for r in caplog.records if r.name == "tfg_mm.tracking"]
+    warnings = [r for r in caplog.records if r.name == "tfg_mm.training.tracking"]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     assert "mlflow: starting the run failed" in warnings[0].getMessage()
     assert metrics["status"] == "finished" and [h["epoch"] for h in metrics["history"]] == [0, 1, 2]
@@ -255,7 +256,7 @@ def test_a_resumed_run_continues_its_mlflow_run(tiny_params, tmp_path, monkeypat
 @pytest.mark.slow
 def test_a_notebook_run_is_tracked_without_a_line_in_its_outputs(tiny_dataset, tmp_path):
     """Notebook 01 in a papermill kernel: the run is in MLflow and TensorBoard, the report shows none of it."""
-    from tfg_mm.notebooks import NOTEBOOKS, execute
+    from tfg_mm.workflow.notebooks import NOTEBOOKS, execute
 
     store = tmp_path / "store"
     params = {
@@ -297,9 +298,9 @@ def test_a_store_lost_mid_run_is_switched_off_after_one_warning(tiny_params, tmp
 
     monkeypatch.setattr(tracking._MlflowBackend, "metrics", flaky)
     params = tiny_params(**RUN, tracking="all", tracking_uri=str(store))
-    with caplog.at_level(logging.WARNING, logger="tfg_mm.tracking"):
+    with caplog.at_level(logging.WARNING, logger="tfg_mm.training.tracking"):
         metrics = run_baseline(params, progress=False)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "tfg_mm.tracking"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tfg_mm.training.tracking"]
     assert len(warnings) == 1 and "mlflow: logging epoch 1 failed (OSError: database is locked)" in warnings[0]
     assert calls["n"] == 2  # epoch 0, then the failing epoch 1; never again
     assert metrics["status"] == "finished" and metrics["tracking"]["errors"] == warnings

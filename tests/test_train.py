@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from tfg_mm import detector
-from tfg_mm.baseline import BaselineTask, run_baseline
 from tfg_mm.config import load_params
 from tfg_mm.data import CocoDetection, collate, loaders
 from tfg_mm.data.synthetic import DEFAULT_CLASSES, generate
 from tfg_mm.errors import TrainingError
-from tfg_mm.train import build_optimizer, lr_factor
+from tfg_mm.training.baseline import BaselineTask, run_baseline
+from tfg_mm.training.loop import build_optimizer, lr_factor
 
 
 def test_lr_schedule_shapes():
@@ -170,8 +170,9 @@ def test_evaluation_only_of_a_checkpoint(tiny_params, tmp_path):
 def test_the_trainer_writes_its_progress_log(tiny_params, monkeypatch):
     """One line per step here (PROGRESS_EVERY_S = 0; by default every 15 s and each epoch's last step),
     one per evaluation and one at the end; the terminal watcher formats every one."""
-    from tfg_mm import runs, train
-    from tfg_mm.notebooks import ProgressWatcher
+    from tfg_mm.training import loop as train
+    from tfg_mm.training import runs
+    from tfg_mm.workflow.notebooks import ProgressWatcher
 
     monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)
     params = tiny_params(epochs=2, max_steps_per_epoch=2)

@@ -21,22 +21,23 @@ from pathlib import Path
 
 import yaml
 
-from tfg_mm import distributed
-from tfg_mm.baseline import run_baseline
-from tfg_mm.config import default_of, load_params, parameter_reference, project_root
-from tfg_mm.convert import main as convert_main
+from tfg_mm import ablations, reporting
+from tfg_mm.config import default_of, load_params, parameter_reference
 from tfg_mm.data.importers import DIFFICULT_MODES, voc_to_coco, yolo_to_coco
 from tfg_mm.data.loaders import DEFAULT_DATASET
 from tfg_mm.data.split import format_counts, split_coco
-from tfg_mm.data.synthetic import generate
+from tfg_mm.data.synthetic import HARD_CLASSES, generate
+from tfg_mm.detector.convert import main as convert_main
 from tfg_mm.errors import TfgError, TrainingError
 from tfg_mm.io import atomic_write_text
-from tfg_mm.phase2 import run_phase2
-from tfg_mm.pipeline import STEPS, run_pipeline
+from tfg_mm.paths import project_root
+from tfg_mm.runtime import distributed
+from tfg_mm.training.baseline import run_baseline
+from tfg_mm.training.phase2 import run_phase2
+from tfg_mm.workflow.pipeline import STEPS, run_pipeline
 
-# Imports at module level: `import tfg_mm` itself (torch, transformers) is nearly all of the time
-# `--help` takes; these add about 4 % to it (measured). `report` imports the reports module
-# (matplotlib, seaborn: about 20 % more) only when it runs.
+# Imports at module level (as everywhere in tfg_mm, except the optional back-ends: MLflow, TensorBoard, open_clip,
+# faster-coco-eval, and papermill when a notebook is executed).
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -164,12 +165,10 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from tfg_mm import ablations, reports
-
     # the statistics first (they may re-predict detections); the index only draws them
     summary = ablations.summarize_if_run(args.ablations_dir)
-    hard = summary["hard_classes"] if summary else reports.HARD_CLASSES
-    print(reports.build_index(summary, flips=reports.phase2_flips(args.phase2_dir, hard)))
+    hard = summary["hard_classes"] if summary else HARD_CLASSES
+    print(reporting.build_index(summary, flips=reporting.phase2_flips(args.phase2_dir, hard)))
     return 0
 
 

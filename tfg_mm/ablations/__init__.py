@@ -44,7 +44,7 @@ from tfg_mm.ablations.repredict import (
 )
 from tfg_mm.ablations.summary import SUMMARY_FILE, summarize, summarize_if_run
 from tfg_mm.config import EXECUTOR_KEYS
-from tfg_mm.notebooks import notebook_params
+from tfg_mm.workflow.parameters import notebook_params
 
 __all__ = [
     "DETECTIONS_FILE",

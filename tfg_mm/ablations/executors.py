@@ -27,8 +27,9 @@ from typing import Any
 
 import submitit
 
-from tfg_mm.config import EXECUTOR_KEYS, AblationParams, load_params, resolve_path
+from tfg_mm.config import EXECUTOR_KEYS, AblationParams, load_params
 from tfg_mm.errors import ConfigError
+from tfg_mm.paths import resolve_path
 
 #: submitit's cluster name of each submitit executor.
 SUBMITIT_CLUSTERS = {"slurm": "slurm", "submitit-local": "local"}

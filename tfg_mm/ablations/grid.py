@@ -21,7 +21,7 @@ shortens every run: the command line wins, as in nanoGPT), then the run's own ``
 executed notebook, its HTML and the run contract ``metrics.json``). A run that raises is recorded
 (variant, seed, failing cell, error) in ``failure.json`` and in ``grid.json`` and the grid goes on.
 A finished run whose ``run_id`` (params, dataset hash, code version and the baseline's run id:
-:func:`tfg_mm.runs.run_id`) equals the planned one is reused, not re-run (``reuse: false`` re-runs
+:func:`tfg_mm.training.runs.run_id`) equals the planned one is reused, not re-run (``reuse: false`` re-runs
 it). ``workers > 1`` runs several notebooks at once in separate processes (each papermill execution
 has its own kernel), each limited to ``cpu_count // workers`` threads. ``executor: slurm`` (or
 ``submitit-local``) runs every run as one submitit job instead, the same unit inside the job
@@ -51,7 +51,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tfg_mm import runs
 from tfg_mm.ablations.executors import check_settings, executor_settings, submit_and_wait
 from tfg_mm.config import (
     EXECUTOR_KEYS,
@@ -61,14 +60,15 @@ from tfg_mm.config import (
     diff_from_default,
     load_grid,
     load_params,
-    resolve_path,
 )
 from tfg_mm.data.loaders import dataset_record
 from tfg_mm.data.synthetic import HARD_CLASSES
 from tfg_mm.errors import CheckpointError, ConfigError, DataError
 from tfg_mm.io import atomic_write_json
-from tfg_mm.notebooks import NOTEBOOKS, execute, render_html
-from tfg_mm.phase2 import depends_on_baseline, require_finished_baseline
+from tfg_mm.paths import resolve_path
+from tfg_mm.training import runs
+from tfg_mm.training.phase2 import depends_on_baseline, require_finished_baseline
+from tfg_mm.workflow.notebooks import NOTEBOOKS, execute, render_html
 
 GRID_RECORD = "grid.json"
 FAILURE_FILE = "failure.json"
@@ -266,7 +266,7 @@ def plan_baseline_seeds(grid: Mapping[str, Any], baseline: str, reuse: bool = Tr
 
 
 def _baseline_id(params) -> str:
-    """The baseline's part of a phase-2 ``run_id`` (:func:`tfg_mm.phase2.depends_on_baseline`).
+    """The baseline's part of a phase-2 ``run_id`` (:func:`tfg_mm.training.phase2.depends_on_baseline`).
 
     "" when there is no baseline yet (``baseline`` empty, or a folder without a finished
     checkpoint): the run trains it or fails with the reason itself. A baseline contract that exists

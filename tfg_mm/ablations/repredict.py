@@ -27,17 +27,17 @@ from typing import Any
 import torch
 
 from tfg_mm import detector as det
-from tfg_mm import runs
-from tfg_mm.baseline import BaselineTask
 from tfg_mm.config import load_params
 from tfg_mm.data.loaders import make_data
-from tfg_mm.devices import resolve_device
 from tfg_mm.errors import ConfigError, DataError
-from tfg_mm.evaluate import evaluate
+from tfg_mm.evaluation.coco import evaluate
 from tfg_mm.io import atomic_write_json
-from tfg_mm.model import MultimodalDetector
-from tfg_mm.phase2 import build_fusion_from_config
-from tfg_mm.train import seed_everything
+from tfg_mm.multimodal.model import MultimodalDetector
+from tfg_mm.runtime.devices import resolve_device
+from tfg_mm.training import runs
+from tfg_mm.training.baseline import BaselineTask
+from tfg_mm.training.loop import seed_everything
+from tfg_mm.training.phase2 import build_fusion_from_config
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def predict_run_detections(metrics: Mapping[str, Any]) -> tuple[list[dict], dict
     """Re-predict the validation detections of a run's selected checkpoint (``final.checkpoint``).
 
     For a run that did not save ``detections_val.json``. A phase-2 checkpoint (``detector/`` +
-    ``fusion.pt``) runs through :class:`~tfg_mm.model.MultimodalDetector`, a baseline checkpoint
+    ``fusion.pt``) runs through :class:`~tfg_mm.multimodal.model.MultimodalDetector`, a baseline checkpoint
     through the detector alone, exactly as the training loop evaluated them. Returns
     ``(detections, metrics)`` so the caller can check the recomputed mAP against the contract's.
     """

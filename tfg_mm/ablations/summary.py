@@ -1,7 +1,7 @@
 """The statistics of a grid from its run folders: the summary dict that notebook 03 and the index draw.
 
 Each variant's selected checkpoints are compared with the baseline on the validation images with
-:func:`tfg_mm.stats.hierarchical_bootstrap` (ΔmAP and Δ AP of each hard class), on the detections
+:func:`tfg_mm.evaluation.stats.hierarchical_bootstrap` (ΔmAP and Δ AP of each hard class), on the detections
 of :func:`tfg_mm.ablations.repredict.run_detections`. With several seeds the table shows mean ± sd
 over seeds, and the Δ interval comes from a hierarchical paired bootstrap: each resample draws the
 variant's finished seeds with replacement, then the validation images (one draw for the variant and
@@ -9,7 +9,7 @@ the baseline), and averages Δ over the drawn seeds, so the interval holds train
 validation-set noise. Variant seed ``s`` is compared with the baseline of seed ``s`` when the grid
 trained baseline seeds (grid key ``baseline_seeds``), else with the one baseline. With one seed the
 interval is the plain paired bootstrap over images, and ``interval_note`` (shown by
-:func:`tfg_mm.reports.ablation_table` and the index) says in words that training noise is not in it.
+:func:`tfg_mm.reporting.ablation_table` and the index) says in words that training noise is not in it.
 A Δ whose interval contains 0 is "within noise". Detections, bootstrap results and WiSE-FT curves
 are cached, keyed by everything they depend on, so rebuilding the report
 (``python -m tfg_mm report``) is cheap.
@@ -23,14 +23,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tfg_mm import runs
 from tfg_mm.ablations.grid import GRID_RECORD
 from tfg_mm.ablations.repredict import cache_key, read_cache, run_detections, wise_curve, write_cache
-from tfg_mm.config import resolve_path
 from tfg_mm.errors import ConfigError
+from tfg_mm.evaluation.stats import hierarchical_bootstrap, summarize_seeds
 from tfg_mm.io import atomic_write_json
-from tfg_mm.phase2 import baseline_folder
-from tfg_mm.stats import hierarchical_bootstrap, summarize_seeds
+from tfg_mm.paths import resolve_path
+from tfg_mm.training import runs
+from tfg_mm.training.phase2 import baseline_folder
 
 SUMMARY_FILE = "summary.json"
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
@@ -167,8 +168,6 @@ class CocoDetection(Dataset):
         Prefer it to ``COCO(coco_path)``: it holds the same boxes the model was trained on
         (clipped boxes clipped, filled ``area`` / ``iscrowd`` present).
         """
-        from pycocotools.coco import COCO
-
         coco = COCO()
         coco.dataset = self.data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."

@@ -5,7 +5,7 @@
 - :func:`dataset_record`: the dataset's paths and content hash, as stored in the run contract and
   folded into the run id. A run computes it once and passes it on.
 - :func:`make_data`: the COCO datasets and their loaders (:class:`Data`). The train loader shuffles
-  with the generator that :func:`tfg_mm.train.seed_everything` returns, so the data order is a
+  with the generator that :func:`tfg_mm.training.loop.seed_everything` returns, so the data order is a
   function of the seed. Before it returns, every image of the dataset has been decoded once
   (:func:`tfg_mm.data.validate.decode_images`, skipped when this dataset content already passed).
 """
@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from tfg_mm.config import resolve_path
 from tfg_mm.data.coco import CocoDetection, collate, dataset_fingerprint
 from tfg_mm.data.synthetic import generate
 from tfg_mm.data.validate import decode_images
-from tfg_mm.devices import loader_settings, resolve_device
 from tfg_mm.errors import ConfigError, DataError
+from tfg_mm.paths import resolve_path
+from tfg_mm.runtime.devices import loader_settings, resolve_device
 
 #: The embedded default dataset (relative to the project root), generated on first use.
 DEFAULT_DATASET = "data/synthetic"
@@ -33,7 +33,7 @@ DEFAULT_DATASET = "data/synthetic"
 def resolve_dataset(params, progress: bool = True, root: Path | None = None) -> Path:
     """The dataset folder; the embedded synthetic set is generated when it is the default and absent.
 
-    ``root``: ``params.dataset`` already resolved (:attr:`tfg_mm.config.RunPaths.dataset`).
+    ``root``: ``params.dataset`` already resolved (:attr:`tfg_mm.paths.RunPaths.dataset`).
     """
     root = resolve_path(params.dataset) if root is None else root
     if params.dataset == DEFAULT_DATASET and params.generate_if_missing:
@@ -106,7 +106,7 @@ def make_data(
     cuts global batches of ``batch_size`` x processes images, which the training loop shares out.
     """
     root = Path(record["root"]) if record is not None else resolve_dataset(params, progress=progress)
-    # workers / pinned memory for the run's device (`auto`: none on CPU, as always; tfg_mm.devices)
+    # workers / pinned memory for the run's device (`auto`: none on CPU, as always; tfg_mm.runtime.devices)
     settings = loader_settings(params.num_workers, params.pin_memory, resolve_device(params.device)).as_kwargs()
     val = CocoDetection(
         root, params.val_json, params.images_dir, image_size=params.image_size, train=False, augment=False

@@ -460,7 +460,7 @@ def generate(
     ``stress=True`` (``python -m tfg_mm generate --stress``) writes the stress case of issue 9: grayscale PNGs
     whose defects include image-spanning ones (a band across the whole width, a crack along the whole height,
     a discolouration over the whole image: boxes touching every border, next to the small ordinary defects).
-    It reproduces the kind of data on which DEIMv2 predicts inverted boxes (see ``tfg_mm.loss.box_cxcywh_to_xyxy``).
+    It reproduces the kind of data on which DEIMv2 predicts inverted boxes (see ``tfg_mm.detector.loss.box_cxcywh_to_xyxy``).
     The default set (``stress=False``) is unchanged, byte for byte.
     """
     out_dir = Path(out_dir)

@@ -40,9 +40,9 @@ import PIL
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
-from tfg_mm.config import project_root
 from tfg_mm.errors import DataError
 from tfg_mm.io import atomic_write_json
+from tfg_mm.paths import project_root
 
 log = logging.getLogger(__name__)
 

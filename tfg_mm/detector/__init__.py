@@ -1,15 +1,29 @@
 """The project's DEIMv2 detector: corrected architecture, official presets, lossless checkpoints.
 
-Importing this package registers the model type ``tfg_deimv2`` with transformers' Auto classes.
+* the architecture: :mod:`.official` (transformers' DEIMv2 corrected to the official one), :mod:`.factory` (a preset
+  of the size table :mod:`tfg_mm.config.presets` as a config and a model), :mod:`.speed` (faster pieces of the step
+  with the same numbers);
+* its weights: :mod:`.checkpoint` (save / load / diagnostics), :mod:`.convert` (official ``.pth``),
+  :mod:`.pretrained` (initial weights from any source, adapted to a dataset's classes);
+* its training: :mod:`.loss` (the official criterion), :mod:`.recipe` (the official schedules), :mod:`.shim` (the
+  eval-mode aux-output shim).
 """
 
-from tfg_mm.detector import speed as _speed  # noqa: F401  (registers `attn_implementation: blocks`)
+from tfg_mm.config.presets import PRESETS, check_image_size, min_image_size
 from tfg_mm.detector.checkpoint import (
     from_pretrained,
     load,
     load_state_dict_checked,
     read_metadata,
     save,
+)
+from tfg_mm.detector.factory import (
+    apply_config_overrides,
+    build,
+    preset_config,
+    preset_image_size,
+    run_config_overrides,
+    set_attn_implementation,
 )
 from tfg_mm.detector.official import (
     CORRECTION_DOCS,
@@ -19,23 +33,9 @@ from tfg_mm.detector.official import (
     TfgDeimv2ForObjectDetection,
     freeze,
     parameter_part,
-    register_auto_classes,
     trainable_parameter_summary,
     unfreeze,
 )
-from tfg_mm.detector.presets import (
-    PRESETS,
-    apply_config_overrides,
-    build,
-    check_image_size,
-    min_image_size,
-    preset_config,
-    preset_image_size,
-    run_config_overrides,
-    set_attn_implementation,
-)
-
-register_auto_classes()
 
 __all__ = [
     "CORRECTIONS",

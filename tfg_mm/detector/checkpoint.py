@@ -25,6 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from tfg_mm.config.presets import PRESETS
+from tfg_mm.detector.factory import architecture_fingerprint, criterion_fields, presets_matching
 from tfg_mm.detector.official import (
     CORRECTIONS,
     MODEL_TYPE,
@@ -32,7 +34,6 @@ from tfg_mm.detector.official import (
     TfgDeimv2ForObjectDetection,
     prior_bias,
 )
-from tfg_mm.detector.presets import PRESETS, architecture_fingerprint, criterion_fields, presets_matching
 from tfg_mm.errors import CheckpointError, OfflineError
 from tfg_mm.io import atomic_dir, atomic_write_json, atomic_write_text
 
@@ -207,7 +208,7 @@ def load(
     if model_type != MODEL_TYPE:
         raise CheckpointError(
             f"{folder / 'config.json'}: model_type {model_type!r}, not {MODEL_TYPE!r}; for a transformers DEIMv2 "
-            "checkpoint use tfg_mm.detector.from_pretrained(folder), for an official .pth use tfg_mm.convert."
+            "checkpoint use tfg_mm.detector.from_pretrained(folder), for an official .pth use tfg_mm.detector.convert."
         )
     config = TfgDeimv2Config.from_pretrained(folder)
     if preset is not None and preset != config.preset:
@@ -384,7 +385,7 @@ def from_pretrained(model_id_or_folder: str, **kwargs: Any) -> TfgDeimv2ForObjec
     if config_dict.get("model_type") != "deimv2":
         raise CheckpointError(
             f"{folder / 'config.json'}: model_type {config_dict.get('model_type')!r}; expected 'deimv2' or "
-            f"{MODEL_TYPE!r} (an official .pth is converted with tfg_mm.convert)."
+            f"{MODEL_TYPE!r} (an official .pth is converted with tfg_mm.detector.convert)."
         )
     config = _config_from_transformers(config_dict)
     # Tensors of transformers' DEIMv2 that the official architecture does not have.
@@ -398,7 +399,7 @@ def from_pretrained(model_id_or_folder: str, **kwargs: Any) -> TfgDeimv2ForObjec
 
 def _config_from_transformers(config_dict: dict) -> TfgDeimv2Config:
     """``TfgDeimv2Config`` of a transformers DEIMv2 config: ``eval_size`` moved to ``anchor_image_size`` and the
-    official criterion of the size its architecture is (``tfg_mm.detector.presets``)."""
+    official criterion of the size its architecture is (``tfg_mm.detector.factory``)."""
     values = dict(config_dict)
     for key in ("model_type", "transformers_version", "architectures", "auto_map", "head_dim"):
         values.pop(key, None)

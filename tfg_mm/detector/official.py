@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -27,8 +27,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForObjectDetection, Deimv2Config, Deimv2ForObjectDetection
 from transformers.models.deimv2.modeling_deimv2 import Deimv2MLP, Deimv2ObjectDetectionOutput
 
+from tfg_mm.config.presets import CRITERION_LOSSES
 from tfg_mm.detector.speed import use_fast_modules
-from tfg_mm.errors import ConfigError, TrainingError
+from tfg_mm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -81,37 +82,13 @@ CORRECTION_DOCS: dict[str, str] = {
 }
 CORRECTIONS: list[str] = list(CORRECTION_DOCS)
 
-#: The loss groups the official criterion knows (``DEIMCriterion.losses``); the config default is all three.
-CRITERION_LOSSES = ("mal", "boxes", "local")
-
-
-# -- the training criterion -------------------------------------------------------------------------------
-#: ``criterion(model_output, labels, config, epoch=...) -> (total, {term: float})``.
-Criterion = Callable[..., tuple[torch.Tensor, dict[str, float]]]
-
-# The detector sits below the loss in the project's layering and does not import it: tfg_mm.loss registers
-# its ``compute_loss`` here when it is imported, and ``import tfg_mm`` imports tfg_mm.loss. Explicit, so a
-# model whose forward is called with labels before any criterion exists says so instead of guessing.
-_registered_criterion: Criterion | None = None
-
-
-def register_criterion(criterion: Criterion | None) -> None:
-    """Set the criterion ``TfgDeimv2ForObjectDetection.forward(labels=...)`` computes its loss with (None: none)."""
-    global _registered_criterion
-    _registered_criterion = criterion
-
-
-def registered_criterion() -> Criterion | None:
-    """The criterion set by :func:`register_criterion` (``tfg_mm.loss.compute_loss`` once tfg_mm is imported)."""
-    return _registered_criterion
-
 
 @strict
 class TfgDeimv2Config(Deimv2Config):
     r"""Configuration of the project's corrected DEIMv2 (``model_type = "tfg_deimv2"``).
 
-    On top of transformers' fields it carries the official criterion settings (read by ``tfg_mm.loss``; the
-    values of each size come from ``tfg_mm.detector.presets``, which sets them all):
+    On top of transformers' fields it carries the official criterion settings (read by ``tfg_mm.detector.loss``; the
+    values of each size come from ``tfg_mm.detector.factory`` (the size table :mod:`tfg_mm.config.presets`), which sets them all):
 
     focal_loss_gamma (`float`, defaults to 1.5): the official MAL ``gamma`` (transformers defaults to 2.0).
     use_dense_one_to_one (`bool`): the official ``use_uni_set`` (False for atto / femto / pico).
@@ -276,18 +253,15 @@ class TfgDeimv2ForObjectDetection(Deimv2ForObjectDetection):
         pixel_values: torch.Tensor,
         pixel_mask: torch.LongTensor | None = None,
         labels: list[dict] | None = None,
-        epoch: int = 0,
-        compute_loss: bool = True,
         **kwargs,
     ) -> Deimv2ObjectDetectionOutput:
-        """Same outputs as transformers' forward; the loss is the project's official criterion.
+        """transformers' outputs of the corrected architecture, without a loss (``loss`` is None).
 
-        ``labels`` (list of ``{"class_labels", "boxes"}``, boxes cxcywh normalised) always reach the inner
-        model, so denoising queries are built in training. With ``compute_loss=True`` the loss comes from the
-        criterion registered with :func:`register_criterion` (``tfg_mm.loss.compute_loss``; never
-        transformers' ``Deimv2ForObjectDetectionLoss``, which pairs layers off by one), called with this
-        config and ``epoch``; with ``compute_loss=False`` (the multimodal model computes its own loss on fused
-        logits) ``loss`` is None.
+        ``labels`` (list of ``{"class_labels", "boxes"}``, boxes cxcywh normalised) reach the inner model, so
+        denoising queries are built in training. The loss is the caller's: the training task computes it with the
+        official criterion, ``tfg_mm.detector.loss.compute_loss(output, labels, model.config, criterion, epoch)``
+        with ``criterion = DEIMv2Criterion.from_config(model.config)`` (never transformers'
+        ``Deimv2ForObjectDetectionLoss``, which pairs layers off by one).
         """
         self._match_anchors_to_input(pixel_values)
         self._check_input_size(pixel_values)
@@ -314,15 +288,6 @@ class TfgDeimv2ForObjectDetection(Deimv2ForObjectDetection):
             enc_outputs_coord_logits=outputs.enc_outputs_coord_logits,
             denoising_meta_values=outputs.denoising_meta_values,
         )
-        if labels is not None and compute_loss:
-            criterion = registered_criterion()
-            if criterion is None:
-                raise TrainingError(
-                    "TfgDeimv2ForObjectDetection.forward(labels=...): no training criterion is registered; "
-                    "`import tfg_mm` (or tfg_mm.loss) registers the official DEIMv2 criterion. Pass "
-                    "compute_loss=False to get the outputs without a loss."
-                )
-            result.loss, result.loss_dict = criterion(result, labels, self.config, epoch=epoch)
         return result
 
 

@@ -119,7 +119,10 @@ def denoising_block_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(BLOCKS, denoising_block_attention)
+def register_block_attention() -> None:
+    """Make :data:`BLOCKS` a name transformers' attention modules accept (``config._attn_implementation``);
+    idempotent. Every project detector calls it when it is built (:func:`use_fast_modules`)."""
+    AttentionInterface.register(BLOCKS, denoising_block_attention)
 
 
 class ChannelsLastMaxPool2d(nn.MaxPool2d):
@@ -138,7 +141,9 @@ class ChannelsLastMaxPool2d(nn.MaxPool2d):
 
 
 def use_fast_modules(model: nn.Module) -> None:
-    """Give every ``nn.MaxPool2d`` of ``model`` the :class:`ChannelsLastMaxPool2d` forward (no parameter changes)."""
+    """Give every ``nn.MaxPool2d`` of ``model`` the :class:`ChannelsLastMaxPool2d` forward (no parameter changes),
+    and register the block attention (:func:`register_block_attention`) that ``attn_implementation`` may choose."""
+    register_block_attention()
     for module in model.modules():
         if type(module) is nn.MaxPool2d:
             module.__class__ = ChannelsLastMaxPool2d

@@ -1,0 +1,861 @@
+"""One training loop for every phase.
+
+The loop (:class:`Trainer`) knows nothing about DEIMv2 or text: a :class:`Task` supplies the
+model, its loss, its prediction function, its parameter groups and how to save it. Phase 1
+(:mod:`tfg_mm.training.baseline`) trains or evaluates the detector alone; phase 2 (:mod:`tfg_mm.training.phase2`)
+plugs its multimodal task into the same loop. :mod:`tfg_mm.training.experiment` is the sequence around it
+(reuse check, run folder, seeding, data, the phase's task, the run contract).
+
+What the loop guarantees, for every phase:
+- AdamW (or SGD) with the task's parameter groups; linear warm-up (quadratic with `recipe: official`,
+  :func:`tfg_mm.detector.recipe.resolve_recipe`) then flat-cosine / cosine; the no-augmentation tail;
+  gradient clipping; an EMA of the weights (``torch.optim.swa_utils.AveragedModel``) with the
+  official DEIM warm-up ``decay * (1 - exp(-updates / warmup))``; ``accelerate`` for device,
+  mixed precision and ``accelerate launch`` multi-GPU.
+- Per-epoch validation with pycocotools, best / last checkpoints, and the run contract
+  ``{run_dir}/metrics.json`` rewritten atomically after every evaluated epoch.
+- A non-finite loss stops the run with :class:`~tfg_mm.errors.TrainingError` naming epoch, step
+  and loss terms; the last good checkpoint and history stay on disk.
+- Several processes (``torchrun --nproc_per_node N`` / ``accelerate launch --multi_gpu --num_processes N``):
+  data parallelism (:mod:`tfg_mm.runtime.distributed`). Each rank trains on its disjoint share of every global
+  batch (``batch_size`` per process, ``batch_size`` x N a step), the gradients and BatchNorm statistics
+  are averaged over the ranks, each rank predicts its share of the validation images and the main
+  process evaluates them all; checkpoints, the state, the contract and the progress log are written by
+  the main process only. Seeds: the model is identical on every rank (rank 0's, broadcast), the data
+  order too (``seed``); augmentation and denoising noise draw from ``seed + rank``.
+- An interrupted run resumes from ``{run_dir}/state/last.pt`` (model, optimiser, scheduler, EMA,
+  RNG states, history) and ends with the same metrics as an uninterrupted run on CPU. The state
+  carries the run id it belongs to: a state of another run is refused (the experiment refuses it
+  earlier, before any work, listing what differs: :func:`tfg_mm.training.runs.check_run_dir`).
+- When the run finishes, the error analysis of the selected checkpoint's validation detections
+  (:mod:`tfg_mm.evaluation.analysis`): ``final.operating_points`` and ``final.errors`` in the run contract,
+  the curves and the confusion matrix in ``{run_dir}/analysis.json``.
+- ``epoch``, ``step`` (within the epoch) and ``stage`` (``setup`` / ``train`` / ``evaluate`` /
+  ``save`` / ``analyse``) say where the loop is, so that a failure record can name them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
+from accelerate.state import AcceleratorState
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
+
+from tfg_mm.config import RECIPE_KEYS
+from tfg_mm.detector.recipe import resolve_recipe
+from tfg_mm.detector.speed import compile_static_parts
+from tfg_mm.errors import CheckpointError, ConfigError, NonFiniteError, TrainingError
+from tfg_mm.evaluation import analysis
+from tfg_mm.evaluation.coco import coco_evaluate, evaluate, predict, to_coco_detections
+from tfg_mm.io import atomic_write_bytes, atomic_write_json
+from tfg_mm.paths import portable_text
+from tfg_mm.runtime import distributed
+from tfg_mm.runtime.devices import check_amp, resolve_device
+from tfg_mm.training.runs import DETECTIONS_FILE, append_progress
+
+#: Seconds of training between two lines of ``{run_dir}/progress.jsonl`` (plus one at the end of every
+#: epoch and one after every evaluation): a few hundred small appends in a 30-minute run.
+PROGRESS_EVERY_S = 15.0
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reproducibility
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed: int, deterministic: bool = True, rank: int = 0) -> torch.Generator:
+    """Seed python, numpy and torch; return the generator that drives data shuffling.
+
+    ``rank`` (several processes): the global generators (augmentation, denoising noise) get ``seed + rank``,
+    the data-order generator ``seed`` on every rank, so that all ranks cut the same global batches.
+    """
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def rng_state(loader_gen: torch.Generator) -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "loader": loader_gen.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, loader_gen: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    loader_gen.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_accelerator(device: torch.device, amp: str) -> Accelerator:
+    """accelerate's ``Accelerator`` on ``device`` (from :func:`tfg_mm.runtime.devices.resolve_device`) with mixed precision ``amp``.
+
+    ``cuda:N`` becomes the current CUDA device (accelerate places a single process on the current one).
+    accelerate keeps one state per process and refuses (or, for the device, ignores) another mixed precision
+    or device in a later ``Accelerator``; in a single process (a notebook running phase 1 with ``amp: no``,
+    then phase 2 with ``amp: bf16``) that state is reset first, so each run gets what its params say.
+    """
+    if device.type == "cuda" and device.index is not None and distributed.launched_world_size() == 1:
+        torch.cuda.set_device(device)  # several processes: accelerate puts rank r on cuda:LOCAL_RANK
+    state = AcceleratorState._shared_state
+    if state and state.get("num_processes", 1) == 1:
+        if state.get("_mixed_precision") != amp or getattr(state.get("device"), "type", None) != device.type:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=amp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser, schedule, EMA
+# ----------------------------------------------------------------------------------------------
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """Norm weights, biases and scalar gates / scales are kept out of weight decay."""
+    lname = name.lower()
+    return param.ndim <= 1 or "norm" in lname or lname.endswith(".bias") or ".bn." in lname
+
+
+def split_decay(named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float, tag: str) -> list[dict]:
+    """Two parameter groups (decay / no decay) at one learning rate, trainable parameters only."""
+    decay = [p for n, p in named if p.requires_grad and not no_decay(n, p)]
+    nodecay = [p for n, p in named if p.requires_grad and no_decay(n, p)]
+    groups = []
+    if decay:
+        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": f"{tag}"})
+    if nodecay:
+        groups.append({"params": nodecay, "lr": lr, "weight_decay": 0.0, "name": f"{tag}_no_decay"})
+    return groups
+
+
+#: What ``optimizer_impl: auto`` means: torch's fused kernel (scripts/bench_step.py --components: the AdamW update
+#: of atto 8.9 ms with ``foreach``, 2.9 ms fused on 2 CPU cores; equal to ``for-loop`` to float rounding,
+#: tests/test_speed.py).
+AUTO_OPTIMIZER_IMPL = "fused"
+
+
+def optimizer_kernel_kwargs(impl: str) -> dict:
+    """torch's ``foreach`` / ``fused`` switches of an optimiser for ``optimizer_impl`` (``auto`` resolved)."""
+    impl = AUTO_OPTIMIZER_IMPL if impl == "auto" else impl
+    if impl == "fused":
+        return {"fused": True}
+    return {"foreach": impl == "foreach"}
+
+
+def build_optimizer(groups: list[dict], params) -> torch.optim.Optimizer:
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    kernel = optimizer_kernel_kwargs(getattr(params, "optimizer_impl", "auto"))
+    if params.optimizer == "AdamW":
+        return torch.optim.AdamW(groups, lr=params.lr, betas=(0.9, 0.999), weight_decay=params.weight_decay, **kernel)
+    return torch.optim.SGD(groups, lr=params.lr, momentum=0.9, weight_decay=params.weight_decay, **kernel)
+
+
+def lr_factor(
+    step: int,
+    total_steps: int,
+    warmup: int,
+    kind: str,
+    flat_fraction: float,
+    min_ratio: float,
+    warmup_power: int = 1,
+    decay_end: float = 1.0,
+) -> float:
+    """Multiplier of each group's initial lr: warm-up, then constant / cosine / flat-cosine.
+
+    Warm-up: ``((step + 1) / warmup) ** warmup_power`` (1 linear; 2 the official DEIM quadratic one).
+    Flat-cosine (DEIM): hold the lr flat for ``flat_fraction`` of the steps, then cosine-decay to
+    ``min_ratio`` of the initial value, reached at ``decay_end`` of the steps (1 = the last step; the
+    official recipe ends the decay where its no-augmentation tail starts and keeps ``min_ratio`` there).
+    """
+    if warmup > 0 and step < warmup:
+        return ((step + 1) / warmup) ** warmup_power
+    if kind == "constant" or total_steps <= 0:
+        return 1.0
+    start = warmup if kind == "cosine" else max(warmup, int(flat_fraction * total_steps))
+    if step < start:
+        return 1.0
+    end = total_steps if decay_end >= 1.0 else int(decay_end * total_steps)
+    if decay_end < 1.0 and step >= end:
+        return min_ratio
+    span = max(1, end - start)
+    progress = min(1.0, (step - start) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_augment_tail(loader: DataLoader, epoch: int, epochs: int, no_aug_epochs: int) -> bool:
+    """Switch the training set of ``loader`` to its no-augmentation tail in the last ``no_aug_epochs`` epochs.
+
+    The official ``stop_epoch`` policy: epochs ``epochs - no_aug_epochs + 1 .. epochs`` (1-based, as the history
+    counts) train without the random augmentation (``tfg_mm.data.CocoDetection.no_aug``). Called before every
+    epoch, also after a resume; DataLoader workers are not persistent, so the next epoch's workers see it.
+    Returns whether ``epoch`` is in the tail.
+    """
+    tail = no_aug_epochs > 0 and epoch > epochs - no_aug_epochs
+    dataset = getattr(loader, "dataset", None)
+    if hasattr(dataset, "no_aug") and dataset.no_aug != tail:
+        dataset.no_aug = tail
+        log.info("epoch %d: training augmentation %s", epoch, "off (no-augmentation tail)" if tail else "on")
+    return tail
+
+
+def ema_multi_avg_fn(decay: float, warmup: int) -> Callable:
+    """EMA update for ``AveragedModel`` with DEIM's warm-up of the decay.
+
+    Floating tensors are lerped towards the model; integer buffers (BatchNorm counters) copied.
+    """
+
+    def update(ema_params, model_params, num_averaged):
+        d = decay * (1.0 - math.exp(-float(num_averaged) / max(1, warmup)))
+        floats_e = [e for e in ema_params if e.is_floating_point()]
+        floats_m = [m for e, m in zip(ema_params, model_params) if e.is_floating_point()]
+        if floats_e:
+            torch._foreach_lerp_(floats_e, floats_m, 1.0 - d)
+        for e, m in zip(ema_params, model_params):
+            if not e.is_floating_point():
+                e.copy_(m)
+
+    return update
+
+
+class EMA(AveragedModel):
+    """``torch.optim.swa_utils.AveragedModel`` over parameters and buffers with a leaner update.
+
+    torch's ``update_parameters`` detaches, moves and regroups every parameter and buffer (about 1,500 calls for
+    atto) before calling ``multi_avg_fn`` once per dtype; here the averaged and live tensors go to
+    :func:`ema_multi_avg_fn` as they are, under ``no_grad`` (2 ms less per step on 2 CPU cores; bit-identical
+    weights, tests/test_speed.py). Anything else (no ``multi_avg_fn``, tensors on two devices) is torch's update.
+    """
+
+    def update_parameters(self, model: nn.Module) -> None:
+        ema = [*self.module.parameters(), *self.module.buffers()]
+        live = [*model.parameters(), *model.buffers()]
+        if self.multi_avg_fn is None or not self.use_buffers or len(ema) != len(live):
+            return super().update_parameters(model)
+        if any(e.device != q.device for e, q in zip(ema[:1] + ema[-1:], live[:1] + live[-1:])):
+            return super().update_parameters(model)
+        with torch.no_grad():
+            if int(self.n_averaged) == 0:
+                for e, q in zip(ema, live):
+                    e.copy_(q)
+            else:
+                self.multi_avg_fn(ema, live, self.n_averaged)
+            self.n_averaged += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The task interface
+# ----------------------------------------------------------------------------------------------
+class Task:
+    """What a phase supplies to the loop."""
+
+    #: the module whose parameters are optimised (and averaged by the EMA)
+    model: nn.Module
+    class_names: list[str]
+
+    def param_groups(self, params) -> list[dict]:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def predict_fn(self, model: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def save_model(self, model: nn.Module, folder: Path, metadata: dict) -> None:
+        raise NotImplementedError
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        """Put the model in training mode (phase 2 keeps a frozen detector in eval or frozen-train mode)."""
+        model.train()
+
+    def on_epoch_start(self, epoch: int, trainer: Trainer) -> None:
+        """Stage switches (phase 2) happen here. Called before every epoch, also after resume."""
+
+    def epoch_extra(self, model: nn.Module) -> dict:
+        """Extra per-epoch numbers for the history (e.g. alpha, logit scale)."""
+        return {}
+
+    def contract_extra(self) -> dict:
+        """Top-level run-contract entries measured while training, rewritten with every contract write."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    final: dict
+    best_dir: Path | None
+    last_dir: Path | None
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """The loop. See the module docstring for what it guarantees."""
+
+    def __init__(
+        self,
+        params,
+        task: Task,
+        train_loader: DataLoader,
+        val_loader: DataLoader,
+        coco_gt,
+        cat_ids: list[int],
+        run_dir: Path,
+        loader_gen: torch.Generator,
+        write_contract: Callable[[list[dict], dict | None, str], None],
+        progress: bool = True,
+        run_id: str = "",
+        accelerator: Accelerator | None = None,
+    ):
+        self.params = params
+        #: the run this loop belongs to (:func:`tfg_mm.training.runs.run_id`), stored in and checked against the state
+        self.run_id = run_id
+        #: where the loop is: the epoch being trained / evaluated, and the stage
+        self.epoch: int | None = None
+        self.stage = "setup"
+        self._epoch_first_step = 0
+        self.task = task
+        self.run_dir = Path(run_dir)
+        self.state_dir = self.run_dir / "state"
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.progress = progress
+        self.coco_gt = coco_gt
+        self.cat_ids = cat_ids
+        self.loader_gen = loader_gen
+        self.write_contract = write_contract
+        #: the run's device (``device``: auto / cpu / cuda / cuda:N, :func:`tfg_mm.runtime.devices.resolve_device`)
+        self.device = resolve_device(params.device)
+        check_amp(params.amp, self.device)
+        self.accelerator = accelerator if accelerator is not None else make_accelerator(self.device, params.amp)
+        #: processes of the run (data parallelism, :mod:`tfg_mm.runtime.distributed`) and whether this one writes
+        self.world = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        self.train_loader = train_loader
+        #: the schedule this run trains with (``recipe: official`` resolved against the run's length), recorded as
+        #: ``recipe`` in the run contract; the loop and the task's parameter groups read it through ``self.params``
+        self.recipe = resolve_recipe(params, self.steps_per_epoch())
+        if self.recipe["recipe"] != "custom":
+            self.params = params.model_copy(update={k: self.recipe[k] for k in RECIPE_KEYS})
+        self.val_loader = val_loader
+        self.history: list[dict] = []
+        self.best_score = -math.inf
+        self.best_epoch = -1
+        self.global_step = 0
+        self.start_epoch = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.ema: AveragedModel | None = None
+        # the progress log (tfg_mm.training.runs.append_progress): timings of this process, for the time left
+        self._fit_t0 = time.perf_counter()
+        self._last_progress = -math.inf
+        self._train_seconds = 0.0
+        self._train_steps = 0
+        self._eval_seconds = 0.0
+        self._latest_eval: dict | None = None
+
+    @property
+    def step(self) -> int | None:
+        """The step within the current epoch (0-based: the steps it has completed), None outside training."""
+        if self.stage != "train":
+            return None
+        return self.global_step - self._epoch_first_step
+
+    # -- optimiser (rebuilt when a stage changes what trains) ----------------------------------
+    def rebuild_optimizer(self) -> None:
+        groups = self.task.param_groups(self.params)
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ConfigError("Nothing to train: every parameter is frozen. Fix: check `unfreeze` / `epochs`.")
+        self.optimizer = build_optimizer(groups, self.params)
+
+    def steps_per_epoch(self) -> int:
+        per_epoch = len(self.train_loader)
+        if self.params.max_steps_per_epoch:
+            per_epoch = min(per_epoch, self.params.max_steps_per_epoch)
+        return per_epoch
+
+    def total_steps(self) -> int:
+        return self.steps_per_epoch() * self.params.epochs
+
+    def set_lr(self) -> float:
+        p = self.params
+        f = lr_factor(
+            self.global_step,
+            self.total_steps(),
+            p.lr_warmup_steps,
+            p.scheduler,
+            p.flat_fraction,
+            p.min_lr_ratio,
+            warmup_power=self.recipe["warmup_power"],
+            decay_end=self.recipe["decay_end"],
+        )
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * f
+        return self.optimizer.param_groups[0]["lr"]
+
+    def make_ema(self) -> None:
+        if self.params.ema:
+            self.ema = EMA(
+                self.task.model,
+                multi_avg_fn=ema_multi_avg_fn(self.params.ema_decay, self.params.ema_warmup),
+                use_buffers=True,
+            )
+            self.ema.to(self.accelerator.device)
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.task.model
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_state(self, epoch: int) -> None:
+        """Everything needed to resume after ``epoch``: one atomic file (written by the main process; every
+        process's RNG states go in it)."""
+        ranks_rng = distributed.gather_objects(rng_state(self.loader_gen)) if self.world > 1 else None
+        if not self.is_main:
+            return
+        state = {
+            "run_id": self.run_id,
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "model": self.task.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(self.loader_gen),
+            "history": self.history,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "task": self.task.state_dict(),
+        }
+        if self.accelerator.scaler is not None:  # amp fp16: the gradient scale goes on where it was
+            state["scaler"] = self.accelerator.scaler.state_dict()
+        if ranks_rng is not None:
+            state["rng_ranks"] = ranks_rng
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        self.stage = "save"
+        atomic_write_bytes(self.state_dir / "last.pt", buf.getvalue())
+
+    def try_resume(self) -> bool:
+        path = self.state_dir / "last.pt"
+        # a process killed inside the atomic write leaves its complete-or-partial temporary file
+        # (never last.pt itself): it is garbage of the size of the state, removed here
+        for leftover in self.state_dir.glob(".last.pt.*.tmp") if self.is_main else ():
+            leftover.unlink(missing_ok=True)
+        if not (self.params.resume and path.exists()):
+            return False
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a truncated file cannot happen (atomic writes), but be explicit
+            raise CheckpointError(
+                f"Cannot read the resume state {path}: {exc}. Fix: delete {path} to restart "
+                f"the run from scratch, or set `resume: false`."
+            ) from exc
+        saved_id = state.get("run_id") if isinstance(state, dict) else None
+        if self.run_id and saved_id != self.run_id:
+            raise ConfigError(
+                f"The resume state {path} belongs to another run (run id {saved_id or 'not recorded'}, this run "
+                f"{self.run_id}); it was not loaded. Fix: rerun with that run's params to resume it, or set "
+                "`overwrite: true` (or `resume: false`) to start this run_dir over, or choose another `run_dir`."
+            )
+        self.task.load_state_dict(state.get("task", {}))
+        self.task.on_epoch_start(state["epoch"] + 1, self)  # restore the stage's trainable set first
+        self.task.model.load_state_dict(state["model"])
+        self.rebuild_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.make_ema()
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.global_step = state["global_step"]
+        self.history = state["history"]
+        self.best_score = state["best_score"]
+        self.best_epoch = state["best_epoch"]
+        self.start_epoch = state["epoch"] + 1
+        ranks_rng = state.get("rng_ranks")
+        rank = self.accelerator.process_index
+        set_rng_state(ranks_rng[rank] if ranks_rng and len(ranks_rng) == self.world else state["rng"], self.loader_gen)
+        log.info("Resumed %s after epoch %d", self.run_dir, state["epoch"])
+        return True
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self) -> tuple[dict, list[dict]]:
+        """Validation metrics and detections. Several processes: each predicts its share of the images, the
+        main process evaluates all of them (each image once) and every process gets its metrics; the
+        detections are the main process's (empty elsewhere)."""
+        model = self.eval_model()
+        was_training = model.training
+        model.eval()
+        if self.world > 1:
+            try:
+                return self._evaluate_sharded(model)
+            finally:
+                model.train(was_training)
+        try:
+            metrics, dets = evaluate(
+                self.task.predict_fn(model),
+                self.val_loader,
+                self.coco_gt,
+                self.task.class_names,
+                self.cat_ids,
+                top_k=self.params.top_k,
+                device=self.accelerator.device,
+                progress=self.progress,
+            )
+        finally:
+            model.train(was_training)
+        return metrics, dets
+
+    def _evaluate_sharded(self, model: nn.Module) -> tuple[dict, list[dict]]:
+        dataset = self.val_loader.dataset
+        rank = self.accelerator.process_index
+        indices = list(range(rank, len(dataset), self.world))  # strided: every image on exactly one rank
+        loader = DataLoader(
+            Subset(dataset, indices),
+            batch_size=self.val_loader.batch_size,
+            shuffle=False,
+            collate_fn=self.val_loader.collate_fn,
+            num_workers=self.val_loader.num_workers,
+            pin_memory=self.val_loader.pin_memory,
+        )
+        results, image_ids = predict(
+            self.task.predict_fn(model),
+            loader,
+            top_k=self.params.top_k,
+            device=self.accelerator.device,
+            progress=self.progress and self.is_main,
+        )
+        shard = [
+            (index, to_coco_detections([result], [image_id], self.cat_ids))
+            for index, result, image_id in zip(indices, results, image_ids)
+        ]
+        shards = distributed.gather_objects(shard)
+        metrics, dets = None, []
+        if self.is_main:
+            dets = distributed.merge_detection_shards(shards, len(dataset))
+            metrics = coco_evaluate(self.coco_gt, dets, self.task.class_names, self.cat_ids)
+        return distributed.broadcast_object(metrics), dets
+
+    def analyse(self) -> dict:
+        """The error analysis of the selected checkpoint's detections (``{run_dir}/detections_val.json``):
+        writes ``{run_dir}/analysis.json`` and returns ``{"operating_points", "errors"}`` for ``final``
+        (:mod:`tfg_mm.evaluation.analysis`); ``{}`` when no detections were kept."""
+        if not self.is_main or not (self.run_dir / DETECTIONS_FILE).exists():
+            return {}
+        self.stage = "analyse"
+        start = time.perf_counter()
+        out = analysis.analyse_run(self.run_dir, self.coco_gt, None, self.task.class_names, self.cat_ids)
+        log.info("error analysis of %s in %.2f s", self.run_dir.name, time.perf_counter() - start)
+        return out
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        p = self.params
+        self._fit_t0 = time.perf_counter()
+        self.task.model.to(self.accelerator.device)
+        if self.world > 1:
+            distributed.broadcast_module(self.task.model)  # rank 0's initial weights everywhere, as DDP does
+            self.train_loader = self._sharded_train_loader()
+        self.stage = "resume"
+        if not self.try_resume():
+            self.epoch = 0
+            self.stage = "setup"
+            self.task.on_epoch_start(0, self)
+            self.rebuild_optimizer()
+            self.make_ema()
+            # epoch-0 evaluation: the starting point of every trajectory (phase 2: the exact-start check)
+            self._evaluate_and_record(epoch=0, losses={}, seconds=0.0, lr=0.0)
+        if getattr(p, "compile", "none") == "backbone":
+            compile_static_parts(self.task.model)  # after the EMA's copy (see its docstring)
+        for epoch in range(max(1, self.start_epoch), p.epochs + 1):
+            self.epoch, self.stage = epoch, "setup"
+            set_augment_tail(self.train_loader, epoch, p.epochs, p.no_aug_epochs)
+            self.task.on_epoch_start(epoch, self)
+            t0 = time.perf_counter()
+            self._epoch_first_step, self.stage = self.global_step, "train"
+            losses = self._train_one_epoch(epoch)
+            seconds = time.perf_counter() - t0
+            if epoch % p.eval_every == 0 or epoch == p.epochs:
+                self._evaluate_and_record(epoch, losses, seconds, self.optimizer.param_groups[0]["lr"])
+            if epoch % p.save_every == 0 or epoch == p.epochs:
+                self.save_state(epoch)
+        self.stage = "finish"
+        return self._finish()
+
+    def _sharded_train_loader(self) -> DataLoader:
+        """Each rank's disjoint share of every global batch (accelerate's ``split_batches``): the loader the
+        experiment built holds ``batch_size`` x processes images a batch, in the order of the data seed."""
+        return prepare_data_loader(
+            self.train_loader,
+            num_processes=self.world,
+            process_index=self.accelerator.process_index,
+            split_batches=True,
+            put_on_device=False,
+        )
+
+    def _agree_on_step(
+        self, epoch: int, step: int, loss: torch.Tensor | None, terms: dict, failure: tuple[bool, str] | None
+    ) -> tuple[float, dict[str, float]]:
+        """Several processes: the step's loss and terms averaged over the ranks; a non-finite loss or a
+        :class:`NonFiniteError` on any rank stops every rank with the same :class:`TrainingError`."""
+        value = float(loss.detach().float().item()) if loss is not None else math.nan
+        shards = distributed.gather_objects((failure, value, terms))
+        origin = [(r, f[1]) for r, (f, _, _) in enumerate(shards) if f is not None and f[0]]
+        if origin or any(f is not None for f, _, _ in shards):
+            rank, what = origin[0] if origin else (0, "non-finite value")
+            raise TrainingError(self._non_finite_message(epoch, step, f"process {rank} of {self.world}: {what}"))
+        bad = [r for r, (_, v, _) in enumerate(shards) if not math.isfinite(v)]
+        if bad:
+            rank, (_, v, rank_terms) = bad[0], shards[bad[0]]
+            what = f"process {rank} of {self.world}: {_describe_non_finite(v, rank_terms)}"
+            raise TrainingError(self._non_finite_message(epoch, step, what))
+        keys = list(dict.fromkeys(k for _, _, t in shards for k in t))
+        mean_terms = {k: sum(float(t.get(k, 0.0)) for _, _, t in shards) / self.world for k in keys}
+        return sum(v for _, v, _ in shards) / self.world, mean_terms
+
+    def _train_one_epoch(self, epoch: int) -> dict[str, float]:
+        p = self.params
+        model = self.task.model
+        self.task.set_train_mode(model)
+        sums: dict[str, float] = {}
+        count = 0
+        steps = len(self.train_loader)
+        if p.max_steps_per_epoch:
+            steps = min(steps, p.max_steps_per_epoch)
+        bar = tqdm(
+            self.train_loader,
+            total=steps,
+            desc=f"epoch {epoch}/{p.epochs}",
+            disable=not (self.progress and self.is_main),
+            leave=False,
+        )
+        t_step = time.perf_counter()
+        loss_sum = 0.0
+        channels_last = channels_last_images(getattr(self.params, "memory_format", "auto"), self.accelerator.device)
+        for step, batch in enumerate(bar):
+            if step >= steps:
+                break
+            batch = _to_device(batch, self.accelerator.device, channels_last)
+            lr = self.set_lr()
+            # The non-finite guard. The criterion checks the model outputs (logits, boxes, corners of every
+            # decoder / encoder / denoising output) before its matcher and every term before returning it
+            # (tfg_mm.detector.loss.check_finite_outputs): NaN boxes would otherwise die in transformers' GIoU assertion
+            # as a raw ValueError. Here the error gets the epoch, step, run and fixes; the total is checked too
+            # (a task whose loss does not go through that criterion, or a sum that overflows).
+            failure = None
+            try:
+                with self.accelerator.autocast():
+                    loss, terms = self.task.loss(model, batch, epoch)
+            except NonFiniteError as exc:
+                if self.world == 1:
+                    raise TrainingError(self._non_finite_message(epoch, step, str(exc).rstrip("."))) from exc
+                loss, terms, failure = None, {}, (exc.what != "another process", str(exc).rstrip("."))
+            mean_loss = None
+            if self.world > 1:  # every rank learns of a failure on any rank; the logged numbers are the means
+                mean_loss, terms = self._agree_on_step(epoch, step, loss, terms, failure)
+            elif not torch.isfinite(loss):
+                what = _describe_non_finite(loss.item(), terms)
+                raise TrainingError(self._non_finite_message(epoch, step, what))
+            self.optimizer.zero_grad(set_to_none=True)
+            self.accelerator.backward(loss)  # amp fp16: the loss times the gradient scaler's scale
+            if self.world > 1:  # the mean gradient of the global batch, on every rank (what DDP computes)
+                distributed.average_gradients(q for g in self.optimizer.param_groups for q in g["params"])
+            scaler = self.accelerator.scaler  # None unless amp fp16 (on CUDA)
+            if scaler is not None:
+                # the true gradients, for clipping; the guard above saw the unscaled loss, so a scale too high
+                # for float16 (gradients inf / nan) is not a divergence: the scaler skips that step and lowers it
+                scaler.unscale_(self.optimizer)
+            if p.grad_clip > 0:
+                self.accelerator.clip_grad_norm_(
+                    [q for g in self.optimizer.param_groups for q in g["params"]], p.grad_clip
+                )
+            if scaler is not None:
+                scaler.step(self.optimizer)
+                scaler.update()
+            else:
+                self.optimizer.step()
+            self.global_step += 1
+            if self.world > 1:  # BatchNorm running statistics: the mean over the ranks, the same on each
+                distributed.average_buffers(model)
+            if self.ema is not None:
+                self.ema.update_parameters(model)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+            loss_value = loss.item() if mean_loss is None else mean_loss
+            loss_sum += loss_value
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
+            now = time.perf_counter()
+            self._train_seconds += now - t_step
+            self._train_steps += 1
+            t_step = now
+            if now - self._last_progress >= PROGRESS_EVERY_S or step + 1 == steps:
+                self._progress("train", epoch, step=step + 1, steps=steps, loss=loss_sum / count, lr=lr)
+        return {k: v / max(1, count) for k, v in sums.items()}
+
+    # -- the progress log ----------------------------------------------------------------------
+    def _evaluations_left(self, first_epoch: int) -> int:
+        p = self.params
+        return sum(1 for e in range(max(1, first_epoch), p.epochs + 1) if e % p.eval_every == 0 or e == p.epochs)
+
+    def _time_left(self, evaluations_left: int) -> float | None:
+        """Seconds left: the remaining steps at this process's mean step time, plus the evaluations left."""
+        if not self._train_steps:
+            return None
+        steps_left = max(0, self.total_steps() - self.global_step)
+        return steps_left * self._train_seconds / self._train_steps + evaluations_left * self._eval_seconds
+
+    def _progress(self, event: str, epoch: int, evaluations_from: int | None = None, **values) -> None:
+        """One line of ``{run_dir}/progress.jsonl`` (for the terminal; never read by a report; main process only)."""
+        if not self.is_main:
+            return
+        self._last_progress = time.perf_counter()
+        entry = {
+            "run": portable_text(str(self.run_dir)),
+            "event": event,
+            "epoch": epoch,
+            "epochs": self.params.epochs,
+            "stage": getattr(self.task, "stage", None),
+            **values,
+            **(self._latest_eval or {}),
+            "eta_s": self._time_left(self._evaluations_left(epoch if evaluations_from is None else evaluations_from)),
+            "elapsed_s": round(self._last_progress - self._fit_t0, 1),
+        }
+        if entry["eta_s"] is not None:
+            entry["eta_s"] = round(entry["eta_s"], 1)
+        append_progress(self.run_dir, entry)
+
+    def _non_finite_message(self, epoch: int, step: int, what: str) -> str:
+        """The non-finite guard's message: where, what, what is kept, and the fixes with their current values."""
+        p = self.params
+        return (
+            f"Training diverged at epoch {epoch}, step {step} of run {self.run_dir}: {what}. Nothing of this "
+            f"epoch was written; the previous epoch's state is kept in {self.state_dir / 'last.pt'} (if an epoch "
+            f"finished) and its checkpoints in {self.ckpt_dir}. Fix: lower `lr` (now {p.lr}; phase 2: "
+            f"`lr_fusion` {p.lr_fusion}), keep `grad_clip` > 0 (now {p.grad_clip}), use `amp: no` (now "
+            f"{p.amp!r}), then rerun (an interrupted run resumes from its last epoch; with changed params use a "
+            f"new `run_dir` or `overwrite: true`)."
+        )
+
+    def _evaluate_and_record(self, epoch: int, losses: dict, seconds: float, lr: float) -> None:
+        self.stage = "evaluate"
+        t0 = time.perf_counter()
+        metrics, dets = self.evaluate()
+        self._eval_seconds = time.perf_counter() - t0
+        entry = {
+            "epoch": epoch,
+            "map": metrics["map"],
+            "map50": metrics["map50"],
+            "map75": metrics["map75"],
+            "map_small": metrics.get("map_small"),
+            "map_medium": metrics.get("map_medium"),
+            "map_large": metrics.get("map_large"),
+            "per_class": metrics["per_class"],
+            "lr": lr,
+            "loss": sum(losses.values()) if losses else None,
+            "losses": _summarise_losses(losses),
+            "seconds": round(seconds, 3),
+            **self.task.epoch_extra(self.eval_model()),
+        }
+        self.history.append(entry)
+        score = metrics[self.params.select_metric]  # the main process's, on every rank (broadcast)
+        model = self.eval_model()
+        meta = {"epoch": epoch, "metrics": _headline(metrics), "run_dir": str(self.run_dir)}
+        if self.is_main:
+            self.task.save_model(model, self.ckpt_dir / "last", meta)
+        if score > self.best_score:
+            self.best_score = score
+            self.best_epoch = epoch
+            if self.is_main:
+                self.task.save_model(model, self.ckpt_dir / "best", meta)
+                # the selected checkpoint's validation detections: the ablation statistics resample them
+                atomic_write_json(self.run_dir / DETECTIONS_FILE, dets)
+        if self.is_main:
+            self.write_contract(self.history, None, "running")
+        self._latest_eval = {"map": metrics["map"], "map50": metrics["map50"], "map_epoch": epoch}
+        self._progress("eval", epoch, evaluations_from=epoch + 1)
+        if self.progress and self.is_main:
+            tqdm.write(f"[{self.run_dir.name}] epoch {epoch}: mAP {metrics['map']:.4f}  mAP50 {metrics['map50']:.4f}")
+
+    def _finish(self) -> TrainResult:
+        best = next(h for h in self.history if h["epoch"] == self.best_epoch)
+        final = {k: v for k, v in best.items() if k not in ("losses", "lr", "seconds")}
+        final["selected_by"] = self.params.select_metric
+        final["checkpoint"] = str(self.ckpt_dir / "best")
+        final.update(self.analyse())
+        if self.is_main:
+            self.write_contract(self.history, final, "finished")
+        self._progress("finish", self.params.epochs, best_epoch=self.best_epoch, best_map=best["map"])
+        distributed.barrier()  # the other processes return once the contract is final
+        return TrainResult(self.history, final, self.ckpt_dir / "best", self.ckpt_dir / "last")
+
+
+def _describe_non_finite(loss: float, terms: dict[str, float]) -> str:
+    """The non-finite guard's account of a step's loss: the total, the terms that are not finite, all terms."""
+    bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
+    return (
+        f"non-finite loss ({loss}); non-finite terms: {bad or 'none individually (the sum overflowed)'}; "
+        f"all terms: { {k: round(v, 4) for k, v in terms.items()} }"
+    )
+
+
+def _headline(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("map", "map50", "map75") if k in metrics}
+
+
+def _summarise_losses(losses: dict[str, float]) -> dict[str, float]:
+    """Group the ~20-50 official loss terms by kind (mal, bbox, giou, fgl, ddf) for the history."""
+    out: dict[str, float] = {}
+    for k, v in losses.items():
+        kind = k.split("_")[1] if k.startswith("loss_") and "_" in k else k
+        key = f"loss_{kind}" if k.startswith("loss_") else k
+        out[key] = round(out.get(key, 0.0) + v, 6)
+    return out
+
+
+def channels_last_images(memory_format: str, device) -> bool:
+    """Whether training images go channels-last (``memory_format``; ``auto``: on the CPU only)."""
+    if memory_format == "auto":
+        return torch.device(device).type == "cpu"
+    return memory_format == "channels_last"
+
+
+def _to_device(batch: dict, device, channels_last: bool = False) -> dict:
+    out = dict(batch)
+    out["pixel_values"] = batch["pixel_values"].to(device)
+    if channels_last:
+        out["pixel_values"] = out["pixel_values"].contiguous(memory_format=torch.channels_last)
+    out["labels"] = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in batch["labels"]]
+    return out
