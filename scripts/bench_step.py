@@ -40,11 +40,13 @@ from tfg_mm.config import load_params  # noqa: E402
 from tfg_mm.data.coco import CocoDetection, collate  # noqa: E402
 from tfg_mm.data.synthetic import generate  # noqa: E402
 from tfg_mm.detector import loss as tfg_loss  # noqa: E402
+from tfg_mm.detector.outputs import official_outputs  # noqa: E402
 from tfg_mm.detector.speed import ChannelsLastMaxPool2d, compile_static_parts  # noqa: E402
 from tfg_mm.io import atomic_write_json  # noqa: E402
 from tfg_mm.paths import project_root  # noqa: E402
 from tfg_mm.training.baseline import BaselineTask  # noqa: E402
-from tfg_mm.training.loop import EMA, build_optimizer, ema_multi_avg_fn, seed_everything  # noqa: E402
+from tfg_mm.training.optim import EMA, build_optimizer, ema_multi_avg_fn  # noqa: E402
+from tfg_mm.training.seeding import seed_everything  # noqa: E402
 
 REPO = project_root()
 
@@ -321,7 +323,7 @@ def bench_components(params, ds, reps: int) -> dict:
     criterion = tfg_loss.DEIMv2Criterion.from_config(model.config)
     with torch.no_grad():
         raw = model(batch["pixel_values"], labels=batch["labels"])
-    outputs = tfg_loss.official_outputs(raw, model.config)
+    outputs = official_outputs(raw, model.config)
 
     def loss_step(kind: str) -> Callable[[], None]:
         def run() -> None:

@@ -43,8 +43,9 @@ from tfg_mm.data.synthetic import generate
 from tfg_mm.io import atomic_write_json
 from tfg_mm.paths import project_root
 from tfg_mm.training.baseline import run_baseline
-from tfg_mm.training.loop import Trainer, seed_everything
+from tfg_mm.training.loop import Trainer
 from tfg_mm.training.phase2 import Phase2Task, build_multimodal, ensure_baseline
+from tfg_mm.training.seeding import seed_everything
 
 REPO = project_root()
 

@@ -25,7 +25,7 @@ from tfg_mm import ablations, reporting
 from tfg_mm.config import load_params
 from tfg_mm.data.synthetic import generate
 from tfg_mm.paths import project_root
-from tfg_mm.training import runs
+from tfg_mm.training import contract
 from tfg_mm.training.baseline import run_baseline
 
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     # the runs themselves, number by number: every epoch's losses and mAP, the selected checkpoint's mAP
     same_runs = True
     for variant_dir in sorted(p for p in (out / "local").iterdir() if (p / "seed0" / "metrics.json").exists()):
-        a, b = (runs.read_metrics(out / name / variant_dir.name / "seed0") for name in executors)
+        a, b = (contract.read_metrics(out / name / variant_dir.name / "seed0") for name in executors)
         numbers = [[{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]] for r in (a, b)]
         same = a["run_id"] == b["run_id"] and numbers[0] == numbers[1] and a["final"]["map"] == b["final"]["map"]
         same_runs &= same

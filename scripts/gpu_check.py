@@ -49,8 +49,8 @@ from tfg_mm.io import atomic_write_json
 from tfg_mm.paths import project_root
 from tfg_mm.runtime.devices import cpu_count, loader_settings, resolve_device
 from tfg_mm.training.baseline import BaselineTask, run_baseline
-from tfg_mm.training.loop import make_accelerator
 from tfg_mm.training.phase2 import run_phase2
+from tfg_mm.training.seeding import make_accelerator
 
 REPO = project_root()
 

@@ -1,7 +1,7 @@
 """The ablation grid runner: failures recorded, finished runs reused, statistics, notebook 03.
 
 The unit of work is injected: ``fake_run`` stands in for notebook 02. It writes a real run contract
-(:func:`tfg_mm.training.runs.write_metrics`) and real COCO detections of a tiny ground truth, so the
+(:func:`tfg_mm.training.contract.write_metrics`) and real COCO detections of a tiny ground truth, so the
 statistics (pycocotools + the paired bootstrap) and the report run for real, without training.
 """
 
@@ -26,7 +26,7 @@ from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.evaluation.coco import coco_evaluate
 from tfg_mm.multimodal.fusion import ResidualTextFusion
 from tfg_mm.paths import project_root
-from tfg_mm.training import runs
+from tfg_mm.training import contract, runs
 from tfg_mm.training.baseline import run_baseline
 from tfg_mm.training.phase2 import depends_on_baseline, run_phase2
 from tfg_mm.workflow.notebooks import execute, render_html
@@ -109,7 +109,7 @@ def _write_run(params, run_dir: Path, noise: float, depends_on: str = "") -> Non
             }
         )
     final = {**history[-1], "checkpoint": str(run_dir / "checkpoints" / "best"), "selected_by": "map"}
-    runs.write_metrics(
+    contract.write_metrics(
         run_dir,
         params=params,
         dataset=record,
@@ -221,7 +221,7 @@ def test_failing_variant_is_recorded_and_finished_runs_are_reused(setup):
     failure = json.loads((out / "no_text" / "seed0" / "failure.json").read_text())
     assert failure["variant"] == "no_text" and failure["seed"] == 0 and "boom" in failure["traceback"]
     # layering: params file < grid base < variant overrides < grid runner
-    written = runs.read_metrics(out / "noisy" / "seed0")["params"]
+    written = contract.read_metrics(out / "noisy" / "seed0")["params"]
     assert (written["epochs"], written["lr_fusion"], written["alpha"]) == (2, 0.002, 0.5)
     assert written["run_dir"] == str(out / "noisy" / "seed0")
 
@@ -250,7 +250,7 @@ def test_failing_variant_is_recorded_and_finished_runs_are_reused(setup):
     _grid_file(tmp_path, GOOD.replace("alpha: 0.5", "alpha: 0.4"))
     record = ablations.run_grid(tmp_path / "grid.yaml", out, **kwargs)
     assert {r["variant"]: r["status"] for r in record["runs"]} == {"minilm": "reused", "noisy": "finished"}
-    assert runs.read_metrics(out / "noisy" / "seed0")["params"]["alpha"] == 0.4
+    assert contract.read_metrics(out / "noisy" / "seed0")["params"]["alpha"] == 0.4
 
 
 def test_parallel_workers_run_every_variant(setup):
@@ -325,11 +325,13 @@ def test_a_corrupt_baseline_contract_stops_the_grid_a_missing_baseline_does_not(
     )
     assert [e["variant"] for e in missing] == ["minilm", "noisy"] and not any(e["reuse"] for e in missing)
     # a baseline contract that cannot be read would change which runs are reused: it is an error
-    contract = tmp_path / "baseline" / "metrics.json"
-    contract.write_text(contract.read_text()[:100])
+    metrics_file = tmp_path / "baseline" / "metrics.json"
+    metrics_file.write_text(metrics_file.read_text()[:100])
     with pytest.raises(DataError) as err:
         ablations.plan_runs(grid, tmp_path / "ablations", params_file)
-    assert str(contract) in str(err.value) and "overwrite: true" in str(err.value) and "`baseline:" in str(err.value)
+    assert (
+        str(metrics_file) in str(err.value) and "overwrite: true" in str(err.value) and "`baseline:" in str(err.value)
+    )
 
 
 @pytest.mark.slow
@@ -466,10 +468,10 @@ def test_repredicted_detections_and_wise_endpoints_on_real_checkpoints(tmp_path)
 
 def test_an_unfinished_baseline_stops_the_grid_before_any_run(setup):
     tmp_path, params_file = setup
-    contract = tmp_path / "baseline" / "metrics.json"
+    metrics_file = tmp_path / "baseline" / "metrics.json"
     for status in ("running", "failed"):
-        record = json.loads(contract.read_text())
-        contract.write_text(json.dumps({**record, "status": status, "final": None}))
+        record = json.loads(metrics_file.read_text())
+        metrics_file.write_text(json.dumps({**record, "status": status, "final": None}))
         with pytest.raises(ConfigError) as err:
             ablations.run_grid(
                 _grid_file(tmp_path, GOOD), tmp_path / "ablations", params_file=params_file, run_variant=fake_run
@@ -556,16 +558,16 @@ def test_baseline_seeds_are_trained_paired_with_variant_seeds_and_their_spread_i
     record = ablations.run_grid(grid, out, **kwargs)
     seed1 = tmp_path / "baseline_seed1"
     assert [(r["seed"], r["status"]) for r in record["baseline_runs"]] == [(0, "reused"), (1, "finished")]
-    assert runs.read_metrics(seed1)["params"]["seed"] == 1
+    assert contract.read_metrics(seed1)["params"]["seed"] == 1
     assert record["settings"]["baseline_runs"] == {"0": str(tmp_path / "baseline"), "1": str(seed1)}
     # variant seed k fine-tunes from baseline seed k (and its run id depends on that baseline)
-    assert runs.read_metrics(out / "minilm" / "seed1")["params"]["baseline"] == str(seed1)
-    assert runs.read_metrics(out / "minilm" / "seed0")["params"]["baseline"] == str(tmp_path / "baseline")
+    assert contract.read_metrics(out / "minilm" / "seed1")["params"]["baseline"] == str(seed1)
+    assert contract.read_metrics(out / "minilm" / "seed0")["params"]["baseline"] == str(tmp_path / "baseline")
 
     summary = ablations.summarize(out)
     spread = summary["baseline_seeds"]
     assert [r["seed"] for r in spread["runs"]] == [0, 1] and spread["stats"]["map"]["n"] == 2
-    maps = [runs.read_metrics(d)["final"]["map"] for d in (tmp_path / "baseline", seed1)]
+    maps = [contract.read_metrics(d)["final"]["map"] for d in (tmp_path / "baseline", seed1)]
     assert spread["stats"]["map"]["mean"] == pytest.approx(np.mean(maps))
     assert spread["stats"]["map"]["sd"] == pytest.approx(np.std(maps, ddof=1))
     table = reporting.baseline_spread_table(summary)
@@ -576,8 +578,8 @@ def test_baseline_seeds_are_trained_paired_with_variant_seeds_and_their_spread_i
     assert noisy["covers"] == "2 seeds (variant and baseline) × validation images"
     # each seed's Δ is against its own baseline
     assert [p["a"] for p in noisy["per_seed"]] == pytest.approx(maps)
-    noisy_ap = [runs.read_metrics(out / "noisy" / f"seed{k}")["final"]["per_class"]["stain"]["ap"] for k in (0, 1)]
-    base_ap = [runs.read_metrics(d)["final"]["per_class"]["stain"]["ap"] for d in (tmp_path / "baseline", seed1)]
+    noisy_ap = [contract.read_metrics(out / "noisy" / f"seed{k}")["final"]["per_class"]["stain"]["ap"] for k in (0, 1)]
+    base_ap = [contract.read_metrics(d)["final"]["per_class"]["stain"]["ap"] for d in (tmp_path / "baseline", seed1)]
     expected = np.mean([v - b for v, b in zip(noisy_ap, base_ap)])
     assert {v["name"]: v for v in summary["variants"]}["noisy"]["per_class_delta"]["stain"] == pytest.approx(expected)
     assert reporting.ablation_table(summary).loc[0, "mAP"].count("±") == 1  # the baseline row: mean ± sd

@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from tfg_mm import io, paths
 from tfg_mm.evaluation import analysis
 from tfg_mm.evaluation.analysis import ERROR_TYPES
 from tfg_mm.evaluation.coco import coco_evaluate
+from tfg_mm.training import contract
 
 #: AP of "TP, FP, TP" over two boxes (101-point COCO interpolation): recall <= 0.5 at precision 1, then 2/3
 AP_TP_FP_TP = (51 + 50 * 2 / 3) / 101
@@ -220,7 +222,6 @@ def test_analyse_run_writes_the_side_file(tmp_path):
 @pytest.mark.slow
 def test_a_tiny_run_records_operating_points_and_errors_for_every_class(tiny_params, tmp_path):
     """Train 1 epoch (2 steps), then evaluate the checkpoint only: both contracts carry the analysis."""
-    from tfg_mm.training import runs
     from tfg_mm.training.baseline import run_baseline
 
     m = run_baseline(tiny_params(epochs=1, max_steps_per_epoch=2, run_dir=str(tmp_path / "run")), progress=False)
@@ -241,10 +242,10 @@ def test_a_tiny_run_records_operating_points_and_errors_for_every_class(tiny_par
         assert side["classes"] == classes and len(side["confusion"]["counts"]) == len(classes) + 1
         # the side file is the analysis of the detections the run kept, as analyse() computes it again
         again = analysis.analyse(
-            metrics["dataset"]["val_json"], json.loads((run_dir / runs.DETECTIONS_FILE).read_text()), classes
+            metrics["dataset"]["val_json"], json.loads((run_dir / paths.DETECTIONS_FILE).read_text()), classes
         )
-        assert runs.json_safe(again["errors"]) == final["errors"]
-        assert runs.read_metrics(run_dir)["schema_version"] == 3
+        assert io.json_safe(again["errors"]) == final["errors"]
+        assert contract.read_metrics(run_dir)["schema_version"] == 3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,16 +262,21 @@ def _final_with(points, errors):
     }
 
 
+def _final_problems(final: dict) -> list[str]:
+    """The contract's problems with ``final`` alone (a finished run's record around it)."""
+    record = {"status": "finished", "history": [], "final": final}
+    return [p for p in contract.contract_problems(record) if p.startswith("final")]
+
+
 def test_contract_checks_operating_points_and_errors_when_present():
-    from tfg_mm.training import runs
 
     good_point = {"a": {"threshold": 0.4, "precision": 0.9, "recall": 0.8, "f1": 0.85}}
     good_errors = {"a": dict.fromkeys(ERROR_TYPES, 0.0)}
-    assert runs._contract_problems([], _final_with(good_point, good_errors), "finished") == []
+    assert _final_problems(_final_with(good_point, good_errors)) == []
     old = _final_with(good_point, good_errors)
     del old["operating_points"], old["errors"]
-    assert runs._contract_problems([], old, "finished") == []  # a schema-2 final still reads
-    problems = runs._contract_problems([], _final_with({"a": {"threshold": 0.4}}, {"b": good_errors["a"]}), "finished")
+    assert _final_problems(old) == []  # a schema-2 final still reads
+    problems = _final_problems(_final_with({"a": {"threshold": 0.4}}, {"b": good_errors["a"]}))
     assert any("operating_points['a'] must have exactly threshold, precision, recall, f1" in p for p in problems)
     assert any("`errors` must have one entry per class" in p for p in problems)
 

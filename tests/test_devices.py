@@ -79,7 +79,7 @@ def test_loader_settings_auto_per_device():
 
 def test_default_params_on_this_cpu_build_todays_loaders(tiny_dataset):
     from tfg_mm.data import loaders
-    from tfg_mm.training.loop import seed_everything
+    from tfg_mm.training.seeding import seed_everything
 
     params = load_params(dataset=str(tiny_dataset), generate_if_missing=False, device="cpu", batch_size=4)
     data = loaders.make_data(params, seed_everything(0), progress=False)

@@ -18,8 +18,9 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT, TINY
+from tfg_mm import paths
 from tfg_mm.runtime import distributed
-from tfg_mm.training import runs
+from tfg_mm.training import contract, identity, runs
 
 #: Relative tolerance of a step's loss (1 process, batch 4) vs the mean over 2 processes (batch 2 each).
 #: Measured: at most 4e-7 over 6 steps (float32 sums taken in another order); 1e-5 leaves room for
@@ -86,16 +87,16 @@ def test_helpers_are_identities_in_one_process():
 
 
 def test_the_number_of_processes_is_part_of_the_run_identity():
-    assert runs.with_world_size("base", 1) == "base"  # one process: the id of every existing run is unchanged
-    assert runs.world_size_of(runs.with_world_size("base", 2)) == 2 and runs.world_size_of("base") == 1
+    assert identity.with_world_size("base", 1) == "base"  # one process: the id of every existing run is unchanged
+    assert identity.world_size_of(identity.with_world_size("base", 2)) == 2 and identity.world_size_of("base") == 1
     from tfg_mm.config import load_params
 
     params = load_params({})
     code = {"package": "x", "git_commit": "c", "source_sha256": "s"}
     old = {"params": params.model_dump(mode="json"), "dataset": {"hash": "h"}, "code_version": code}
-    old["run_id"] = runs.run_id(params, "h", code)
-    assert runs.run_id(params, "h", code, runs.with_world_size("", 2)) != old["run_id"]
-    diff = runs.run_differences(old, params, "h", code, runs.with_world_size("", 2))
+    old["run_id"] = identity.run_id(params, "h", code)
+    assert identity.run_id(params, "h", code, identity.with_world_size("", 2)) != old["run_id"]
+    diff = runs.run_differences(old, params, "h", code, identity.with_world_size("", 2))
     assert diff == ["processes (world size): 1 -> 2 (the global batch is batch_size x processes)"]
 
 
@@ -124,19 +125,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_dataset
         assert math.isclose(a["loss"], mean, rel_tol=LOSS_RTOL), (i, a["loss"], mean)
         assert b0["loss"] != b1["loss"]  # the ranks did see different images
 
-    m1, m2 = runs.read_metrics(one), runs.read_metrics(two)
+    m1, m2 = contract.read_metrics(one), contract.read_metrics(two)
     assert m1["training"] == {"world_size": 1, "batch_size_per_process": 4, "global_batch_size": 4}
     assert m2["training"] == {"world_size": 2, "batch_size_per_process": 2, "global_batch_size": 4}
     assert m1["run_id"] != m2["run_id"]
     for h1, h2 in zip(m1["history"][1:], m2["history"][1:]):  # the logged epoch losses are the global batch's
         assert math.isclose(h1["loss"], h2["loss"], rel_tol=LOSS_RTOL)
-    d1 = json.loads((one / runs.DETECTIONS_FILE).read_text())
-    d2 = json.loads((two / runs.DETECTIONS_FILE).read_text())
+    d1 = json.loads((one / paths.DETECTIONS_FILE).read_text())
+    d2 = json.loads((two / paths.DETECTIONS_FILE).read_text())
     assert len(d1) == len(d2) == 6 * TINY["top_k"]  # every validation image once (6 images, top_k each)
     assert [d["image_id"] for d in d1] == [d["image_id"] for d in d2]
     assert max(abs(a["score"] - b["score"]) for a, b in zip(d1, d2)) < 1e-5
     # the main process alone wrote the run folder: one progress log, whole lines, a finish line
-    progress = [json.loads(line) for line in (two / runs.PROGRESS_FILE).read_text().splitlines()]
+    progress = [json.loads(line) for line in (two / paths.PROGRESS_FILE).read_text().splitlines()]
     assert [p["event"] for p in progress].count("finish") == 1
 
 
@@ -153,7 +154,7 @@ def test_a_nan_on_one_process_stops_every_process_with_the_same_error(tiny_datas
     errors = [line[line.index(mark) :] for line in done.stderr.splitlines() if mark in line]
     assert len(errors) == 2 and errors[0] == errors[1], done.stderr[-3000:]  # both ranks, one message
     assert "epoch 1, step 1" in errors[0] and "process 1 of 2: non-finite model output" in errors[0]
-    record = json.loads((run_dir / runs.METRICS_FILE).read_text())
+    record = json.loads((run_dir / paths.METRICS_FILE).read_text())
     assert record["status"] == "failed" and record["failure"]["type"] == "TrainingError"
     assert record["failure"]["message"] == errors[0].removeprefix("error: ")
     assert [h["epoch"] for h in record["history"]] == [0]  # the epoch-0 evaluation stays
@@ -173,8 +174,8 @@ def test_phase2_trains_in_two_processes_with_its_cached_warm_up(tiny_dataset, tm
     phase2 = {"baseline": base, "text_encoder": "minilm", "warmup_epochs": 1, "unfreeze": "heads", "batch_size": 2}
     done = _run([*_torchrun(2), "-m", "tfg_mm", "phase2", *_overrides(tiny_dataset, run_dir, **phase2)])
     assert done.returncode == 0, done.stderr[-3000:]
-    record = runs.read_metrics(run_dir)
+    record = contract.read_metrics(run_dir)
     assert record["status"] == "finished" and record["training"]["world_size"] == 2
     assert [(h["epoch"], h["stage"]) for h in record["history"]] == [(0, "A"), (1, "A"), (2, "B")]
     assert record["cache_seconds"] > 0  # stage A trained from the main process's feature cache
-    assert len(json.loads((run_dir / runs.DETECTIONS_FILE).read_text())) == 6 * TINY["top_k"]
+    assert len(json.loads((run_dir / paths.DETECTIONS_FILE).read_text())) == 6 * TINY["top_k"]

@@ -21,7 +21,7 @@ from tests.test_ablations import FAILING, GOOD, _calls, _grid_file, fake_run, gr
 from tfg_mm import ablations, reporting
 from tfg_mm.config import load_params
 from tfg_mm.errors import ConfigError
-from tfg_mm.training import runs
+from tfg_mm.training import contract, identity
 from tfg_mm.training.baseline import run_baseline
 from tfg_mm.training.phase2 import run_phase2
 from tfg_mm.workflow.parameters import notebook_params
@@ -166,8 +166,8 @@ def test_executor_keys_in_a_grid_file_are_validated_and_explicit_values_win(setu
     assert {r["status"] for r in record["runs"]} == {"finished"} and not any("job" in r for r in record["runs"])
     # where a run executes is not part of its id: the same run, reused whatever the executor
     p = load_params(params_file, {"executor": "slurm", "slurm_partition": "gpu", "slurm_sbatch": {"qos": "x"}})
-    code = runs.code_version()
-    assert runs.run_id(p, "data", code) == runs.run_id(load_params(params_file), "data", code)
+    code = identity.code_version()
+    assert identity.run_id(p, "data", code) == identity.run_id(load_params(params_file), "data", code)
 
 
 @pytest.mark.slow
@@ -262,8 +262,8 @@ def test_real_training_gives_the_same_numbers_through_submitit_local(tiny_datase
     )
     assert {r["status"] for r in jobs["runs"]} == {"finished"}
     for variant in ("random", "none"):
-        a = runs.read_metrics(tmp_path / "local" / variant / "seed0")
-        b = runs.read_metrics(tmp_path / "jobs" / variant / "seed0")
+        a = contract.read_metrics(tmp_path / "local" / variant / "seed0")
+        b = contract.read_metrics(tmp_path / "jobs" / variant / "seed0")
         assert isinstance(a["history"][-1]["loss"], float) and a["run_id"] == b["run_id"]
         numbers = [[{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]] for r in (a, b)]
         assert numbers[0] == numbers[1] and a["final"]["map"] == b["final"]["map"]  # every loss, every AP

@@ -10,8 +10,9 @@ from tfg_mm import detector
 from tfg_mm.config import load_params
 from tfg_mm.data.loaders import make_data
 from tfg_mm.training.baseline import run_baseline
-from tfg_mm.training.loop import Trainer, seed_everything
+from tfg_mm.training.loop import Trainer
 from tfg_mm.training.phase2 import Phase2Task, build_multimodal, run_phase2
+from tfg_mm.training.seeding import seed_everything
 
 #: every test here trains a tiny baseline (module fixture) and phase-2 runs on top of it
 pytestmark = pytest.mark.slow

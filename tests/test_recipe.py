@@ -13,7 +13,7 @@ from tests.conftest import TINY
 from tfg_mm.config import RECIPE_KEYS, load_params
 from tfg_mm.detector.recipe import COCO_TRAIN_IMAGES, OFFICIAL_SCHEDULES, resolve_recipe, round_half_up
 from tfg_mm.errors import ConfigError
-from tfg_mm.training.loop import lr_factor
+from tfg_mm.training.optim import lr_factor
 
 ARCHITECTURES = Path(__file__).parent / "fixtures" / "deimv2_official" / "architectures"
 #: the same fixtures outside the repository (TFG_MM_FIXTURES), when the repository copy is absent
@@ -175,7 +175,7 @@ def test_official_recipe_run_records_what_it_used(tiny_dataset, tmp_path):
 def test_recipe_is_part_of_the_run_identity():
     """The resolved schedule is a function of the params (recipe, preset, epochs, batch size, step cap), the dataset
     (its length) and the code (the table): all three make the run id, so two recipes never share a run."""
-    from tfg_mm.training.runs import code_version, run_id
+    from tfg_mm.training.identity import code_version, run_id
 
     code = code_version()
     ids = {

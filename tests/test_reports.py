@@ -16,7 +16,7 @@ import pytest
 from tfg_mm import reporting
 from tfg_mm.config import load_params
 from tfg_mm.paths import project_root
-from tfg_mm.training import runs
+from tfg_mm.training import contract
 
 #: Debian's package puts it on PATH (.ci/run installs it)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -93,10 +93,10 @@ def test_provenance_names_every_source():
 
 
 def test_a_written_contract_is_read_as_written(tmp_path):
-    """The phase's extras are read where tfg_mm.training.runs.write_metrics puts them (top-level keys)."""
+    """The phase's extras are read where tfg_mm.training.contract.write_metrics puts them (top-level keys)."""
     metrics = _metrics()
     extra = {k: metrics[k] for k in ("phase", "classes", "detector_mode", "text_encoder", "baseline")}
-    runs.write_metrics(
+    contract.write_metrics(
         tmp_path,
         params=load_params({"epochs": 3}),
         dataset=metrics["dataset"],
@@ -105,7 +105,7 @@ def test_a_written_contract_is_read_as_written(tmp_path):
         extra=extra,
         status="finished",
     )
-    written = runs.read_metrics(tmp_path)
+    written = contract.read_metrics(tmp_path)
     assert reporting.baseline_final_of(written)["map"] == 0.62
     assert reporting.contract_field(written, "classes") == list(CLASSES)
     local = {**written, "dataset": {**written["dataset"], "root": str(project_root() / "data" / "synthetic")}}

@@ -14,20 +14,15 @@ import pytest
 from PIL import Image
 
 import tfg_mm
+from tfg_mm import paths
 from tfg_mm.config import Params, load_params
 from tfg_mm.data.loaders import dataset_record
 from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.paths import RunPaths, project_root
-from tfg_mm.training import runs
-from tfg_mm.training.runs import (
-    code_version,
-    finished_run,
-    is_finished,
-    prepare_run_dir,
-    read_metrics,
-    run_id,
-    write_metrics,
-)
+from tfg_mm.training import contract, identity, runs
+from tfg_mm.training.contract import is_finished, read_metrics, write_metrics
+from tfg_mm.training.identity import code_version, run_id
+from tfg_mm.training.runs import finished_run, prepare_run_dir
 
 CLASSES = ("scratch", "perforation")
 
@@ -98,14 +93,14 @@ def test_code_version_in_and_outside_git(monkeypatch, tmp_path):
     assert code["package"] and len(code["source_sha256"]) == 64
     assert code["git_commit"] == _head_commit(Path(tfg_mm.__file__).parent)
     # no git executable at all: no crash, unknown commit
-    assert runs._git(["rev-parse", "HEAD"], tmp_path) is None  # tmp_path is not a repository
-    runs._code_version.cache_clear()
+    assert identity._git(["rev-parse", "HEAD"], tmp_path) is None  # tmp_path is not a repository
+    identity._code_version.cache_clear()
     monkeypatch.setenv("PATH", str(tmp_path))
     try:
         code = code_version()
         assert code["git_commit"] is None and code["git_dirty"] is None
     finally:
-        runs._code_version.cache_clear()
+        identity._code_version.cache_clear()
 
 
 def test_git_dirty_flag_looks_at_sources_notebooks_and_params_only(tmp_path):
@@ -124,22 +119,22 @@ def test_git_dirty_flag_looks_at_sources_notebooks_and_params_only(tmp_path):
     git("add", "-A")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
     package = repo / "tfg_mm"
-    commit, dirty = runs.git_state(package)
+    commit, dirty = identity.git_state(package)
     assert commit == _head_commit(repo) and dirty is False
     for rel in ("reports/01_baseline.html", "runs/baseline/metrics.json", "data/synthetic/a.json", "notes.txt"):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_text("written by make all\n")
-    assert runs.git_state(package) == (commit, False)
-    assert runs.git_state(repo / "runs" / "baseline") == (commit, False)  # from any folder of the checkout
+    assert identity.git_state(package) == (commit, False)
+    assert identity.git_state(repo / "runs" / "baseline") == (commit, False)  # from any folder of the checkout
     for rel in ("tfg_mm/__init__.py", "notebooks/01.ipynb", "params/default.yaml", "pyproject.toml"):
         original = (repo / rel).read_text()
         (repo / rel).write_text("changed\n")
-        assert runs.git_state(package) == (commit, True), rel
+        assert identity.git_state(package) == (commit, True), rel
         (repo / rel).write_text(original)
     (repo / "tfg_mm" / "new.py").write_text("")  # an untracked source decides results too
-    assert runs.git_state(package) == (commit, True)
+    assert identity.git_state(package) == (commit, True)
     (tmp_path / "elsewhere").mkdir()
-    assert runs.git_state(tmp_path / "elsewhere") == (None, None)
+    assert identity.git_state(tmp_path / "elsewhere") == (None, None)
 
 
 def test_dataset_record_hashes_content(tmp_path, dataset):
@@ -218,7 +213,7 @@ def test_metrics_record_the_environment_that_decides_the_numbers(tmp_path, datas
     write_metrics(run_dir, params=Params(), dataset=dataset, history=[_entry(0, 0.1)], final=None)
     record = read_metrics(run_dir)
     env = record["environment"]
-    assert record["schema_version"] == runs.SCHEMA_VERSION == 3
+    assert record["schema_version"] == contract.SCHEMA_VERSION == 3
     assert set(env) == {
         "python",
         "platform",
@@ -231,7 +226,7 @@ def test_metrics_record_the_environment_that_decides_the_numbers(tmp_path, datas
         "cuda",
         "cudnn",
     }
-    assert set(env["packages"]) == set(runs.ENVIRONMENT_PACKAGES)
+    assert set(env["packages"]) == set(identity.ENVIRONMENT_PACKAGES)
     assert env["python"] == platform.python_version() and env["platform"] == platform.platform()
     # the versions are those of the modules this process imported (torch with its build tag)
     assert env["packages"]["torch"] == torch.__version__
@@ -256,8 +251,8 @@ def test_metrics_record_the_environment_that_decides_the_numbers(tmp_path, datas
 def test_environment_is_the_kernels_and_threads_in_force(tmp_path):
     """Forced AVX2 / generic kernels, one thread and deterministic algorithms are recorded as such."""
     probe = (
-        "import json, torch; from tfg_mm import runs; torch.use_deterministic_algorithms(True, warn_only=True); "
-        "print(json.dumps(runs.environment()))"
+        "import json, torch; from tfg_mm.training import identity; torch.use_deterministic_algorithms(True, warn_only=True); "
+        "print(json.dumps(identity.environment()))"
     )
     seen = {}
     for capability in ("default", "avx2"):
@@ -341,7 +336,7 @@ def _finish(run_dir: Path, dataset: dict) -> None:
 
 def test_finished_run_is_protected_unless_overwrite(tmp_path, dataset):
     run_dir = prepare_run_dir(tmp_path / "runs" / "baseline")
-    assert run_dir.is_dir() and (run_dir / runs.MARKER_FILE).is_file()
+    assert run_dir.is_dir() and (run_dir / paths.MARKER_FILE).is_file()
     (run_dir / "best").mkdir()
     _finish(run_dir, dataset)
     before = (run_dir / "metrics.json").read_bytes()
@@ -355,7 +350,7 @@ def test_finished_run_is_protected_unless_overwrite(tmp_path, dataset):
         prepare_run_dir(run_dir, resume=False)
     # asked for: a fresh, empty run folder (with its marker), no leftovers beside it
     assert prepare_run_dir(run_dir, overwrite=True) == run_dir
-    assert sorted(p.name for p in run_dir.iterdir()) == [runs.MARKER_FILE]
+    assert sorted(p.name for p in run_dir.iterdir()) == [paths.MARKER_FILE]
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["baseline"]
 
 
@@ -372,15 +367,15 @@ def test_a_finished_run_is_reused_only_with_the_same_run_id(tmp_path, dataset):
 
 def test_run_paths_are_resolved_once_and_params_keep_them_as_written(tmp_path):
     params = load_params({"dataset": "data/other", "run_dir": "runs/x", "checkpoint": str(tmp_path / "ckpt")})
-    paths = RunPaths.of(params)
-    assert paths == RunPaths(
+    run_paths = RunPaths.of(params)
+    assert run_paths == RunPaths(
         dataset=project_root() / "data/other", run_dir=project_root() / "runs/x", source=tmp_path / "ckpt"
     )
     assert (params.dataset, params.run_dir) == ("data/other", "runs/x")  # the contract stores them relative
     assert RunPaths.of(load_params({"pretrained": "weights"})).source == project_root() / "weights"
     assert RunPaths.of(Params()).source is None  # random init
     with pytest.raises(AttributeError):
-        paths.run_dir = Path("/elsewhere")  # frozen
+        run_paths.run_dir = Path("/elsewhere")  # frozen
 
 
 def test_interrupted_run_is_kept_for_resume_or_cleared_without(tmp_path, dataset):
@@ -411,7 +406,7 @@ def test_a_folder_not_made_by_tfg_mm_is_never_emptied(tmp_path):
 def _interrupted(run_dir: Path, dataset: dict, params: Params) -> None:
     write_metrics(run_dir, params=params, dataset=dataset, history=[_entry(0, 0.1)], final=None)
     (run_dir / "state").mkdir()
-    (run_dir / runs.STATE_FILE).write_bytes(b"state")
+    (run_dir / paths.STATE_FILE).write_bytes(b"state")
 
 
 def test_an_interrupted_run_resumes_only_as_the_same_run(tmp_path, dataset):
@@ -441,11 +436,11 @@ def test_an_interrupted_run_resumes_only_as_the_same_run(tmp_path, dataset):
 def test_a_state_without_a_readable_contract_is_not_resumed_blindly(tmp_path, dataset):
     run_dir = prepare_run_dir(tmp_path / "run")
     (run_dir / "state").mkdir()
-    (run_dir / runs.STATE_FILE).write_bytes(b"state")
+    (run_dir / paths.STATE_FILE).write_bytes(b"state")
     with pytest.raises(ConfigError, match="identity cannot be read"):
         runs.check_run_dir(run_dir, Params(run_dir=str(run_dir)), dataset["hash"], code_version())
     # a run that failed before its first evaluation has nothing to resume: a new run may start there
-    (run_dir / runs.STATE_FILE).unlink()
+    (run_dir / paths.STATE_FILE).unlink()
     write_metrics(run_dir, params=Params(), dataset=dataset, history=[], final=None, status="failed")
     assert runs.interrupted_run(run_dir) is None
     runs.check_run_dir(run_dir, Params(run_dir=str(run_dir), lr=0.5), dataset["hash"], code_version())
@@ -453,9 +448,9 @@ def test_a_state_without_a_readable_contract_is_not_resumed_blindly(tmp_path, da
 
 def test_mark_failed_keeps_the_history(tmp_path, dataset):
     run_dir = prepare_run_dir(tmp_path / "run")
-    assert runs.mark_failed(run_dir, {"type": "X"}) is None  # no contract yet: the caller writes one
+    assert contract.mark_failed(run_dir, {"type": "X"}) is None  # no contract yet: the caller writes one
     write_metrics(run_dir, params=Params(), dataset=dataset, history=[_entry(0, 0.1), _entry(1, 0.2)], final=None)
-    runs.mark_failed(run_dir, {"type": "TrainingError", "message": "boom", "epoch": 2, "step": 5})
+    contract.mark_failed(run_dir, {"type": "TrainingError", "message": "boom", "epoch": 2, "step": 5})
     record = read_metrics(run_dir)
     assert record["status"] == "failed" and record["failure"]["step"] == 5
     assert [h["epoch"] for h in record["history"]] == [0, 1]

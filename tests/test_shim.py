@@ -12,7 +12,8 @@ from transformers import Deimv2Config, Deimv2ForObjectDetection
 from transformers.models.hgnet_v2.configuration_hgnet_v2 import HGNetV2Config
 
 from tfg_mm.detector import shim
-from tfg_mm.detector.loss import DEIMv2Criterion, official_outputs
+from tfg_mm.detector.loss import DEIMv2Criterion
+from tfg_mm.detector.outputs import official_outputs
 from tfg_mm.errors import TfgError
 from tfg_mm.multimodal.fusion import ResidualTextFusion, apply_fusion
 

@@ -17,7 +17,7 @@ from tfg_mm.detector import loss as tfg_loss
 from tfg_mm.detector import speed
 from tfg_mm.training import loop as train_mod
 from tfg_mm.training.baseline import BaselineTask
-from tfg_mm.training.loop import EMA, build_optimizer, ema_multi_avg_fn, optimizer_kernel_kwargs
+from tfg_mm.training.optim import EMA, build_optimizer, ema_multi_avg_fn, optimizer_kernel_kwargs
 
 
 def _batch(root, n: int = 4) -> tuple[dict, int]:

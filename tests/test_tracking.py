@@ -13,7 +13,7 @@ import pytest
 
 from tfg_mm.config import load_params
 from tfg_mm.paths import project_root
-from tfg_mm.training import runs, tracking
+from tfg_mm.training import identity, tracking
 from tfg_mm.training.baseline import BaselineTask, run_baseline
 
 #: 2 epochs of 2 steps: epochs 0 (the starting point), 1 and 2 are evaluated and logged. Augmentation
@@ -100,14 +100,14 @@ def test_store_locations(monkeypatch, tmp_path):
 
 
 def test_tracking_params_are_no_part_of_the_run_id():
-    code = runs.code_version()
+    code = identity.code_version()
     ids = {
-        runs.run_id(load_params(values), "d" * 64, code)
+        identity.run_id(load_params(values), "d" * 64, code)
         for values in ({}, {"tracking": "none"}, {"tracking_uri": "http://h:5000", "experiment_name": "x"})
     }
     assert len(ids) == 1
-    assert {"tracking", "tracking_uri", "experiment_name"} <= runs.RESUME_MAY_CHANGE
-    assert runs.run_id(load_params({"epochs": 3}), "d" * 64, code) not in ids  # the hash does see params
+    assert {"tracking", "tracking_uri", "experiment_name"} <= identity.RESUME_MAY_CHANGE
+    assert identity.run_id(load_params({"epochs": 3}), "d" * 64, code) not in ids  # the hash does see params
 
 
 # --------------------------------------------------------------------------------------------

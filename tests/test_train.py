@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tfg_mm import detector
+from tfg_mm import detector, paths
 from tfg_mm.config import load_params
 from tfg_mm.data import CocoDetection, collate, loaders
 from tfg_mm.data.synthetic import DEFAULT_CLASSES, generate
 from tfg_mm.errors import TrainingError
+from tfg_mm.training import contract
 from tfg_mm.training.baseline import BaselineTask, run_baseline
-from tfg_mm.training.loop import build_optimizer, lr_factor
+from tfg_mm.training.optim import build_optimizer, lr_factor
 
 
 def test_lr_schedule_shapes():
@@ -171,14 +172,13 @@ def test_the_trainer_writes_its_progress_log(tiny_params, monkeypatch):
     """One line per step here (PROGRESS_EVERY_S = 0; by default every 15 s and each epoch's last step),
     one per evaluation and one at the end; the terminal watcher formats every one."""
     from tfg_mm.training import loop as train
-    from tfg_mm.training import runs
     from tfg_mm.workflow.notebooks import ProgressWatcher
 
     monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)
     params = tiny_params(epochs=2, max_steps_per_epoch=2)
     watcher = ProgressWatcher([params.run_dir], stream=io.StringIO())
     run_baseline(params, progress=False)
-    entries = [json.loads(line) for line in (Path(params.run_dir) / runs.PROGRESS_FILE).read_text().splitlines()]
+    entries = [json.loads(line) for line in (Path(params.run_dir) / paths.PROGRESS_FILE).read_text().splitlines()]
     assert [(e["event"], e["epoch"], e.get("step")) for e in entries] == [
         ("eval", 0, None),
         ("train", 1, 1),
@@ -189,7 +189,7 @@ def test_the_trainer_writes_its_progress_log(tiny_params, monkeypatch):
         ("eval", 2, None),
         ("finish", 2, None),
     ]
-    metrics = runs.read_metrics(params.run_dir)
+    metrics = contract.read_metrics(params.run_dir)
     assert all(e["run"] == params.run_dir and e["epochs"] == 2 for e in entries)
     assert [e["map"] for e in entries if e["event"] == "eval"] == [h["map"] for h in metrics["history"]]
     assert entries[5]["map_epoch"] == 1 and entries[5]["steps"] == 2 and entries[5]["loss"] > 0

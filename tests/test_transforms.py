@@ -12,7 +12,7 @@ from tfg_mm.config import load_params
 from tfg_mm.data import CocoDetection, collate
 from tfg_mm.data.transforms import build_transforms
 from tfg_mm.errors import ConfigError
-from tfg_mm.training.loop import set_augment_tail
+from tfg_mm.training.optim import set_augment_tail
 
 H, W = 200, 180  # a non-square canvas: the resize scales x and y differently
 BOXES = [[10.0, 20.0, 60.0, 90.0], [100.0, 100.0, 170.0, 190.0], [0.0, 0.0, 5.0, 4.0]]

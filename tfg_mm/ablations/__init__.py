@@ -35,7 +35,6 @@ from tfg_mm.ablations.grid import (
     run_notebook02,
 )
 from tfg_mm.ablations.repredict import (
-    DETECTIONS_FILE,
     interpolate_state,
     predict_run_detections,
     run_detections,
@@ -44,6 +43,7 @@ from tfg_mm.ablations.repredict import (
 )
 from tfg_mm.ablations.summary import SUMMARY_FILE, summarize, summarize_if_run
 from tfg_mm.config import EXECUTOR_KEYS
+from tfg_mm.paths import DETECTIONS_FILE
 from tfg_mm.workflow.parameters import notebook_params
 
 __all__ = [

@@ -21,7 +21,7 @@ shortens every run: the command line wins, as in nanoGPT), then the run's own ``
 executed notebook, its HTML and the run contract ``metrics.json``). A run that raises is recorded
 (variant, seed, failing cell, error) in ``failure.json`` and in ``grid.json`` and the grid goes on.
 A finished run whose ``run_id`` (params, dataset hash, code version and the baseline's run id:
-:func:`tfg_mm.training.runs.run_id`) equals the planned one is reused, not re-run (``reuse: false`` re-runs
+:func:`tfg_mm.training.identity.run_id`) equals the planned one is reused, not re-run (``reuse: false`` re-runs
 it). ``workers > 1`` runs several notebooks at once in separate processes (each papermill execution
 has its own kernel), each limited to ``cpu_count // workers`` threads. ``executor: slurm`` (or
 ``submitit-local``) runs every run as one submitit job instead, the same unit inside the job
@@ -66,8 +66,9 @@ from tfg_mm.data.synthetic import HARD_CLASSES
 from tfg_mm.errors import CheckpointError, ConfigError, DataError
 from tfg_mm.io import atomic_write_json
 from tfg_mm.paths import resolve_path
-from tfg_mm.training import runs
+from tfg_mm.training import contract, identity, runs
 from tfg_mm.training.phase2 import depends_on_baseline, require_finished_baseline
+from tfg_mm.training.progress import append_progress
 from tfg_mm.workflow.notebooks import NOTEBOOKS, execute, render_html
 
 GRID_RECORD = "grid.json"
@@ -177,7 +178,7 @@ def plan_runs(
     given = {k: v for k, v in (explicit or {}).items() if k not in _GRID_LEVEL_KEYS}
     sources = [params_file] if params_file else []
     names = ([str(params_file)] if params_file else []) + [f"{grid['path']}: base"]
-    code = runs.code_version()
+    code = identity.code_version()
     hashes: dict = {}
     planned = []
     for variant in grid["variants"]:
@@ -199,7 +200,7 @@ def plan_runs(
                 ],
             )
             dataset_hash = _dataset_hash(params, hashes)
-            expected = runs.run_id(params, dataset_hash, code, _baseline_id(params)) if dataset_hash else None
+            expected = identity.run_id(params, dataset_hash, code, _baseline_id(params)) if dataset_hash else None
             reusable, params = _reuse_or_restart(params, run_dir, expected, reuse)
             planned.append(
                 {
@@ -241,9 +242,9 @@ def plan_baseline_seeds(grid: Mapping[str, Any], baseline: str, reuse: bool = Tr
     if not seeds or not baseline:
         return []
     main_dir = resolve_path(baseline)
-    main = runs.read_metrics(main_dir)
+    main = contract.read_metrics(main_dir)
     main_params = load_params(main["params"], source_names=[f"{main_dir / 'metrics.json'}: params"])
-    code = runs.code_version()
+    code = identity.code_version()
     hashes: dict = {}
     planned = []
     for seed in seeds:
@@ -257,7 +258,7 @@ def plan_baseline_seeds(grid: Mapping[str, Any], baseline: str, reuse: bool = Tr
             source_names=[f"{main_dir / 'metrics.json'}: params", f"{grid['path']}: baseline_seeds"],
         )
         dataset_hash = _dataset_hash(params, hashes)
-        expected = runs.run_id(params, dataset_hash, code) if dataset_hash else None
+        expected = identity.run_id(params, dataset_hash, code) if dataset_hash else None
         reusable, params = _reuse_or_restart(params, run_dir, expected, reuse)
         planned.append(
             {"seed": int(seed), "run_dir": str(run_dir), "run_id": expected, "reuse": reusable, "params": params}
@@ -367,7 +368,7 @@ def _execute_run(entry: dict, run_variant: RunVariant) -> dict:
     t0 = time.perf_counter()
     try:
         run_variant(notebook_parameters(entry["params"]), run_dir)
-        if not runs.is_finished(run_dir):
+        if not contract.is_finished(run_dir):
             raise DataError(
                 f"{run_dir}: the run ended without a finished metrics.json (run contract); see its executed notebook"
             )
@@ -453,10 +454,10 @@ def _mark_contract_failed(run_dir: Path, record: dict) -> None:
     whose kernel died, or that ended unfinished, still says ``running``: it is marked here, naming
     :data:`FAILURE_FILE`.
     """
-    contract = runs.interrupted_run(run_dir)
-    if contract and contract.get("status") == "running":
+    interrupted = runs.interrupted_run(run_dir)
+    if interrupted and interrupted.get("status") == "running":
         error = str(record.get("error", ""))
-        runs.mark_failed(
+        contract.mark_failed(
             run_dir,
             {
                 "type": error.split(":", 1)[0] or "Error",
@@ -539,7 +540,7 @@ def run_grid(
     def report(line: str) -> None:
         """A line in the terminal (``progress``) and in ``<ablations_dir>/progress.jsonl``, which
         the pipeline's progress watcher prints while notebook 03 runs; the report never shows it."""
-        runs.append_progress(ablations_dir, {"run": "ablations", "event": line})
+        append_progress(ablations_dir, {"run": "ablations", "event": line})
         if progress:
             print(f"[ablations] {line}", flush=True)
 

@@ -33,15 +33,13 @@ from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.evaluation.coco import evaluate
 from tfg_mm.io import atomic_write_json
 from tfg_mm.multimodal.model import MultimodalDetector
+from tfg_mm.paths import RunPaths
 from tfg_mm.runtime.devices import resolve_device
-from tfg_mm.training import runs
 from tfg_mm.training.baseline import BaselineTask
-from tfg_mm.training.loop import seed_everything
 from tfg_mm.training.phase2 import build_fusion_from_config
+from tfg_mm.training.seeding import seed_everything
 
 log = logging.getLogger(__name__)
-
-DETECTIONS_FILE = runs.DETECTIONS_FILE
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,11 +134,10 @@ def run_detections(
     re-predicted once and cached in ``cache_path`` (default ``{run_dir}/detections_val.cache.json``)
     keyed by the run id and checkpoint.
     """
-    run_dir = Path(run_dir)
-    saved = run_dir / DETECTIONS_FILE
-    if saved.exists():
-        return json.loads(saved.read_text(encoding="utf-8")), "saved by the run"
-    cache_path = cache_path or run_dir / "detections_val.cache.json"
+    run = RunPaths.at(run_dir)
+    if run.detections.exists():
+        return json.loads(run.detections.read_text(encoding="utf-8")), "saved by the run"
+    cache_path = cache_path or run.detections_cache
     key = cache_key(metrics.get("run_id"), metrics["final"].get("checkpoint"), metrics["final"].get("epoch"))
     cached = read_cache(cache_path, key)
     if cached is not None:

@@ -29,7 +29,7 @@ from tfg_mm.errors import ConfigError
 from tfg_mm.evaluation.stats import hierarchical_bootstrap, summarize_seeds
 from tfg_mm.io import atomic_write_json
 from tfg_mm.paths import resolve_path
-from tfg_mm.training import runs
+from tfg_mm.training import contract
 from tfg_mm.training.phase2 import baseline_folder
 
 SUMMARY_FILE = "summary.json"
@@ -156,12 +156,12 @@ def baseline_seed_spread(record: dict, baseline_metrics: dict | None) -> dict:
     finals = []
     for seed, folder in sorted(folders.items()):
         path = resolve_path(folder)
-        if not runs.is_finished(path):
+        if not contract.is_finished(path):
             out["runs"].append(
                 {"seed": seed, "run_dir": str(path), "status": "failed", "error": "no finished metrics.json"}
             )
             continue
-        final = runs.read_metrics(path)["final"]
+        final = contract.read_metrics(path)["final"]
         finals.append(final)
         out["runs"].append(
             {
@@ -278,7 +278,7 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
                 "run_dir": str(run_dir),
                 "report": str(run_dir / "02_phase2.html") if (run_dir / "02_phase2.html").exists() else None,
             }
-            if entry["status"] == "failed" or not runs.is_finished(run_dir):
+            if entry["status"] == "failed" or not contract.is_finished(run_dir):
                 error = entry.get("error") or "no finished metrics.json"
                 out["errors"].append(
                     {"seed": entry["seed"], "error": error, "cell": entry.get("cell"), "run_dir": str(run_dir)}
@@ -286,7 +286,7 @@ def summarize(ablations_dir: str | Path, progress: bool = False) -> dict:
                 run_out["status"] = "failed"
                 out["runs"].append(run_out)
                 continue
-            metrics = runs.read_metrics(run_dir)
+            metrics = contract.read_metrics(run_dir)
             run_out["history"] = [
                 {k: h.get(k) for k in ("epoch", "map", "map50", "alpha_mean", "stage")} for h in metrics["history"]
             ]
@@ -381,7 +381,7 @@ def _wise_summary(wise: Mapping[str, Any] | None, summary: dict, base_ckpt: Path
         if run["status"] == "failed":
             continue
         run_dir = Path(run["run_dir"])
-        metrics = runs.read_metrics(run_dir)
+        metrics = contract.read_metrics(run_dir)
         key = cache_key(metrics.get("run_id"), metrics["final"].get("checkpoint"), str(base_ckpt), wise["lambdas"])
         points = read_cache(run_dir / "wise.json", key)
         if points is None:

@@ -5,7 +5,7 @@
 - :func:`dataset_record`: the dataset's paths and content hash, as stored in the run contract and
   folded into the run id. A run computes it once and passes it on.
 - :func:`make_data`: the COCO datasets and their loaders (:class:`Data`). The train loader shuffles
-  with the generator that :func:`tfg_mm.training.loop.seed_everything` returns, so the data order is a
+  with the generator that :func:`tfg_mm.training.seeding.seed_everything` returns, so the data order is a
   function of the seed. Before it returns, every image of the dataset has been decoded once
   (:func:`tfg_mm.data.validate.decode_images`, skipped when this dataset content already passed).
 """

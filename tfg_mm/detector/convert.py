@@ -22,7 +22,6 @@ import pickle
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,250 +36,21 @@ from tfg_mm.detector import (
     preset_config,
     save,
 )
+from tfg_mm.detector.convert_rules import (
+    CLASS_DEPENDENT,
+    DROPPED,
+    SPLIT,
+    TOKEN,
+    UNUSED,
+    UNUSED_OURS,
+    map_key,
+    rules_for,
+)
 from tfg_mm.detector.factory import architecture_fingerprint, presets_matching
 from tfg_mm.errors import CheckpointError, ConfigError
 
 #: The official DEIMv2 sizes (``configs/deimv2/deimv2_*_coco.yml``): the project's presets.
 SIZES: tuple[str, ...] = tuple(PRESETS)
-
-# --------------------------------------------------------------------------------------------
-# Key mapping rules
-# --------------------------------------------------------------------------------------------
-
-# How one official tensor becomes one or more of ours.
-_COPY = "copy"  # the same tensor under every target name (tied copies of heads)
-_SPLIT = "split"  # chunks along dim 0, one per target, in order (q/k/v, gate/up)
-_TOKEN = "token"  # a (1, D) token reshaped to transformers' (1, 1, D)
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """``pattern`` (anchored regex on an official key) → ``targets`` (``re`` templates)."""
-
-    pattern: re.Pattern[str]
-    targets: tuple[str, ...]
-    op: str = _COPY
-
-
-def _rule(pattern: str, *targets: str, op: str = _COPY) -> _Rule:
-    return _Rule(re.compile(f"^{pattern}$"), targets, op)
-
-
-_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
-_WB = r"(weight|bias)"
-
-# Official key segments → transformers' names inside an HGNetv2 conv block.
-_HGNET_SEGMENTS = {"conv": "convolution", "bn": "normalization"}
-
-# Official encoder block: cv1 | cv2 = [CSPLayer2, (trailing 3x3 ConvNorm, RepNCSPELAN4 only)] | cv3 = same | cv4.
-_ELAN_SUBMODULES = {
-    "cv1": "conv1",
-    "cv4": "conv2",
-    "cv2.0": "csp_rep1",
-    "cv2.1": "csp_rep1.conv2",
-    "cv3.0": "csp_rep2",
-    "cv3.1": "csp_rep2.conv2",
-}
-
-
-def _hgnet_rename(key: str) -> str | None:
-    """HGNetv2 backbone: same tree, only the container and the conv / bn names differ."""
-    for prefix, ours in (
-        ("backbone.stem.", "model.conv_encoder.model.embedder."),
-        ("backbone.stages.", "model.conv_encoder.model.encoder.stages."),
-    ):
-        if key.startswith(prefix):
-            parts = key[len(prefix) :].split(".")
-            return ours + ".".join(_HGNET_SEGMENTS.get(p, p) for p in parts)
-    return None
-
-
-def _elan_rename(key: str, official_prefix: str, our_prefix: str) -> str | None:
-    """One official encoder block (RepNCSPELAN4 / RepNCSPELAN5, ``cv1..cv4``) → transformers' ``Deimv2RepNCSPELAN5``."""
-    if not key.startswith(official_prefix):
-        return None
-    rest = key[len(official_prefix) :]
-    for official, ours in _ELAN_SUBMODULES.items():
-        if rest.startswith(official + "."):
-            return f"{our_prefix}{ours}.{rest[len(official) + 1 :]}"
-    return None
-
-
-def _common_rules() -> list[_Rule]:
-    """Decoder and head rules, shared by every size."""
-    dec = "model.decoder"
-    return [
-        # Decoder layers.
-        _rule(
-            r"decoder\.decoder\.layers\.(\d+)\.self_attn\.in_proj_weight",
-            *(rf"{dec}.layers.\1.self_attn.{p}_proj.weight" for p in "qkv"),
-            op=_SPLIT,
-        ),
-        _rule(
-            r"decoder\.decoder\.layers\.(\d+)\.self_attn\.in_proj_bias",
-            *(rf"{dec}.layers.\1.self_attn.{p}_proj.bias" for p in "qkv"),
-            op=_SPLIT,
-        ),
-        _rule(rf"decoder\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.{_WB}", rf"{dec}.layers.\1.self_attn.o_proj.\2"),
-        _rule(r"decoder\.decoder\.layers\.(\d+)\.norm1\.scale", rf"{dec}.layers.\1.self_attn_layer_norm.weight"),
-        _rule(r"decoder\.decoder\.layers\.(\d+)\.cross_attn\.(.+)", rf"{dec}.layers.\1.encoder_attn.\2"),
-        _rule(r"decoder\.decoder\.layers\.(\d+)\.norm2\.scale", rf"{dec}.layers.\1.encoder_attn_layer_norm.weight"),
-        _rule(rf"decoder\.decoder\.layers\.(\d+)\.gateway\.gate\.{_WB}", rf"{dec}.layers.\1.gateway.gate.\2"),
-        _rule(r"decoder\.decoder\.layers\.(\d+)\.gateway\.norm\.scale", rf"{dec}.layers.\1.gateway.norm.weight"),
-        # SwiGLU: the official w12 is [gate; up] along the output dim, gate goes through SiLU.
-        _rule(
-            rf"decoder\.decoder\.layers\.(\d+)\.swish_ffn\.w12\.{_WB}",
-            rf"{dec}.layers.\1.mlp.gate_proj.\2",
-            rf"{dec}.layers.\1.mlp.up_proj.\2",
-            op=_SPLIT,
-        ),
-        _rule(rf"decoder\.decoder\.layers\.(\d+)\.swish_ffn\.w3\.{_WB}", rf"{dec}.layers.\1.mlp.down_proj.\2"),
-        _rule(r"decoder\.decoder\.layers\.(\d+)\.norm3\.scale", rf"{dec}.layers.\1.final_layer_norm.weight"),
-        _rule(r"decoder\.decoder\.lqe_layers\.(.+)", rf"{dec}.lqe_layers.\1"),
-        _rule(r"decoder\.decoder\.(up|reg_scale)", rf"{dec}.\1"),
-        # Heads. The detection heads exist twice in transformers (the decoder's copy used for the
-        # iterative refinement and the top-level copy used by the loss); both get the tensor.
-        _rule(rf"decoder\.dec_score_head\.(\d+)\.{_WB}", rf"{dec}.class_embed.\1.\2", r"class_embed.\1.\2"),
-        _rule(
-            rf"decoder\.dec_bbox_head\.(\d+)\.layers\.(\d+)\.{_WB}",
-            rf"{dec}.bbox_embed.\1.layers.\2.\3",
-            r"bbox_embed.\1.layers.\2.\3",
-        ),
-        _rule(r"decoder\.pre_bbox_head\.(.+)", rf"{dec}.pre_bbox_head.\1"),
-        _rule(r"decoder\.query_pos_head\.(.+)", rf"{dec}.query_pos_head.\1"),
-        _rule(r"decoder\.enc_score_head\.(.+)", r"model.enc_score_head.\1"),
-        _rule(r"decoder\.enc_bbox_head\.(.+)", r"model.enc_bbox_head.\1"),
-        _rule(rf"decoder\.enc_output\.proj\.{_WB}", r"model.enc_output.0.\1"),
-        _rule(rf"decoder\.enc_output\.norm\.{_WB}", r"model.enc_output.1.\1"),
-        _rule(r"decoder\.denoising_class_embed\.weight", r"model.denoising_class_embed.weight"),
-        _rule(r"decoder\.tgt_embed\.weight", r"model.weight_embedding.weight"),
-        # Decoder input projections (only when the encoder width differs from the decoder's).
-        _rule(r"decoder\.input_proj\.(\d+)\.(?:0|conv)\.weight", r"model.decoder_input_proj.\1.conv.weight"),
-        _rule(rf"decoder\.input_proj\.(\d+)\.(?:1|norm)\.{_BN}", r"model.decoder_input_proj.\1.norm.\2"),
-    ]
-
-
-def _hybrid_encoder_rules() -> list[_Rule]:
-    aifi = r"model.encoder.aifi.\1.layers.\2"
-    return [
-        _rule(r"encoder\.input_proj\.(\d+)\.(conv\.weight|norm\..+)", r"model.conv_encoder.encoder_input_proj.\1.\2"),
-        _rule(
-            r"encoder\.encoder\.(\d+)\.layers\.(\d+)\.self_attn\.in_proj_weight",
-            *(rf"{aifi}.self_attn.{p}_proj.weight" for p in "qkv"),
-            op=_SPLIT,
-        ),
-        _rule(
-            r"encoder\.encoder\.(\d+)\.layers\.(\d+)\.self_attn\.in_proj_bias",
-            *(rf"{aifi}.self_attn.{p}_proj.bias" for p in "qkv"),
-            op=_SPLIT,
-        ),
-        _rule(rf"encoder\.encoder\.(\d+)\.layers\.(\d+)\.self_attn\.out_proj\.{_WB}", rf"{aifi}.self_attn.o_proj.\3"),
-        _rule(rf"encoder\.encoder\.(\d+)\.layers\.(\d+)\.linear1\.{_WB}", rf"{aifi}.mlp.layers.0.\3"),
-        _rule(rf"encoder\.encoder\.(\d+)\.layers\.(\d+)\.linear2\.{_WB}", rf"{aifi}.mlp.layers.1.\3"),
-        _rule(rf"encoder\.encoder\.(\d+)\.layers\.(\d+)\.norm1\.{_WB}", rf"{aifi}.self_attn_layer_norm.\3"),
-        _rule(rf"encoder\.encoder\.(\d+)\.layers\.(\d+)\.norm2\.{_WB}", rf"{aifi}.final_layer_norm.\3"),
-        _rule(r"encoder\.lateral_convs\.(.+)", r"model.encoder.lateral_convs.\1"),
-        _rule(r"encoder\.downsample_convs\.(\d+)\.0\.cv(\d)\.(.+)", r"model.encoder.downsample_convs.\1.conv\2.\3"),
-    ]
-
-
-def _lite_encoder_rules() -> list[_Rule]:
-    return [
-        _rule(r"encoder\.input_proj\.(\d+)\.(conv\.weight|norm\..+)", r"model.encoder.input_proj.\1.\2"),
-        # down_sample{1,2} = Sequential(AvgPool2d, Conv2d, BatchNorm2d, SiLU).
-        _rule(r"encoder\.down_sample(\d)\.1\.weight", r"model.encoder.down_conv\1.conv.weight"),
-        _rule(rf"encoder\.down_sample(\d)\.2\.{_BN}", r"model.encoder.down_conv\1.norm.\2"),
-        _rule(r"encoder\.bi_fusion\.cv\.(.+)", r"model.encoder.bi_fusion_conv.\1"),
-    ]
-
-
-def _dinov3_rules() -> list[_Rule]:
-    vit = r"backbone\.dinov3\.(?:_model\.)?"
-    ours = "model.conv_encoder.backbone"
-    layer = rf"{ours}.model.layer.\1"
-    return [
-        _rule(rf"{vit}cls_token", f"{ours}.embeddings.cls_token"),
-        _rule(rf"{vit}storage_tokens", f"{ours}.embeddings.register_tokens"),
-        _rule(rf"{vit}mask_token", f"{ours}.embeddings.mask_token", op=_TOKEN),
-        _rule(rf"{vit}patch_embed\.proj\.{_WB}", rf"{ours}.embeddings.patch_embeddings.\1"),
-        _rule(rf"{vit}blocks\.(\d+)\.norm([12])\.{_WB}", rf"{layer}.norm\2.\3"),
-        _rule(rf"{vit}blocks\.(\d+)\.attn\.qkv\.{_WB}", *(rf"{layer}.attention.{p}_proj.\2" for p in "qkv"), op=_SPLIT),
-        _rule(rf"{vit}blocks\.(\d+)\.attn\.proj\.{_WB}", rf"{layer}.attention.o_proj.\2"),
-        _rule(rf"{vit}blocks\.(\d+)\.mlp\.fc1\.{_WB}", rf"{layer}.mlp.up_proj.\2"),
-        _rule(rf"{vit}blocks\.(\d+)\.mlp\.fc2\.{_WB}", rf"{layer}.mlp.down_proj.\2"),
-        _rule(rf"{vit}blocks\.(\d+)\.mlp\.w1\.{_WB}", rf"{layer}.mlp.gate_proj.\2"),
-        _rule(rf"{vit}blocks\.(\d+)\.mlp\.w2\.{_WB}", rf"{layer}.mlp.up_proj.\2"),
-        _rule(rf"{vit}blocks\.(\d+)\.mlp\.w3\.{_WB}", rf"{layer}.mlp.down_proj.\2"),
-        _rule(rf"{vit}blocks\.(\d+)\.ls([12])\.gamma", rf"{layer}.layer_scale\2.lambda1"),
-        _rule(rf"{vit}norm\.{_WB}", rf"{ours}.norm.\1"),
-        # Spatial tuning adapter: stem = [conv, bn, gelu, maxpool]; conv2 = [conv, bn];
-        # conv3 / conv4 = [gelu, conv, bn] (the activation comes first, so the indices shift).
-        _rule(r"backbone\.sta\.stem\.0\.weight", "model.conv_encoder.spatial_tuning_adapter.stem_conv.conv.weight"),
-        _rule(rf"backbone\.sta\.stem\.1\.{_BN}", r"model.conv_encoder.spatial_tuning_adapter.stem_conv.norm.\1"),
-        _rule(r"backbone\.sta\.conv2\.0\.weight", "model.conv_encoder.spatial_tuning_adapter.conv2.conv.weight"),
-        _rule(rf"backbone\.sta\.conv2\.1\.{_BN}", r"model.conv_encoder.spatial_tuning_adapter.conv2.norm.\1"),
-        _rule(r"backbone\.sta\.conv([34])\.1\.weight", r"model.conv_encoder.spatial_tuning_adapter.conv\1.conv.weight"),
-        _rule(rf"backbone\.sta\.conv([34])\.2\.{_BN}", r"model.conv_encoder.spatial_tuning_adapter.conv\1.norm.\2"),
-        _rule(r"backbone\.convs\.(\d+)\.weight", r"model.conv_encoder.fusion_proj.\1.conv.weight"),
-        _rule(rf"backbone\.norms\.(\d+)\.{_BN}", r"model.conv_encoder.fusion_proj.\1.norm.\2"),
-    ]
-
-
-#: Official tensors that are deliberately not carried over, and why.
-DROPPED_KEYS: tuple[tuple[str, str], ...] = (
-    (r"decoder\.(up|reg_scale)", "duplicate of decoder.decoder.up / decoder.decoder.reg_scale"),
-    (r"decoder\.(anchors|valid_mask)", "recomputed from the eval size (checked equal to the model's anchors)"),
-    (r"backbone\.dinov3\.(?:_model\.)?rope_embed\.periods", "RoPE periods are recomputed by transformers"),
-    (r"backbone\.dinov3\.(?:_model\.)?blocks\.\d+\.attn\.qkv\.bias_mask", "mask applied to the k bias at conversion"),
-)
-_DROPPED = [(re.compile(f"^{p}$"), why) for p, why in DROPPED_KEYS]
-
-#: Our tensors that the official architecture does not have and the official forward pass does not
-#: use: they may stay at the model's initial values.
-UNUSED_OURS: tuple[tuple[str, str], ...] = (
-    (r".*\.embeddings\.mask_token", "masked-image-modelling token of the ViT, unused for detection"),
-)
-_UNUSED = [re.compile(f"^{p}$") for p, _ in UNUSED_OURS]
-
-#: Tensors whose shape depends on the number of classes (re-initialised when it changes).
-_CLASS_DEPENDENT = re.compile(r"^decoder\.(enc_score_head|dec_score_head\.\d+|denoising_class_embed)\.")
-
-
-def _is_dinov3_config(config: Any) -> bool:
-    return getattr(config.backbone_config, "model_type", None) == "dinov3_vit"
-
-
-def _rules_for(config: Any) -> list[_Rule]:
-    rules = _common_rules()
-    rules += _lite_encoder_rules() if config.encoder_type == "lite" else _hybrid_encoder_rules()
-    if _is_dinov3_config(config):
-        rules += _dinov3_rules()
-    return rules
-
-
-def _map_key(key: str, rules: Sequence[_Rule], encoder_type: str) -> tuple[list[str], str] | None:
-    """Our target names for one official key and how the tensor is cut, or None when unknown."""
-    hgnet = _hgnet_rename(key)
-    if hgnet is not None:
-        return [hgnet], _COPY
-    if encoder_type == "lite":
-        blocks = (
-            ("encoder.fpn_block.", "model.encoder.fpn_block."),
-            ("encoder.pan_block.", "model.encoder.pan_block."),
-        )
-    else:
-        index = re.match(r"^encoder\.(fpn|pan)_blocks\.(\d+)\.", key)
-        blocks = ((index.group(0), f"model.encoder.{index.group(1)}_blocks.{index.group(2)}."),) if index else ()
-    for official_prefix, our_prefix in blocks:
-        renamed = _elan_rename(key, official_prefix, our_prefix)
-        if renamed is not None:
-            return [renamed], _COPY
-    for rule in rules:
-        match = rule.pattern.match(key)
-        if match:
-            return [match.expand(t) for t in rule.targets], rule.op
-    return None
-
 
 # --------------------------------------------------------------------------------------------
 # Reading the official file
@@ -524,7 +294,7 @@ def convert_state_dict(official: Mapping[str, Tensor], config: Any) -> tuple[dic
     shape differs from ours raises ``CheckpointError``: the checkpoint is of another size.
     """
     ours = expected_state_dict(config)
-    rules = _rules_for(config)
+    rules = rules_for(config)
     mapped: dict[str, Tensor] = {}
     unmapped: list[str] = []
 
@@ -539,22 +309,22 @@ def convert_state_dict(official: Mapping[str, Tensor], config: Any) -> tuple[dic
         mapped[our_key] = tensor.detach().to(dtype=target.dtype).clone()
 
     for key, tensor in official.items():
-        if any(p.match(key) for p, _ in _DROPPED):
+        if any(p.match(key) for p, _ in DROPPED):
             continue
-        target = _map_key(key, rules, config.encoder_type)
+        target = map_key(key, rules, config.encoder_type)
         if target is None:
             unmapped.append(key)
             continue
         names, op = target
         present = [n for n in names if n in ours]
-        if len(present) != len(names) and not (op == _SPLIT and _only_missing_key_bias(names, present, tensor)):
+        if len(present) != len(names) and not (op == SPLIT and _only_missing_key_bias(names, present, tensor)):
             unmapped.append(key)
             continue
-        if op == _SPLIT:
+        if op == SPLIT:
             for name, chunk in zip(names, tensor.chunk(len(names), dim=0)):
                 if name in ours:
                     put(name, chunk, key)
-        elif op == _TOKEN:
+        elif op == TOKEN:
             put(names[0], tensor.reshape(ours[names[0]].shape), key)
         else:
             for name in names:
@@ -588,23 +358,23 @@ def map_official_shapes(
     ``dropped`` the official keys not carried over for a documented reason (:data:`DROPPED_KEYS`);
     ``unmapped`` the official keys no rule knows. Our keys absent from ``mapped`` receive no official tensor.
     """
-    rules = _rules_for(config)
+    rules = rules_for(config)
     mapped: dict[str, tuple[int, ...]] = {}
     dropped: list[str] = []
     unmapped: list[str] = []
     for key, shape in official_shapes.items():
         shape = tuple(int(n) for n in shape)
-        if any(p.match(key) for p, _ in _DROPPED):
+        if any(p.match(key) for p, _ in DROPPED):
             dropped.append(key)
             continue
-        target = _map_key(key, rules, config.encoder_type)
+        target = map_key(key, rules, config.encoder_type)
         if target is None:
             unmapped.append(key)
             continue
         names, op = target
-        if op == _SPLIT:
+        if op == SPLIT:
             mapped.update((name, (shape[0] // len(names), *shape[1:])) for name in names)
-        elif op == _TOKEN:
+        elif op == TOKEN:
             mapped[names[0]] = (1, *shape)  # (1, D) -> transformers' (1, 1, D)
         else:
             mapped.update((name, shape) for name in names)
@@ -650,7 +420,7 @@ def _guess_size(official: Mapping[str, Tensor]) -> str:
 def _unused_explanations(keys: Sequence[str]) -> dict[str, str]:
     out = {}
     for key in keys:
-        for (_, why), compiled in zip(UNUSED_OURS, _UNUSED):
+        for (_, why), compiled in zip(UNUSED_OURS, UNUSED):
             if compiled.match(key):
                 out[key] = why
     return out
@@ -702,7 +472,7 @@ def convert_checkpoint(
         )
     reinitialised_from = []
     if classes != checkpoint_classes:
-        reinitialised_from = sorted(k for k in official if _CLASS_DEPENDENT.match(k))
+        reinitialised_from = sorted(k for k in official if CLASS_DEPENDENT.match(k))
         official = {k: v for k, v in official.items() if k not in reinitialised_from}
 
     base = preset_config(size, num_classes=classes)
@@ -724,7 +494,7 @@ def convert_checkpoint(
         "image_size": image_size,
         "num_official_tensors": len(official) + len(reinitialised_from),
         "num_mapped_tensors": len(mapped),
-        "dropped_official": sorted(k for k in official if any(p.match(k) for p, _ in _DROPPED)),
+        "dropped_official": sorted(k for k in official if any(p.match(k) for p, _ in DROPPED)),
         "unmapped_official": unmapped,
         "missing_ours": missing,
         "unused_ours": unused,

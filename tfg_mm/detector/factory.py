@@ -19,6 +19,7 @@ from transformers import Deimv2Config, Deimv2ForObjectDetection
 from transformers.models.dinov3_vit.configuration_dinov3_vit import DINOv3ViTConfig
 from transformers.models.hgnet_v2.configuration_hgnet_v2 import HGNetV2Config
 
+from tfg_mm.config import Params
 from tfg_mm.config.presets import (
     HGNETV2_ARCHS,
     OFFICIAL_DECODER,
@@ -66,19 +67,17 @@ def criterion_fields(preset: str) -> dict[str, Any]:
     )
 
 
-def run_config_overrides(params: Any) -> dict[str, Any]:
+def run_config_overrides(params: Params) -> dict[str, Any]:
     """The ``TfgDeimv2Config`` fields a run's parameters set over the preset's or the checkpoint's values.
 
     ``matcher_change_epoch`` and ``num_queries`` when given (None keeps the preset's / checkpoint's value), and
     ``attn_implementation`` (not a config field: :func:`set_attn_implementation` applies it, ``auto`` included, so
     that a loaded checkpoint trains with the same attention as a built model).
     """
-    fields = {}
-    if hasattr(params, "attn_implementation"):
-        fields["attn_implementation"] = params.attn_implementation
-    if getattr(params, "matcher_change_epoch", None) is not None:
+    fields: dict[str, Any] = {"attn_implementation": params.attn_implementation}
+    if params.matcher_change_epoch is not None:
         fields["matcher_change_epoch"] = int(params.matcher_change_epoch)
-    if getattr(params, "num_queries", None) is not None:
+    if params.num_queries is not None:
         fields["num_queries"] = int(params.num_queries)
     return fields
 

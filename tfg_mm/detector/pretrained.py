@@ -35,7 +35,7 @@ from tfg_mm.detector.checkpoint import CLASS_HEAD_MARKERS, download, read_config
 from tfg_mm.detector.convert import convert_checkpoint
 from tfg_mm.detector.official import OFFICIAL_PRIOR_PROB, official_head_init
 from tfg_mm.errors import CheckpointError, OfflineError
-from tfg_mm.paths import resolve_path
+from tfg_mm.paths import RunPaths, resolve_path
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ def source_kind(source: str) -> tuple[str, Path | str]:
     """What ``source`` (a parameter's value) is: ``(kind, path)``; a hub id keeps its string."""
     path = resolve_path(source)
     if path.is_dir():
-        if (path / "metrics.json").exists() and (path / "checkpoints" / "best").is_dir():
-            return "run_dir", path / "checkpoints" / "best"
+        run = RunPaths.at(path)
+        if run.metrics.exists() and run.best.is_dir():
+            return "run_dir", run.best
         config = path / "config.json"
         if not config.is_file():
             raise CheckpointError(

@@ -11,7 +11,7 @@ steps, ``OT`` = the official run's iterations = ``epoches`` x ceil(118,287 COCO 
 official total batch)):
 
 - lr, backbone lr (the official backbone group), weight decay (never on norms, biases and scalars, as
-  ``tfg_mm.training.loop.split_decay`` does for every run), AdamW: as officially (no batch-size scaling);
+  ``tfg_mm.training.optim.split_decay`` does for every run), AdamW: as officially (no batch-size scaling);
 - warm-up: ``round(warmup_iter / OT * T)`` steps (the same share of the run), quadratic as officially
   (``lr * (step / warmup)^2``);
 - flat-cosine: flat for ``min(1, flat_epoch / epoches)`` of the steps, then cosine down to ``lr_gamma``

@@ -57,7 +57,7 @@ def add_aux_outputs(outputs: dict, num_decoder_layers: int) -> dict:
     if missing:
         raise TfgError(
             f"The eval-mode outputs lack {missing}, so the shim cannot replicate them. Fix: build them "
-            "with tfg_mm.detector.loss.official_outputs from the detector's output."
+            "with tfg_mm.detector.outputs.official_outputs from the detector's output."
         )
 
     final = {k: outputs[k] for k in _FINAL_KEYS}

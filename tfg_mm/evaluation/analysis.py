@@ -68,14 +68,11 @@ from typing import Any
 
 import numpy as np
 
+from tfg_mm.evaluation import ERROR_TYPES
 from tfg_mm.evaluation.coco import check_detections, load_coco_gt, load_results, resolve_classes, run_cocoeval
 from tfg_mm.io import atomic_write_json, json_safe
 from tfg_mm.paths import RunPaths
 
-#: The error types of ``final.errors[class]`` (TIDE's, ΔAP50 when all errors of the type are fixed).
-ERROR_TYPES = ("classification", "localisation", "both", "duplicate", "background", "missed")
-#: ``final.operating_points[class]`` keys.
-OPERATING_POINT_KEYS = ("threshold", "precision", "recall", "f1")
 IOU_FG = 0.5
 IOU_BG = 0.1
 MAX_DETS = 100

@@ -39,14 +39,12 @@ from PIL import Image
 
 from tfg_mm.data.validate import open_rgb
 from tfg_mm.errors import DataError
-from tfg_mm.paths import resolve_path
+from tfg_mm.paths import DETECTIONS_CACHE, RunPaths, resolve_path
 
 IOU_MATCH = 0.5
 #: TIDE's background threshold: below it a detection touches no box at all
 IOU_BACKGROUND = 0.1
 FP_KINDS = ("duplicate", "wrong class", "mislocalised", "background")
-DETECTIONS_FILE = "detections_val.json"
-DETECTIONS_CACHE = "detections_val.cache.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,15 +304,15 @@ def run_files(metrics: Mapping[str, Any]) -> tuple[Path, Path, Path]:
     if not dataset.get("val_json") or not params.get("run_dir"):
         raise DataError(
             "metrics.json: the run contract has no `dataset.val_json` or `params.run_dir`. Fix: pass the "
-            "contract a finished run wrote (runs.read_metrics(run_dir))."
+            "contract a finished run wrote (contract.read_metrics(run_dir))."
         )
     root = Path(dataset.get("root") or resolve_path(params.get("dataset", ".")))
     images_dir = Path(params.get("images_dir", "images"))
     images_dir = images_dir if images_dir.is_absolute() else root / images_dir
-    run_dir = resolve_path(params["run_dir"])
-    detections = run_dir / DETECTIONS_FILE
-    if not detections.exists() and (run_dir / DETECTIONS_CACHE).exists():
-        detections = run_dir / DETECTIONS_CACHE
+    run = RunPaths.at(params["run_dir"])
+    detections = run.detections
+    if not detections.exists() and run.detections_cache.exists():
+        detections = run.detections_cache
     return resolve_path(dataset["val_json"]), images_dir, detections
 
 

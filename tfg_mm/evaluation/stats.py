@@ -540,6 +540,7 @@ def hierarchical_bootstrap(
     backend: str = "faster_coco_eval",
     progress: bool = False,
     method: str = "matches",
+    name: str = "hierarchical_bootstrap",
 ) -> dict:
     """Hierarchical (training seeds, then validation images) paired bootstrap of ``metric(b) - metric(a)``.
 
@@ -559,7 +560,6 @@ def hierarchical_bootstrap(
     Returns :func:`paired_bootstrap`'s dict, with ``a`` / ``b`` / ``delta`` the means over seeds,
     plus ``n_seeds`` and ``per_seed`` (``a``, ``b``, ``delta`` of each pair on the full set).
     """
-    name = "hierarchical_bootstrap"
     _check_settings(name, metric, confidence, n_resamples)
     if not pairs:
         raise ConfigError(f"{name}: no (baseline, variant) detection pairs; give one per training seed")
@@ -649,21 +649,7 @@ def hierarchical_bootstrap(
     return result
 
 
-def paired_bootstrap(
-    coco_gt: str | Path | dict | Any,
-    dets_a: list[dict],
-    dets_b: list[dict],
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-    metric: str = "map",
-    class_names: list[str] | None = None,
-    cat_ids: list[int] | None = None,
-    classes: Sequence[str] = (),
-    backend: str = "faster_coco_eval",
-    progress: bool = False,
-    method: str = "matches",
-) -> dict:
+def paired_bootstrap(coco_gt: str | Path | dict | Any, dets_a: list[dict], dets_b: list[dict], **options: Any) -> dict:
     """Paired bootstrap confidence interval of ``metric(b) - metric(a)`` over validation images.
 
     Each resample draws ``n`` image indices with replacement from a seeded
@@ -677,6 +663,8 @@ def paired_bootstrap(
     Args:
         coco_gt: ground truth (json path, COCO dict or COCO object).
         dets_a: baseline COCO detections; dets_b: the variant's.
+        options: :func:`hierarchical_bootstrap`'s (``n_resamples``, ``confidence``, ``seed``, ``metric``,
+            ``class_names``, ``cat_ids``, ``classes``, ``backend``, ``progress``, ``method``); among them
         metric: one of ``SUMMARY_METRICS``.
         class_names / cat_ids: as in ``tfg_mm.evaluation.coco.coco_evaluate``.
         classes: class names whose AP50:95 difference also gets an interval (e.g. the hard
@@ -689,18 +677,4 @@ def paired_bootstrap(
         "verdict", "seed", "n_images", "backend", "method", "n_seeds": 1, "per_seed",
         "per_class": {name: {same keys but metric}}}``.
     """
-    _check_settings("paired_bootstrap", metric, confidence, n_resamples)
-    return hierarchical_bootstrap(
-        coco_gt,
-        [(dets_a, dets_b)],
-        n_resamples=n_resamples,
-        confidence=confidence,
-        seed=seed,
-        metric=metric,
-        class_names=class_names,
-        cat_ids=cat_ids,
-        classes=classes,
-        backend=backend,
-        progress=progress,
-        method=method,
-    )
+    return hierarchical_bootstrap(coco_gt, [(dets_a, dets_b)], name="paired_bootstrap", **options)

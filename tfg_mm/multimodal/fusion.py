@@ -43,7 +43,7 @@ from tfg_mm.config import Fusion, Gate, default_of
 from tfg_mm.errors import CheckpointError, ConfigError, TfgError
 
 #: Output entries that hold decoder logits (and therefore a decoder ``hidden`` state) in the
-#: official DEIMv2 layout of :func:`tfg_mm.detector.loss.official_outputs`. The encoder proposals
+#: official DEIMv2 layout of :func:`tfg_mm.detector.outputs.official_outputs`. The encoder proposals
 #: (``enc_aux_outputs``) are scored from the encoder memory, not from decoder queries, and stay
 #: as they are.
 DECODER_ENTRIES = ("aux_outputs", "pre_outputs", "dn_outputs", "dn_pre_outputs")
@@ -290,7 +290,7 @@ def _fuse_entry(fusion: ResidualTextFusion, entry: dict, where: str) -> dict:
     if "hidden" not in entry:
         raise TfgError(
             f"Output entry {where} has decoder logits but no 'hidden' state, so it cannot be fused. "
-            "Fix: build the outputs with tfg_mm.detector.loss.official_outputs, which adds each layer's hidden state."
+            "Fix: build the outputs with tfg_mm.detector.outputs.official_outputs, which adds each layer's hidden state."
         )
     fused = dict(entry)
     fused["pred_logits"] = fusion(entry["pred_logits"], entry["hidden"])

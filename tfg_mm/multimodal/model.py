@@ -10,7 +10,7 @@ Forward pass (training), in one place:
    - ``eval_shim``: ``eval()`` mode, as the thesis did. Only the final layer exists, so the
      aux-output shim (:mod:`tfg_mm.detector.shim`) replicates it into the entries the loss expects.
    A detector that is (partly) unfrozen in stage B always runs in ``train()`` mode.
-2. :func:`tfg_mm.detector.loss.official_outputs` lays the outputs out as the official criterion expects
+2. :func:`tfg_mm.detector.outputs.official_outputs` lays the outputs out as the official criterion expects
    (denoising queries split off), with each layer's decoder hidden state beside its logits.
 3. :func:`tfg_mm.multimodal.fusion.apply_fusion` adds ``alpha * (logit_scale * cos(P(h), T) + bias)`` to every
    logits tensor the loss reads and to the final logits used for prediction. Boxes are untouched.
@@ -33,7 +33,8 @@ from torch import nn
 
 from tfg_mm import detector as det
 from tfg_mm.config import DetectorMode, default_of
-from tfg_mm.detector.loss import DEIMv2Criterion, official_outputs
+from tfg_mm.detector.loss import DEIMv2Criterion
+from tfg_mm.detector.outputs import official_outputs
 from tfg_mm.detector.shim import add_aux_outputs, set_train_frozen
 from tfg_mm.errors import ConfigError
 from tfg_mm.io import atomic_dir
@@ -148,7 +149,7 @@ class MultimodalDetector(nn.Module):
         """Fused final logits and boxes for evaluation / deployment (the model in ``eval()``).
 
         The short path: the detector's final logits, boxes and last decoder hidden state (the
-        ``eval_idx`` layer, the one :func:`tfg_mm.detector.loss.official_outputs` pairs with the final
+        ``eval_idx`` layer, the one :func:`tfg_mm.detector.outputs.official_outputs` pairs with the final
         logits) and one fusion call — no output re-layout, so the text branch costs only its own
         compute (``make benchmark`` measures the overhead).
         """

@@ -17,10 +17,10 @@ import seaborn as sns
 from IPython.display import Markdown, display
 
 from tfg_mm.data.synthetic import HARD_CLASSES
-from tfg_mm.paths import resolve_path
+from tfg_mm.evaluation import ERROR_TYPES
+from tfg_mm.paths import ANALYSIS_FILE, resolve_path
 from tfg_mm.reporting.figures import HARD_COLOR, finish, highlight_hard
 from tfg_mm.reporting.provenance import as_final, baseline_final_of, number
-from tfg_mm.training.runs import ANALYSIS_FILE, ERROR_TYPES
 
 _ERROR_LABELS = {
     "classification": "classification",

@@ -20,7 +20,7 @@ from tfg_mm.data.synthetic import HARD_CLASSES
 from tfg_mm.errors import DataError
 from tfg_mm.evaluation import matching
 from tfg_mm.reporting.figures import HARD_COLOR, save_figure
-from tfg_mm.training.runs import is_finished, read_metrics
+from tfg_mm.training.contract import is_finished, read_metrics
 
 _TP_COLOR, _FP_COLOR, _MISS_COLOR = "#1a9850", "#d73027", "#fd8d3c"
 

@@ -29,7 +29,7 @@ _NO_OBJECTS = {f"mAP {size}": f"no {size} objects" for size in ("small", "medium
 
 
 def contract_field(metrics: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    """A phase's extra entry (``phase``, ``baseline``, ``text_encoder``, ...): ``tfg_mm.training.runs.write_metrics``
+    """A phase's extra entry (``phase``, ``baseline``, ``text_encoder``, ...): ``tfg_mm.training.contract.write_metrics``
     writes a phase's extras as top-level keys of the contract."""
     return metrics.get(key, default)
 
@@ -63,7 +63,7 @@ def run_class_names(metrics: Mapping[str, Any]) -> list[str]:
 
 
 def environment_summary(env: Mapping[str, Any]) -> str:
-    """One line of a run's ``environment`` record (:func:`tfg_mm.training.runs.environment`)."""
+    """One line of a run's ``environment`` record (:func:`tfg_mm.training.identity.environment`)."""
     packages = env.get("packages") or {}
     versions = ", ".join(f"{k} {v}" for k, v in packages.items() if v)
     device = f"GPU {env['gpu']} (CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')})" if env.get("gpu") else "no GPU"

@@ -19,7 +19,8 @@ from tfg_mm.errors import ConfigError
 from tfg_mm.io import atomic_dir
 from tfg_mm.paths import RunPaths
 from tfg_mm.training.experiment import Setup, run_experiment
-from tfg_mm.training.loop import Task, split_decay
+from tfg_mm.training.loop import Task
+from tfg_mm.training.optim import split_decay
 
 
 def _is_project_model(model: nn.Module) -> bool:

@@ -25,7 +25,7 @@ are loaded by the main process first (it validates and caches, the others then r
 process seeds with ``seed`` (data order) and ``seed + rank`` (augmentation), the train loader holds
 ``batch_size`` x processes images a batch (each process trains on its share: the Trainer), and only
 the main process writes the run folder, the contract and the tracking. The number of processes is
-part of the run's identity (it changes the global batch): :func:`tfg_mm.training.runs.with_world_size`.
+part of the run's identity (it changes the global batch): :func:`tfg_mm.training.identity.with_world_size`.
 
 Any exception after step 3 (a bad batch, a non-finite loss, Ctrl-C, ...) marks the run failed
 before it propagates: ``metrics.json`` keeps its history and gets ``status: failed`` and
@@ -51,8 +51,9 @@ from tfg_mm.io import atomic_write_json, atomic_write_text
 from tfg_mm.paths import RunPaths
 from tfg_mm.runtime import distributed
 from tfg_mm.runtime.devices import check_amp, resolve_device
-from tfg_mm.training import runs, tracking
-from tfg_mm.training.loop import Task, Trainer, make_accelerator, seed_everything
+from tfg_mm.training import contract, identity, runs, tracking
+from tfg_mm.training.loop import Task, Trainer
+from tfg_mm.training.seeding import make_accelerator, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,13 @@ def run_experiment(
         accelerator = make_accelerator(device, params.amp)
     world = accelerator.num_processes if accelerator is not None else 1
     is_main = accelerator is None or accelerator.is_main_process
-    depends_on = runs.with_world_size(depends_on, world)
-    code = runs.code_version()
+    depends_on = identity.with_world_size(depends_on, world)
+    code = identity.code_version()
 
     def prepare() -> tuple[dict, dict | None, dict | None]:
         root = resolve_dataset(params, progress=progress, root=paths.dataset)
         record = dataset_record(root, params.train_json, params.val_json, params.images_dir)
-        rid = runs.run_id(params, record["hash"], code, depends_on)
+        rid = identity.run_id(params, record["hash"], code, depends_on)
         if not params.overwrite:
             existing = runs.finished_run(paths.run_dir, rid)
             if existing is not None:
@@ -114,7 +115,7 @@ def run_experiment(
     record, existing, resumed = _on_main(prepare, is_main, world)
     if existing is not None:
         return existing
-    rid = runs.run_id(params, record["hash"], code, depends_on)
+    rid = identity.run_id(params, record["hash"], code, depends_on)
     # before seeding: whatever the tracking libraries do on import cannot shift a random number of the run
     tracker = (
         tracking.start(params, paths.run_dir, phase=phase, run_id=rid, dataset=record, code=code, previous=resumed)
@@ -136,12 +137,12 @@ def run_experiment(
         training = {"world_size": world, "batch_size_per_process": params.batch_size}
         training["global_batch_size"] = params.batch_size * world
 
-        def contract(history: list[dict], final: dict | None, status: str) -> None:
+        def write_contract(history: list[dict], final: dict | None, status: str) -> None:
             if not is_main:
                 return
 
             def write() -> None:
-                runs.write_metrics(
+                contract.write_metrics(
                     paths.run_dir,
                     params=params,
                     dataset=record,
@@ -164,7 +165,7 @@ def run_experiment(
             errors = len(tracker.errors)
             tracker.log_contract(history, final)
             if status == "finished":
-                tracker.end("finished", [paths.run_dir / runs.METRICS_FILE, *_figures(paths.run_dir)])
+                tracker.end("finished", [paths.metrics, *_figures(paths.run_dir)])
             if len(tracker.errors) != errors:  # a backend failed and was switched off: the contract says so
                 write()
 
@@ -178,7 +179,7 @@ def run_experiment(
             data.cat_ids,
             paths.run_dir,
             loader_gen,
-            contract,
+            write_contract,
             progress,
             run_id=rid,
             accelerator=accelerator,
@@ -190,7 +191,7 @@ def run_experiment(
             trainer.stage = "evaluate"
             metrics, dets = trainer.evaluate()
             if is_main:
-                atomic_write_json(paths.run_dir / runs.DETECTIONS_FILE, dets)
+                atomic_write_json(paths.detections, dets)
             entry = {
                 "epoch": 0,
                 **{k: metrics[k] for k in _EVAL_KEYS},
@@ -200,16 +201,16 @@ def run_experiment(
                 "seconds": 0.0,
             }
             final = {**entry, "selected_by": "evaluation only", "checkpoint": setup.evaluated, **trainer.analyse()}
-            contract([entry], final, "finished")
+            write_contract([entry], final, "finished")
             distributed.barrier()
     except BaseException as exc:  # recorded, then raised unchanged: the caller's exit code says it failed
         if not is_main:  # the main process records it (every process raises the same TrainingError)
             raise
         _record_failure(exc, paths, params, record, phase, depends_on, setup, trainer, tracker)
         status = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
-        tracker.end(status, [paths.run_dir / runs.METRICS_FILE, paths.run_dir / runs.TRACEBACK_FILE])
+        tracker.end(status, [paths.metrics, paths.traceback])
         raise
-    return runs.read_metrics(paths.run_dir)
+    return contract.read_metrics(paths.run_dir)
 
 
 def _on_main(step: Callable, is_main: bool, world: int):
@@ -246,24 +247,24 @@ def _record_failure(
 ) -> None:
     """Write ``run_dir/traceback.txt`` and mark the run contract failed (never raises over ``exc``)."""
     try:
-        atomic_write_text(paths.run_dir / runs.TRACEBACK_FILE, "".join(traceback.format_exception(exc)))
+        atomic_write_text(paths.traceback, "".join(traceback.format_exception(exc)))
         failure = {
             "type": type(exc).__name__,
             "message": str(exc)[:4000],
             "epoch": trainer.epoch if trainer is not None else None,
             "step": trainer.step if trainer is not None else None,
             "stage": trainer.stage if trainer is not None else "setup",
-            "traceback": runs.TRACEBACK_FILE,
+            "traceback": paths.traceback.name,
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        if runs.mark_failed(paths.run_dir, failure) is None:  # nothing evaluated yet: a contract of its own
+        if contract.mark_failed(paths.run_dir, failure) is None:  # nothing evaluated yet: a contract of its own
             extra = {
                 "phase": phase,
                 **(setup.extra if setup is not None else {}),
                 **tracker.contract_entry(),
                 "failure": failure,
             }
-            runs.write_metrics(
+            contract.write_metrics(
                 paths.run_dir,
                 params=params,
                 dataset=record,
@@ -277,7 +278,7 @@ def _record_failure(
             "run %s failed (%s); recorded in its metrics.json and %s",
             paths.run_dir,
             failure["type"],
-            runs.TRACEBACK_FILE,
+            paths.traceback.name,
         )
     except Exception:  # the original error matters more than its record
         log.exception("could not record the failure of %s", paths.run_dir)

@@ -39,18 +39,14 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
-from accelerate.state import AcceleratorState
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Subset
@@ -63,211 +59,18 @@ from tfg_mm.errors import CheckpointError, ConfigError, NonFiniteError, Training
 from tfg_mm.evaluation import analysis
 from tfg_mm.evaluation.coco import coco_evaluate, evaluate, predict, to_coco_detections
 from tfg_mm.io import atomic_write_bytes, atomic_write_json
-from tfg_mm.paths import portable_text
+from tfg_mm.paths import RunPaths, portable_text
 from tfg_mm.runtime import distributed
 from tfg_mm.runtime.devices import check_amp, resolve_device
-from tfg_mm.training.runs import DETECTIONS_FILE, append_progress
+from tfg_mm.training.optim import EMA, build_optimizer, ema_multi_avg_fn, lr_factor, set_augment_tail
+from tfg_mm.training.progress import append_progress
+from tfg_mm.training.seeding import make_accelerator, rng_state, set_rng_state
 
 #: Seconds of training between two lines of ``{run_dir}/progress.jsonl`` (plus one at the end of every
 #: epoch and one after every evaluation): a few hundred small appends in a 30-minute run.
 PROGRESS_EVERY_S = 15.0
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reproducibility
-# ----------------------------------------------------------------------------------------------
-def seed_everything(seed: int, deterministic: bool = True, rank: int = 0) -> torch.Generator:
-    """Seed python, numpy and torch; return the generator that drives data shuffling.
-
-    ``rank`` (several processes): the global generators (augmentation, denoising noise) get ``seed + rank``,
-    the data-order generator ``seed`` on every rank, so that all ranks cut the same global batches.
-    """
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
-    torch.manual_seed(seed + rank)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return gen
-
-
-def rng_state(loader_gen: torch.Generator) -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "loader": loader_gen.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, loader_gen: torch.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    loader_gen.set_state(state["loader"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def make_accelerator(device: torch.device, amp: str) -> Accelerator:
-    """accelerate's ``Accelerator`` on ``device`` (from :func:`tfg_mm.runtime.devices.resolve_device`) with mixed precision ``amp``.
-
-    ``cuda:N`` becomes the current CUDA device (accelerate places a single process on the current one).
-    accelerate keeps one state per process and refuses (or, for the device, ignores) another mixed precision
-    or device in a later ``Accelerator``; in a single process (a notebook running phase 1 with ``amp: no``,
-    then phase 2 with ``amp: bf16``) that state is reset first, so each run gets what its params say.
-    """
-    if device.type == "cuda" and device.index is not None and distributed.launched_world_size() == 1:
-        torch.cuda.set_device(device)  # several processes: accelerate puts rank r on cuda:LOCAL_RANK
-    state = AcceleratorState._shared_state
-    if state and state.get("num_processes", 1) == 1:
-        if state.get("_mixed_precision") != amp or getattr(state.get("device"), "type", None) != device.type:
-            AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=amp)
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimiser, schedule, EMA
-# ----------------------------------------------------------------------------------------------
-def no_decay(name: str, param: torch.Tensor) -> bool:
-    """Norm weights, biases and scalar gates / scales are kept out of weight decay."""
-    lname = name.lower()
-    return param.ndim <= 1 or "norm" in lname or lname.endswith(".bias") or ".bn." in lname
-
-
-def split_decay(named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float, tag: str) -> list[dict]:
-    """Two parameter groups (decay / no decay) at one learning rate, trainable parameters only."""
-    decay = [p for n, p in named if p.requires_grad and not no_decay(n, p)]
-    nodecay = [p for n, p in named if p.requires_grad and no_decay(n, p)]
-    groups = []
-    if decay:
-        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": f"{tag}"})
-    if nodecay:
-        groups.append({"params": nodecay, "lr": lr, "weight_decay": 0.0, "name": f"{tag}_no_decay"})
-    return groups
-
-
-#: What ``optimizer_impl: auto`` means: torch's fused kernel (scripts/bench_step.py --components: the AdamW update
-#: of atto 8.9 ms with ``foreach``, 2.9 ms fused on 2 CPU cores; equal to ``for-loop`` to float rounding,
-#: tests/test_speed.py).
-AUTO_OPTIMIZER_IMPL = "fused"
-
-
-def optimizer_kernel_kwargs(impl: str) -> dict:
-    """torch's ``foreach`` / ``fused`` switches of an optimiser for ``optimizer_impl`` (``auto`` resolved)."""
-    impl = AUTO_OPTIMIZER_IMPL if impl == "auto" else impl
-    if impl == "fused":
-        return {"fused": True}
-    return {"foreach": impl == "foreach"}
-
-
-def build_optimizer(groups: list[dict], params) -> torch.optim.Optimizer:
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    kernel = optimizer_kernel_kwargs(getattr(params, "optimizer_impl", "auto"))
-    if params.optimizer == "AdamW":
-        return torch.optim.AdamW(groups, lr=params.lr, betas=(0.9, 0.999), weight_decay=params.weight_decay, **kernel)
-    return torch.optim.SGD(groups, lr=params.lr, momentum=0.9, weight_decay=params.weight_decay, **kernel)
-
-
-def lr_factor(
-    step: int,
-    total_steps: int,
-    warmup: int,
-    kind: str,
-    flat_fraction: float,
-    min_ratio: float,
-    warmup_power: int = 1,
-    decay_end: float = 1.0,
-) -> float:
-    """Multiplier of each group's initial lr: warm-up, then constant / cosine / flat-cosine.
-
-    Warm-up: ``((step + 1) / warmup) ** warmup_power`` (1 linear; 2 the official DEIM quadratic one).
-    Flat-cosine (DEIM): hold the lr flat for ``flat_fraction`` of the steps, then cosine-decay to
-    ``min_ratio`` of the initial value, reached at ``decay_end`` of the steps (1 = the last step; the
-    official recipe ends the decay where its no-augmentation tail starts and keeps ``min_ratio`` there).
-    """
-    if warmup > 0 and step < warmup:
-        return ((step + 1) / warmup) ** warmup_power
-    if kind == "constant" or total_steps <= 0:
-        return 1.0
-    start = warmup if kind == "cosine" else max(warmup, int(flat_fraction * total_steps))
-    if step < start:
-        return 1.0
-    end = total_steps if decay_end >= 1.0 else int(decay_end * total_steps)
-    if decay_end < 1.0 and step >= end:
-        return min_ratio
-    span = max(1, end - start)
-    progress = min(1.0, (step - start) / span)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def set_augment_tail(loader: DataLoader, epoch: int, epochs: int, no_aug_epochs: int) -> bool:
-    """Switch the training set of ``loader`` to its no-augmentation tail in the last ``no_aug_epochs`` epochs.
-
-    The official ``stop_epoch`` policy: epochs ``epochs - no_aug_epochs + 1 .. epochs`` (1-based, as the history
-    counts) train without the random augmentation (``tfg_mm.data.CocoDetection.no_aug``). Called before every
-    epoch, also after a resume; DataLoader workers are not persistent, so the next epoch's workers see it.
-    Returns whether ``epoch`` is in the tail.
-    """
-    tail = no_aug_epochs > 0 and epoch > epochs - no_aug_epochs
-    dataset = getattr(loader, "dataset", None)
-    if hasattr(dataset, "no_aug") and dataset.no_aug != tail:
-        dataset.no_aug = tail
-        log.info("epoch %d: training augmentation %s", epoch, "off (no-augmentation tail)" if tail else "on")
-    return tail
-
-
-def ema_multi_avg_fn(decay: float, warmup: int) -> Callable:
-    """EMA update for ``AveragedModel`` with DEIM's warm-up of the decay.
-
-    Floating tensors are lerped towards the model; integer buffers (BatchNorm counters) copied.
-    """
-
-    def update(ema_params, model_params, num_averaged):
-        d = decay * (1.0 - math.exp(-float(num_averaged) / max(1, warmup)))
-        floats_e = [e for e in ema_params if e.is_floating_point()]
-        floats_m = [m for e, m in zip(ema_params, model_params) if e.is_floating_point()]
-        if floats_e:
-            torch._foreach_lerp_(floats_e, floats_m, 1.0 - d)
-        for e, m in zip(ema_params, model_params):
-            if not e.is_floating_point():
-                e.copy_(m)
-
-    return update
-
-
-class EMA(AveragedModel):
-    """``torch.optim.swa_utils.AveragedModel`` over parameters and buffers with a leaner update.
-
-    torch's ``update_parameters`` detaches, moves and regroups every parameter and buffer (about 1,500 calls for
-    atto) before calling ``multi_avg_fn`` once per dtype; here the averaged and live tensors go to
-    :func:`ema_multi_avg_fn` as they are, under ``no_grad`` (2 ms less per step on 2 CPU cores; bit-identical
-    weights, tests/test_speed.py). Anything else (no ``multi_avg_fn``, tensors on two devices) is torch's update.
-    """
-
-    def update_parameters(self, model: nn.Module) -> None:
-        ema = [*self.module.parameters(), *self.module.buffers()]
-        live = [*model.parameters(), *model.buffers()]
-        if self.multi_avg_fn is None or not self.use_buffers or len(ema) != len(live):
-            return super().update_parameters(model)
-        if any(e.device != q.device for e, q in zip(ema[:1] + ema[-1:], live[:1] + live[-1:])):
-            return super().update_parameters(model)
-        with torch.no_grad():
-            if int(self.n_averaged) == 0:
-                for e, q in zip(ema, live):
-                    e.copy_(q)
-            else:
-                self.multi_avg_fn(ema, live, self.n_averaged)
-            self.n_averaged += 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,16 +145,16 @@ class Trainer:
         accelerator: Accelerator | None = None,
     ):
         self.params = params
-        #: the run this loop belongs to (:func:`tfg_mm.training.runs.run_id`), stored in and checked against the state
+        #: the run this loop belongs to (:func:`tfg_mm.training.identity.run_id`), stored in and checked against the state
         self.run_id = run_id
         #: where the loop is: the epoch being trained / evaluated, and the stage
         self.epoch: int | None = None
         self.stage = "setup"
         self._epoch_first_step = 0
         self.task = task
-        self.run_dir = Path(run_dir)
-        self.state_dir = self.run_dir / "state"
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        #: the run folder's files (:class:`tfg_mm.paths.RunPaths`)
+        self.files = RunPaths.at(run_dir)
+        self.run_dir = self.files.run_dir
         self.progress = progress
         self.coco_gt = coco_gt
         self.cat_ids = cat_ids
@@ -361,6 +164,8 @@ class Trainer:
         self.device = resolve_device(params.device)
         check_amp(params.amp, self.device)
         self.accelerator = accelerator if accelerator is not None else make_accelerator(self.device, params.amp)
+        #: the gradient scaler: accelerate's for ``amp: fp16``, else a disabled one (its step is the optimiser's step)
+        self.scaler = self.accelerator.scaler or torch.amp.GradScaler(self.device.type, enabled=False)
         #: processes of the run (data parallelism, :mod:`tfg_mm.runtime.distributed`) and whether this one writes
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
@@ -378,7 +183,7 @@ class Trainer:
         self.start_epoch = 0
         self.optimizer: torch.optim.Optimizer | None = None
         self.ema: AveragedModel | None = None
-        # the progress log (tfg_mm.training.runs.append_progress): timings of this process, for the time left
+        # the progress log (tfg_mm.training.progress.append_progress): timings of this process, for the time left
         self._fit_t0 = time.perf_counter()
         self._last_progress = -math.inf
         self._train_seconds = 0.0
@@ -458,20 +263,20 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "task": self.task.state_dict(),
         }
-        if self.accelerator.scaler is not None:  # amp fp16: the gradient scale goes on where it was
-            state["scaler"] = self.accelerator.scaler.state_dict()
+        if self.scaler.is_enabled():  # amp fp16: the gradient scale goes on where it was
+            state["scaler"] = self.scaler.state_dict()
         if ranks_rng is not None:
             state["rng_ranks"] = ranks_rng
         buf = io.BytesIO()
         torch.save(state, buf)
         self.stage = "save"
-        atomic_write_bytes(self.state_dir / "last.pt", buf.getvalue())
+        atomic_write_bytes(self.files.state, buf.getvalue())
 
     def try_resume(self) -> bool:
-        path = self.state_dir / "last.pt"
+        path = self.files.state
         # a process killed inside the atomic write leaves its complete-or-partial temporary file
         # (never last.pt itself): it is garbage of the size of the state, removed here
-        for leftover in self.state_dir.glob(".last.pt.*.tmp") if self.is_main else ():
+        for leftover in path.parent.glob(f".{path.name}.*.tmp") if self.is_main else ():
             leftover.unlink(missing_ok=True)
         if not (self.params.resume and path.exists()):
             return False
@@ -497,8 +302,8 @@ class Trainer:
         self.make_ema()
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
-        if self.accelerator.scaler is not None and state.get("scaler"):
-            self.accelerator.scaler.load_state_dict(state["scaler"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.global_step = state["global_step"]
         self.history = state["history"]
         self.best_score = state["best_score"]
@@ -572,7 +377,7 @@ class Trainer:
         """The error analysis of the selected checkpoint's detections (``{run_dir}/detections_val.json``):
         writes ``{run_dir}/analysis.json`` and returns ``{"operating_points", "errors"}`` for ``final``
         (:mod:`tfg_mm.evaluation.analysis`); ``{}`` when no detections were kept."""
-        if not self.is_main or not (self.run_dir / DETECTIONS_FILE).exists():
+        if not self.is_main or not self.files.detections.exists():
             return {}
         self.stage = "analyse"
         start = time.perf_counter()
@@ -597,7 +402,7 @@ class Trainer:
             self.make_ema()
             # epoch-0 evaluation: the starting point of every trajectory (phase 2: the exact-start check)
             self._evaluate_and_record(epoch=0, losses={}, seconds=0.0, lr=0.0)
-        if getattr(p, "compile", "none") == "backbone":
+        if p.compile == "backbone":
             compile_static_parts(self.task.model)  # after the EMA's copy (see its docstring)
         for epoch in range(max(1, self.start_epoch), p.epochs + 1):
             self.epoch, self.stage = epoch, "setup"
@@ -626,34 +431,48 @@ class Trainer:
         )
 
     def _agree_on_step(
-        self, epoch: int, step: int, loss: torch.Tensor | None, terms: dict, failure: tuple[bool, str] | None
+        self, epoch: int, step: int, loss: torch.Tensor | None, terms: dict, failure: NonFiniteError | None
     ) -> tuple[float, dict[str, float]]:
-        """Several processes: the step's loss and terms averaged over the ranks; a non-finite loss or a
-        :class:`NonFiniteError` on any rank stops every rank with the same :class:`TrainingError`."""
+        """The step's loss and terms, averaged over the processes (one process: its own); a non-finite loss or a
+        :class:`NonFiniteError` on any process stops every process with the same :class:`TrainingError`.
+
+        The non-finite guard: the criterion checks the model outputs (logits, boxes, corners of every decoder /
+        encoder / denoising output) before its matcher and every term before returning it
+        (:func:`tfg_mm.detector.outputs.check_finite_outputs`): NaN boxes would otherwise die in transformers' GIoU
+        assertion as a raw ValueError. Here the error gets the epoch, step, run and fixes; the total is checked too
+        (a task whose loss does not go through that criterion, or a sum that overflows).
+        """
         value = float(loss.detach().float().item()) if loss is not None else math.nan
-        shards = distributed.gather_objects((failure, value, terms))
+        own = (failure.what != "another process", str(failure).rstrip(".")) if failure is not None else None
+        shards = distributed.gather_objects((own, value, terms))
+
+        def who(rank: int) -> str:
+            return f"process {rank} of {self.world}: " if self.world > 1 else ""
+
         origin = [(r, f[1]) for r, (f, _, _) in enumerate(shards) if f is not None and f[0]]
         if origin or any(f is not None for f, _, _ in shards):
             rank, what = origin[0] if origin else (0, "non-finite value")
-            raise TrainingError(self._non_finite_message(epoch, step, f"process {rank} of {self.world}: {what}"))
+            raise TrainingError(self._non_finite_message(epoch, step, who(rank) + what)) from failure
         bad = [r for r, (_, v, _) in enumerate(shards) if not math.isfinite(v)]
         if bad:
             rank, (_, v, rank_terms) = bad[0], shards[bad[0]]
-            what = f"process {rank} of {self.world}: {_describe_non_finite(v, rank_terms)}"
-            raise TrainingError(self._non_finite_message(epoch, step, what))
+            raise TrainingError(self._non_finite_message(epoch, step, who(rank) + _describe_non_finite(v, rank_terms)))
         keys = list(dict.fromkeys(k for _, _, t in shards for k in t))
         mean_terms = {k: sum(float(t.get(k, 0.0)) for _, _, t in shards) / self.world for k in keys}
         return sum(v for _, v, _ in shards) / self.world, mean_terms
 
     def _train_one_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch, a step at a time: forward and loss, the processes agree on it (and on any non-finite value),
+        backward, the mean gradient over the processes, unscale (fp16), clip, step, BatchNorm statistics averaged
+        over the processes, EMA. In one process the collectives return at once and the scaler is disabled (its
+        unscale / step / update are the optimiser's own step), so the same lines run everywhere."""
         p = self.params
         model = self.task.model
         self.task.set_train_mode(model)
+        trained = [q for g in self.optimizer.param_groups for q in g["params"]]
         sums: dict[str, float] = {}
         count = 0
-        steps = len(self.train_loader)
-        if p.max_steps_per_epoch:
-            steps = min(steps, p.max_steps_per_epoch)
+        steps = self.steps_per_epoch()
         bar = tqdm(
             self.train_loader,
             total=steps,
@@ -663,58 +482,36 @@ class Trainer:
         )
         t_step = time.perf_counter()
         loss_sum = 0.0
-        channels_last = channels_last_images(getattr(self.params, "memory_format", "auto"), self.accelerator.device)
+        channels_last = channels_last_images(p.memory_format, self.accelerator.device)
         for step, batch in enumerate(bar):
             if step >= steps:
                 break
             batch = _to_device(batch, self.accelerator.device, channels_last)
             lr = self.set_lr()
-            # The non-finite guard. The criterion checks the model outputs (logits, boxes, corners of every
-            # decoder / encoder / denoising output) before its matcher and every term before returning it
-            # (tfg_mm.detector.loss.check_finite_outputs): NaN boxes would otherwise die in transformers' GIoU assertion
-            # as a raw ValueError. Here the error gets the epoch, step, run and fixes; the total is checked too
-            # (a task whose loss does not go through that criterion, or a sum that overflows).
-            failure = None
+            loss, failure = None, None
             try:
                 with self.accelerator.autocast():
                     loss, terms = self.task.loss(model, batch, epoch)
-            except NonFiniteError as exc:
-                if self.world == 1:
-                    raise TrainingError(self._non_finite_message(epoch, step, str(exc).rstrip("."))) from exc
-                loss, terms, failure = None, {}, (exc.what != "another process", str(exc).rstrip("."))
-            mean_loss = None
-            if self.world > 1:  # every rank learns of a failure on any rank; the logged numbers are the means
-                mean_loss, terms = self._agree_on_step(epoch, step, loss, terms, failure)
-            elif not torch.isfinite(loss):
-                what = _describe_non_finite(loss.item(), terms)
-                raise TrainingError(self._non_finite_message(epoch, step, what))
+            except NonFiniteError as exc:  # every process learns of it below
+                terms, failure = {}, exc
+            loss_value, terms = self._agree_on_step(epoch, step, loss, terms, failure)
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)  # amp fp16: the loss times the gradient scaler's scale
-            if self.world > 1:  # the mean gradient of the global batch, on every rank (what DDP computes)
-                distributed.average_gradients(q for g in self.optimizer.param_groups for q in g["params"])
-            scaler = self.accelerator.scaler  # None unless amp fp16 (on CUDA)
-            if scaler is not None:
-                # the true gradients, for clipping; the guard above saw the unscaled loss, so a scale too high
-                # for float16 (gradients inf / nan) is not a divergence: the scaler skips that step and lowers it
-                scaler.unscale_(self.optimizer)
+            distributed.average_gradients(trained)  # the mean gradient of the global batch (what DDP computes)
+            # fp16: the true gradients, for clipping; the guard above saw the unscaled loss, so a scale too high for
+            # float16 (gradients inf / nan) is not a divergence: the scaler skips that step and lowers its scale
+            self.scaler.unscale_(self.optimizer)
             if p.grad_clip > 0:
-                self.accelerator.clip_grad_norm_(
-                    [q for g in self.optimizer.param_groups for q in g["params"]], p.grad_clip
-                )
-            if scaler is not None:
-                scaler.step(self.optimizer)
-                scaler.update()
-            else:
-                self.optimizer.step()
+                self.accelerator.clip_grad_norm_(trained, p.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.global_step += 1
-            if self.world > 1:  # BatchNorm running statistics: the mean over the ranks, the same on each
-                distributed.average_buffers(model)
+            distributed.average_buffers(model)  # BatchNorm running statistics: the mean over the processes
             if self.ema is not None:
                 self.ema.update_parameters(model)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             count += 1
-            loss_value = loss.item() if mean_loss is None else mean_loss
             loss_sum += loss_value
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
             now = time.perf_counter()
@@ -762,8 +559,8 @@ class Trainer:
         p = self.params
         return (
             f"Training diverged at epoch {epoch}, step {step} of run {self.run_dir}: {what}. Nothing of this "
-            f"epoch was written; the previous epoch's state is kept in {self.state_dir / 'last.pt'} (if an epoch "
-            f"finished) and its checkpoints in {self.ckpt_dir}. Fix: lower `lr` (now {p.lr}; phase 2: "
+            f"epoch was written; the previous epoch's state is kept in {self.files.state} (if an epoch "
+            f"finished) and its checkpoints in {self.files.checkpoints}. Fix: lower `lr` (now {p.lr}; phase 2: "
             f"`lr_fusion` {p.lr_fusion}), keep `grad_clip` > 0 (now {p.grad_clip}), use `amp: no` (now "
             f"{p.amp!r}), then rerun (an interrupted run resumes from its last epoch; with changed params use a "
             f"new `run_dir` or `overwrite: true`)."
@@ -794,14 +591,14 @@ class Trainer:
         model = self.eval_model()
         meta = {"epoch": epoch, "metrics": _headline(metrics), "run_dir": str(self.run_dir)}
         if self.is_main:
-            self.task.save_model(model, self.ckpt_dir / "last", meta)
+            self.task.save_model(model, self.files.last, meta)
         if score > self.best_score:
             self.best_score = score
             self.best_epoch = epoch
             if self.is_main:
-                self.task.save_model(model, self.ckpt_dir / "best", meta)
+                self.task.save_model(model, self.files.best, meta)
                 # the selected checkpoint's validation detections: the ablation statistics resample them
-                atomic_write_json(self.run_dir / DETECTIONS_FILE, dets)
+                atomic_write_json(self.files.detections, dets)
         if self.is_main:
             self.write_contract(self.history, None, "running")
         self._latest_eval = {"map": metrics["map"], "map50": metrics["map50"], "map_epoch": epoch}
@@ -813,13 +610,13 @@ class Trainer:
         best = next(h for h in self.history if h["epoch"] == self.best_epoch)
         final = {k: v for k, v in best.items() if k not in ("losses", "lr", "seconds")}
         final["selected_by"] = self.params.select_metric
-        final["checkpoint"] = str(self.ckpt_dir / "best")
+        final["checkpoint"] = str(self.files.best)
         final.update(self.analyse())
         if self.is_main:
             self.write_contract(self.history, final, "finished")
         self._progress("finish", self.params.epochs, best_epoch=self.best_epoch, best_map=best["map"])
         distributed.barrier()  # the other processes return once the contract is final
-        return TrainResult(self.history, final, self.ckpt_dir / "best", self.ckpt_dir / "last")
+        return TrainResult(self.history, final, self.files.best, self.files.last)
 
 
 def _describe_non_finite(loss: float, terms: dict[str, float]) -> str:

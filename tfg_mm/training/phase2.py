@@ -39,10 +39,11 @@ from tfg_mm.multimodal.fusion import FUSION_PARAMS, ResidualTextFusion
 from tfg_mm.multimodal.model import MultimodalDetector
 from tfg_mm.multimodal.text import build_text_encoder, class_embeddings, class_prompts, prompts_record
 from tfg_mm.paths import RunPaths, resolve_path
-from tfg_mm.training import runs
+from tfg_mm.training import contract
 from tfg_mm.training.baseline import run_baseline
 from tfg_mm.training.experiment import Setup, run_experiment
-from tfg_mm.training.loop import Task, Trainer, split_decay
+from tfg_mm.training.loop import Task, Trainer
+from tfg_mm.training.optim import split_decay
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,12 @@ def baseline_folder(baseline: str) -> tuple[Path, dict | None]:
             "Parameter `baseline` is empty. Fix: set it to the run_dir of notebook 01 "
             "(e.g. `runs/baseline`) or to a checkpoint folder."
         )
-    path = resolve_path(baseline)
-    if (path / "metrics.json").exists():
-        metrics = runs.read_metrics(path)  # a damaged contract is a DataError naming it
+    run = RunPaths.at(baseline)
+    path = run.run_dir
+    if run.metrics.exists():
+        metrics = contract.read_metrics(path)  # a damaged contract is a DataError naming it
         require_finished_baseline(baseline)
-        ckpt = path / "checkpoints" / "best"
+        ckpt = run.best
         if not ckpt.exists():
             raise CheckpointError(
                 f"Baseline run {path} has no checkpoints/best. Fix: finish that run "
@@ -130,10 +132,11 @@ def require_finished_baseline(baseline: str) -> None:
     """Refuse a baseline run_dir whose run is not finished (``running``: interrupted or still
     training; ``failed``): its checkpoints are those of an unfinished run, so every number built
     on them would be wrong. A folder without ``metrics.json`` (a checkpoint folder) is not checked."""
-    path = resolve_path(baseline)
-    if not (path / runs.METRICS_FILE).exists():
+    run = RunPaths.at(baseline)
+    path = run.run_dir
+    if not run.metrics.exists():
         return
-    record = runs.read_metrics(path)  # a damaged contract is a DataError naming it
+    record = contract.read_metrics(path)  # a damaged contract is a DataError naming it
     if record["status"] == "finished":
         return
     status = record["status"]
@@ -414,7 +417,8 @@ def ensure_baseline(params, baseline_params_file: str = "params/baseline.yaml", 
     """
     path = resolve_path(params.baseline) if params.baseline else None
     if path is not None and (
-        runs.is_finished(path) or (path.is_dir() and not (path / "state").exists() and any(path.glob("*.safetensors")))
+        contract.is_finished(path)
+        or (path.is_dir() and not (path / "state").exists() and any(path.glob("*.safetensors")))
     ):
         return path
     if not params.baseline:

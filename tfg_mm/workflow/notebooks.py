@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from tfg_mm import errors
 from tfg_mm.io import atomic_write_text
-from tfg_mm.paths import portable_text, project_root, resolve_path
-from tfg_mm.training.runs import PROGRESS_FILE, format_progress
+from tfg_mm.paths import PROGRESS_FILE, portable_text, project_root, resolve_path
+from tfg_mm.training.progress import format_progress
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +171,10 @@ def render_html(executed: str | Path, html: str | Path, with_code: bool = False)
 class ProgressWatcher:
     """Prints the training progress of the runs a notebook trains in the terminal, while it runs.
 
-    A thread reads ``progress.jsonl`` (:data:`tfg_mm.training.runs.PROGRESS_FILE`, written by the trainer) in
+    A thread reads ``progress.jsonl`` (:data:`tfg_mm.paths.PROGRESS_FILE`, written by the trainer) in
     each of ``folders`` and in the run folders up to two levels below them (the grid's
     ``<variant>/seed<k>``) every ``interval`` seconds, and prints one line per new entry
-    (:func:`tfg_mm.training.runs.format_progress`) to ``stream`` (default: the terminal's stderr, through
+    (:func:`tfg_mm.training.progress.format_progress`) to ``stream`` (default: the terminal's stderr, through
     ``tqdm.write`` so papermill's cell counter stays intact). Lines that were in a file before the
     watcher started are skipped: a reused run prints nothing. The notebook and its report never see it.
     """
