@@ -46,6 +46,12 @@ TINY = {
 }
 
 
+def tiny(dataset: str | Path, /, **overrides) -> dict:
+    """:data:`TINY` on ``dataset`` as plain parameter values (a mapping for ``load_params``, notebook ``-p`` values,
+    a params file), with ``overrides``: the one source of every test's tiny run settings."""
+    return {**TINY, "dataset": str(dataset), **overrides}
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """12 train / 6 val synthetic images of 160 px (atto selects 100 queries: it needs >= 100 anchors) (generated once per test session)."""
@@ -61,7 +67,8 @@ def tiny_params(tiny_dataset, tmp_path):
     from tfg_mm.config import load_params
 
     def make(**overrides):
-        values = {**TINY, "dataset": str(tiny_dataset), "run_dir": str(tmp_path / "run"), **overrides}
-        return load_params(values)
+        return load_params(
+            tiny(overrides.pop("dataset", tiny_dataset), **{"run_dir": str(tmp_path / "run"), **overrides})
+        )
 
     return make

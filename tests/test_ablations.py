@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import tiny
 from tfg_mm import ablations, reporting
 from tfg_mm.config import load_params
 from tfg_mm.data.loaders import dataset_record
@@ -410,15 +411,7 @@ def test_repredicted_detections_and_wise_endpoints_on_real_checkpoints(tmp_path)
     """Real atto checkpoints (a baseline and a one-step phase-2 run): the re-predicted detections are
     the checkpoints' own, WiSE-FT λ = 0 is the baseline exactly and λ = 1 the fine-tuned model."""
     dataset = _make_dataset(tmp_path / "data")
-    common = {
-        "dataset": str(dataset),
-        "image_size": 160,
-        "batch_size": 4,
-        "max_steps_per_epoch": 1,
-        "device": "cpu",
-        "ema": False,
-        "lr_warmup_steps": 0,
-    }
+    common = tiny(dataset, max_steps_per_epoch=1, device="cpu", lr_warmup_steps=0)
     base = run_baseline(load_params(common, {"run_dir": str(tmp_path / "baseline"), "epochs": 0}), progress=False)
     tuned = run_phase2(
         load_params(

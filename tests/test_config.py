@@ -21,6 +21,7 @@ from tfg_mm.config import (
     load_params,
     parameter_reference,
     params_from_notebook,
+    read_yaml,
 )
 from tfg_mm.errors import ConfigError
 from tfg_mm.paths import portable_text, project_root, resolve_path
@@ -320,8 +321,24 @@ def test_reference_lists_every_parameter_with_type_default_and_meaning():
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "params").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_params_file_validates(path):
-    load_params(path)
+def test_every_shipped_params_file_validates_to_the_values_it_writes(path):
+    """Each key of a shipped params file is taken as written (no silent coercion or default), and every other
+    parameter is the schema's default."""
+    written = read_yaml(path)
+    params = load_params(path)
+    for key, value in written.items():
+        taken = getattr(params, key)
+        assert taken == value or (key == "augment" and taken == {True: "light", False: "none"}.get(value)), key
+    for key in set(Params.model_fields) - set(written):
+        assert getattr(params, key) == default_of(key), key
+
+
+def test_the_shipped_phases_agree_on_the_run_they_build_on():
+    """make all chains the files: phase 2 starts from the baseline's run_dir, on the same data, size and seed."""
+    baseline, phase2 = (load_params(ROOT / "params" / f"{name}.yaml") for name in ("baseline", "phase2"))
+    assert phase2.baseline == baseline.run_dir
+    for key in ("dataset", "preset", "image_size", "seed", "train_json", "val_json"):
+        assert getattr(phase2, key) == getattr(baseline, key), key
 
 
 def test_the_expected_params_files_are_shipped():

@@ -96,8 +96,8 @@ def test_anchors_follow_the_eval_input_size():
     with pytest.raises(ConfigError, match="multiples of 32"):
         model(torch.rand(1, 3, 330, 330))
     plain = build("atto", 3, image_size=320, seed=0, disabled_corrections=["anchors_at_input_size"]).eval()
-    with pytest.raises(RuntimeError):
-        with torch.no_grad():
+    with pytest.raises(RuntimeError, match=r"size of tensor a \(500\) must match the size of tensor b \(720\)"):
+        with torch.no_grad():  # 500 anchors of 320 px against the 720 tokens of a 384 px input
             plain(big)
 
 

@@ -62,8 +62,16 @@ def test_amp_that_cannot_run_on_the_device_is_refused():
         check_amp("fp16", torch.device("cpu"))
     with pytest.raises(ConfigError, match="no bfloat16 support"):
         check_amp("bf16", torch.device("cuda"), bf16_supported=False)
-    for amp, device in (("bf16", "cpu"), ("no", "cpu"), ("fp16", "cuda"), ("bf16", "cuda")):
-        check_amp(amp, torch.device(device), bf16_supported=True)  # no error
+    refused = set()
+    for amp in ("no", "fp16", "bf16"):
+        for device in ("cpu", "cuda"):
+            for bf16 in (True, False):
+                try:
+                    check_amp(amp, torch.device(device), bf16_supported=bf16)
+                except ConfigError:
+                    refused.add((amp, device, bf16))
+    # fp16 only on CUDA; bf16 on the CPU and on GPUs that support it; no mixed precision everywhere
+    assert refused == {("fp16", "cpu", True), ("fp16", "cpu", False), ("bf16", "cuda", False)}
 
 
 def test_loader_settings_auto_per_device():

@@ -17,6 +17,7 @@ import cloudpickle
 import pandas as pd
 import pytest
 
+from tests.conftest import tiny
 from tests.test_ablations import FAILING, GOOD, _calls, _grid_file, fake_run, grid_setup
 from tfg_mm import ablations, reporting
 from tfg_mm.config import load_params
@@ -228,18 +229,7 @@ def real_phase2_run(parameters: dict, run_dir: Path) -> None:
 def test_real_training_gives_the_same_numbers_through_submitit_local(tiny_dataset, tmp_path):
     """Same seeds -> same numbers: two one-step phase-2 variants of a real (untrained) atto baseline,
     trained in this process (`executor: local`) and in submitit job processes (`submitit-local`)."""
-    common = {
-        "dataset": str(tiny_dataset),
-        "image_size": 160,
-        "batch_size": 4,
-        "max_steps_per_epoch": 1,
-        "device": "cpu",
-        "ema": False,
-        "lr_warmup_steps": 0,
-        "num_workers": 0,
-        "tracking": "none",
-        "generate_if_missing": False,
-    }
+    common = tiny(tiny_dataset, max_steps_per_epoch=1, device="cpu", lr_warmup_steps=0)
     run_baseline(load_params(common, {"run_dir": str(tmp_path / "baseline"), "epochs": 0}), progress=False)
     params_file = tmp_path / "phase2.yaml"
     params_file.write_text(

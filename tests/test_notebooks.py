@@ -7,27 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import tiny
 from tfg_mm.workflow.notebooks import NOTEBOOKS, execute, render_html, report_noise
 
 pytestmark = pytest.mark.slow
 
 
-def _tiny(tiny_dataset) -> dict:
-    return {
-        "dataset": str(tiny_dataset),
-        "image_size": 160,
-        "batch_size": 4,
-        "generate_if_missing": False,
-        "preset": "atto",
-        "top_k": 50,
-        "ema": False,
-    }
-
-
 @pytest.fixture(scope="module")
 def executed_01(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("nb")
-    params = {**_tiny(tiny_dataset), "epochs": 1, "run_dir": str(out / "baseline")}
+    params = {**tiny(tiny_dataset), "epochs": 1, "run_dir": str(out / "baseline")}
     nb = execute(NOTEBOOKS / "01_baseline.ipynb", out / "01.ipynb", params, progress=False)
     return out, nb
 
@@ -63,7 +52,7 @@ def test_notebook_01_with_params_file(tiny_dataset, tmp_path):
     import yaml
 
     params_file = tmp_path / "p.yaml"
-    params_file.write_text(yaml.safe_dump({**_tiny(tiny_dataset), "epochs": 1, "run_dir": str(tmp_path / "run")}))
+    params_file.write_text(yaml.safe_dump({**tiny(tiny_dataset), "epochs": 1, "run_dir": str(tmp_path / "run")}))
     nb = execute(
         NOTEBOOKS / "01_baseline.ipynb", tmp_path / "01.ipynb", {"params_file": str(params_file)}, progress=False
     )
@@ -79,7 +68,7 @@ def test_notebook_rejects_misspelled_parameter(tiny_dataset, tmp_path):
         execute(
             NOTEBOOKS / "01_baseline.ipynb",
             tmp_path / "bad.ipynb",
-            {**_tiny(tiny_dataset), "epocs": 1, "run_dir": str(tmp_path / "r")},
+            {**tiny(tiny_dataset), "epocs": 1, "run_dir": str(tmp_path / "r")},
             progress=False,
         )
     assert "did you mean `epochs`" in str(err.value)
@@ -92,7 +81,7 @@ def test_notebook_rejects_misspelled_parameter(tiny_dataset, tmp_path):
 def test_notebook_02_runs_alpha_zero(executed_01, tiny_dataset, tmp_path):
     out, _ = executed_01
     params = {
-        **_tiny(tiny_dataset),
+        **tiny(tiny_dataset),
         "alpha": 0.0,
         "epochs": 2,
         "warmup_epochs": 1,

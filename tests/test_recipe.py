@@ -124,8 +124,11 @@ def test_custom_recipe_is_the_explicit_params():
     got = resolve_recipe(p, STEPS)
     assert got["recipe"] == "custom" and got["lr"] == 1e-3 and got["lr_warmup_steps"] == 7 and got["no_aug_epochs"] == 2
     assert got["warmup_power"] == 1 and got["decay_end"] == 1.0  # today's schedule, unchanged
-    # the default schedule's curve is the one of before (linear warm-up, cosine to the last step)
-    assert lr_factor(99, 100, 10, "flatcosine", 0.5, 0.05) == lr_factor(99, 100, 10, "flatcosine", 0.5, 0.05, 1, 1.0)
+    # the default schedule's curve: linear warm-up, flat to half the steps, cosine to the last step
+    assert lr_factor(4, 100, 10, "flatcosine", 0.5, 0.05) == 0.5
+    assert lr_factor(30, 100, 10, "flatcosine", 0.5, 0.05) == 1.0
+    cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 49 / 50))
+    assert lr_factor(99, 100, 10, "flatcosine", 0.5, 0.05) == pytest.approx(cosine, abs=1e-15)
 
 
 def test_official_recipe_refuses_explicit_schedule_values(tmp_path):

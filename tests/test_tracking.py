@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import tiny
 from tfg_mm.config import load_params
 from tfg_mm.paths import project_root
 from tfg_mm.training import identity, tracking
@@ -259,18 +260,7 @@ def test_a_notebook_run_is_tracked_without_a_line_in_its_outputs(tiny_dataset, t
     from tfg_mm.workflow.notebooks import NOTEBOOKS, execute
 
     store = tmp_path / "store"
-    params = {
-        "dataset": str(tiny_dataset),
-        "image_size": 160,
-        "batch_size": 4,
-        "generate_if_missing": False,
-        "preset": "atto",
-        "top_k": 50,
-        "ema": False,
-        "epochs": 1,
-        "run_dir": str(tmp_path / "run"),
-        "tracking_uri": str(store),
-    }
+    params = tiny(tiny_dataset, epochs=1, run_dir=str(tmp_path / "run"), tracking="all", tracking_uri=str(store))
     executed = execute(NOTEBOOKS / "01_baseline.ipynb", tmp_path / "01.ipynb", params, progress=False)
     cells = json.loads(Path(executed).read_text())["cells"]
     streams = ["".join(o["text"]) for c in cells for o in c.get("outputs", []) if o.get("output_type") == "stream"]

@@ -96,7 +96,8 @@ def test_upstream_dinov3_backbone_still_normalises_last_stage():
 
 
 def test_upstream_eval_still_uses_precomputed_anchors(upstream_atto):
-    with pytest.raises(RuntimeError):  # 320 px anchors against a 640 px input
+    # the 500 anchors of 320 px against the 2000 tokens of a 640 px input
+    with pytest.raises(RuntimeError, match=r"size of tensor a \(500\) must match the size of tensor b \(2000\)"):
         with torch.no_grad():
             upstream_atto(torch.rand(1, 3, 640, 640))
 

@@ -133,20 +133,21 @@ def cmd_convert(args) -> int:
     return convert_main(argv)
 
 
-def cmd_train(args) -> int:
-    metrics = run_baseline(_params(args))
-    f = metrics["final"]
+def _run_phase(run, label: str, args) -> int:
+    """``train`` / ``phase2``: the phase's run from the command's params, and one line of its result."""
+    metrics = run(_params(args))
     if distributed.rank() == 0:  # several processes: the main one reports
-        print(f"baseline: mAP {f['map']:.4f}  mAP50 {f['map50']:.4f}  (run_dir {metrics['params']['run_dir']})")
+        f = metrics["final"]
+        print(f"{label}: mAP {f['map']:.4f}  mAP50 {f['map50']:.4f}  (run_dir {metrics['params']['run_dir']})")
     return 0
+
+
+def cmd_train(args) -> int:
+    return _run_phase(run_baseline, "baseline", args)
 
 
 def cmd_phase2(args) -> int:
-    metrics = run_phase2(_params(args))
-    f = metrics["final"]
-    if distributed.rank() == 0:  # several processes: the main one reports
-        print(f"phase 2: mAP {f['map']:.4f}  mAP50 {f['map50']:.4f}  (run_dir {metrics['params']['run_dir']})")
-    return 0
+    return _run_phase(run_phase2, "phase 2", args)
 
 
 def cmd_params_doc(args) -> int:

@@ -36,6 +36,7 @@ from tfg_mm.multimodal.model import MultimodalDetector
 from tfg_mm.paths import RunPaths
 from tfg_mm.runtime.devices import resolve_device
 from tfg_mm.training.baseline import BaselineTask
+from tfg_mm.training.contract import RunContract, as_contract
 from tfg_mm.training.phase2 import build_fusion_from_config
 from tfg_mm.training.seeding import seed_everything
 
@@ -103,7 +104,7 @@ def _detect(model_fn, params, data) -> tuple[dict, list[dict]]:
     )
 
 
-def predict_run_detections(metrics: Mapping[str, Any]) -> tuple[list[dict], dict]:
+def predict_run_detections(metrics: RunContract | Mapping[str, Any]) -> tuple[list[dict], dict]:
     """Re-predict the validation detections of a run's selected checkpoint (``final.checkpoint``).
 
     For a run that did not save ``detections_val.json``. A phase-2 checkpoint (``detector/`` +
@@ -111,8 +112,9 @@ def predict_run_detections(metrics: Mapping[str, Any]) -> tuple[list[dict], dict
     through the detector alone, exactly as the training loop evaluated them. Returns
     ``(detections, metrics)`` so the caller can check the recomputed mAP against the contract's.
     """
-    params = load_params(metrics["params"], source_names=["metrics.json params"])
-    folder = Path(metrics["final"]["checkpoint"])
+    run = as_contract(metrics)
+    params = load_params(run.params, source_names=["metrics.json params"])
+    folder = Path(run.final.checkpoint)
     data = _val_data(params)
     if (folder / "detector").is_dir():
         model = MultimodalDetector(det.load(folder / "detector"), _load_fusion(folder), params.detector_mode)
@@ -138,13 +140,14 @@ def run_detections(
     if run.detections.exists():
         return json.loads(run.detections.read_text(encoding="utf-8")), "saved by the run"
     cache_path = cache_path or run.detections_cache
-    key = cache_key(metrics.get("run_id"), metrics["final"].get("checkpoint"), metrics["final"].get("epoch"))
+    run = as_contract(metrics)
+    key = cache_key(run.run_id, run.final.checkpoint, run.final.epoch)
     cached = read_cache(cache_path, key)
     if cached is not None:
         return cached["detections"], cached["note"]
-    detections, evaluated = predict_run_detections(metrics)
-    recorded = metrics["final"].get("map")
-    note = f"re-predicted from {metrics['final']['checkpoint']}: mAP {evaluated['map']:.4f}"
+    detections, evaluated = predict_run_detections(run)
+    recorded = run.final.map
+    note = f"re-predicted from {run.final.checkpoint}: mAP {evaluated['map']:.4f}"
     if recorded is not None and not math.isclose(evaluated["map"], recorded, abs_tol=1e-4):
         note += f" (the contract says {recorded:.4f}: the checkpoint does not reproduce its own number)"
         log.warning("%s: %s", run_dir, note)
@@ -179,10 +182,13 @@ def scale_gate(fusion, lam: float) -> None:
             fusion.gate.mul_(lam)
 
 
-def wise_curve(metrics: Mapping[str, Any], baseline_checkpoint: str | Path, lambdas: Sequence[float]) -> list[dict]:
+def wise_curve(
+    metrics: RunContract | Mapping[str, Any], baseline_checkpoint: str | Path, lambdas: Sequence[float]
+) -> list[dict]:
     """mAP, mAP50 and per-class AP of the WiSE-FT interpolation for each λ (see the module docstring)."""
-    params = load_params(metrics["params"], source_names=["metrics.json params"])
-    folder = Path(metrics["final"]["checkpoint"])
+    run = as_contract(metrics)
+    params = load_params(run.params, source_names=["metrics.json params"])
+    folder = Path(run.final.checkpoint)
     data = _val_data(params)
     base_state = det.load(baseline_checkpoint).state_dict()
     finetuned = det.load(folder / "detector")

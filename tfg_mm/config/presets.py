@@ -24,41 +24,24 @@ from tfg_mm.errors import ConfigError
 #: The loss groups the official criterion knows (``DEIMCriterion.losses``); the config default is all three.
 CRITERION_LOSSES = ("mal", "boxes", "local")
 
-# HGNetv2 stage tables (official engine/backbone/hgnetv2.py arch_configs), as transformers names them.
+# HGNetv2 stage tables (official engine/backbone/hgnetv2.py arch_configs), as transformers names them: the three
+# lite backbones differ from Atto only where they say so; B0 (size n) has a fourth stage.
+_ATTO: dict[str, list] = {
+    "stem_channels": [3, 16, 16],
+    "stage_in_channels": [16, 64, 256],
+    "stage_mid_channels": [16, 32, 64],
+    "stage_out_channels": [64, 256, 256],
+    "stage_num_blocks": [1, 1, 1],
+    "stage_downsample": [False, True, True],
+    "stage_light_block": [False, False, True],
+    "stage_kernel_size": [3, 3, 3],
+    "stage_numb_of_layers": [3, 3, 3],
+}
+_FEMTO = {**_ATTO, "stage_out_channels": [64, 256, 512], "stage_kernel_size": [3, 3, 5]}
 HGNETV2_ARCHS: dict[str, dict[str, list]] = {
-    "Atto": {
-        "stem_channels": [3, 16, 16],
-        "stage_in_channels": [16, 64, 256],
-        "stage_mid_channels": [16, 32, 64],
-        "stage_out_channels": [64, 256, 256],
-        "stage_num_blocks": [1, 1, 1],
-        "stage_downsample": [False, True, True],
-        "stage_light_block": [False, False, True],
-        "stage_kernel_size": [3, 3, 3],
-        "stage_numb_of_layers": [3, 3, 3],
-    },
-    "Femto": {
-        "stem_channels": [3, 16, 16],
-        "stage_in_channels": [16, 64, 256],
-        "stage_mid_channels": [16, 32, 64],
-        "stage_out_channels": [64, 256, 512],
-        "stage_num_blocks": [1, 1, 1],
-        "stage_downsample": [False, True, True],
-        "stage_light_block": [False, False, True],
-        "stage_kernel_size": [3, 3, 5],
-        "stage_numb_of_layers": [3, 3, 3],
-    },
-    "Pico": {
-        "stem_channels": [3, 16, 16],
-        "stage_in_channels": [16, 64, 256],
-        "stage_mid_channels": [16, 32, 64],
-        "stage_out_channels": [64, 256, 512],
-        "stage_num_blocks": [1, 1, 2],
-        "stage_downsample": [False, True, True],
-        "stage_light_block": [False, False, True],
-        "stage_kernel_size": [3, 3, 5],
-        "stage_numb_of_layers": [3, 3, 3],
-    },
+    "Atto": _ATTO,
+    "Femto": _FEMTO,
+    "Pico": {**_FEMTO, "stage_num_blocks": [1, 1, 2]},
     "B0": {
         "stem_channels": [3, 16, 16],
         "stage_in_channels": [16, 64, 256, 512],
@@ -78,47 +61,24 @@ HGNETV2_ARCHS: dict[str, dict[str, list]] = {
 # are normalised (get_intermediate_layers(norm=True)). Widths, heads, MLP kinds and token counts are checked
 # by the state-dict shapes of the official models; pos_embed_rescale, apply_layernorm, layer_norm_eps and
 # rope_theta leave no trace in a shape (the s forward fixture checks them for vit_tiny).
+_DISTILLED = dict(
+    use_gated_mlp=False, layerscale_value=1.0, num_register_tokens=0, pos_embed_rescale=None, apply_layernorm=False
+)
+_META_S16 = dict(
+    hidden_size=384,
+    num_attention_heads=6,
+    intermediate_size=1536,
+    use_gated_mlp=False,
+    layerscale_value=1e-5,
+    num_register_tokens=4,
+    pos_embed_rescale=2.0,
+    apply_layernorm=True,
+)
 VIT_ARCHS: dict[str, dict[str, Any]] = {
-    "vit_tiny": dict(
-        hidden_size=192,
-        num_attention_heads=3,
-        intermediate_size=768,
-        use_gated_mlp=False,
-        layerscale_value=1.0,
-        num_register_tokens=0,
-        pos_embed_rescale=None,
-        apply_layernorm=False,
-    ),
-    "vit_tinyplus": dict(
-        hidden_size=256,
-        num_attention_heads=4,
-        intermediate_size=1024,
-        use_gated_mlp=False,
-        layerscale_value=1.0,
-        num_register_tokens=0,
-        pos_embed_rescale=None,
-        apply_layernorm=False,
-    ),
-    "dinov3_vits16": dict(
-        hidden_size=384,
-        num_attention_heads=6,
-        intermediate_size=1536,
-        use_gated_mlp=False,
-        layerscale_value=1e-5,
-        num_register_tokens=4,
-        pos_embed_rescale=2.0,
-        apply_layernorm=True,
-    ),
-    "dinov3_vits16plus": dict(
-        hidden_size=384,
-        num_attention_heads=6,
-        intermediate_size=1536,
-        use_gated_mlp=True,
-        layerscale_value=1e-5,
-        num_register_tokens=4,
-        pos_embed_rescale=2.0,
-        apply_layernorm=True,
-    ),
+    "vit_tiny": dict(hidden_size=192, num_attention_heads=3, intermediate_size=768, **_DISTILLED),
+    "vit_tinyplus": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, **_DISTILLED),
+    "dinov3_vits16": _META_S16,
+    "dinov3_vits16plus": {**_META_S16, "use_gated_mlp": True},
 }
 
 #: The official criterion of ``configs/base/deimv2.yml`` (``DEIMCriterion`` and its ``HungarianMatcher``),
@@ -209,37 +169,48 @@ _DINOV3: dict[str, Any] = dict(
     decoder_ffn_dim=512,
     num_points=[3, 6, 3],
 )
+
+
+def _lite(arch: str, in_channels: int, width: int, decoder_ffn: int, queries: int, image_size: int) -> dict[str, Any]:
+    """A lite size: its HGNetv2 arch, the encoder's input channels, the encoder / decoder width, the decoder's FFN
+    width, the query count and the official eval size."""
+    return dict(
+        **_LITE,
+        backbone_arch=arch,
+        encoder_in_channels=[in_channels],
+        encoder_hidden_dim=width,
+        d_model=width,
+        decoder_ffn_dim=decoder_ffn,
+        num_queries=queries,
+        image_size=image_size,
+    )
+
+
+def _dinov3(
+    arch: str, blocks: list[int], width: int, expansion: float, depth: float, adapter: int, change: int, **more: Any
+) -> dict[str, Any]:
+    """A DINOv3 size: its ViT, the ViT blocks returned, the encoder / decoder width, the encoder blocks' expansion
+    and depth multiplier, the adapter's width, the matcher's change epoch, and what else differs (``more``)."""
+    return {
+        **_DINOV3,
+        "backbone_arch": arch,
+        "return_idx": blocks,
+        "encoder_in_channels": [width] * 3,
+        "encoder_hidden_dim": width,
+        "expansion": expansion,
+        "depth_mult": depth,
+        "d_model": width,
+        "sta_inplanes": adapter,
+        "criterion": dict(matcher_change_epoch=change),
+        **more,
+    }
+
+
 #: Each size: its differences over :data:`BASE`.
 SIZES: dict[str, dict[str, Any]] = {
-    "atto": dict(
-        **_LITE,
-        backbone_arch="Atto",
-        encoder_in_channels=[256],
-        encoder_hidden_dim=64,
-        d_model=64,
-        decoder_ffn_dim=160,
-        num_queries=100,
-        image_size=320,
-    ),
-    "femto": dict(
-        **_LITE,
-        backbone_arch="Femto",
-        encoder_in_channels=[512],
-        encoder_hidden_dim=96,
-        d_model=96,
-        decoder_ffn_dim=256,
-        num_queries=150,
-        image_size=416,
-    ),
-    "pico": dict(
-        **_LITE,
-        backbone_arch="Pico",
-        encoder_in_channels=[512],
-        encoder_hidden_dim=112,
-        d_model=112,
-        decoder_ffn_dim=320,
-        num_queries=200,
-    ),
+    "atto": _lite("Atto", 256, 64, 160, 100, 320),
+    "femto": _lite("Femto", 512, 96, 256, 150, 416),
+    "pico": _lite("Pico", 512, 112, 320, 200, 640),
     "n": dict(
         backbone_arch="B0",
         return_idx=[2, 3],
@@ -252,62 +223,21 @@ SIZES: dict[str, dict[str, Any]] = {
         num_points=[6, 6],
         criterion=dict(matcher_change_epoch=136),
     ),
-    "s": dict(
-        **_DINOV3,
-        backbone_arch="vit_tiny",
-        return_idx=[3, 7, 11],
-        encoder_in_channels=[192, 192, 192],
-        encoder_hidden_dim=192,
-        depth_mult=0.67,
-        d_model=192,
-        sta_inplanes=16,
-        criterion=dict(matcher_change_epoch=100),
+    "s": _dinov3("vit_tiny", [3, 7, 11], 192, 0.34, 0.67, 16, 100),
+    "m": _dinov3("vit_tinyplus", [3, 7, 11], 256, 0.67, 1.0, 16, 80),
+    "l": _dinov3("dinov3_vits16", [5, 8, 11], 224, 1.0, 1.0, 32, 50, encoder_ffn_dim=896, decoder_ffn_dim=1792),
+    "x": _dinov3(
+        "dinov3_vits16plus",
+        [5, 8, 11],
+        256,
+        1.25,
+        1.37,
+        64,
+        45,
+        encoder_ffn_dim=1024,
+        decoder_layers=6,
+        decoder_ffn_dim=2048,
     ),
-    "m": dict(
-        **_DINOV3,
-        backbone_arch="vit_tinyplus",
-        return_idx=[3, 7, 11],
-        encoder_in_channels=[256, 256, 256],
-        encoder_hidden_dim=256,
-        expansion=0.67,
-        depth_mult=1.0,
-        d_model=256,
-        sta_inplanes=16,
-        criterion=dict(matcher_change_epoch=80),
-    ),
-    "l": {
-        **_DINOV3,
-        **dict(
-            backbone_arch="dinov3_vits16",
-            return_idx=[5, 8, 11],
-            encoder_in_channels=[224, 224, 224],
-            encoder_hidden_dim=224,
-            expansion=1.0,
-            depth_mult=1.0,
-            encoder_ffn_dim=896,
-            d_model=224,
-            decoder_ffn_dim=1792,
-            sta_inplanes=32,
-            criterion=dict(matcher_change_epoch=50),
-        ),
-    },
-    "x": {
-        **_DINOV3,
-        **dict(
-            backbone_arch="dinov3_vits16plus",
-            return_idx=[5, 8, 11],
-            encoder_in_channels=[256, 256, 256],
-            encoder_hidden_dim=256,
-            expansion=1.25,
-            depth_mult=1.37,
-            encoder_ffn_dim=1024,
-            d_model=256,
-            decoder_layers=6,
-            decoder_ffn_dim=2048,
-            sta_inplanes=64,
-            criterion=dict(matcher_change_epoch=45),
-        ),
-    },
 }
 #: name -> the official settings of that size (:data:`BASE` with the size's differences; a fresh nested copy each).
 PRESETS: dict[str, dict[str, Any]] = {

@@ -36,7 +36,7 @@ from tfg_mm.config import DetectorMode, default_of
 from tfg_mm.detector.loss import DEIMv2Criterion
 from tfg_mm.detector.outputs import official_outputs
 from tfg_mm.detector.shim import add_aux_outputs, set_train_frozen
-from tfg_mm.errors import ConfigError
+from tfg_mm.errors import ConfigError, TfgError
 from tfg_mm.io import atomic_dir
 from tfg_mm.multimodal.fusion import ResidualTextFusion, apply_fusion
 
@@ -44,9 +44,12 @@ log = logging.getLogger(__name__)
 
 
 class MultimodalDetector(nn.Module):
-    """The detector, the residual text fusion (``None`` for ``text_encoder: none``) and the loss.
+    """The detector, the residual text fusion (``None`` for ``text_encoder: none``) and the criterion it trains with.
 
-    ``detector_mode`` and ``kd_weight`` are the schema parameters of the same name.
+    ``criterion``: the official criterion built from the detector's config by the phase
+    (``DEIMv2Criterion.from_config(detector.config)``, the one route from a run's parameters to its loss); None for
+    a model that only predicts (re-prediction, WiSE-FT). ``detector_mode`` and ``kd_weight`` are the schema
+    parameters of the same name.
     """
 
     def __init__(
@@ -55,6 +58,8 @@ class MultimodalDetector(nn.Module):
         fusion: ResidualTextFusion | None,
         detector_mode: DetectorMode = default_of("detector_mode"),
         kd_weight: float = default_of("kd_weight"),
+        *,
+        criterion: DEIMv2Criterion | None = None,
     ):
         super().__init__()
         if detector_mode not in get_args(DetectorMode):
@@ -65,7 +70,7 @@ class MultimodalDetector(nn.Module):
         self.fusion = fusion
         self.detector_mode = detector_mode
         self.kd_weight = float(kd_weight)
-        self.criterion = DEIMv2Criterion.from_config(detector.config)
+        self.criterion = criterion
         # The distillation teacher: the baseline's final score head (+ LQE), frozen. It scores the
         # current hidden states, so it needs no second backbone pass. Kept out of the module tree
         # (a plain attribute) so it is neither optimised, averaged by the EMA, nor saved.
@@ -119,6 +124,11 @@ class MultimodalDetector(nn.Module):
         return outputs if self.fusion is None else apply_fusion(self.fusion, outputs)
 
     def loss_from_outputs(self, outputs: dict, labels: list[dict], epoch: int) -> tuple[torch.Tensor, dict]:
+        if self.criterion is None:
+            raise TfgError(
+                "MultimodalDetector was built without a criterion (a prediction-only model). Fix: build it with "
+                "criterion=DEIMv2Criterion.from_config(detector.config) to train it (tfg_mm.training.phase2 does)."
+            )
         fused = self.fuse(outputs)
         terms = self.criterion(fused, _official_targets(labels), epoch=epoch)
         total = sum(terms.values())

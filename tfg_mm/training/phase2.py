@@ -33,6 +33,7 @@ from torch import nn
 from tfg_mm import detector as deimv2
 from tfg_mm.config import Unfreeze, load_params
 from tfg_mm.data.loaders import Data
+from tfg_mm.detector.loss import DEIMv2Criterion
 from tfg_mm.detector.pretrained import OFFICIAL_SUFFIXES, source_kind
 from tfg_mm.errors import CheckpointError, ConfigError
 from tfg_mm.multimodal.fusion import FUSION_PARAMS, ResidualTextFusion
@@ -136,19 +137,14 @@ def require_finished_baseline(baseline: str) -> None:
     path = run.run_dir
     if not run.metrics.exists():
         return
-    record = contract.read_metrics(path)  # a damaged contract is a DataError naming it
-    if record["status"] == "finished":
+    record = contract.read_contract(path)  # a damaged contract is a DataError naming it
+    if record.finished:
         return
-    status = record["status"]
-    epochs = [h["epoch"] for h in record["history"]]
-    failure = record.get("failure")
-    why = (
-        f"; it failed with {failure.get('type')}: {str(failure.get('message'))[:300]}"
-        if isinstance(failure, dict)
-        else ""
-    )
+    epochs = [h.epoch for h in record.history]
+    failure = record.failure
+    why = f"; it failed with {failure.type}: {failure.message[:300]}" if failure is not None else ""
     raise ConfigError(
-        f"Parameter `baseline: {baseline}`: the baseline run {path} is not finished (status {status}, evaluated "
+        f"Parameter `baseline: {baseline}`: the baseline run {path} is not finished (status {record.status}, evaluated "
         f"epochs {epochs or 'none'}{why}); phase 2 starts only from a finished baseline. Nothing was run. Fix: "
         f"finish it first by rerunning the same baseline command (`python -m tfg_mm train --params ... "
         f"run_dir={baseline}` or notebook 01: an interrupted run resumes), or point `baseline` at a finished "
@@ -347,7 +343,8 @@ def build_multimodal(params, class_names: list[str], baseline: tuple[Path, dict 
     if text is not None:
         fusion = build_fusion_from_config(fusion_config(params, detector.config.d_model), text)
     deimv2.freeze(detector, ["all"])
-    model = MultimodalDetector(detector, fusion, params.detector_mode, params.kd_weight)
+    criterion = DEIMv2Criterion.from_config(detector.config)  # after the run's overrides: the loss they ask for
+    model = MultimodalDetector(detector, fusion, params.detector_mode, params.kd_weight, criterion=criterion)
     return model, {"checkpoint": str(ckpt), "metrics": baseline_metrics}, text_info
 
 
