@@ -8,7 +8,10 @@ the fault fires on that function's N-th call (1-based, counted over the whole pr
 * ``save``: SIGKILL while the resumable state is written: inside the real atomic write of
   ``state/last.pt``, after its temporary file is complete and just before the rename (N-th state);
 * ``eval``: SIGKILL during an evaluation (the N-th predicted validation batch);
-* ``raise``: a ``RuntimeError`` raised from the loss of step N (an ordinary crash, not a kill).
+* ``raise``: a ``RuntimeError`` raised from the loss of step N (an ordinary crash, not a kill);
+* ``pause``: at training step N the process writes the file named by ``TFG_MM_PAUSE_MARKER`` and sleeps, so that
+  a test can send it a signal (or a Ctrl-C, or start a second process) at a known point of the run;
+* ``enospc``: the N-th checkpoint write finds the disk full (safetensors' own error text, as a full disk gives it).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
-FAULTS = ("step", "save", "eval", "raise")
+FAULTS = ("step", "save", "eval", "raise", "pause", "enospc")
 
 
 def _kill() -> None:
@@ -36,17 +41,33 @@ def install(fault: str, n: int) -> None:
         calls["n"] += 1
         return calls["n"] == n
 
-    if fault in ("step", "raise"):
+    if fault in ("step", "raise", "pause"):
         real_loss = baseline.BaselineTask.loss
 
         def loss(self, model, batch, epoch):
             if due():
                 if fault == "raise":
                     raise RuntimeError(f"injected fault at training step call {n}")
-                _kill()
+                if fault == "pause":
+                    Path(os.environ["TFG_MM_PAUSE_MARKER"]).write_text(str(os.getpid()))
+                    time.sleep(120)
+                else:
+                    _kill()
             return real_loss(self, model, batch, epoch)
 
         baseline.BaselineTask.loss = loss
+    elif fault == "enospc":
+        import transformers.modeling_utils as modeling_utils
+        from safetensors import SafetensorError
+
+        real_save = modeling_utils.safe_save_file
+
+        def save_file(*args, **kwargs):
+            if due():
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            return real_save(*args, **kwargs)
+
+        modeling_utils.safe_save_file = save_file
     elif fault == "save":
         real_write = train.atomic_write_bytes  # the name save_state writes state/last.pt with
 

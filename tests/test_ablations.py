@@ -27,6 +27,7 @@ from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.evaluation.coco import coco_evaluate
 from tfg_mm.multimodal.fusion import ResidualTextFusion
 from tfg_mm.paths import project_root
+from tfg_mm.reporting import ablations as reporting_ablations
 from tfg_mm.training import contract, runs
 from tfg_mm.training.baseline import run_baseline
 from tfg_mm.training.phase2 import depends_on_baseline, run_phase2
@@ -40,13 +41,21 @@ N_IMAGES = 12
 # --------------------------------------------------------------------------------------------
 # A tiny COCO dataset, a fake baseline run, and the fake unit of work
 # --------------------------------------------------------------------------------------------
-def _make_dataset(root: Path) -> Path:
+def _make_dataset(root: Path, test: bool = False) -> Path:
     (root / "images").mkdir(parents=True)
-    rng = random.Random(0)
+    for split in ("train", "val") + (("test",) if test else ()):
+        _write_split(root, split, prefix="t" if split == "test" else "")
+    return root
+
+
+def _write_split(root: Path, split: str, prefix: str = "") -> None:
+    """One annotation file of the tiny set (train and val share their images; the test images are their own)."""
+    rng = random.Random(0 if not prefix else 1)
     images, annotations = [], []
     for i in range(1, N_IMAGES + 1):
-        Image.new("RGB", (64, 64), (i * 10, 0, 0)).save(root / "images" / f"{i}.png")
-        images.append({"id": i, "file_name": f"{i}.png", "width": 64, "height": 64})
+        name = f"{prefix}{i}.png"
+        Image.new("RGB", (64, 64), (i * 10, 0, 50 if prefix else 0)).save(root / "images" / name)
+        images.append({"id": i, "file_name": name, "width": 64, "height": 64})
         for cat in range(1, len(CLASSES) + 1):
             x, y = rng.uniform(0, 30), rng.uniform(0, 30)
             annotations.append(
@@ -64,9 +73,7 @@ def _make_dataset(root: Path) -> Path:
         "annotations": annotations,
         "categories": [{"id": k + 1, "name": n} for k, n in enumerate(CLASSES)],
     }
-    for split in ("train", "val"):
-        (root / f"instances_{split}.json").write_text(json.dumps(coco))
-    return root
+    (root / f"instances_{split}.json").write_text(json.dumps(coco))
 
 
 def _detections(val_json: str, noise: float, seed: int) -> list[dict]:
@@ -88,8 +95,24 @@ def _detections(val_json: str, noise: float, seed: int) -> list[dict]:
     return out
 
 
-def _write_run(params, run_dir: Path, noise: float, depends_on: str = "") -> None:
-    record = dataset_record(params.dataset, params.train_json, params.val_json)
+def _judged(test_json: str, noise: float, seed: int, run_dir: Path, which: str) -> dict:
+    """A ``final.test`` block of the fake world: detections with ``noise`` on the test images, written beside it."""
+    detections = _detections(test_json, noise, seed)
+    name = "detections_test.json" if which == "selected" else "detections_test_last.json"
+    (run_dir / name).write_text(json.dumps(detections))
+    metrics = coco_evaluate(test_json, detections)
+    counts = {c: N_IMAGES for c in CLASSES}
+    return {
+        **{k: metrics[k] for k in ("map", "map50", "map75")},
+        "per_class": {c: {**v, "instances": counts[c]} for c, v in metrics["per_class"].items()},
+        "checkpoint": str(run_dir / "checkpoints" / ("best" if which == "selected" else "last")),
+        "epoch": 1 if which == "selected" else 2,
+        "detections": name,
+    }
+
+
+def _write_run(params, run_dir: Path, noise: float, depends_on: str = "", last_noise: float | None = None) -> None:
+    record = dataset_record(params.dataset, params.train_json, params.val_json, params.images_dir, params.test_json)
     detections = _detections(record["val_json"], noise, params.seed)
     metrics = coco_evaluate(record["val_json"], detections)
     (run_dir / "checkpoints" / "best").mkdir(parents=True, exist_ok=True)
@@ -110,6 +133,16 @@ def _write_run(params, run_dir: Path, noise: float, depends_on: str = "") -> Non
             }
         )
     final = {**history[-1], "checkpoint": str(run_dir / "checkpoints" / "best"), "selected_by": "map"}
+    if params.test_json:  # judged on the held-out images: the selected checkpoint and a last epoch of `last_noise`
+        final["test"] = {
+            "split": "test",
+            "annotations": record["test_json"],
+            "instances": {c: N_IMAGES for c in CLASSES},
+            "selected": _judged(record["test_json"], noise, params.seed, run_dir, "selected"),
+            "last": _judged(
+                record["test_json"], noise if last_noise is None else last_noise, params.seed, run_dir, "last"
+            ),
+        }
     contract.write_metrics(
         run_dir,
         params=params,
@@ -130,8 +163,9 @@ def fake_run(parameters: dict, run_dir: Path) -> None:
     if p.text_encoder == "none":
         raise RuntimeError("boom: this variant cannot run")
     run_dir = runs.prepare_run_dir(p.run_dir, overwrite=p.overwrite, resume=p.resume)
-    # like a real phase-2 run, its run_id includes the baseline's
-    _write_run(p, run_dir, noise=2.0 + 20 * p.alpha, depends_on=depends_on_baseline(p))
+    # like a real phase-2 run, its run_id includes the baseline's; its last epoch drifts (more box noise)
+    noise = 2.0 + 20 * p.alpha
+    _write_run(p, run_dir, noise=noise, depends_on=depends_on_baseline(p), last_noise=noise + 6.0)
 
 
 def _calls(ablations_dir: Path, variant: str, seed: int = 0) -> int:
@@ -139,11 +173,15 @@ def _calls(ablations_dir: Path, variant: str, seed: int = 0) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def grid_setup(tmp_path: Path) -> tuple[Path, Path]:
-    """A tiny COCO set, a phase-2 params file and a stand-in finished baseline under ``tmp_path``."""
-    dataset = _make_dataset(tmp_path / "data")
+def grid_setup(tmp_path: Path, test: bool = False) -> tuple[Path, Path]:
+    """A tiny COCO set (with a held-out test split when ``test``), a phase-2 params file and a stand-in finished
+    baseline under ``tmp_path``."""
+    dataset = _make_dataset(tmp_path / "data", test=test)
     params_file = tmp_path / "phase2.yaml"
-    params_file.write_text(f"dataset: {dataset}\nbaseline: {tmp_path / 'baseline'}\nepochs: 2\n")
+    params_file.write_text(
+        f"dataset: {dataset}\nbaseline: {tmp_path / 'baseline'}\nepochs: 2\n"
+        + ("test_json: instances_test.json\n" if test else "")
+    )
     base = load_params(params_file, {"run_dir": str(tmp_path / "baseline"), "seed": 0})
     (tmp_path / "baseline").mkdir()
     _write_run(base, tmp_path / "baseline", noise=1.0)
@@ -229,10 +267,10 @@ def test_failing_variant_is_recorded_and_finished_runs_are_reused(setup):
     summary = ablations.summarize(out)
     by_name = {v["name"]: v for v in summary["variants"]}
     assert by_name["no_text"]["status"] == "failed" and by_name["no_text"]["errors"][0]["error"].startswith("Runtime")
-    noisy = by_name["noisy"]["delta"]["map"]
+    noisy = by_name["noisy"]["deltas"]["val"]["delta"]["map"]
     assert noisy["lo"] <= noisy["delta"] <= noisy["hi"] and noisy["verdict"] == "worse"  # 10x the box noise
-    assert set(by_name["minilm"]["delta"]["per_class"]) == {"perforation", "break"}
-    table = reporting.ablation_table(summary)
+    assert set(by_name["minilm"]["deltas"]["val"]["delta"]["per_class"]) == {"perforation", "break"}
+    table = reporting.ablation_table(summary, "val")
     assert list(table["variant"]) == ["baseline", "minilm", "noisy", "no_text"]
     assert table.loc[table["variant"] == "no_text", "verdict"].item().startswith("failed: RuntimeError")
 
@@ -503,10 +541,10 @@ def test_interval_of_several_seeds_is_hierarchical_and_one_seed_says_training_no
     one = tmp_path / "one_seed"
     ablations.run_grid(grid, one, **kwargs)
     summary = ablations.summarize(one)
-    entry = {v["name"]: v for v in summary["variants"]}["noisy"]["delta"]["map"]
+    entry = {v["name"]: v for v in summary["variants"]}["noisy"]["deltas"]["val"]["delta"]["map"]
     assert entry["n_seeds"] == 1 and "training noise not included" in entry["covers"]
     assert "NOT included" in summary["interval_note"]
-    table = reporting.ablation_table(summary)
+    table = reporting.ablation_table(summary, "val")
     assert "training noise not included" in table.loc[table["variant"] == "noisy", "interval covers"].item()
     index = reporting.build_index(summary, tmp_path / "reports").read_text()
     assert "Training noise (another seed of the same run) is NOT included" in index
@@ -514,16 +552,16 @@ def test_interval_of_several_seeds_is_hierarchical_and_one_seed_says_training_no
     two = tmp_path / "two_seeds"
     ablations.run_grid(grid, two, seeds=[0, 1], **kwargs)
     summary = ablations.summarize(two)
-    noisy = {v["name"]: v for v in summary["variants"]}["noisy"]["delta"]["map"]
+    noisy = {v["name"]: v for v in summary["variants"]}["noisy"]["deltas"]["val"]["delta"]["map"]
     assert noisy["n_seeds"] == 2 and [p["seed"] for p in noisy["per_seed"]] == [0, 1]
     # Δ is the mean of the two seeds' full-set Δ; both seeds are compared with the one baseline
     assert noisy["delta"] == pytest.approx(sum(p["delta"] for p in noisy["per_seed"]) / 2)
     assert "baseline: 1 seed" in noisy["covers"] and "hierarchical" in summary["interval_note"]
     assert noisy["lo"] <= noisy["delta"] <= noisy["hi"] and noisy["verdict"] == "worse"
     # cached per variant: a second summary reads the same numbers without recomputing
-    cached = json.loads((two / "noisy" / "bootstrap.json").read_text())
+    cached = json.loads((two / "noisy" / "bootstrap_val.json").read_text())
     assert cached["value"]["n_seeds"] == 2
-    assert ablations.summarize(two)["variants"][1]["delta"]["map"] == noisy
+    assert ablations.summarize(two)["variants"][1]["deltas"]["val"]["delta"]["map"] == noisy
 
 
 def fake_baseline(parameters: dict, run_dir: Path) -> None:
@@ -567,15 +605,17 @@ def test_baseline_seeds_are_trained_paired_with_variant_seeds_and_their_spread_i
     assert list(table["metric"]) == ["mAP", "mAP50", *(f"AP {c}" for c in CLASSES)]
     assert list(table.columns) == ["metric", "mean ± sd", "seeds", "seed 0", "seed 1"]
     assert table.loc[0, "seed 1"] == f"{maps[1]:.4f}"
-    noisy = {v["name"]: v for v in summary["variants"]}["noisy"]["delta"]["map"]
+    noisy = {v["name"]: v for v in summary["variants"]}["noisy"]["deltas"]["val"]["delta"]["map"]
     assert noisy["covers"] == "2 seeds (variant and baseline) × validation images"
     # each seed's Δ is against its own baseline
     assert [p["a"] for p in noisy["per_seed"]] == pytest.approx(maps)
     noisy_ap = [contract.read_metrics(out / "noisy" / f"seed{k}")["final"]["per_class"]["stain"]["ap"] for k in (0, 1)]
     base_ap = [contract.read_metrics(d)["final"]["per_class"]["stain"]["ap"] for d in (tmp_path / "baseline", seed1)]
     expected = np.mean([v - b for v, b in zip(noisy_ap, base_ap)])
-    assert {v["name"]: v for v in summary["variants"]}["noisy"]["per_class_delta"]["stain"] == pytest.approx(expected)
-    assert reporting.ablation_table(summary).loc[0, "mAP"].count("±") == 1  # the baseline row: mean ± sd
+    assert {v["name"]: v for v in summary["variants"]}["noisy"]["per_class_delta"]["values"]["stain"] == pytest.approx(
+        expected
+    )
+    assert reporting.ablation_table(summary, "val").loc[0, "mAP"].count("±") == 1  # the baseline row: mean ± sd
     index = reporting.build_index(summary, tmp_path / "reports").read_text()
     assert "Baseline seed spread" in index and "trained with 2 seeds" in index
 
@@ -583,3 +623,44 @@ def test_baseline_seeds_are_trained_paired_with_variant_seeds_and_their_spread_i
     record = ablations.run_grid(grid, out, **kwargs)
     assert [r["status"] for r in record["baseline_runs"]] == ["reused", "reused"]
     assert len((tmp_path / "calls_baseline_seed1.txt").read_text().splitlines()) == 1
+
+
+def test_the_grid_is_judged_on_test_images_first_with_a_selection_free_last_epoch(tmp_path):
+    """The thesis table is on the held-out test images: Δ of each variant's selected checkpoint, and of its last
+    epoch (which no selection chose: here it drifted, so its Δ is negative); the validation table comes last."""
+    tmp_path, params_file = grid_setup(tmp_path, test=True)
+    grid = _grid_file(tmp_path, GOOD)
+    out = tmp_path / "ablations"
+    kwargs = dict(params_file=params_file, seeds=[0, 1], bootstrap_resamples=60, run_variant=fake_run, progress=False)
+    ablations.run_grid(grid, out, **kwargs)
+    summary = ablations.summarize(out)
+    minilm = {v["name"]: v for v in summary["variants"]}["minilm"]["deltas"]
+    selected, last = minilm["test"]["delta"]["map"], minilm["test_last"]["delta"]["map"]
+    assert last["delta"] < selected["delta"] and last["verdict"] == "worse" and last["hi"] < 0
+    assert selected["n_seeds"] == 2 and "test images" in selected["covers"]
+    assert minilm["val"]["delta"]["map"]["n_seeds"] == 2  # the selection set is still compared, last
+    assert minilm["test"]["stats"]["map"]["n"] == 2
+    table = reporting.ablation_table(summary)  # the default: the test images
+    assert "ΔmAP last epoch [95% CI]" in table.columns and table.loc[1, "verdict last epoch"] == "worse"
+    assert table.loc[0, "variant"] == "baseline"
+    base_test = contract.read_metrics(tmp_path / "baseline")["final"]["test"]["selected"]["map"]
+    assert table.loc[0, "mAP"] == f"{base_test:.4f}"  # the baseline judged on the same test images
+    reports = tmp_path / "reports"
+    index = reporting.build_index(summary, reports).read_text()
+    assert index.index("Test images (held out") < index.index("Validation images (the selection set")
+    assert "ΔmAP last epoch" in (reports / "ablations_table.csv").read_text()
+    assert (reports / "ablations_table_val.csv").exists() and (reports / "ablations_table_val.tex").exists()
+    assert summary["variants"][0]["per_class_delta"]["split"] == "test"
+
+
+def test_a_grid_without_a_test_split_says_so_and_shows_the_selection_set(setup):
+    tmp_path, params_file = setup
+    out = tmp_path / "ablations"
+    ablations.run_grid(
+        _grid_file(tmp_path, GOOD), out, params_file=params_file, bootstrap_resamples=20, run_variant=fake_run
+    )
+    summary = ablations.summarize(out)
+    assert not reporting_ablations.has_comparison(summary, "test")
+    index = reporting.build_index(summary, tmp_path / "reports").read_text()
+    assert "No test split" in index and "Validation images (the selection set" in index
+    assert "no test evaluation" in reporting.ablation_table(summary).loc[1, "verdict"]

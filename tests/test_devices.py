@@ -191,12 +191,12 @@ def test_gpu_check_dry_run_on_cpu_writes_every_figure(tmp_path):
     assert "phase 1 training" in done.stdout and "inference float32" in done.stdout
 
 
-def test_repredict_uses_the_runs_device_or_falls_back():
-    """Re-prediction (ablation statistics, WiSE-FT) follows the run's `device`; a device this machine lacks
-    (a GPU run re-predicted on a laptop) falls back to `auto` instead of failing the report."""
-    from tfg_mm.ablations.repredict import _device
+def test_judging_and_repredicting_use_the_runs_device_or_fall_back():
+    """Evaluation after training (the test judgement, `evaluate`, the ablation statistics, WiSE-FT) follows the run's
+    `device`; a device this machine lacks (a GPU run judged on a laptop) falls back to `auto` instead of failing."""
     from tfg_mm.config import Params
+    from tfg_mm.training.judge import evaluation_device
 
-    assert _device(Params(device="cpu")) == torch.device("cpu")
+    assert evaluation_device(Params(device="cpu")) == torch.device("cpu")
     missing = f"cuda:{torch.cuda.device_count() + 3}"
-    assert _device(Params(device=missing)) == resolve_device("auto")
+    assert evaluation_device(Params(device=missing)) == resolve_device("auto")

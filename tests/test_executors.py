@@ -196,7 +196,7 @@ def test_submitit_local_jobs_give_the_same_table_as_local_and_record_dead_jobs(s
     assert strip(jobs["runs"][:2]) == strip(local["runs"])  # same plan, same run ids, same failure
     for run in jobs["runs"]:
         assert Path(run["job"]["stdout"]).is_file() and Path(run["job"]["stdout"]).is_relative_to(logs)
-    table = {name: reporting.ablation_table(ablations.summarize(tmp_path / name)) for name in ("local", "jobs")}
+    table = {name: reporting.ablation_table(ablations.summarize(tmp_path / name), "val") for name in ("local", "jobs")}
     shared = table["jobs"][table["jobs"]["variant"] != "killed"].reset_index(drop=True)
     pd.testing.assert_frame_equal(table["local"], shared)
     assert table["local"].loc[table["local"]["variant"] == "minilm", "mAP"].notna().all()
@@ -257,5 +257,5 @@ def test_real_training_gives_the_same_numbers_through_submitit_local(tiny_datase
         assert isinstance(a["history"][-1]["loss"], float) and a["run_id"] == b["run_id"]
         numbers = [[{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]] for r in (a, b)]
         assert numbers[0] == numbers[1] and a["final"]["map"] == b["final"]["map"]  # every loss, every AP
-    table = {name: reporting.ablation_table(ablations.summarize(tmp_path / name)) for name in ("local", "jobs")}
+    table = {name: reporting.ablation_table(ablations.summarize(tmp_path / name), "val") for name in ("local", "jobs")}
     pd.testing.assert_frame_equal(table["local"], table["jobs"])

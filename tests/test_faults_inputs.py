@@ -205,7 +205,8 @@ def test_read_only_run_dir_is_a_config_error_naming_the_folder(tiny_dataset, tmp
     try:
         prefix = _unprivileged_prefix(locked)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-        for run_dir, folder in ((locked / "new_run", locked), (old_run, old_run)):
+        # the first write refused is the run folder's lock, beside it (the folder itself is read-only too)
+        for run_dir, folder in ((locked / "new_run", locked), (old_run, locked)):
             params = tmp_path / f"{run_dir.name}.yaml"
             params.write_text(yaml.safe_dump({**TINY, "dataset": str(tiny_dataset), "run_dir": str(run_dir)}))
             done = subprocess.run(

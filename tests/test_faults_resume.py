@@ -8,17 +8,14 @@ process, then runs the real command line); the library carries no test hooks.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.conftest import REPO_ROOT, TINY
+from tests import cli_runs
+from tests.conftest import TINY
 from tfg_mm.ablations import run_grid
 from tfg_mm.config import load_params
 from tfg_mm.data.synthetic import generate
@@ -28,41 +25,11 @@ from tfg_mm.training.phase2 import run_phase2
 
 pytestmark = pytest.mark.slow
 
-#: 3 epochs of 2 steps (batch 4 of 12 images), 2 validation batches (6 images) per evaluation; EMA
-#: and augmentation on, so that every RNG and the EMA must be restored for the histories to match.
-RUN = {**TINY, "epochs": 3, "max_steps_per_epoch": 2, "ema": True, "ema_warmup": 5, "augment": True}
-
-
-def _params_file(tmp_path: Path, dataset: Path, run_dir: Path, **overrides) -> Path:
-    path = tmp_path / f"{run_dir.name}.yaml"
-    path.write_text(yaml.safe_dump({**RUN, "dataset": str(dataset), "run_dir": str(run_dir), **overrides}))
-    return path
-
-
-def _cli(args: list[str], fault: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    prefix = ["-m", "tests.fault_inject", fault[0], str(fault[1]), "--"] if fault else ["-m", "tfg_mm"]
-    return subprocess.run(
-        [sys.executable, *prefix, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def _contract(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
-def _without_seconds(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
-
 
 @pytest.fixture(scope="module")
 def reference(tiny_dataset, tmp_path_factory) -> dict:
     """The uninterrupted run every resumed run must reproduce."""
-    tmp = tmp_path_factory.mktemp("reference")
-    run_dir = tmp / "clean"
-    done = _cli(["train", "--params", str(_params_file(tmp, tiny_dataset, run_dir))])
-    assert done.returncode == 0, done.stderr[-3000:]
-    return _contract(run_dir)
+    return cli_runs.reference_run(tiny_dataset, tmp_path_factory.mktemp("reference"))
 
 
 @pytest.mark.parametrize(
@@ -77,21 +44,23 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_history(
     reference, tiny_dataset, tmp_path, fault, n, last_saved
 ):
     run_dir = tmp_path / f"killed_{fault}"
-    params_file = _params_file(tmp_path, tiny_dataset, run_dir)
-    killed = _cli(["train", "--params", str(params_file)], fault=(fault, n))
+    params_file = cli_runs.params_file(tmp_path, tiny_dataset, run_dir)
+    killed = cli_runs.cli(["train", "--params", str(params_file)], fault=(fault, n))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert _contract(run_dir)["status"] == "running"
+    assert cli_runs.contract(run_dir)["status"] == "running"
     state = torch.load(run_dir / "state" / "last.pt", map_location="cpu", weights_only=False)
     assert state["epoch"] == last_saved  # the fault hit epoch 2: the state of epoch 1 is what is left
     if fault == "save":  # killed inside the atomic write: the new state exists only as a temporary file
         assert list((run_dir / "state").glob(".last.pt.*.tmp"))
 
-    resumed = _cli(["train", "--params", str(params_file)])
+    resumed = cli_runs.cli(["train", "--params", str(params_file)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    contract = _contract(run_dir)
+    contract = cli_runs.contract(run_dir)
     assert contract["status"] == "finished"
     assert [e["epoch"] for e in contract["history"]] == [0, 1, 2, 3]
-    assert _without_seconds(contract["history"]) == _without_seconds(reference["history"])  # metrics, losses, lr
+    assert cli_runs.without_seconds(contract["history"]) == cli_runs.without_seconds(
+        reference["history"]
+    )  # metrics, losses, lr
     assert contract["final"] == reference["final"] | {"checkpoint": contract["final"]["checkpoint"]}
     assert contract["run_id"] == reference["run_id"]
     assert not list((run_dir / "state").glob(".last.pt.*.tmp"))  # the killed write's leftover is gone
@@ -99,12 +68,12 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_history(
 
 def test_resume_with_other_params_or_data_is_refused_before_any_work(tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    params_file = _params_file(tmp_path, tiny_dataset, run_dir)
-    killed = _cli(["train", "--params", str(params_file)], fault=("step", 3))  # first step of epoch 2
+    params_file = cli_runs.params_file(tmp_path, tiny_dataset, run_dir)
+    killed = cli_runs.cli(["train", "--params", str(params_file)], fault=("step", 3))  # first step of epoch 2
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     before = {p: p.read_bytes() for p in (run_dir / "metrics.json", run_dir / "state" / "last.pt")}
 
-    refused = _cli(["train", "--params", str(params_file), "lr=0.0001", "seed=7"])
+    refused = cli_runs.cli(["train", "--params", str(params_file), "lr=0.0001", "seed=7"])
     assert refused.returncode == 2, refused.stderr[-3000:]
     message = refused.stderr
     assert "`lr`: 0.001 -> 0.0001" in message and "`seed`: 0 -> 7" in message, message
@@ -121,25 +90,25 @@ def test_resume_with_other_params_or_data_is_refused_before_any_work(tiny_datase
         coco["categories"] = coco["categories"][:-1]
         coco["annotations"] = [a for a in coco["annotations"] if a["category_id"] != dropped]
         path.write_text(json.dumps(coco))
-    values = {**RUN, "dataset": str(other), "run_dir": str(run_dir)}
+    values = {**cli_runs.RUN, "dataset": str(other), "run_dir": str(run_dir)}
     with pytest.raises(ConfigError) as err:
         run_baseline(load_params(values), progress=False)
     assert "`dataset`" in str(err.value) and "dataset content hash" in str(err.value)
     assert {p: p.read_bytes() for p in before} == before
 
     # the same params resume it
-    resumed = _cli(["train", "--params", str(params_file)])
+    resumed = cli_runs.cli(["train", "--params", str(params_file)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _contract(run_dir)["params"]["lr"] == 0.001
+    assert cli_runs.contract(run_dir)["params"]["lr"] == 0.001
 
 
 def test_a_crash_is_recorded_as_failed_and_an_unfinished_baseline_is_refused(tiny_dataset, tmp_path):
     run_dir = tmp_path / "baseline"
-    params_file = _params_file(tmp_path, tiny_dataset, run_dir)
-    crashed = _cli(["train", "--params", str(params_file)], fault=("raise", 3))  # first step of epoch 2
+    params_file = cli_runs.params_file(tmp_path, tiny_dataset, run_dir)
+    crashed = cli_runs.cli(["train", "--params", str(params_file)], fault=("raise", 3))  # first step of epoch 2
     assert crashed.returncode != 0
     assert "injected fault" in crashed.stderr
-    contract = _contract(run_dir)
+    contract = cli_runs.contract(run_dir)
     assert contract["status"] == "failed"
     failure = contract["failure"]
     assert failure["type"] == "RuntimeError" and "injected fault" in failure["message"]
@@ -164,9 +133,9 @@ def test_a_crash_is_recorded_as_failed_and_an_unfinished_baseline_is_refused(tin
     assert "not finished" in str(err.value) and not calls
 
     # rerunning the same command resumes the failed run from its last good epoch and finishes it
-    resumed = _cli(["train", "--params", str(params_file)])
+    resumed = cli_runs.cli(["train", "--params", str(params_file)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    contract = _contract(run_dir)
+    contract = cli_runs.contract(run_dir)
     assert contract["status"] == "finished" and "failure" not in contract
 
 
@@ -185,7 +154,7 @@ def test_a_state_of_another_run_is_never_loaded(tiny_params):
     params = tiny_params(epochs=2, max_steps_per_epoch=1)
     run_dir = Path(params.run_dir)
     run_baseline(params, progress=False)
-    contract = _contract(run_dir)
+    contract = cli_runs.contract(run_dir)
     (run_dir / "metrics.json").write_text(json.dumps({**contract, "status": "running", "final": None}))
     state_file = run_dir / "state" / "last.pt"
     state = torch.load(state_file, map_location="cpu", weights_only=False)

@@ -41,6 +41,7 @@ LAYERS = {
     # running an experiment
     "training": 6,
     "training.loop": 7,
+    "training.judge": 7,
     "training.experiment": 8,
     "training.baseline": 8,
     "training.phase2": 8,

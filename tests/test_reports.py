@@ -200,24 +200,30 @@ def _summary() -> dict:
                 "seeds_finished": [0, 1],
                 "errors": [],
                 "runs": [{"seed": 0, "status": "finished", "history": run_history, "report": None}],
-                "stats": {
-                    "map": {"mean": 0.63, "sd": 0.004, "n": 2},
-                    "map50": {"mean": 0.82, "sd": 0.01, "n": 2},
-                    "ap:perforation": {"mean": 0.6, "sd": 0.02, "n": 2},
-                    "ap:break": {"mean": 0.7, "sd": 0.0, "n": 2},
+                "deltas": {
+                    "val": {
+                        "stats": {
+                            "map": {"mean": 0.63, "sd": 0.004, "n": 2},
+                            "map50": {"mean": 0.82, "sd": 0.01, "n": 2},
+                            "ap:perforation": {"mean": 0.6, "sd": 0.02, "n": 2},
+                            "ap:break": {"mean": 0.7, "sd": 0.0, "n": 2},
+                        },
+                        "delta": {
+                            "map": interval,
+                            "per_class": {
+                                "perforation": interval,
+                                "break": {**interval, "lo": 0.001, "verdict": "improves"},
+                            },
+                        },
+                    }
                 },
-                "delta": {
-                    "map": interval,
-                    "per_class": {"perforation": interval, "break": {**interval, "lo": 0.001, "verdict": "improves"}},
-                },
-                "per_class_delta": {"scratch": 0.01, "perforation": -0.02, "break": 0.03},
+                "per_class_delta": {"split": "val", "values": {"scratch": 0.01, "perforation": -0.02, "break": 0.03}},
             },
             {
                 "name": "text_open_clip",
                 "status": "failed",
                 "seeds_finished": [],
-                "stats": {},
-                "delta": {},
+                "deltas": {},
                 "per_class_delta": {},
                 "runs": [{"seed": 0, "status": "failed"}],
                 "errors": [
@@ -237,7 +243,7 @@ def _summary() -> dict:
 
 
 def test_ablation_table_marks_noise_and_failures():
-    table = reporting.ablation_table(_summary())
+    table = reporting.ablation_table(_summary(), "val")
     assert isinstance(table, pd.DataFrame) and list(table["variant"]) == ["baseline", "minilm", "text_open_clip"]
     row = table.set_index("variant").loc["minilm"]
     assert row["mAP"] == "0.6300 ± 0.0040"

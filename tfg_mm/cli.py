@@ -7,8 +7,11 @@ override on the command line wins over every file, wherever it stands
 (``--params A k=v --params B k=w`` is A, then B, then k=v, then k=w).
 
 Exit codes: 0 success; 2 one of the project's errors (the message names the file / parameter and the
-fix); any other failure exits non-zero with Python's traceback. A training run that fails is marked
-``status: failed`` in its ``metrics.json``, with its traceback in ``run_dir/traceback.txt``.
+fix: a bad parameter, a run folder in use by another process, a full disk, ...); 128 + the signal when a
+run is stopped from outside (130 Ctrl-C / SIGINT, 143 SIGTERM, 138 SIGUSR1), after one line naming what
+stopped it and the command that resumes it; any other failure exits non-zero with Python's traceback. A
+training run that fails is marked ``status: failed`` in its ``metrics.json``, with its traceback in
+``run_dir/traceback.txt``; a stopped one ``status: interrupted``.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from tfg_mm.data.synthetic import HARD_CLASSES, generate
 from tfg_mm.detector.convert import main as convert_main
 from tfg_mm.errors import TfgError, TrainingError
 from tfg_mm.io import atomic_write_text
-from tfg_mm.paths import project_root
+from tfg_mm.paths import portable_text, project_root
 from tfg_mm.runtime import distributed
 from tfg_mm.training.baseline import run_baseline
+from tfg_mm.training.interrupts import RunInterrupted
+from tfg_mm.training.judge import evaluate_target, evaluation_table
 from tfg_mm.training.phase2 import run_phase2
 from tfg_mm.workflow.pipeline import STEPS, run_pipeline
 
@@ -62,6 +67,7 @@ def cmd_generate(args) -> int:
         seed=args.seed,
         n_train=args.n_train,
         n_val=args.n_val,
+        n_test=args.n_test,
         image_size=args.image_size,
         progress=True,
         stress=args.stress,
@@ -150,6 +156,14 @@ def cmd_phase2(args) -> int:
     return _run_phase(run_phase2, "phase 2", args)
 
 
+def cmd_evaluate(args) -> int:
+    sources = [*(args.params or []), *([_overrides(args.set)] if args.set else [])]
+    record, path = evaluate_target(args.target, args.split, args.which, sources)
+    print(evaluation_table(record))
+    print(f"wrote {portable_text(str(path))}")
+    return 0
+
+
 def cmd_params_doc(args) -> int:
     text = parameter_reference()
     if args.write:
@@ -187,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=default_of("synthetic_seed"))
     p.add_argument("--n-train", type=int, default=default_of("synthetic_train"))
     p.add_argument("--n-val", type=int, default=default_of("synthetic_val"))
+    p.add_argument(
+        "--n-test", type=int, default=default_of("synthetic_test"), help="held-out test images (0: no test split)"
+    )
     p.add_argument("--image-size", type=int, default=default_of("synthetic_image_size"))
     p.add_argument(
         "--stress",
@@ -247,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("set", nargs="*", help="key=value overrides, e.g. epochs=3 run_dir=runs/try")
         p.set_defaults(func=func)
 
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a finished run (its selected or last checkpoint) or a checkpoint folder on a split",
+        description="Evaluates RUN_OR_CHECKPOINT on --split (train / val / test of its params, or a COCO json of the "
+        "same classes), applies a run's validation operating points, writes evaluation_<split>.json and its "
+        "detections into the folder, and prints the per-class table. A checkpoint folder takes its dataset and "
+        "size from --params / key=value.",
+    )
+    p.add_argument("target", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--split", default="test", help="train, val, test (default) or a COCO json file")
+    p.add_argument("--which", choices=("selected", "last"), default="selected", help="a run's checkpoint")
+    p.add_argument("--params", action="append", help="flat YAML parameter file (repeatable, merged in order)")
+    p.add_argument("set", nargs="*", help="key=value overrides, e.g. dataset=data/mine test_json=test.json")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("pipeline", help="the main job: data -> baseline -> phase 2 -> ablation grid -> reports")
     p.add_argument("--grid", default=None, help="ablation grid file (default: the small grid)")
     p.add_argument("--params-dir", default=str(project_root() / "params"))
@@ -276,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Commands whose key=value overrides may stand anywhere, also after a repeated ``--params``.
-_PARAMS_COMMANDS = ("train", "phase2")
+_PARAMS_COMMANDS = ("train", "phase2", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,3 +329,30 @@ def main(argv: list[str] | None = None) -> int:
     except (TfgError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:
+        print(interrupted_line(exc, argv if argv is not None else sys.argv[1:]), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a run (the pipeline between notebooks, a report, an import)
+        command = " ".join(["python -m tfg_mm", *(argv if argv is not None else sys.argv[1:])])
+        print(
+            f"stopped by SIGINT (Ctrl-C). Rerun `{command}`: finished runs are reused, interrupted ones resume.",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def interrupted_line(exc: RunInterrupted, argv: list[str]) -> str:
+    """The one line a stopped run leaves in the terminal: what stopped it, where, and the command that resumes it."""
+    where = getattr(exc, "where", None) or {}
+    at = ", ".join(f"{k} {where[k]}" for k in ("epoch", "step") if where.get(k) is not None)
+    saved = where.get("saved_epoch")
+    run = f" run {portable_text(where['run_dir'])}" if where.get("run_dir") else ""
+    record = (
+        f" recorded `status: interrupted`; it resumes after epoch {saved}"
+        if saved is not None
+        else " recorded `status: interrupted` (no epoch saved yet: it starts over)"
+        if where
+        else ""
+    )
+    command = " ".join(["python -m tfg_mm", *argv])
+    return f"stopped by {exc.signal}{f' at {at}' if at else ''}:{run}{record}. Resume with: {command}"

@@ -36,5 +36,15 @@ class NonFiniteError(TrainingError):
         self.what = what
 
 
+class StorageError(TfgError):
+    """A write failed because the disk is full, over quota, read-only or failing. The message names the file, its
+    folder, the bytes it needed (when known) and the free bytes there, and the fix; what was written before stays
+    valid (every write is atomic)."""
+
+
+class RunLocked(TfgError):
+    """Another process holds the run folder (its lock names the process, the host and since when)."""
+
+
 class OfflineError(TfgError):
     """A hub download was needed but there is no network; the message says how to use a local copy."""

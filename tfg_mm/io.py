@@ -13,6 +13,7 @@ kernel applies the umask (and a folder's default ACL) itself; what other librari
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -22,6 +23,48 @@ import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from tfg_mm.errors import StorageError
+
+#: The errors a full, over-quota, read-only or failing disk gives (what :func:`storage_error` turns into the
+#: project's error): ENOSPC, EDQUOT, EFBIG, EROFS, EIO.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+#: The same, as libraries with their own I/O (safetensors, torch) word them.
+_STORAGE_TEXTS = ("no space left on device", "os error 28", "disk quota exceeded", "read-only file system")
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "an unknown number of bytes"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"
+
+
+def storage_error(exc: BaseException, path: str | os.PathLike, needed: int | None = None) -> StorageError | None:
+    """The project's error for a write of ``path`` that failed for lack of space (or on a read-only / failing
+    disk), naming the folder, the bytes needed and free, and the fix; None for any other error."""
+    code = getattr(exc, "errno", None)
+    text = str(exc).lower()
+    if code not in STORAGE_ERRNOS and not any(t in text for t in _STORAGE_TEXTS):
+        return None
+    path = Path(path)
+    folder = next((p for p in (path.parent, *path.parents) if p.exists()), path.parent)
+    try:
+        usage = shutil.disk_usage(folder)
+        free = f"{_size(usage.free)} free of {_size(usage.total)}"
+    except OSError:
+        free = "free space unknown"
+    reason = os.strerror(code) if isinstance(code, int) else str(exc).splitlines()[0][:200]
+    return StorageError(
+        f"Cannot write {path}: {reason}. Its folder {folder} has {free}; this write needed {_size(needed)}. "
+        "Nothing already written was changed (every file is replaced atomically: the previous version, if any, is "
+        "intact). Fix: free space on that disk (old runs' checkpoints under runs/*/checkpoints, pip / torch / "
+        "Hugging Face caches), or write elsewhere (another `run_dir`, or TFG_MM_CACHE_DIR / TFG_MM_REPORTS_DIR), "
+        "then rerun the same command: an interrupted run resumes from its last saved epoch."
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -82,18 +125,29 @@ def probe_writable(folder: str | os.PathLike) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary sibling renamed into place; a full disk is a
+    :class:`~tfg_mm.errors.StorageError` naming the folder, and the previous file stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, fd = _create_sibling(path, _new_file)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp, fd = _create_sibling(path, _new_file)
+    except OSError as exc:
+        error = storage_error(exc, path, len(data))
+        if error is None:
+            raise
+        raise error from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        error = storage_error(exc, path, len(data))
+        if error is not None:
+            raise error from exc
         raise
     _fsync_dir(path.parent)
     return path
@@ -125,13 +179,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     ``path`` is moved aside and only deleted once the new one is in place.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, _ = _create_sibling(path, _new_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp, _ = _create_sibling(path, _new_dir)
+    except OSError as exc:
+        error = storage_error(exc, path)
+        if error is None:
+            raise
+        raise error from exc
     granted = stat.S_IMODE(os.stat(tmp).st_mode) & 0o777  # 0o777 & ~umask, as the kernel applied it
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        error = storage_error(exc, path)
+        if error is not None:  # safetensors / torch writing into the folder found the disk full
+            raise error from exc
         raise
     _follow_umask(tmp, granted)
     old = None

@@ -74,6 +74,12 @@ DETECTIONS_CACHE = "detections_val.cache.json"
 ANALYSIS_FILE = "analysis.json"
 #: The checkpoints folder: ``best`` (the selected epoch) and ``last``.
 CHECKPOINTS_DIR = "checkpoints"
+#: A held-out split's judgement of a checkpoint (``test``: ``final.test`` of the run): its detections of the
+#: selected checkpoint (``detections_test.json``), of the last (``detections_test_last.json``), the PR curves
+#: (``analysis_test.json``), and what ``python -m tfg_mm evaluate`` writes (``evaluation_<split>.json``).
+SPLIT_DETECTIONS = "detections_{split}{which}.json"
+SPLIT_ANALYSIS = "analysis_{split}.json"
+EVALUATION_FILE = "evaluation_{split}.json"
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,18 @@ class RunPaths:
     @property
     def analysis(self) -> Path:
         return self.run_dir / ANALYSIS_FILE
+
+    def split_detections(self, split: str, which: str = "selected") -> Path:
+        """The detections of the selected (or ``last``) checkpoint on ``split`` (``val`` is :attr:`detections`)."""
+        if split == "val" and which == "selected":
+            return self.detections
+        return self.run_dir / SPLIT_DETECTIONS.format(split=split, which="" if which == "selected" else f"_{which}")
+
+    def split_analysis(self, split: str) -> Path:
+        return self.analysis if split == "val" else self.run_dir / SPLIT_ANALYSIS.format(split=split)
+
+    def evaluation(self, split: str) -> Path:
+        return self.run_dir / EVALUATION_FILE.format(split=split)
 
     @property
     def checkpoints(self) -> Path:

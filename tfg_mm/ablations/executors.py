@@ -90,11 +90,17 @@ def make_executor(settings: Mapping[str, Any]) -> submitit.AutoExecutor:
     return executor
 
 
-def _in_job(run_one: Callable[[dict], dict], entry: dict, threads: int) -> dict:
-    """The body of one job: the run's threads (its kernel inherits them), then the grid's own unit."""
-    for var in _THREAD_VARS:
-        os.environ[var] = str(threads)
-    return run_one(entry)
+class RunJob(submitit.helpers.Checkpointable):
+    """The body of one job: the run's threads (its kernel inherits them), then the grid's own unit.
+
+    Checkpointable (submitit's convention): when SLURM preempts the job or its time limit nears, submitit calls
+    :meth:`checkpoint`, which requeues the same call; the requeued job reruns the unit, whose run resumes from its
+    last saved epoch (the run folder keeps its state and its contract says ``interrupted`` or ``running``)."""
+
+    def __call__(self, run_one: Callable[[dict], dict], entry: dict, threads: int) -> dict:
+        for var in _THREAD_VARS:
+            os.environ[var] = str(threads)
+        return run_one(entry)
 
 
 def job_logs(job: submitit.Job) -> dict:
@@ -130,7 +136,7 @@ def submit_and_wait(
             free = cap - len(running)
             if queue and free > 0:
                 wave, queue = queue[:free], queue[free:]
-                jobs = executor.map_array(_in_job, [run_one] * len(wave), wave, [threads] * len(wave))
+                jobs = executor.map_array(RunJob(), [run_one] * len(wave), wave, [threads] * len(wave))
                 running += list(zip(jobs, wave, strict=True))
                 if report is not None:
                     report(

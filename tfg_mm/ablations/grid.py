@@ -61,7 +61,7 @@ from tfg_mm.config import (
     load_grid,
     load_params,
 )
-from tfg_mm.data.loaders import dataset_record
+from tfg_mm.data.loaders import record_of
 from tfg_mm.data.synthetic import HARD_CLASSES
 from tfg_mm.errors import CheckpointError, ConfigError, DataError
 from tfg_mm.io import atomic_write_json
@@ -153,10 +153,10 @@ def explicit_parameters(namespace: Mapping[str, Any]) -> dict:
 # --------------------------------------------------------------------------------------------
 def _dataset_hash(params, cache: dict) -> str | None:
     """The dataset's content hash (cached per grid), or None when the dataset does not exist yet."""
-    key = (params.dataset, params.train_json, params.val_json)
+    key = (params.dataset, params.train_json, params.val_json, params.images_dir, params.test_json)
     if key not in cache:
         try:
-            cache[key] = dataset_record(params.dataset, params.train_json, params.val_json)["hash"]
+            cache[key] = record_of(params)["hash"]
         except DataError:
             cache[key] = None
     return cache[key]
@@ -373,7 +373,8 @@ def _execute_run(entry: dict, run_variant: RunVariant) -> dict:
                 f"{run_dir}: the run ended without a finished metrics.json (run contract); see its executed notebook"
             )
     except Exception as exc:  # any failure of one run is recorded; the grid goes on
-        record = {**result, "status": "failed", "seconds": round(time.perf_counter() - t0, 1), **failure_record(exc)}
+        status = _stopped_or_failed(run_dir)
+        record = {**result, "status": status, "seconds": round(time.perf_counter() - t0, 1), **failure_record(exc)}
         atomic_write_json(run_dir / FAILURE_FILE, record)
         _mark_contract_failed(run_dir, record)
         return record
@@ -390,7 +391,7 @@ def _job_died(entry: dict, exc: BaseException, job: dict) -> dict:
         "seed": entry["seed"],
         "run_dir": str(run_dir),
         "run_id": entry["run_id"],
-        "status": "failed",
+        "status": _stopped_or_failed(run_dir),
         "seconds": 0.0,
         **failure_record(exc),
         "job": {**job, "died": True},
@@ -447,6 +448,13 @@ def _execute_all(
                     }
 
 
+def _stopped_or_failed(run_dir: Path) -> str:
+    """``interrupted`` when the run recorded that a signal stopped it (a SLURM time limit or preemption, a
+    ``kill``: resumable, a rerun of the grid continues it), else ``failed``."""
+    record = contract.raw_contract(run_dir)
+    return "interrupted" if record is not None and record.get("status") == "interrupted" else "failed"
+
+
 def _mark_contract_failed(run_dir: Path, record: dict) -> None:
     """The run's own ``metrics.json`` says ``failed`` too, as after a failure of any entry point.
 
@@ -476,10 +484,12 @@ def _progress_line(label: str, result: dict) -> str:
     failure adds the first line of its error (and, for a job that died, its error log)."""
     job = result.get("job")
     notes = [f"job {job['id']}"] if job else []
-    if result["status"] == "failed":
+    if result["status"] in ("failed", "interrupted"):
         notes.append(str(result.get("error", "")).strip().splitlines()[0] if result.get("error") else "error")
         if job and job.get("died"):
             notes.append(f"log: {job['stderr']}")
+    if result["status"] == "interrupted":
+        notes.append("resumable: rerun the grid")
     extra = f" ({'; '.join(notes)})" if notes else ""
     return f"{label}: {result['status']} in {result['seconds']:.0f} s{extra}"
 
@@ -551,7 +561,7 @@ def run_grid(
         report(_progress_line(f"baseline seed {result['seed']}", result))
     order = [e["seed"] for e in baseline_plan]
     baseline_results.sort(key=lambda r: order.index(r["seed"]))
-    baseline_runs = {r["seed"]: r["run_dir"] for r in baseline_results if r["status"] != "failed"}
+    baseline_runs = {r["seed"]: r["run_dir"] for r in baseline_results if r["status"] in ("finished", "reused")}
     if baseline_runs:  # variant seed k fine-tunes from the baseline of seed k
         planned = plan_runs(grid, ablations_dir, params_file, explicit, seeds, reuse, baseline_runs)
     wise = dict(grid.get("wise") or {}) or None

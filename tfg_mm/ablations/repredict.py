@@ -29,15 +29,13 @@ import torch
 from tfg_mm import detector as det
 from tfg_mm.config import load_params
 from tfg_mm.data.loaders import make_data
-from tfg_mm.errors import ConfigError, DataError
+from tfg_mm.errors import DataError
 from tfg_mm.evaluation.coco import evaluate
 from tfg_mm.io import atomic_write_json
 from tfg_mm.multimodal.model import MultimodalDetector
 from tfg_mm.paths import RunPaths
-from tfg_mm.runtime.devices import resolve_device
-from tfg_mm.training.baseline import BaselineTask
 from tfg_mm.training.contract import RunContract, as_contract
-from tfg_mm.training.phase2 import build_fusion_from_config
+from tfg_mm.training.judge import evaluation_device, load_checkpoint_model, load_fusion
 from tfg_mm.training.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -71,27 +69,6 @@ def _val_data(params):
     return make_data(params, seed_everything(params.seed, params.deterministic), progress=False, need_train=False)
 
 
-def _device(params) -> torch.device:
-    """The run's ``device`` when this machine has it, else ``auto`` (a run trained on a GPU re-predicted on a
-    laptop): re-prediction is evaluation, whose numbers do not depend on the device beyond float rounding."""
-    try:
-        return resolve_device(params.device)
-    except ConfigError as exc:
-        log.info("re-predicting on %s: %s", resolve_device("auto"), exc)
-        return resolve_device("auto")
-
-
-def _load_fusion(folder: Path):
-    """The fusion saved next to a phase-2 checkpoint's detector (None for ``text_encoder: none``)."""
-    path = folder / "fusion.pt"
-    if not path.exists():
-        return None
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    fusion = build_fusion_from_config(blob["config"], blob["state_dict"]["text_embeddings"])
-    fusion.load_state_dict(blob["state_dict"])
-    return fusion
-
-
 def _detect(model_fn, params, data) -> tuple[dict, list[dict]]:
     return evaluate(
         model_fn,
@@ -100,7 +77,7 @@ def _detect(model_fn, params, data) -> tuple[dict, list[dict]]:
         data.class_names,
         data.cat_ids,
         top_k=params.top_k,
-        device=_device(params),
+        device=evaluation_device(params),
     )
 
 
@@ -116,13 +93,7 @@ def predict_run_detections(metrics: RunContract | Mapping[str, Any]) -> tuple[li
     params = load_params(run.params, source_names=["metrics.json params"])
     folder = Path(run.final.checkpoint)
     data = _val_data(params)
-    if (folder / "detector").is_dir():
-        model = MultimodalDetector(det.load(folder / "detector"), _load_fusion(folder), params.detector_mode)
-        model.to(_device(params)).eval()
-        model_fn = model.predict
-    else:
-        detector = det.load(folder).to(_device(params)).eval()
-        model_fn = BaselineTask(detector, data.class_names).predict_fn(detector)
+    _, model_fn = load_checkpoint_model(folder, params, data.class_names, evaluation_device(params))
     evaluated, detections = _detect(model_fn, params, data)
     return detections, evaluated
 
@@ -193,14 +164,14 @@ def wise_curve(
     base_state = det.load(baseline_checkpoint).state_dict()
     finetuned = det.load(folder / "detector")
     tuned_state = copy.deepcopy(finetuned.state_dict())
-    fusion_state = _load_fusion(folder)
+    fusion_state = load_fusion(folder)
     points = []
     for lam in lambdas:
         finetuned.load_state_dict(interpolate_state(base_state, tuned_state, float(lam)))
         fusion = copy.deepcopy(fusion_state)
         if fusion is not None:
             scale_gate(fusion, float(lam))
-        model = MultimodalDetector(finetuned, fusion, params.detector_mode).to(_device(params)).eval()
+        model = MultimodalDetector(finetuned, fusion, params.detector_mode).to(evaluation_device(params)).eval()
         evaluated, _ = _detect(model.predict, params, data)
         points.append(
             {

@@ -49,6 +49,7 @@ AttnImplementation = Literal["auto", "blocks", "sdpa", "eager"]
 Scheduler = Literal["flatcosine", "cosine", "constant"]
 Amp = Literal["no", "fp16", "bf16"]
 SelectMetric = Literal["map", "map50"]
+Select = Literal["best_val", "last", "best_val_or_baseline"]
 #: ``device`` is a string, not a choice: ``cuda:N`` names any visible GPU (``tfg_mm.runtime.devices`` resolves it)
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 Gate = Literal["scalar", "per_class"]
@@ -182,7 +183,17 @@ class DataParams(BaseModel):
         "the project root (the folder holding `pyproject.toml`), else the working directory.",
     )
     train_json: str = Field("instances_train.json", description="Training annotation file, relative to `dataset`.")
-    val_json: str = Field("instances_val.json", description="Validation annotation file, relative to `dataset`.")
+    val_json: str = Field(
+        "instances_val.json",
+        description="Validation annotation file, relative to `dataset`: the selection set (it chooses the epoch, "
+        "the operating thresholds); never the images a reported number is judged on.",
+    )
+    test_json: str = Field(
+        "",
+        description="Held-out test annotation file, relative to `dataset` (empty = none): every finished run is "
+        "judged once on it (`final.test`: the selected and the last checkpoint), and nothing selects on it. "
+        "Its categories must be the training set's and its images in neither train nor val.",
+    )
     images_dir: str = Field("images", description="Images folder, relative to `dataset`.")
     generate_if_missing: bool = Field(
         True,
@@ -191,6 +202,12 @@ class DataParams(BaseModel):
     synthetic_seed: int = Field(0, ge=0, description="Seed of the synthetic generator (same seed, same bytes).")
     synthetic_train: int = Field(400, ge=1, description="Number of synthetic training images.")
     synthetic_val: int = Field(100, ge=1, description="Number of synthetic validation images.")
+    synthetic_test: int = Field(
+        200,
+        ge=0,
+        description="Number of synthetic test images (`instances_test.json`; 0 = none). 200 give the hard classes "
+        "more than 40 boxes each.",
+    )
     synthetic_image_size: int = Field(
         160,
         ge=64,
@@ -361,6 +378,14 @@ class TrainingParams(BaseModel):
     top_k: int = Field(100, ge=1, description="Detections kept per image (top-k over queries x classes).")
     select_metric: SelectMetric = Field(
         "map", description="Validation metric that selects the best checkpoint (`final` in metrics.json)."
+    )
+    select: Select = Field(
+        "best_val",
+        description="Which evaluated epoch becomes the run's checkpoint (`final`): `best_val` the best "
+        "`select_metric` on the validation images among the trained epochs (epoch 0, the starting point, is the "
+        "reference, not a candidate: in phase 2 it is the baseline itself), `last` the last epoch, "
+        "`best_val_or_baseline` (phase 2, for deployment) the best among epoch 0 too: it falls back to the "
+        "baseline when no trained epoch beats it, and every report says so.",
     )
     device: Annotated[str, AfterValidator(_is_device)] = Field(
         "auto",

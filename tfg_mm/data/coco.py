@@ -161,6 +161,15 @@ class CocoDetection(Dataset):
         """Contiguous label -> name, as transformers model configs expect."""
         return dict(enumerate(self.categories))
 
+    def instance_counts(self) -> dict[str, int]:
+        """Non-crowd boxes per class (the ones COCO evaluation counts), every class of the file listed."""
+        name_of = dict(zip(self.cat_ids, self.categories))
+        counts = {name: 0 for name in self.categories}
+        for a in self.data["annotations"]:
+            if not a.get("iscrowd", 0) and a["category_id"] in name_of:
+                counts[name_of[a["category_id"]]] += 1
+        return counts
+
     @cached_property
     def coco(self) -> Any:
         """A pycocotools ``COCO`` over the validated (repaired) annotations, for evaluation.

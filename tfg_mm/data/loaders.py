@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from tfg_mm.data.coco import CocoDetection, collate, dataset_fingerprint
 from tfg_mm.data.synthetic import generate
-from tfg_mm.data.validate import decode_images
+from tfg_mm.data.validate import DataWarning, decode_images
 from tfg_mm.errors import ConfigError, DataError
 from tfg_mm.paths import resolve_path
 from tfg_mm.runtime.devices import loader_settings, resolve_device
@@ -43,6 +44,7 @@ def resolve_dataset(params, progress: bool = True, root: Path | None = None) -> 
             seed=params.synthetic_seed,
             n_train=params.synthetic_train,
             n_val=params.synthetic_val,
+            n_test=params.synthetic_test,
             image_size=params.synthetic_image_size,
             progress=progress,
         )
@@ -55,27 +57,60 @@ def resolve_dataset(params, progress: bool = True, root: Path | None = None) -> 
     return root
 
 
-def dataset_record(root: str | Path, train_json: str, val_json: str, images_dir: str = "images") -> dict:
-    """Paths and content hash of a COCO dataset: ``{"root", "train_json", "val_json", "hash", "hash_method"}``.
+def dataset_record(
+    root: str | Path, train_json: str, val_json: str, images_dir: str = "images", test_json: str = ""
+) -> dict:
+    """Paths and content hash of a COCO dataset: ``{"root", "train_json", "val_json", "hash", "hash_method"}``,
+    and ``test_json`` when the run has a test split.
 
     The hash is :func:`tfg_mm.data.coco.dataset_fingerprint`: the annotation files and the bytes of
-    the images they reference, under ``images_dir``.
+    the images they reference, under ``images_dir`` (the test split's too: a run judged on other test images
+    is another run).
     """
     root_path = resolve_path(root)
-    annotations = [root_path / train_json, root_path / val_json]
-    for path, key in zip(annotations, ("train_json", "val_json")):
+    files = {"train_json": train_json, "val_json": val_json, **({"test_json": test_json} if test_json else {})}
+    annotations = {key: root_path / name for key, name in files.items()}
+    for key, path in annotations.items():
         if not path.is_file():
             raise DataError(
                 f"{path}: annotation file not found (dataset `{root}`, {key} `{path.name}`); check the "
                 f"`dataset` and `{key}` parameters, or generate the synthetic set with `python -m tfg_mm generate`"
+                + (' (`test_json: ""` runs without a test split)' if key == "test_json" else "")
             )
     return {
         "root": str(root_path),
-        "train_json": str(annotations[0]),
-        "val_json": str(annotations[1]),
-        "hash": dataset_fingerprint(root_path, [str(p) for p in annotations], images_dir=images_dir),
+        **{key: str(path) for key, path in annotations.items()},
+        "hash": dataset_fingerprint(root_path, [str(p) for p in annotations.values()], images_dir=images_dir),
         "hash_method": "tfg_mm.data.dataset_fingerprint",
     }
+
+
+def record_of(params, root: str | Path | None = None) -> dict:
+    """:func:`dataset_record` of a run's parameters (``root``: the dataset folder already located)."""
+    root = params.dataset if root is None else root
+    return dataset_record(root, params.train_json, params.val_json, params.images_dir, params.test_json)
+
+
+def check_test_split(test: CocoDetection, others: dict[str, CocoDetection]) -> None:
+    """The held-out test split: the training set's categories, and none of its images in the other splits
+    (same ``file_name``): a ``DataError`` naming the file, the count and the fix, before any training."""
+    reference = next(iter(others.values()))
+    if (list(test.categories), list(test.cat_ids)) != (list(reference.categories), list(reference.cat_ids)):
+        raise DataError(
+            f"{test.coco_path}: the test split lists the categories {list(test.categories)}, the training set "
+            f"{list(reference.categories)}. Fix: give the test file the same category list (names and ids), e.g. "
+            "by cutting all splits from one file with `python -m tfg_mm split`."
+        )
+    names = {im["file_name"] for im in test.data["images"]}
+    for split, dataset in others.items():
+        shared = sorted(names & {im["file_name"] for im in dataset.data["images"]})
+        if shared:
+            raise DataError(
+                f"{test.coco_path}: {len(shared)} of its {len(names)} images are also in the {split} split "
+                f"{dataset.coco_path} (e.g. {shared[:3]}): a number judged on them would not be held out. Fix: "
+                "split the images once into train / val / test (`python -m tfg_mm split all.json --val-fraction "
+                "0.2 --test-fraction 0.2`), or remove them from one of the files."
+            )
 
 
 @dataclass
@@ -88,6 +123,9 @@ class Data:
     class_names: list[str]
     cat_ids: list[int]
     record: dict
+    #: the held-out test split (``test_json``; None without one) and its loader
+    test: Any = None
+    test_loader: DataLoader | None = None
 
 
 def make_data(
@@ -139,10 +177,31 @@ def make_data(
             drop_last=len(train) > global_batch,
         )
     val_loader = DataLoader(val, batch_size=params.batch_size, shuffle=False, collate_fn=collate, **settings)
+    test, test_loader = None, None
+    if params.test_json:
+        test = CocoDetection(
+            root, params.test_json, params.images_dir, image_size=params.image_size, train=False, augment=False
+        )
+        check_test_split(test, {"validation": val, **({"training": train} if train is not None else {})})
+        test_loader = DataLoader(test, batch_size=params.batch_size, shuffle=False, collate_fn=collate, **settings)
+    for split, dataset in (("validation", val), ("test", test)):
+        missing = [name for name, n in (dataset.instance_counts() if dataset is not None else {}).items() if n == 0]
+        if missing:
+            warnings.warn(
+                DataWarning(
+                    f"{dataset.coco_path}: no {split} instances of {', '.join(missing)}: "
+                    f"{'their AP cannot be measured here' if len(missing) > 1 else 'its AP cannot be measured here'}"
+                    f" (the reports say 'no {split} instances'). Fix: move images of "
+                    f"{'these classes' if len(missing) > 1 else 'this class'} into the {split} split "
+                    "(`python -m tfg_mm split` keeps every class in every split it can)."
+                ),
+                stacklevel=2,
+            )
     if record is None:
-        record = dataset_record(root, params.train_json, params.val_json, params.images_dir)
+        record = record_of(params, root)
     # every referenced image decoded once per dataset content (cached by its hash), before any training
-    decode_images(
-        [record["train_json"], record["val_json"]], root / params.images_dir, key=record["hash"], progress=progress
+    annotation_files = [record[key] for key in ("train_json", "val_json", "test_json") if record.get(key)]
+    decode_images(annotation_files, root / params.images_dir, key=record["hash"], progress=progress)
+    return Data(
+        root, train, val, train_loader, val_loader, list(val.categories), list(val.cat_ids), record, test, test_loader
     )
-    return Data(root, train, val, train_loader, val_loader, list(val.categories), list(val.cat_ids), record)

@@ -352,7 +352,7 @@ def render_image(
     return pixels, objects
 
 
-_SPLIT_CODES = {"train": 0, "val": 1}
+_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
@@ -433,7 +433,8 @@ def _is_current(out_dir: Path, manifest: dict) -> bool:
         return False
     if existing.get("params") != manifest["params"] or existing.get("version") != manifest["version"]:
         return False
-    files = [out_dir / "instances_train.json", out_dir / "instances_val.json"]
+    splits = ["train", "val"] + (["test"] if manifest["params"].get("n_test") else [])
+    files = [out_dir / f"instances_{split}.json" for split in splits]
     files += [out_dir / "images" / name for name in existing.get("images", [])]
     return len(existing.get("images", [])) == manifest["n_images"] and all(f.is_file() for f in files)
 
@@ -444,6 +445,7 @@ def generate(
     n_train: int = 400,
     n_val: int = 100,
     image_size: int = 160,
+    n_test: int = 0,
     classes: Sequence[str] = DEFAULT_CLASSES,
     defect_free_fraction: float = 0.1,
     progress: bool = True,
@@ -451,11 +453,16 @@ def generate(
 ) -> Path:
     """Write the synthetic defect dataset as an ordinary COCO folder and return ``out_dir``.
 
-    Layout: ``images/{train,val}_NNNNNN.png``, ``instances_train.json``, ``instances_val.json``,
-    ``README.json`` (the parameters, the image list and class counts; used to skip regeneration when
-    an identical set is already there) and ``README.txt``. Category ids are 1..len(classes) in the
-    given order; image ids are unique across both splits. The folder is replaced atomically, and a
-    non-empty folder that was not made by this generator is never overwritten.
+    Layout: ``images/{train,val,test}_NNNNNN.png``, ``instances_train.json``, ``instances_val.json``,
+    ``instances_test.json`` (with ``n_test`` > 0: the held-out test split), ``README.json`` (the parameters,
+    the image list and class counts; used to skip regeneration when an identical set is already there) and
+    ``README.txt``. Category ids are 1..len(classes) in the given order; image ids are unique across the
+    splits. The folder is replaced atomically, and a non-empty folder that was not made by this generator is
+    never overwritten.
+
+    Every split draws from its own random stream (seed, split, image index), so the test split adds images
+    without changing one byte of the train and val images or annotation files (their ``info.params`` leave
+    ``n_test`` out; the manifest records it).
 
     ``stress=True`` (``python -m tfg_mm generate --stress``) writes the stress case of issue 9: grayscale PNGs
     whose defects include image-spanning ones (a band across the whole width, a crack along the whole height,
@@ -465,6 +472,8 @@ def generate(
     """
     out_dir = Path(out_dir)
     classes = _check_params(seed, n_train, n_val, image_size, classes, defect_free_fraction)
+    if not isinstance(n_test, int) or isinstance(n_test, bool) or n_test < 0:
+        raise ConfigError(f"generate(n_test={n_test!r}): must be an integer >= 0 (0: no test split).")
     params = {
         "seed": int(seed),
         "n_train": n_train,
@@ -475,11 +484,15 @@ def generate(
     }
     if stress:  # only then: the default set's manifest (and so its dataset hash) stays as it was
         params["stress"] = True
+    # the train / val annotation files carry the parameters of before the test split (their bytes unchanged)
+    split_params = dict(params)
+    if n_test:
+        params["n_test"] = n_test
     manifest = {
         "generator": "tfg_mm.data.synthetic",
         "version": GENERATOR_VERSION,
         "params": params,
-        "n_images": n_train + n_val,
+        "n_images": n_train + n_val + n_test,
     }
     if _is_current(out_dir, manifest):
         return out_dir
@@ -491,14 +504,15 @@ def generate(
 
     image_names: list[str] = []
     class_counts = {name: 0 for name in classes}
-    splits: dict[str, list[tuple[int, str, list[tuple[str, Box]]]]] = {"train": [], "val": []}
+    counts = {"train": n_train, "val": n_val, **({"test": n_test} if n_test else {})}
+    splits: dict[str, list[tuple[int, str, list[tuple[str, Box]]]]] = {split: [] for split in counts}
     with (
         atomic_dir(out_dir) as tmp,
-        tqdm(total=n_train + n_val, desc="synthetic defects", disable=not progress, unit="img") as bar,
+        tqdm(total=sum(counts.values()), desc="synthetic defects", disable=not progress, unit="img") as bar,
     ):
         (tmp / "images").mkdir()
         image_id = 0
-        for split, count in (("train", n_train), ("val", n_val)):
+        for split, count in counts.items():
             # The defect-free images are an exact share, chosen by the split's own generator.
             split_rng = np.random.Generator(np.random.PCG64([seed, _SPLIT_CODES[split], 2**32]))
             n_free = int(round(defect_free_fraction * count))
@@ -514,14 +528,17 @@ def generate(
                     class_counts[name] += 1
                 bar.update(1)
         for split, records in splits.items():
-            (tmp / f"instances_{split}.json").write_text(_split_json(split, records, image_size, classes, params))
+            written = params if split == "test" else split_params
+            (tmp / f"instances_{split}.json").write_text(_split_json(split, records, image_size, classes, written))
         manifest.update({"images": image_names, "class_counts": class_counts})
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, sort_keys=True, indent=1) + "\n")
         (tmp / "README.txt").write_text(
             "Synthetic industrial surface defects generated by tfg_mm.data.synthetic "
             f"(generator version {GENERATOR_VERSION}).\n"
             f"Parameters: {json.dumps(params, sort_keys=True)}\n"
-            "COCO annotations: instances_train.json, instances_val.json; images in images/.\n"
+            "COCO annotations: instances_train.json, instances_val.json"
+            + (", instances_test.json (held out: judged on, never selected on)" if n_test else "")
+            + "; images in images/.\n"
             f"Hard classes (small / faint by design): {', '.join(c for c in HARD_CLASSES if c in classes) or 'none'}.\n"
             "Regenerate with: python -m tfg_mm generate (or tfg_mm.data.synthetic.generate).\n"
         )

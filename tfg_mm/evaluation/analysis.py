@@ -383,6 +383,42 @@ def operating_points(m: _Matches, class_names: list[str]) -> tuple[dict, dict]:
     return points, curves
 
 
+def at_thresholds(
+    coco_gt: str | Path | dict | Any,
+    detections: list[dict],
+    thresholds: Mapping[str, float | None],
+    class_names: list[str] | None = None,
+    cat_ids: list[int] | None = None,
+    backend: str = "faster_coco_eval",
+) -> dict:
+    """Per class: precision, recall and F1 at IoU 0.5 of the detections at or above a threshold chosen elsewhere
+    (the validation operating points), with the counts behind them: what a deployment at those thresholds gets.
+
+    ``{class: {"threshold", "precision", "recall", "f1", "tp", "fp", "instances"}}``. A class without a threshold
+    (the validation set could not choose one) or without instances here has None where nothing can be measured.
+    """
+    gt = load_coco_gt(coco_gt, backend)
+    class_names, cat_ids = resolve_classes(gt, class_names, cat_ids)
+    check_detections(gt, detections)
+    m = _match_all(_images(gt, detections, cat_ids), len(cat_ids))
+    keep = ~m.det_ignored
+    n_gt = _n_gt(m)
+    out = {}
+    for k, name in enumerate(class_names):
+        threshold = thresholds.get(name)
+        entry: dict[str, Any] = {"threshold": threshold, "instances": int(n_gt[k])}
+        if threshold is None:
+            out[name] = {**entry, "precision": None, "recall": None, "f1": None, "tp": None, "fp": None}
+            continue
+        sel = keep & (m.det_cls == k) & (m.det_score >= threshold)
+        tp, fp = int(m.det_tp[sel].sum()), int((~m.det_tp[sel]).sum())
+        precision = tp / (tp + fp) if tp + fp else None
+        recall = tp / int(n_gt[k]) if n_gt[k] else None
+        f1 = 2 * precision * recall / (precision + recall) if precision and recall else (0.0 if n_gt[k] else None)
+        out[name] = {**entry, "precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp}
+    return out
+
+
 def confusion_matrix(images: list[_Image], thresholds: list[float | None]) -> np.ndarray:
     """Counts ``[K + 1, K + 1]``: rows ground-truth class + background, columns predicted class + missed
     (module docstring); class k's detections are kept at score >= ``thresholds[k]`` (None: none kept)."""

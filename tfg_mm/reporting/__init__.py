@@ -8,6 +8,7 @@ folders (``python -m tfg_mm report``). One module a job:
 * :mod:`.provenance`: the run card (where a number came from) and the metrics table;
 * :mod:`.curves`: training curves of a run (trajectory, per-class AP and Δ, gate, losses);
 * :mod:`.errors`: error analysis (PR / F1 curves, operating points, confusion matrix, TIDE breakdown);
+* :mod:`.judgement`: a run on its held-out test split next to its validation numbers;
 * :mod:`.galleries`: detections drawn on validation images, baseline vs phase 2, the flips;
 * :mod:`.ablations`: the Δ tables and figures of a grid;
 * :mod:`.index`: ``reports/index.html``;
@@ -24,6 +25,7 @@ from tfg_mm.reporting.ablations import (
     plot_ablation_trajectories,
     plot_delta_heatmap,
     plot_wise_curve,
+    show_ablation_tables,
 )
 from tfg_mm.reporting.curves import plot_gate, plot_losses, plot_per_class, plot_per_class_delta, plot_trajectory
 from tfg_mm.reporting.errors import (
@@ -40,6 +42,7 @@ from tfg_mm.reporting.errors import (
 from tfg_mm.reporting.figures import save_figure
 from tfg_mm.reporting.galleries import flips_summary, phase2_flips, show_galleries, show_side_by_side
 from tfg_mm.reporting.index import NOTEBOOK_REPORTS, build_index
+from tfg_mm.reporting.judgement import show_test_results, test_operating_points_table, test_table
 from tfg_mm.reporting.provenance import (
     baseline_final_of,
     contract_field,
@@ -79,8 +82,12 @@ __all__ = [
     "provenance_markdown",
     "read_analysis",
     "save_figure",
+    "show_ablation_tables",
     "show_error_analysis",
     "show_galleries",
     "show_provenance",
     "show_side_by_side",
+    "show_test_results",
+    "test_operating_points_table",
+    "test_table",
 ]

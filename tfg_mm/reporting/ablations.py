@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from IPython.display import Markdown, display
 from matplotlib.ticker import MaxNLocator
 
 from tfg_mm.paths import portable_text
@@ -31,32 +32,48 @@ def _fmt_mean_sd(entry: Mapping[str, Any] | None) -> str:
     return f"{entry['mean']:.4f} ± {entry['sd']:.4f}" if entry.get("n", 1) > 1 else f"{entry['mean']:.4f}"
 
 
-def ablation_table(summary: Mapping[str, Any]) -> pd.DataFrame:
-    """The thesis table: one row per variant (baseline first).
+#: The tables of a grid, in the order the reports show them: the test images first (the thesis's numbers), the
+#: validation images (the selection set) last. ``summary["variants"][i]["deltas"]`` holds each comparison.
+COMPARISONS: dict[str, str] = {
+    "test": "Test images (held out: nothing was selected on them)",
+    "val": "Validation images (the selection set: they chose each run's epoch and thresholds)",
+}
 
-    Columns: status, seeds, mAP / mAP50 / hard-class AP as mean ± sd over seeds, ΔmAP and Δ of each
-    hard class's AP with the (hierarchical, with several seeds) paired-bootstrap interval, the
-    verdict (improves / worse / within noise: an interval that contains 0), and what the interval
-    covers in words (with one seed: validation images only, training noise not included).
+
+def has_comparison(summary: Mapping[str, Any], key: str) -> bool:
+    """Whether any variant of the grid has a Δ on this comparison (``test``: the runs have a test split)."""
+    return any((v.get("deltas") or {}).get(key, {}).get("delta") for v in summary.get("variants", []))
+
+
+def _baseline_block(summary: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
+    final = (summary.get("baseline") or {}).get("final") or {}
+    if key == "val":
+        return final or None
+    return ((final.get("test") or {}).get("selected")) or None
+
+
+def ablation_table(summary: Mapping[str, Any], key: str = "test") -> pd.DataFrame:
+    """The thesis table of one comparison: one row per variant (baseline first).
+
+    ``key="test"`` (default: what a thesis quotes): mAP / mAP50 / hard-class AP on the held-out test images as
+    mean ± sd over seeds, ΔmAP of the selected checkpoint with its (hierarchical, with several seeds) paired
+    bootstrap interval and verdict, the same Δ for the last epoch (no selection: it cannot flatter), and the Δ of
+    each hard class's AP. ``key="val"``: the same on the validation images, the selection set. An interval that
+    contains 0 is "within noise"; "interval covers" says which noise it holds (with one seed: the images only).
     """
     hard = list(summary.get("hard_classes", []))
     level = summary.get("confidence", 0.95)
     ci = f"{round(100 * level)}% CI"
     rows = []
-    base = summary.get("baseline") or {}
-    if base.get("final"):
-        row = {
-            "variant": "baseline",
-            "status": "reference",
-            "seeds": "",
-            "mAP": f"{base['final']['map']:.4f}",
-            "mAP50": f"{base['final']['map50']:.4f}",
-        }
+    base = _baseline_block(summary, key)
+    if base:
+        row = {"variant": "baseline", "status": "reference", "seeds": "", "mAP": f"{number(base['map']):.4f}"}
+        row["mAP50"] = f"{number(base['map50']):.4f}"
         for name in hard:
-            row[f"AP {name}"] = f"{number(base['final']['per_class'].get(name, {}).get('ap')):.4f}"
+            row[f"AP {name}"] = f"{number((base['per_class'].get(name) or {}).get('ap')):.4f}"
         spread = summary.get("baseline_seeds") or {}
         stats = spread.get("stats") or {}
-        if stats.get("map", {}).get("n", 1) > 1:  # several baseline seeds: mean ± sd like the variants
+        if key == "val" and stats.get("map", {}).get("n", 1) > 1:  # several baseline seeds: mean ± sd
             row["seeds"] = ", ".join(str(r["seed"]) for r in spread["runs"] if r.get("status") == "finished")
             row["mAP"], row["mAP50"] = _fmt_mean_sd(stats.get("map")), _fmt_mean_sd(stats.get("map50"))
             for name in hard:
@@ -68,24 +85,56 @@ def ablation_table(summary: Mapping[str, Any]) -> pd.DataFrame:
             "status": variant["status"],
             "seeds": ", ".join(str(s) for s in variant.get("seeds_finished", [])),
         }
-        stats = variant.get("stats", {})
+        comparison = (variant.get("deltas") or {}).get(key) or {}
+        stats = comparison.get("stats") or {}
         row["mAP"] = _fmt_mean_sd(stats.get("map"))
         row["mAP50"] = _fmt_mean_sd(stats.get("map50"))
         for name in hard:
             row[f"AP {name}"] = _fmt_mean_sd(stats.get(f"ap:{name}"))
-        delta = variant.get("delta") or {}
+        delta = comparison.get("delta") or {}
         row[f"ΔmAP [{ci}]"] = _fmt_interval(delta.get("map"))
         row["verdict"] = (delta.get("map") or {}).get("verdict", "")
-        row["interval covers"] = (delta.get("map") or {}).get("covers", "")
+        if key == "test":
+            last = ((variant.get("deltas") or {}).get("test_last") or {}).get("delta") or {}
+            row[f"ΔmAP last epoch [{ci}]"] = _fmt_interval(last.get("map"))
+            row["verdict last epoch"] = (last.get("map") or {}).get("verdict", "")
         for name in hard:
             entry = (delta.get("per_class") or {}).get(name)
             row[f"ΔAP {name} [{ci}]"] = _fmt_interval(entry)
             row[f"verdict {name}"] = (entry or {}).get("verdict", "")
+        row["interval covers"] = (delta.get("map") or {}).get("covers", "")
+        fell_back = [r["seed"] for r in variant.get("runs", []) if (r.get("final") or {}).get("fell_back")]
+        if fell_back:
+            row["status"] += f" (seeds {', '.join(map(str, fell_back))} fell back to the baseline)"
         if variant.get("errors"):
             first = variant["errors"][0]
             row["verdict"] = row["verdict"] or portable_text(f"failed: {first.get('error', '')}")[:160]
+        elif comparison.get("missing") and not delta:
+            row["verdict"] = "no test evaluation (python -m tfg_mm evaluate RUN --split test)" if key == "test" else ""
         rows.append(row)
     return pd.DataFrame(rows).fillna("")
+
+
+def show_ablation_tables(summary: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
+    """Notebook 03: the ablation table on the test images first (selected checkpoint and last epoch), then on the
+    validation images (the selection set), each under a heading that says which; without a test split, a note
+    and the validation table. Returns the tables by comparison."""
+    keys = [k for k in COMPARISONS if has_comparison(summary, k)] or ["val"]
+    if "test" not in keys:
+        display(
+            Markdown(
+                "*No test split: the runs were judged on no held-out images; the table below is on the "
+                "validation images that selected their checkpoints.*"
+            )
+        )
+    tables = {}
+    for key in keys:
+        display(Markdown(f"**{COMPARISONS[key]}**"))
+        tables[key] = ablation_table(summary, key)
+        display(tables[key])
+    if summary.get("interval_note"):
+        display(Markdown(summary["interval_note"]))
+    return tables
 
 
 def baseline_spread_table(summary: Mapping[str, Any]) -> pd.DataFrame:
@@ -139,9 +188,11 @@ def plot_ablation_trajectories(summary: Mapping[str, Any], save: str | None = No
 
 
 def plot_delta_heatmap(summary: Mapping[str, Any], save: str | None = None) -> plt.Figure:
-    """Per-class Δ AP50:95 (mean over seeds, selected checkpoint vs baseline): variants × classes."""
-    rows = {v["name"]: v["per_class_delta"] for v in summary.get("variants", []) if v.get("per_class_delta")}
-    frame = pd.DataFrame(rows).T
+    """Per-class Δ AP50:95 (mean over seeds, selected checkpoint vs baseline): variants × classes, on the test images
+    when every run has them, else on validation (the title says which)."""
+    deltas = {v["name"]: v["per_class_delta"] for v in summary.get("variants", []) if v.get("per_class_delta")}
+    splits = {d.get("split", "val") for d in deltas.values()}
+    frame = pd.DataFrame({name: d.get("values", d) for name, d in deltas.items()}).T
     fig, ax = plt.subplots(figsize=(1.2 * max(3, frame.shape[1]) + 3, 0.45 * max(2, frame.shape[0]) + 1.5))
     if frame.empty:
         ax.text(0.5, 0.5, "no finished variant", ha="center", va="center", transform=ax.transAxes)
@@ -164,7 +215,8 @@ def plot_delta_heatmap(summary: Mapping[str, Any], save: str | None = None) -> p
         if label.get_text() in summary.get("hard_classes", []):
             label.set_color(HARD_COLOR)
             label.set_fontweight("bold")
-    ax.set_title("Per-class change against the baseline (mean over seeds)")
+    where = "test images" if splits == {"test"} else "validation images (the selection set)"
+    ax.set_title(f"Per-class change against the baseline (mean over seeds; {where})")
     return finish(fig, save)
 
 

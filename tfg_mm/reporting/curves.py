@@ -54,18 +54,32 @@ def _shade_stages(ax: plt.Axes, history: pd.DataFrame) -> None:
 def plot_trajectory(
     metrics: Mapping[str, Any], baseline: Mapping[str, Any] | None = None, save: str | None = None
 ) -> plt.Figure:
-    """mAP and mAP50 per evaluated epoch; the baseline's final values as dashed lines; stage shading.
+    """Validation mAP and mAP50 per evaluated epoch, a star on the selected epoch (the rule that chose it in the
+    title), the baseline's final values as dashed lines, stage shading.
 
     ``baseline`` is a baseline contract or its ``final`` dict; by default the baseline recorded in
     a phase-2 contract.
     """
     history = history_frame(metrics)
     base = as_final(baseline) if baseline is not None else baseline_final_of(metrics)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
-    for ax, key, label in zip(axes, ("map", "map50"), ("mAP@[.50:.95]", "mAP@.50")):
+    final = metrics.get("final") or {}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.9), sharex=True)
+    for ax, key, label in zip(axes, ("map", "map50"), ("validation mAP@[.50:.95]", "validation mAP@.50")):
         if not history.empty:
             _shade_stages(ax, history)
             ax.plot(history["epoch"], history[key], marker="o", color="#1f77b4", label="this run")
+            chosen = history[history["epoch"] == final.get("epoch")]
+            if not chosen.empty:
+                ax.plot(
+                    chosen["epoch"],
+                    chosen[key],
+                    marker="*",
+                    ms=15,
+                    ls="none",
+                    color="#d62728",
+                    zorder=5,
+                    label=f"selected: epoch {final['epoch']}",
+                )
         if base and base.get(key) is not None:
             ax.axhline(base[key], ls="--", color="#444444", label=f"baseline {base[key]:.3f}")
         ax.set_xlabel("epoch")
@@ -73,6 +87,11 @@ def plot_trajectory(
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
+    if final.get("selected_by"):
+        fig.suptitle(
+            f"Selected by {final['selected_by']}" + (" (fell back to the start)" if final.get("fell_back") else ""),
+            fontsize=9,
+        )
     return finish(fig, save)
 
 

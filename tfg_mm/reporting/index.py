@@ -19,8 +19,10 @@ from tfg_mm import paths
 from tfg_mm.io import atomic_write_text
 from tfg_mm.paths import portable_text
 from tfg_mm.reporting.ablations import (
+    COMPARISONS,
     ablation_table,
     baseline_spread_table,
+    has_comparison,
     plot_ablation_gates,
     plot_ablation_trajectories,
     plot_delta_heatmap,
@@ -151,31 +153,48 @@ def build_index(
     if flips:
         parts.append(_flips_html(flips))
     if summary:
-        table = ablation_table(summary)
-        atomic_write_text(reports_dir / "ablations_table.csv", table.to_csv(index=False))
-        atomic_write_text(
-            reports_dir / "ablations_table.tex",
-            table.to_latex(
-                index=False,
-                escape=True,
-                caption="Ablations against the DEIMv2 baseline "
-                f"(mean ± sd over seeds; paired bootstrap {summary.get('confidence')} "
-                "intervals over validation images, and over training seeds where there are several; "
-                "the column `interval covers` says which).",
-                label="tab:ablations",
-            ),
-        )
+        level = round(100 * summary.get("confidence", 0.95))
+        keys = [k for k in COMPARISONS if has_comparison(summary, k)] or ["val"]
         parts.append("<h2>Ablations</h2>")
         parts.append(
             f"<p class='note'>Grid <code>{html.escape(portable_text(str(summary.get('grid', ''))))}</code>; "
             f"{html.escape(summary.get('description', ''))}. Values are mean ± sd over seeds; "
-            f"Δ is the seed mean of (variant − baseline) with a paired bootstrap "
-            f"{round(100 * summary.get('confidence', 0.95))}% interval "
+            f"Δ is the seed mean of (variant − baseline) with a paired bootstrap {level}% interval "
             f"({summary.get('bootstrap_resamples')} resamples); an interval that contains 0 is "
-            f"<em>within noise</em>. Baseline: <code>{html.escape(portable_text(str(summary.get('baseline_run', ''))))}"
-            f"</code>. {html.escape(summary.get('interval_note', ''))}</p>"
+            f"<em>within noise</em>. Each phase-2 run selects its checkpoint among its own epochs on the validation "
+            f"images; the baseline (epoch 0) is the reference, never a candidate. Baseline: <code>"
+            f"{html.escape(portable_text(str(summary.get('baseline_run', ''))))}</code>. "
+            f"{html.escape(summary.get('interval_note', ''))}</p>"
         )
-        parts.append(table.to_html(index=False, escape=True, border=0, classes="ablations"))
+        if "test" not in keys:
+            parts.append(
+                "<p class='note'><strong>No test split</strong>: these runs were judged on no held-out images, so the "
+                "only table is on the validation images that chose their checkpoints (set <code>test_json</code>, "
+                "or judge a finished run with <code>python -m tfg_mm evaluate RUN --split test</code>).</p>"
+            )
+        for key in keys:
+            table = ablation_table(summary, key)
+            suffix = "" if key == keys[0] else f"_{key}"
+            atomic_write_text(reports_dir / f"ablations_table{suffix}.csv", table.to_csv(index=False))
+            atomic_write_text(
+                reports_dir / f"ablations_table{suffix}.tex",
+                table.to_latex(
+                    index=False,
+                    escape=True,
+                    caption=f"Ablations against the DEIMv2 baseline, {COMPARISONS[key][0].lower()}"
+                    f"{COMPARISONS[key][1:]} (mean ± sd over seeds; paired bootstrap {level}% intervals over the "
+                    "images, and over training seeds where there are several; the column `interval covers` says "
+                    "which).",
+                    label=f"tab:ablations{suffix}",
+                ),
+            )
+            parts.append(f"<h3>{html.escape(COMPARISONS[key])}</h3>")
+            if key == "test":
+                parts.append(
+                    "<p class='note'>ΔmAP is measured on the held-out test images for each run's selected checkpoint; "
+                    "<em>last epoch</em> is the same for its last checkpoint, which no selection chose.</p>"
+                )
+            parts.append(table.to_html(index=False, escape=True, border=0, classes="ablations"))
         parts.append(_error_table_section(summary, reports_dir))
         spread = summary.get("baseline_seeds") or {}
         if spread.get("stats"):

@@ -127,10 +127,27 @@ def provenance_markdown(metrics: Mapping[str, Any]) -> str:
         rows.append(("baseline checkpoint", baseline["checkpoint"]))
     final = metrics.get("final") or {}
     if final:
+        fell_back = (
+            " — it fell back to the starting point (the baseline): no trained epoch beat it"
+            if final.get("fell_back")
+            else ""
+        )
         rows.append(
             (
                 "selected checkpoint",
-                f"epoch {final.get('epoch', '?')} by {final.get('selected_by', '?')} ({final.get('checkpoint', '?')})",
+                f"epoch {final.get('epoch', '?')} by {final.get('selected_by', '?')} on the validation images"
+                f"{fell_back} ({final.get('checkpoint', '?')})",
+            )
+        )
+        test = final.get("test")
+        rows.append(
+            (
+                "held-out test split",
+                f"{test.get('annotations', '?')}: {sum((test.get('instances') or {}).values())} boxes, judged once "
+                "after the selection (selected and last checkpoint); nothing was selected on it"
+                if isinstance(test, Mapping)
+                else f"none (no `test_json`); `python -m tfg_mm evaluate {params.get('run_dir', 'RUN')} --split "
+                "test` judges the run on one",
             )
         )
     lines = ["| | |", "|---|---|"] + [f"| **{cell(k)}** | {cell(v)} |" for k, v in rows]
@@ -183,14 +200,25 @@ def final_table(metrics: Mapping[str, Any], baseline_final: Mapping[str, Any] | 
             out[f"AP50 {name}"] = number(values.get("ap50"))
         return out
 
-    run = rows(metrics.get("final") or {})
-    table = pd.DataFrame({"run": run})
+    def notes(final: Mapping[str, Any]) -> dict[str, str]:
+        """A class without validation instances: its AP rows say so instead of NaN."""
+        return {
+            f"{kind} {name}": values["note"]
+            for name, values in (final.get("per_class") or {}).items()
+            if values.get("note")
+            for kind in ("AP", "AP50")
+        }
+
+    final = metrics.get("final") or {}
+    table = pd.DataFrame({"run": rows(final)})
     base = as_final(baseline_final)
     if base:
         table["baseline"] = pd.Series(rows(base))
         table["Δ"] = table["run"] - table["baseline"]
     table.index.name = "metric"
     table = table.round(4).astype(object)
+    for label, text in notes(final).items():
+        table.loc[label] = [text if pd.isna(v) else v for v in table.loc[label]]
     for label, text in _NO_OBJECTS.items():
         if label in table.index:
             table.loc[label] = [text if pd.isna(v) else v for v in table.loc[label]]

@@ -19,6 +19,7 @@ from tfg_mm.errors import ConfigError
 from tfg_mm.io import atomic_dir
 from tfg_mm.paths import RunPaths
 from tfg_mm.training.experiment import Setup, run_experiment
+from tfg_mm.training.judge import detector_predict_fn
 from tfg_mm.training.loop import Task
 from tfg_mm.training.optim import split_decay
 
@@ -51,11 +52,7 @@ class BaselineTask(Task):
         return compute_loss(out, batch["labels"], model.config, self.criterion, epoch)
 
     def predict_fn(self, model):
-        def fn(pixel_values):
-            out = model(pixel_values)
-            return out.logits, out.pred_boxes
-
-        return fn
+        return detector_predict_fn(model)
 
     def save_model(self, model, folder, metadata):
         if _is_project_model(model):

@@ -3,7 +3,8 @@
 This module is the one place that writes and reads it; its pydantic models are the contract's schema:
 
 * :class:`RunContract`: ``schema_version``, ``status`` (``running``, rewritten after each evaluated epoch;
-  ``finished``; ``failed`` with a :class:`Failure`), ``run_id`` (:func:`tfg_mm.training.identity.run_id`),
+  ``finished``; ``failed`` with a :class:`Failure`; ``interrupted``: stopped by a signal, with the same record
+  naming the signal, resumable by the same command), ``run_id`` (:func:`tfg_mm.training.identity.run_id`),
   ``updated``, ``params`` (all of them, defaults filled in) and ``params_changed``, ``dataset`` (paths and a
   content hash), ``code_version``, ``environment`` (what else decides a number; from schema version 2),
   ``history`` and ``final``, plus the phase's extra top-level entries (the fusion's α trajectory, the baseline a
@@ -41,8 +42,8 @@ from tfg_mm.training.identity import code_version, environment, run_id
 #: 2 added ``environment``; a version-1 file (written before it) still reads without it.
 #: 3 added ``final.operating_points`` and ``final.errors`` (optional: checked when present).
 SCHEMA_VERSION = 3
-Status = Literal["running", "finished", "failed"]
-STATUSES: tuple[str, ...] = ("running", "finished", "failed")
+Status = Literal["running", "finished", "failed", "interrupted"]
+STATUSES: tuple[str, ...] = ("running", "finished", "failed", "interrupted")
 #: Contract keys a file of an older schema version may lack: {key: first schema version that has it}.
 ADDED_KEYS = {"environment": 2}
 
@@ -100,21 +101,59 @@ class HistoryEntry(Metrics):
     loss: Number = None
 
 
+class AppliedOperatingPoint(_Entry):
+    """A validation operating point applied to another split: its precision, recall and F1 there, and the counts."""
+
+    threshold: Number
+    precision: Number
+    recall: Number
+    f1: Number
+    tp: StrictInt | None = None
+    fp: StrictInt | None = None
+    instances: StrictInt | None = None
+
+
+class SplitEvaluation(Metrics):
+    """A checkpoint judged on a split it was not selected on (:mod:`tfg_mm.training.judge`)."""
+
+    checkpoint: str | None = None
+    epoch: StrictInt | None = None
+    operating_points: dict[str, AppliedOperatingPoint] | None = None
+    detections: str | None = None
+
+
+class TestJudgement(_Entry):
+    """``final.test``: the selected checkpoint and the last one on the held-out test split."""
+
+    split: str
+    annotations: str
+    instances: dict[str, StrictInt]
+    selected: SplitEvaluation
+    last: SplitEvaluation | None = None
+
+
 class Final(Metrics):
-    """The selected checkpoint: its validation metrics, how it was selected, and its error analysis."""
+    """The selected checkpoint: its validation metrics, how it was selected, its error analysis and, with a test
+    split, its judgement there (``test``)."""
 
     epoch: StrictInt | None = None
     selected_by: str | None = None
+    select: str | None = None
+    select_metric: str | None = None
+    fell_back: bool = False
     checkpoint: str | None = None
     operating_points: dict[str, OperatingPoint] | None = None
     errors: dict[str, dict[Literal[ERROR_TYPES], Number]] | None = None  # type: ignore[valid-type]
+    test: TestJudgement | None = None
 
 
 class Failure(_Entry):
-    """Why a run failed and where: ``traceback`` names the file in the run folder."""
+    """Why a run failed (or which signal stopped it: ``signal``) and where: ``traceback`` names the file in the
+    run folder."""
 
     type: str
     message: str
+    signal: str | None = None
     epoch: int | None = None
     step: int | None = None
     stage: str | None = None
@@ -398,14 +437,14 @@ def is_finished(run_dir: str | Path) -> bool:
     return record is not None and record.get("status") == "finished"
 
 
-def mark_failed(run_dir: str | Path, failure: Mapping[str, Any]) -> Path | None:
-    """Mark the run in ``run_dir`` failed: its ``metrics.json`` keeps everything it holds (history,
-    params, ...) and gets ``status: failed`` and ``failure``. Returns the path, or None when there is
+def mark_failed(run_dir: str | Path, failure: Mapping[str, Any], status: Status = "failed") -> Path | None:
+    """Mark the run in ``run_dir`` failed (or ``interrupted``): its ``metrics.json`` keeps everything it holds
+    (history, params, ...) and gets that ``status`` and ``failure``. Returns the path, or None when there is
     no readable ``metrics.json`` yet (the caller writes a new one with :func:`write_metrics`)."""
     record = raw_contract(run_dir)
     if record is None:
         return None
-    record["status"] = "failed"
+    record["status"] = status
     record["failure"] = json_safe(dict(failure))
     record["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
     return atomic_write_json(_metrics_path(run_dir), record)

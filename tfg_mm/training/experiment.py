@@ -40,19 +40,22 @@ starts), its name, what else its result depends on, and a ``build`` step that tu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from tfg_mm.data.loaders import Data, dataset_record, make_data, resolve_dataset
+from tfg_mm.data.loaders import Data, make_data, record_of, resolve_dataset
 from tfg_mm.io import atomic_write_json, atomic_write_text
 from tfg_mm.paths import RunPaths
 from tfg_mm.runtime import distributed
 from tfg_mm.runtime.devices import check_amp, resolve_device
 from tfg_mm.training import contract, identity, runs, tracking
-from tfg_mm.training.loop import Task, Trainer
+from tfg_mm.training.interrupts import RunInterrupted, stop_on_signals
+from tfg_mm.training.judge import judge_run
+from tfg_mm.training.loop import Task, Trainer, with_instances
 from tfg_mm.training.seeding import make_accelerator, seed_everything
 
 log = logging.getLogger(__name__)
@@ -97,9 +100,12 @@ def run_experiment(
     depends_on = identity.with_world_size(depends_on, world)
     code = identity.code_version()
 
+    stack = contextlib.ExitStack()  # the run folder's lock, held from before any work to the end
+
     def prepare() -> tuple[dict, dict | None, dict | None]:
+        stack.enter_context(runs.hold_run_dir(paths.run_dir))  # one writer per run folder (main process)
         root = resolve_dataset(params, progress=progress, root=paths.dataset)
-        record = dataset_record(root, params.train_json, params.val_json, params.images_dir)
+        record = record_of(params, root)
         rid = identity.run_id(params, record["hash"], code, depends_on)
         if not params.overwrite:
             existing = runs.finished_run(paths.run_dir, rid)
@@ -112,105 +118,122 @@ def run_experiment(
         runs.prepare_run_dir(paths.run_dir, overwrite=params.overwrite, resume=params.resume)
         return record, None, resumed
 
-    record, existing, resumed = _on_main(prepare, is_main, world)
-    if existing is not None:
-        return existing
-    rid = identity.run_id(params, record["hash"], code, depends_on)
-    # before seeding: whatever the tracking libraries do on import cannot shift a random number of the run
-    tracker = (
-        tracking.start(params, paths.run_dir, phase=phase, run_id=rid, dataset=record, code=code, previous=resumed)
-        if is_main
-        else tracking.Tracker()
-    )
-    trainer: Trainer | None = None
-    setup: Setup | None = None
-    try:
-        loader_gen = seed_everything(params.seed, params.deterministic, rank=distributed.rank())
-        if not is_main:  # the main process validates the images first (a cached marker), then the others
-            distributed.barrier()
-        data = make_data(params, loader_gen, progress=progress, need_train=train, record=record, processes=world)
-        if is_main:
-            distributed.barrier()
-        setup = build(data)
-        task = setup.task
-
-        training = {"world_size": world, "batch_size_per_process": params.batch_size}
-        training["global_batch_size"] = params.batch_size * world
-
-        def write_contract(history: list[dict], final: dict | None, status: str) -> None:
-            if not is_main:
-                return
-
-            def write() -> None:
-                contract.write_metrics(
-                    paths.run_dir,
-                    params=params,
-                    dataset=record,
-                    history=history,
-                    final=final,
-                    extra={
-                        "phase": phase,
-                        # the schedule used (`recipe: official` resolved: tfg_mm.detector.recipe.resolve_recipe)
-                        **({"recipe": trainer.recipe} if trainer is not None else {}),
-                        **setup.extra,
-                        "training": training,
-                        **task.contract_extra(),
-                        **tracker.contract_entry(),
-                    },
-                    status=status,
-                    depends_on=depends_on,
-                )
-
-            write()
-            errors = len(tracker.errors)
-            tracker.log_contract(history, final)
-            if status == "finished":
-                tracker.end("finished", [paths.metrics, *_figures(paths.run_dir)])
-            if len(tracker.errors) != errors:  # a backend failed and was switched off: the contract says so
-                write()
-
-        # an evaluation-only run never draws a training batch: its loop gets the validation loader
-        trainer = Trainer(
-            params,
-            task,
-            data.train_loader if train else data.val_loader,
-            data.val_loader,
-            data.val.coco,
-            data.cat_ids,
-            paths.run_dir,
-            loader_gen,
-            write_contract,
-            progress,
-            run_id=rid,
-            accelerator=accelerator,
+    with stack, stop_on_signals():
+        record, existing, resumed = _on_main(prepare, is_main, world)
+        if existing is not None:
+            return existing
+        rid = identity.run_id(params, record["hash"], code, depends_on)
+        # before seeding: whatever the tracking libraries do on import cannot shift a random number of the run
+        tracker = (
+            tracking.start(params, paths.run_dir, phase=phase, run_id=rid, dataset=record, code=code, previous=resumed)
+            if is_main
+            else tracking.Tracker()
         )
-        if train:
-            trainer.fit()
-        else:
-            task.model.to(trainer.accelerator.device)
-            trainer.stage = "evaluate"
-            metrics, dets = trainer.evaluate()
+        trainer: Trainer | None = None
+        setup: Setup | None = None
+        try:
+            loader_gen = seed_everything(params.seed, params.deterministic, rank=distributed.rank())
+            if not is_main:  # the main process validates the images first (a cached marker), then the others
+                distributed.barrier()
+            data = make_data(params, loader_gen, progress=progress, need_train=train, record=record, processes=world)
             if is_main:
-                atomic_write_json(paths.detections, dets)
-            entry = {
-                "epoch": 0,
-                **{k: metrics[k] for k in _EVAL_KEYS},
-                "lr": 0.0,
-                "loss": None,
-                "losses": {},
-                "seconds": 0.0,
-            }
-            final = {**entry, "selected_by": "evaluation only", "checkpoint": setup.evaluated, **trainer.analyse()}
-            write_contract([entry], final, "finished")
-            distributed.barrier()
-    except BaseException as exc:  # recorded, then raised unchanged: the caller's exit code says it failed
-        if not is_main:  # the main process records it (every process raises the same TrainingError)
+                distributed.barrier()
+            setup = build(data)
+            task = setup.task
+
+            training = {"world_size": world, "batch_size_per_process": params.batch_size}
+            training["global_batch_size"] = params.batch_size * world
+
+            def write_contract(history: list[dict], final: dict | None, status: str) -> None:
+                if not is_main:
+                    return
+                if status == "finished" and data.test is not None and final is not None:
+                    # judged once, after the selection: the held-out test split (nothing selects on it)
+                    if trainer is not None:
+                        trainer.stage = "judge"
+                    final = {
+                        **final,
+                        "test": judge_run(
+                            params,
+                            paths,
+                            data,
+                            final,
+                            last_epoch=history[-1]["epoch"] if train and history else None,
+                            predict_fn=None if train else task.predict_fn(task.model),
+                        ),
+                    }
+
+                def write() -> None:
+                    contract.write_metrics(
+                        paths.run_dir,
+                        params=params,
+                        dataset=record,
+                        history=history,
+                        final=final,
+                        extra={
+                            "phase": phase,
+                            # the schedule used (`recipe: official` resolved: tfg_mm.detector.recipe.resolve_recipe)
+                            **({"recipe": trainer.recipe} if trainer is not None else {}),
+                            **setup.extra,
+                            "training": training,
+                            **task.contract_extra(),
+                            **tracker.contract_entry(),
+                        },
+                        status=status,
+                        depends_on=depends_on,
+                    )
+
+                write()
+                errors = len(tracker.errors)
+                tracker.log_contract(history, final)
+                if status == "finished":
+                    tracker.end("finished", [paths.metrics, *_figures(paths.run_dir)])
+                if len(tracker.errors) != errors:  # a backend failed and was switched off: the contract says so
+                    write()
+
+            # an evaluation-only run never draws a training batch: its loop gets the validation loader
+            trainer = Trainer(
+                params,
+                task,
+                data.train_loader if train else data.val_loader,
+                data.val_loader,
+                data.val.coco,
+                data.cat_ids,
+                paths.run_dir,
+                loader_gen,
+                write_contract,
+                progress,
+                run_id=rid,
+                accelerator=accelerator,
+            )
+            if train:
+                trainer.fit()
+            else:
+                task.model.to(trainer.accelerator.device)
+                trainer.stage = "evaluate"
+                metrics, dets = trainer.evaluate()
+                if is_main:
+                    atomic_write_json(paths.detections, dets)
+                entry = {
+                    "epoch": 0,
+                    **{k: metrics[k] for k in _EVAL_KEYS},
+                    "lr": 0.0,
+                    "loss": None,
+                    "losses": {},
+                    "seconds": 0.0,
+                }
+                final = {**entry, "selected_by": "evaluation only", "checkpoint": setup.evaluated, **trainer.analyse()}
+                final["per_class"] = with_instances(final["per_class"], data.val)
+                write_contract([entry], final, "finished")
+                distributed.barrier()
+        except BaseException as exc:  # recorded, then raised unchanged: the caller's exit code says it failed
+            if not is_main:  # the main process records it (every process raises the same TrainingError)
+                raise
+            _record_failure(exc, paths, params, record, phase, depends_on, setup, trainer, tracker)
+            status = "killed" if isinstance(exc, (KeyboardInterrupt, RunInterrupted)) else "failed"
+            tracker.end(status, [paths.metrics, paths.traceback])
             raise
-        _record_failure(exc, paths, params, record, phase, depends_on, setup, trainer, tracker)
-        status = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
-        tracker.end(status, [paths.metrics, paths.traceback])
-        raise
-    return contract.read_metrics(paths.run_dir)
+        return contract.read_metrics(paths.run_dir)
 
 
 def _on_main(step: Callable, is_main: bool, world: int):
@@ -245,19 +268,27 @@ def _record_failure(
     trainer: Trainer | None,
     tracker: tracking.Tracker,
 ) -> None:
-    """Write ``run_dir/traceback.txt`` and mark the run contract failed (never raises over ``exc``)."""
+    """Write ``run_dir/traceback.txt`` and mark the run contract failed — or ``interrupted`` when a signal stopped
+    it (:class:`~tfg_mm.training.interrupts.RunInterrupted`: it gets ``run_dir``, ``epoch``, ``step`` and the last
+    saved epoch for the command line's one line) — never raising over ``exc``."""
+    interrupted = isinstance(exc, RunInterrupted)
+    status = "interrupted" if interrupted else "failed"
+    failure = {
+        "type": type(exc).__name__,
+        "message": str(exc)[:4000],
+        **({"signal": exc.signal} if interrupted else {}),
+        "epoch": trainer.epoch if trainer is not None else None,
+        "step": trainer.step if trainer is not None else None,
+        "stage": trainer.stage if trainer is not None else "setup",
+        "traceback": paths.traceback.name,
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if interrupted:
+        saved = trainer.saved_epoch if trainer is not None else None
+        exc.where = {"run_dir": str(paths.run_dir), **failure, "saved_epoch": saved}
     try:
         atomic_write_text(paths.traceback, "".join(traceback.format_exception(exc)))
-        failure = {
-            "type": type(exc).__name__,
-            "message": str(exc)[:4000],
-            "epoch": trainer.epoch if trainer is not None else None,
-            "step": trainer.step if trainer is not None else None,
-            "stage": trainer.stage if trainer is not None else "setup",
-            "traceback": paths.traceback.name,
-            "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        if contract.mark_failed(paths.run_dir, failure) is None:  # nothing evaluated yet: a contract of its own
+        if contract.mark_failed(paths.run_dir, failure, status) is None:  # nothing evaluated yet: a contract of its own
             extra = {
                 "phase": phase,
                 **(setup.extra if setup is not None else {}),
@@ -271,15 +302,16 @@ def _record_failure(
                 history=[],
                 final=None,
                 extra=extra,
-                status="failed",
+                status=status,
                 depends_on=depends_on,
             )
-        log.error(
-            "run %s failed (%s); recorded in its metrics.json and %s",
-            paths.run_dir,
-            failure["type"],
-            paths.traceback.name,
-        )
+        if not interrupted:
+            log.error(
+                "run %s failed (%s); recorded in its metrics.json and %s",
+                paths.run_dir,
+                failure["type"],
+                paths.traceback.name,
+            )
     except Exception:  # the original error matters more than its record
         log.exception("could not record the failure of %s", paths.run_dir)
 

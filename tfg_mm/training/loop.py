@@ -181,6 +181,8 @@ class Trainer:
         self.best_epoch = -1
         self.global_step = 0
         self.start_epoch = 0
+        #: the last epoch whose resumable state is on disk (a resumed run continues after it)
+        self.saved_epoch: int | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.ema: AveragedModel | None = None
         # the progress log (tfg_mm.training.progress.append_progress): timings of this process, for the time left
@@ -271,6 +273,7 @@ class Trainer:
         torch.save(state, buf)
         self.stage = "save"
         atomic_write_bytes(self.files.state, buf.getvalue())
+        self.saved_epoch = epoch
 
     def try_resume(self) -> bool:
         path = self.files.state
@@ -309,6 +312,7 @@ class Trainer:
         self.best_score = state["best_score"]
         self.best_epoch = state["best_epoch"]
         self.start_epoch = state["epoch"] + 1
+        self.saved_epoch = state["epoch"]
         ranks_rng = state.get("rng_ranks")
         rank = self.accelerator.process_index
         set_rng_state(ranks_rng[rank] if ranks_rng and len(ranks_rng) == self.world else state["rng"], self.loader_gen)
@@ -592,7 +596,7 @@ class Trainer:
         meta = {"epoch": epoch, "metrics": _headline(metrics), "run_dir": str(self.run_dir)}
         if self.is_main:
             self.task.save_model(model, self.files.last, meta)
-        if score > self.best_score:
+        if self._selects(epoch, score):
             self.best_score = score
             self.best_epoch = epoch
             if self.is_main:
@@ -606,10 +610,34 @@ class Trainer:
         if self.progress and self.is_main:
             tqdm.write(f"[{self.run_dir.name}] epoch {epoch}: mAP {metrics['map']:.4f}  mAP50 {metrics['map50']:.4f}")
 
+    def _selects(self, epoch: int, score: float) -> bool:
+        """Whether this evaluated epoch becomes the run's checkpoint (``select``). Epoch 0 is the starting point
+        (in phase 2 the baseline itself): the reference, not a candidate, unless ``select: best_val_or_baseline``
+        or the run trains no epoch. ``last``: every later evaluation replaces the selection."""
+        p = self.params
+        if epoch == 0 and p.epochs > 0 and p.select != "best_val_or_baseline":
+            return False
+        return p.select == "last" or score > self.best_score
+
+    def selection(self) -> dict:
+        """How the checkpoint was chosen, for ``final``: the rule in words, the parameters, and whether the run fell
+        back to its starting point (``best_val_or_baseline`` choosing epoch 0: in phase 2, the baseline)."""
+        p = self.params
+        rule = {
+            "best_val": f"best validation {p.select_metric} among the trained epochs 1-{p.epochs}",
+            "last": f"the last epoch ({p.epochs})",
+            "best_val_or_baseline": f"best validation {p.select_metric} among epochs 0 (the start) to {p.epochs}",
+        }[p.select]
+        if p.epochs == 0:
+            rule = "epoch 0 (the run trains no epoch)"
+        fell_back = p.select == "best_val_or_baseline" and p.epochs > 0 and self.best_epoch == 0
+        return {"selected_by": rule, "select": p.select, "select_metric": p.select_metric, "fell_back": fell_back}
+
     def _finish(self) -> TrainResult:
         best = next(h for h in self.history if h["epoch"] == self.best_epoch)
         final = {k: v for k, v in best.items() if k not in ("losses", "lr", "seconds")}
-        final["selected_by"] = self.params.select_metric
+        final.update(self.selection())
+        final["per_class"] = with_instances(final["per_class"], self.val_loader.dataset)
         final["checkpoint"] = str(self.files.best)
         final.update(self.analyse())
         if self.is_main:
@@ -617,6 +645,18 @@ class Trainer:
         self._progress("finish", self.params.epochs, best_epoch=self.best_epoch, best_map=best["map"])
         distributed.barrier()  # the other processes return once the contract is final
         return TrainResult(self.history, final, self.files.best, self.files.last)
+
+
+def with_instances(per_class: dict, dataset) -> dict:
+    """Each class's AP entry with its validation boxes; a class without any says so (its AP is null, not 0)."""
+    counts = dataset.instance_counts() if hasattr(dataset, "instance_counts") else {}
+    out = {}
+    for name, entry in per_class.items():
+        n = counts.get(name)
+        out[name] = {**entry, **({"instances": n} if n is not None else {})}
+        if n == 0:
+            out[name].update(ap=None, ap50=None, note="no validation instances")
+    return out
 
 
 def _describe_non_finite(loss: float, terms: dict[str, float]) -> str:

@@ -9,19 +9,22 @@ are ever emptied (:func:`prepare_run_dir`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
+import socket
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import tfg_mm
 from tfg_mm.config import Params
-from tfg_mm.errors import ConfigError, DataError
+from tfg_mm.errors import ConfigError, DataError, RunLocked
 from tfg_mm.io import atomic_write_json, probe_writable
 from tfg_mm.paths import RunPaths, resolve_path
 from tfg_mm.training.contract import is_finished, raw_contract, read_metrics
@@ -87,7 +90,7 @@ def interrupted_run(run_dir: str | Path) -> dict | None:
     files = RunPaths.at(run_dir)
     record = raw_contract(files.run_dir)
     has_state = files.state.exists()
-    if record is not None and record.get("status") in ("running", "failed"):
+    if record is not None and record.get("status") in ("running", "failed", "interrupted"):
         if has_state or record.get("history"):
             return record
         return None
@@ -167,17 +170,22 @@ def _writable_run_dir(prepare):
             path = prepare(run_dir, *args, **kwargs)
             probe_writable(path)
         except PermissionError as exc:
-            # what was refused is an entry (created, renamed or removed) in this folder
-            folder = Path(exc.filename).parent if exc.filename else resolve_path(run_dir).parent
-            raise ConfigError(
-                f"run_dir `{run_dir}` ({resolve_path(run_dir)}): the folder {folder} cannot be written "
-                f"({exc.strerror}: {exc.filename}). Nothing was trained and nothing already written was changed. "
-                f"Fix: make it writable for this user (`chmod u+w {folder}`, or ask its owner), or set `run_dir` "
-                "to a folder you can write to (e.g. runs/<name> inside your clone)."
-            ) from None
+            raise unwritable(run_dir, exc) from None
         return path
 
     return wrapper
+
+
+def unwritable(run_dir: str | Path, exc: PermissionError) -> ConfigError:
+    """The project's error for a refused write (a read-only ``run_dir`` or parent), naming the folder and the fix."""
+    # what was refused is an entry (created, renamed or removed) in this folder
+    folder = Path(exc.filename).parent if exc.filename else resolve_path(run_dir).parent
+    return ConfigError(
+        f"run_dir `{run_dir}` ({resolve_path(run_dir)}): the folder {folder} cannot be written "
+        f"({exc.strerror}: {exc.filename}). Nothing was trained and nothing already written was changed. "
+        f"Fix: make it writable for this user (`chmod u+w {folder}`, or ask its owner), or set `run_dir` "
+        "to a folder you can write to (e.g. runs/<name> inside your clone)."
+    )
 
 
 @_writable_run_dir
@@ -218,3 +226,64 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool = False, resume: bool =
             {"created": datetime.now(UTC).isoformat(timespec="seconds"), "package": tfg_mm.__version__},
         )
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# One writer per run folder
+# --------------------------------------------------------------------------------------------
+def lock_path(run_dir: str | Path) -> Path:
+    """The lock of a run folder: a sibling file (``runs/.baseline.lock``), so that taking it touches nothing in the
+    folder itself, which may hold another run or not exist yet."""
+    path = resolve_path(run_dir)
+    return path.with_name(f".{path.name}.lock")
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "a process that left no record"
+    return (
+        f"process {info.get('pid', '?')} on host {info.get('host', '?')} since {info.get('since', '?')}"
+        f" ({info.get('command', '?')})"
+    )
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: str | Path) -> Iterator[Path]:
+    """The run folder's lock, held for the block: an OS-level lock (``fcntl.flock`` on :func:`lock_path`), so a
+    second process — another terminal, a notebook beside the CLI, a grid relaunched while the first still runs —
+    gets the project's error (:class:`~tfg_mm.errors.RunLocked`) naming the folder and the holder, and changes
+    nothing. A lock whose holder is gone (killed, crashed) is released by the kernel and simply taken over.
+    Where ``fcntl`` does not exist (Windows) the block runs without a lock."""
+    path = lock_path(run_dir)
+    try:
+        import fcntl  # Unix only: an optional back-end of this one function
+    except ImportError:
+        yield path
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError as exc:  # a read-only parent: the run could not write either
+        raise unwritable(run_dir, exc) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLocked(
+                f"run_dir `{run_dir}` ({resolve_path(run_dir)}) is in use by {_holder(path)}; nothing was changed. "
+                "Two processes must not write one run folder. Fix: wait for that run to end (or stop it: it can be "
+                "resumed by rerunning its command), or choose another `run_dir`."
+            ) from None
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)[:300],
+        }
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(record) + "\n").encode())
+        yield path
+    finally:
+        os.close(fd)  # releases the lock; the file stays (the next holder rewrites it)
