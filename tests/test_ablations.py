@@ -7,6 +7,7 @@ statistics (pycocotools + the paired bootstrap) and the report run for real, wit
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import random
@@ -548,6 +549,12 @@ def test_interval_of_several_seeds_is_hierarchical_and_one_seed_says_training_no
     assert "training noise not included" in table.loc[table["variant"] == "noisy", "interval covers"].item()
     index = reporting.build_index(summary, tmp_path / "reports").read_text()
     assert "Training noise (another seed of the same run) is NOT included" in index
+    # every variant's interval covers the same noise: said once under the table, not in a column of each row
+    shown, covers = reporting.covers_once(table)
+    assert "interval covers" not in shown.columns and covers == f"Every Δ interval covers: {entry['covers']}."
+    assert "<th>interval covers</th>" not in index and html.escape(covers) in index
+    mixed = table.assign(**{"interval covers": [""] + ["a"] * (len(table) - 2) + ["b"]})
+    assert reporting.covers_once(mixed) == (mixed, "")
 
     two = tmp_path / "two_seeds"
     ablations.run_grid(grid, two, seeds=[0, 1], **kwargs)

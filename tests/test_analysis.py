@@ -245,7 +245,7 @@ def test_a_tiny_run_records_operating_points_and_errors_for_every_class(tiny_par
             metrics["dataset"]["val_json"], json.loads((run_dir / paths.DETECTIONS_FILE).read_text()), classes
         )
         assert io.json_safe(again["errors"]) == final["errors"]
-        assert contract.read_metrics(run_dir)["schema_version"] == 3
+        assert contract.read_metrics(run_dir)["schema_version"] == 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,6 +328,11 @@ def test_show_error_analysis_draws_and_saves_every_figure(tmp_path, monkeypatch)
     assert heights == recorded
     table = reporting.operating_points_table(metrics, hard_classes=["a"])
     assert list(table.index) == ["a (hard)", "b"] and table.loc["a (hard)", "F1"] == round(points["a"]["f1"], 3)
+    # a figure title above both panels, each panel keeping its own
+    curves = {**analysis.read_analysis(tmp_path / "run"), "classes": ["a", "b"]}
+    titled = reporting.plot_pr_curves(curves, ["a"], title="on the test images")
+    assert titled.get_suptitle() == "on the test images"
+    assert [ax.get_title() for ax in titled.axes] == ["IoU 0.5", "IoU 0.50:0.95 (mean of 10)"]
     # a contract written before the analysis existed: a note, no figure
     old = {"params": {"run_dir": str(tmp_path / "old")}, "final": {"map": 0.5}}
     assert reporting.show_error_analysis(old) == {}

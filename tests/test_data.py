@@ -15,7 +15,7 @@ from tfg_mm.config import load_params
 from tfg_mm.data import CocoDetection, collate, dataset_fingerprint, load_coco, loaders
 from tfg_mm.data.synthetic import DEFAULT_CLASSES, generate
 from tfg_mm.errors import ConfigError
-from tfg_mm.reporting.data import class_counts, class_statistics, show_samples
+from tfg_mm.reporting.data import class_counts, class_statistics, class_table, show_samples
 
 matplotlib.use("Agg")
 
@@ -129,6 +129,13 @@ def test_inspection_helpers(synth):
     counts = class_counts(synth / "instances_train.json")
     assert counts["boxes"].sum() == len(json.loads((synth / "instances_train.json").read_text())["annotations"])
     assert set(counts["category"]) <= set(DEFAULT_CLASSES)
+    files = [synth / f"instances_{split}.json" for split in ("train", "val")]
+    table = class_table(class_counts(files))
+    assert list(dict.fromkeys(table.columns.get_level_values("split"))) == ["train", "val"]  # the files' order
+    assert list(table.columns.get_level_values(1)[:3]) == ["boxes", "images", "median side (px)"]
+    boxes = {split: int(table[(split, "boxes")].sum()) for split in ("train", "val")}
+    assert boxes == {split: len(json.loads(f.read_text())["annotations"]) for split, f in zip(("train", "val"), files)}
+    assert table[("val", "boxes")].dtype.kind == "i" and (table[("val", "images")] <= table[("val", "boxes")]).all()
     fig = show_samples(synth / "instances_train.json", n=4, ncols=2)
     assert len(fig.axes) == 4 and sum(len(ax.patches) for ax in fig.axes) > 0
     matplotlib.pyplot.close(fig)

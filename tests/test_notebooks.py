@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny
+from tfg_mm.data.loaders import dataset_record
 from tfg_mm.workflow.notebooks import NOTEBOOKS, execute, render_html, report_noise
 
 pytestmark = pytest.mark.slow
@@ -32,7 +33,15 @@ def test_notebook_00_runs_and_renders(tiny_dataset, tmp_path):
     html = render_html(nb, tmp_path / "00.html").read_text()
     assert "data:image/png;base64" in html
     record = json.loads((tmp_path / "data" / "dataset.json").read_text())
-    assert record["hash"] and record["class_counts"]
+    assert record["class_counts"] and Path(record["test_json"]).name == "instances_test.json"
+    # the hash the report prints is the one every run of these params records (the test split's bytes included)
+    assert (
+        record["hash"]
+        == dataset_record(tiny_dataset, "instances_train.json", "instances_val.json", "images", "instances_test.json")[
+            "hash"
+        ]
+    )
+    assert record["hash"] in html
 
 
 def test_notebook_01_runs_writes_contract_and_renders_without_code(executed_01, tmp_path):

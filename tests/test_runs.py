@@ -213,7 +213,7 @@ def test_metrics_record_the_environment_that_decides_the_numbers(tmp_path, datas
     write_metrics(run_dir, params=Params(), dataset=dataset, history=[_entry(0, 0.1)], final=None)
     record = read_metrics(run_dir)
     env = record["environment"]
-    assert record["schema_version"] == contract.SCHEMA_VERSION == 3
+    assert record["schema_version"] == contract.SCHEMA_VERSION == 4
     assert set(env) == {
         "python",
         "platform",

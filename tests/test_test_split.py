@@ -143,6 +143,21 @@ def test_final_test_is_what_evaluate_measures_and_phase2_never_selects_the_basel
     fused, _ = evaluate_target(tmp_path / "p2", "test", which="last")
     assert fused["map"] == phase2["final"]["test"]["last"]["map"]  # the fused text branch, read back
 
+    # the reports' tables read these numbers: validation, test (selected, last) and the Δ against the baseline
+    judged = phase2["final"]["test"]
+    table = reporting.test_table(phase2, baseline_final=base["final"])
+    assert list(table.loc["mAP"].iloc[:3]) == [
+        round(x, 4) for x in (phase2["final"]["map"], judged["selected"]["map"], judged["last"]["map"])
+    ]
+    assert table.loc["mAP", "Δ test (selected − baseline)"] == pytest.approx(
+        round(judged["selected"]["map"], 4) - round(test["selected"]["map"], 4), abs=1e-9
+    )
+    points = reporting.test_operating_points_table(phase2)
+    assert list(points.index) == [
+        f"{n} (hard)" if n in ("perforation", "break") else n for n in judged["selected"]["per_class"]
+    ]
+    assert list(points["test boxes"]) == [e["instances"] for e in judged["selected"]["per_class"].values()]
+
 
 @pytest.mark.slow
 def test_a_class_without_test_instances_says_so_and_a_foreign_split_writes_nothing(test_dataset, tmp_path):

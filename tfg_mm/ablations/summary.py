@@ -231,7 +231,8 @@ def interval_note(variants: list[dict]) -> str:
     return (
         "Δ intervals: hierarchical paired bootstrap (each resample draws the variant's training seeds with "
         "replacement, then the images, the same for variant and baseline; the replica is the seed mean of Δ), so "
-        "they include the variant's training noise; the 'interval covers' column says which. The baseline's own "
+        "they include the variant's training noise (the line under each table, or its 'interval covers' column, says "
+        "whose). The baseline's own "
         "seed noise needs its seeds trained too (`make full-grid`)."
         + (" Variants with one seed cover the images only." if 1 in n_seeds else "")
     )

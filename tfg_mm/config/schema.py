@@ -549,7 +549,10 @@ class AblationParams(BaseModel):
     )
     slurm_mem_gb: float = Field(32.0, gt=0, description="Memory per grid run in GB (SLURM `--mem`).")
     slurm_time_min: int = Field(
-        240, ge=1, description="Time limit per grid run in minutes (SLURM `--time`); a run past it is recorded failed."
+        240,
+        ge=1,
+        description="Time limit per grid run in minutes (SLURM `--time`); a job that reaches it is requeued "
+        "(submitit, at most 3 times) and its run, recorded `interrupted`, resumes from its last saved epoch.",
     )
     slurm_array_parallelism: int = Field(
         8, ge=1, description="Grid runs at most running at once (SLURM job array `%N`; `submitit-local`: subprocesses)."

@@ -21,6 +21,7 @@ The notebooks' API is re-exported here: ``from tfg_mm import reporting; reportin
 from tfg_mm.reporting.ablations import (
     ablation_table,
     baseline_spread_table,
+    covers_once,
     plot_ablation_gates,
     plot_ablation_trajectories,
     plot_delta_heatmap,
@@ -57,6 +58,7 @@ __all__ = [
     "ablation_table",
     "baseline_final_of",
     "baseline_spread_table",
+    "covers_once",
     "build_index",
     "contract_field",
     "environment_summary",

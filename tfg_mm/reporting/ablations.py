@@ -115,6 +115,17 @@ def ablation_table(summary: Mapping[str, Any], key: str = "test") -> pd.DataFram
     return pd.DataFrame(rows).fillna("")
 
 
+def covers_once(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The table without its ``interval covers`` column when every variant's interval covers the same noise
+    (the usual case), and that text to say once above or under it; else the table unchanged and ``""``."""
+    if "interval covers" not in table.columns:
+        return table, ""
+    values = {v for v in table["interval covers"] if v}
+    if len(values) != 1:
+        return table, ""
+    return table.drop(columns="interval covers"), f"Every Δ interval covers: {values.pop()}."
+
+
 def show_ablation_tables(summary: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
     """Notebook 03: the ablation table on the test images first (selected checkpoint and last epoch), then on the
     validation images (the selection set), each under a heading that says which; without a test split, a note
@@ -131,7 +142,10 @@ def show_ablation_tables(summary: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
     for key in keys:
         display(Markdown(f"**{COMPARISONS[key]}**"))
         tables[key] = ablation_table(summary, key)
-        display(tables[key])
+        shown, covers = covers_once(tables[key])
+        display(shown)
+        if covers:
+            display(Markdown(f"*{covers}*"))
     if summary.get("interval_note"):
         display(Markdown(summary["interval_note"]))
     return tables
@@ -160,24 +174,31 @@ def _variant_runs(summary: Mapping[str, Any]):
                 yield variant["name"], run
 
 
-def plot_ablation_trajectories(summary: Mapping[str, Any], save: str | None = None) -> plt.Figure:
-    """mAP per epoch of every variant (one line per seed) overlaid on the baseline's final mAP."""
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    palette = dict(
-        zip(
-            [v["name"] for v in summary.get("variants", [])],
-            sns.color_palette("tab20", max(1, len(summary.get("variants", [])))),
-        )
-    )
-    labelled = set()
+SEED_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _styled_runs(summary: Mapping[str, Any]):
+    """Every run with its line style: one colour a variant (the legend's entry), one dash pattern a seed."""
+    names = [v["name"] for v in summary.get("variants", [])]
+    palette = dict(zip(names, sns.color_palette("tab10", max(1, len(names)))))
+    seeds: dict[str, int] = {}
     for name, run in _variant_runs(summary):
+        index = seeds[name] = seeds.get(name, -1) + 1
+        yield name, run, {"color": palette[name], "linestyle": SEED_LINESTYLES[index % len(SEED_LINESTYLES)]}
+
+
+def plot_ablation_trajectories(summary: Mapping[str, Any], save: str | None = None) -> plt.Figure:
+    """mAP per epoch of every variant (a colour a variant, a dash pattern a seed) over the baseline's final mAP."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    labelled = set()
+    for name, run, style in _styled_runs(summary):
         epochs = [h["epoch"] for h in run["history"]]
         values = [number(h.get("map")) for h in run["history"]]
-        ax.plot(epochs, values, marker=".", color=palette[name], alpha=0.85, label=None if name in labelled else name)
+        ax.plot(epochs, values, marker=".", alpha=0.85, label=None if name in labelled else name, **style)
         labelled.add(name)
     base = (summary.get("baseline") or {}).get("final")
     if base:
-        ax.axhline(base["map"], ls="--", color="black", lw=1.5, label=f"baseline {base['map']:.3f}")
+        ax.axhline(base["map"], color="black", lw=2.5, alpha=0.6, label=f"baseline {base['map']:.3f}")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation mAP@[.50:.95]")
@@ -221,15 +242,15 @@ def plot_delta_heatmap(summary: Mapping[str, Any], save: str | None = None) -> p
 
 
 def plot_ablation_gates(summary: Mapping[str, Any], save: str | None = None) -> plt.Figure:
-    """Mean gate α per epoch of every variant with a fusion (one line per seed)."""
+    """Mean gate α per epoch of every variant with a fusion (a colour a variant, a dash pattern a seed)."""
     fig, ax = plt.subplots(figsize=(9, 4))
     any_gate = False
     labelled = set()
-    for name, run in _variant_runs(summary):
+    for name, run, style in _styled_runs(summary):
         points = [(h["epoch"], h["alpha_mean"]) for h in run["history"] if h.get("alpha_mean") is not None]
         if points:
             any_gate = True
-            ax.plot(*zip(*points), marker=".", label=None if name in labelled else name)
+            ax.plot(*zip(*points), marker=".", label=None if name in labelled else name, **style)
             labelled.add(name)
     if any_gate:
         ax.axhline(0, color="black", lw=0.8)

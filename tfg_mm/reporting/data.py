@@ -1,7 +1,7 @@
 """Helpers for notebook 00 (data): class statistics as DataFrames and images drawn with their boxes.
 
 The notebook should only call these and plot: ``class_statistics`` gives one row per box (for
-seaborn histograms of box sizes per class), ``class_counts`` the per-class table, and
+seaborn histograms of box sizes per class), ``class_counts`` the per-class counts (``class_table`` as a report shows them), and
 ``show_samples`` a grid of images with their annotations.
 """
 
@@ -19,7 +19,7 @@ from matplotlib.patches import Rectangle
 
 from tfg_mm.data.coco import load_coco
 from tfg_mm.data.validate import open_rgb, resolve_images_dir
-from tfg_mm.reporting.figures import save_figure
+from tfg_mm.reporting.figures import legend_outside, save_figure
 
 _BOX_COLUMNS = [
     "split",
@@ -78,11 +78,30 @@ def class_counts(ann_files: str | Path | Sequence[str | Path]) -> pd.DataFrame:
     """Per split and class: number of boxes, of images containing the class, and median box side (px)."""
     stats = class_statistics(ann_files)
     stats["side"] = np.sqrt(stats["area"])
-    return (
-        stats.groupby(["split", "category"], sort=True)
+    stats["split"] = pd.Categorical(stats["split"], categories=list(dict.fromkeys(stats["split"])))  # file order
+    counts = (
+        stats.groupby(["split", "category"], sort=True, observed=True)
         .agg(boxes=("image_id", "size"), images=("image_id", "nunique"), median_side_px=("side", "median"))
         .reset_index()
     )
+    return counts.assign(split=counts["split"].astype(str))
+
+
+def class_table(counts: pd.DataFrame) -> pd.DataFrame:
+    """:func:`class_counts` as a report shows it: one row a class; for each split (in the order of the files) its
+    boxes, the images holding the class and the median box side in pixels (one decimal); a class absent from a
+    split has 0 boxes and no median."""
+    splits = list(dict.fromkeys(counts["split"]))
+    wide = counts.pivot(index="category", columns="split", values=["boxes", "images", "median_side_px"])
+    wide = wide.swaplevel(axis=1).reindex(
+        columns=[(split, value) for split in splits for value in ("boxes", "images", "median_side_px")]
+    )
+    for split in splits:
+        for value in ("boxes", "images"):
+            wide[(split, value)] = wide[(split, value)].fillna(0).astype(int)
+        wide[(split, "median_side_px")] = wide[(split, "median_side_px")].astype(float).round(1)
+    wide.columns = wide.columns.set_names(["split", ""])
+    return wide.rename(columns={"median_side_px": "median side (px)"}, level=1)
 
 
 def show_samples(
@@ -132,6 +151,7 @@ def plot_counts(stats: pd.DataFrame, save: str | None = None):
     ax.set_xlabel("")
     ax.set_ylabel("boxes")
     ax.set_title("Boxes per class")
+    legend_outside(ax)  # never over a bar
     fig.tight_layout()
     _maybe_save(fig, save)
     return fig

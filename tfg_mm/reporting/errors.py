@@ -56,16 +56,20 @@ def _legend_label(name: str, hard_classes: Sequence[str], extra: str = "") -> st
 
 
 def plot_pr_curves(
-    analysis: Mapping[str, Any], hard_classes: Sequence[str] = HARD_CLASSES, save: str | None = None
+    analysis: Mapping[str, Any],
+    hard_classes: Sequence[str] = HARD_CLASSES,
+    save: str | None = None,
+    title: str | None = None,
 ) -> plt.Figure:
     """Precision against recall per class (COCOeval, 101 recall points): one panel at IoU 0.5, one for the
-    mean over IoU 0.50:0.95; legend with each class's AP (the area under its curve); hard classes thick."""
+    mean over IoU 0.50:0.95; legend with each class's AP (the area under its curve); hard classes thick;
+    ``title`` above both panels (laid out with them)."""
     curves = analysis.get("pr_curves") or {}
     classes = list(analysis.get("classes", []))
     styles = _class_styles(classes, hard_classes)
     recall = curves.get("recall") or []
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, key, title, metric in zip(
+    for ax, key, panel, metric in zip(
         axes, ("iou50", "iou50_95"), ("IoU 0.5", "IoU 0.50:0.95 (mean of 10)"), ("AP50", "AP")
     ):
         for name in classes:
@@ -77,10 +81,12 @@ def plot_pr_curves(
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("recall")
-        ax.set_title(title)
+        ax.set_title(panel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
     axes[0].set_ylabel("precision")
+    if title:
+        fig.suptitle(title, fontsize=10)
     return finish(fig, save)
 
 

@@ -22,6 +22,7 @@ from tfg_mm.reporting.ablations import (
     COMPARISONS,
     ablation_table,
     baseline_spread_table,
+    covers_once,
     has_comparison,
     plot_ablation_gates,
     plot_ablation_trajectories,
@@ -174,17 +175,22 @@ def build_index(
             )
         for key in keys:
             table = ablation_table(summary, key)
+            shown, covers = covers_once(table)
             suffix = "" if key == keys[0] else f"_{key}"
             atomic_write_text(reports_dir / f"ablations_table{suffix}.csv", table.to_csv(index=False))
             atomic_write_text(
                 reports_dir / f"ablations_table{suffix}.tex",
-                table.to_latex(
+                shown.to_latex(
                     index=False,
                     escape=True,
                     caption=f"Ablations against the DEIMv2 baseline, {COMPARISONS[key][0].lower()}"
                     f"{COMPARISONS[key][1:]} (mean ± sd over seeds; paired bootstrap {level}% intervals over the "
-                    "images, and over training seeds where there are several; the column `interval covers` says "
-                    "which).",
+                    "images, and over training seeds where there are several; "
+                    + (
+                        f"{covers[0].lower()}{covers[1:-1]})."
+                        if covers
+                        else "the column `interval covers` says which)."
+                    ),
                     label=f"tab:ablations{suffix}",
                 ),
             )
@@ -194,7 +200,9 @@ def build_index(
                     "<p class='note'>ΔmAP is measured on the held-out test images for each run's selected checkpoint; "
                     "<em>last epoch</em> is the same for its last checkpoint, which no selection chose.</p>"
                 )
-            parts.append(table.to_html(index=False, escape=True, border=0, classes="ablations"))
+            parts.append(shown.to_html(index=False, escape=True, border=0, classes="ablations"))
+            if covers:
+                parts.append(f"<p class='note'>{html.escape(covers)}</p>")
         parts.append(_error_table_section(summary, reports_dir))
         spread = summary.get("baseline_seeds") or {}
         if spread.get("stats"):
@@ -205,10 +213,14 @@ def build_index(
             (
                 "ablations_trajectories",
                 plot_ablation_trajectories,
-                "mAP trajectories of all variants; dashed: the baseline's final mAP.",
+                "Validation mAP of every run (a colour a variant, a dash pattern a seed); thick black: the baseline's final mAP.",
             ),
             ("ablations_per_class_delta", plot_delta_heatmap, "Per-class Δ AP50:95 against the baseline."),
-            ("ablations_alpha", plot_ablation_gates, "Gate α trajectories."),
+            (
+                "ablations_alpha",
+                plot_ablation_gates,
+                "Gate α of every run with a fusion (a colour a variant, a dash pattern a seed).",
+            ),
             (
                 "ablations_wise",
                 plot_wise_curve,

@@ -19,7 +19,6 @@ from IPython.display import Markdown, display
 from tfg_mm.data.synthetic import HARD_CLASSES
 from tfg_mm.paths import RunPaths
 from tfg_mm.reporting.errors import plot_pr_curves
-from tfg_mm.reporting.figures import save_figure
 from tfg_mm.reporting.provenance import number
 
 _ROWS = (("map", "mAP"), ("map50", "mAP50"), ("map75", "mAP75"))
@@ -96,7 +95,8 @@ def test_operating_points_table(metrics: Mapping[str, Any], hard_classes: Sequen
     frame = pd.DataFrame(rows)
     numeric = [c for c in frame.columns if c not in ("class", "test boxes", "TP / FP test")]
     frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce").round(3)
-    return frame.astype(object).where(frame.notna(), "-")
+    frame = frame.astype(object).where(frame.notna(), "-")
+    return frame.set_index("class") if "class" in frame.columns else frame
 
 
 def read_test_analysis(metrics: Mapping[str, Any]) -> dict | None:
@@ -126,14 +126,7 @@ def show_test_results(
     if table is None:
         display(Markdown(no_test_note(metrics)))
         return None
-    display(
-        Markdown(
-            "**Validation and test.** The validation images chose the epoch and the per-class thresholds; the "
-            "held-out test images judged the result once (nothing was selected on them). The *last epoch* column "
-            "is the run's last checkpoint, which no selection chose."
-        )
-    )
-    display(table)
+    display(table)  # the notebook's text above it says what chose what (01 and 02 say it differently)
     display(
         Markdown(
             "**The validation operating points on the test images** (IoU 0.5; what a deployment at those thresholds gets):"
@@ -142,10 +135,10 @@ def show_test_results(
     display(test_operating_points_table(metrics, hard_classes))
     analysis = read_test_analysis(metrics)
     if analysis and analysis.get("pr_curves"):
-        fig = plot_pr_curves(analysis, hard_classes)
-        fig.suptitle("Precision-recall on the held-out test images (selected checkpoint)", fontsize=10)
-        if save_prefix:
-            save_figure(fig, f"{save_prefix}_test_pr")
+        title = "Precision-recall on the held-out test images (selected checkpoint)"
+        fig = plot_pr_curves(
+            analysis, hard_classes, save=f"{save_prefix}_test_pr" if save_prefix else None, title=title
+        )
         display(fig)
         plt.close(fig)
     return table

@@ -41,7 +41,9 @@ from tfg_mm.training.identity import code_version, environment, run_id
 
 #: 2 added ``environment``; a version-1 file (written before it) still reads without it.
 #: 3 added ``final.operating_points`` and ``final.errors`` (optional: checked when present).
-SCHEMA_VERSION = 3
+#: 4 added ``final.test`` (the held-out judgement), ``final.selected_by`` / ``select`` / ``fell_back``
+#: and the ``interrupted`` status with ``failure.signal`` (all optional: an older file still reads).
+SCHEMA_VERSION = 4
 Status = Literal["running", "finished", "failed", "interrupted"]
 STATUSES: tuple[str, ...] = ("running", "finished", "failed", "interrupted")
 #: Contract keys a file of an older schema version may lack: {key: first schema version that has it}.
