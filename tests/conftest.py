@@ -43,6 +43,8 @@ TINY = {
     "resume": True,
     # MLflow / TensorBoard cost seconds per run and change no number: tests/test_tracking.py switches them on
     "tracking": "none",
+    # notebooks 01 / 02 time the finished run (deploy.json): a few runs prove the section
+    "deploy_benchmark_runs": 3,
 }
 
 

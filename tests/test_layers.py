@@ -45,6 +45,8 @@ LAYERS = {
     "training.experiment": 8,
     "training.baseline": 8,
     "training.phase2": 8,
+    # a trained run deployed: predict, ONNX export, benchmark
+    "deploy": 8,
     # notebooks as steps, the grid, the reports, the command line
     "workflow": 9,
     "ablations": 10,

@@ -30,10 +30,13 @@ from tfg_mm.data.importers import DIFFICULT_MODES, voc_to_coco, yolo_to_coco
 from tfg_mm.data.loaders import DEFAULT_DATASET
 from tfg_mm.data.split import format_counts, split_coco
 from tfg_mm.data.synthetic import HARD_CLASSES, generate
+from tfg_mm.deploy.benchmark import DEPLOY_FILE, benchmark_target, deploy_lines
+from tfg_mm.deploy.export import export_lines, export_run
+from tfg_mm.deploy.predict import collect_source, default_out, load_predictor, predict, summary_lines
 from tfg_mm.detector.convert import main as convert_main
 from tfg_mm.errors import TfgError, TrainingError
 from tfg_mm.io import atomic_write_text
-from tfg_mm.paths import portable_text, project_root
+from tfg_mm.paths import RunPaths, portable_text, project_root
 from tfg_mm.runtime import distributed
 from tfg_mm.training.baseline import run_baseline
 from tfg_mm.training.interrupts import RunInterrupted
@@ -157,10 +160,46 @@ def cmd_phase2(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    sources = [*(args.params or []), *([_overrides(args.set)] if args.set else [])]
-    record, path = evaluate_target(args.target, args.split, args.which, sources)
+    record, path = evaluate_target(args.target, args.split, args.which, _sources(args))
     print(evaluation_table(record))
     print(f"wrote {portable_text(str(path))}")
+    return 0
+
+
+def _sources(args) -> list:
+    return [*(args.params or []), *([_overrides(args.set)] if args.set else [])]
+
+
+def cmd_predict(args) -> int:
+    source = collect_source(args.source)  # checked before anything is loaded or written
+    predictor = load_predictor(
+        args.target, threshold=args.threshold, device=args.device, backend=args.backend, sources=_sources(args)
+    )
+    out = Path(args.out) if args.out else default_out(args.target)
+    summary = predict(predictor, source, out, batch_size=args.batch_size, save_images=not args.no_images)
+    print("\n".join(summary_lines(summary, out)))
+    return 0
+
+
+def cmd_export(args) -> int:
+    record = export_run(args.target, image_size=args.image_size, batch=args.batch, sources=_sources(args))
+    print("\n".join(export_lines(record)))
+    return 0 if record["check"]["passed"] else 1
+
+
+def cmd_benchmark(args) -> int:
+    batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    record = benchmark_target(
+        args.target,
+        device=args.device,
+        batches=batches,
+        runs=args.runs,
+        warmup=args.warmup,
+        sources=_sources(args),
+        backends=[b.strip() for b in args.backend.split(",")],
+    )
+    print("\n".join(deploy_lines(record)))
+    print(f"wrote {portable_text(str(RunPaths.at(args.target).run_dir / DEPLOY_FILE))}")
     return 0
 
 
@@ -183,8 +222,14 @@ def cmd_report(args) -> int:
     # the statistics first (they may re-predict detections); the index only draws them
     summary = ablations.summarize_if_run(args.ablations_dir)
     hard = summary["hard_classes"] if summary else HARD_CLASSES
-    print(reporting.build_index(summary, flips=reporting.phase2_flips(args.phase2_dir, hard)))
+    flips = reporting.phase2_flips(args.phase2_dir, hard)
+    print(reporting.build_index(summary, flips=flips, deployment=reporting.read_deployments(args.phase2_dir)))
     return 0
+
+
+def _params_options(p, example: str, what: str = "repeatable, merged in order") -> None:
+    p.add_argument("--params", action="append", help=f"flat YAML parameter file ({what})")
+    p.add_argument("set", nargs="*", help=f"key=value overrides, e.g. {example}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,8 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("phase2", cmd_phase2, "phase 2: progressive fine-tuning with the text branch"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--params", action="append", help="flat YAML parameter file (repeatable, merged in order)")
-        p.add_argument("set", nargs="*", help="key=value overrides, e.g. epochs=3 run_dir=runs/try")
+        _params_options(p, "epochs=3 run_dir=runs/try")
         p.set_defaults(func=func)
 
     p = sub.add_parser(
@@ -275,9 +319,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="RUN_OR_CHECKPOINT")
     p.add_argument("--split", default="test", help="train, val, test (default) or a COCO json file")
     p.add_argument("--which", choices=("selected", "last"), default="selected", help="a run's checkpoint")
-    p.add_argument("--params", action="append", help="flat YAML parameter file (repeatable, merged in order)")
-    p.add_argument("set", nargs="*", help="key=value overrides, e.g. dataset=data/mine test_json=test.json")
+    _params_options(p, "dataset=data/mine test_json=test.json")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "predict",
+        help="a finished run (or checkpoint folder) on new images, a folder, a glob or a video",
+        description="Detects with the run's selected checkpoint (a phase-2 run with its fused text branch) on SOURCE: "
+        "one image, a folder (recursive), a quoted glob or a video file (PyAV, the `video` extra). Writes annotated "
+        "images (or the annotated video), predictions.json (COCO results with file names), predictions.csv and "
+        "summary.json into --out, and prints the boxes per class.",
+    )
+    p.add_argument("target", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--out", default=None, help="output folder (default runs/predict/<run name>)")
+    p.add_argument(
+        "--threshold",
+        default="auto",
+        help="auto (default): each class's operating point chosen on validation; a number: that score for every class",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the run's device if present)")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="onnx: the run's exported file")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-images", action="store_true", help="write the predictions only, no annotated images")
+    _params_options(p, "dataset=data/mine image_size=320", "for a checkpoint folder: its dataset and size")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "export",
+        help="ONNX export of a finished run, post-processing in the graph, checked against PyTorch",
+        description="Writes {run_dir}/export/model.onnx (boxes in pixels, scores, labels: the top-k post-processing "
+        "inside the graph; a phase-2 run's text branch folded in) and export.json with the check: ONNX Runtime vs "
+        "PyTorch on validation images and the validation mAP of both. Exits 1 when the check fails (the file is kept, "
+        "export.json says FAILED).",
+    )
+    p.add_argument("target", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: the run's image_size)")
+    p.add_argument("--batch", default="dynamic", help="dynamic (default) or a fixed batch size")
+    _params_options(p, "dataset=data/mine image_size=320", "for a checkpoint folder: its dataset and size")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "benchmark",
+        help="parameters, GFLOPs, latency and throughput of a run per runtime ({run_dir}/deploy.json)",
+    )
+    p.add_argument("target", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--batch", default="1,8", help="batch sizes, comma-separated (default 1,8)")
+    p.add_argument("--backend", default="torch,onnx", help="torch, onnx or both (default torch,onnx)")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per measurement (default 50)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    _params_options(p, "dataset=data/mine image_size=320", "for a checkpoint folder: its dataset and size")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("pipeline", help="the main job: data -> baseline -> phase 2 -> ablation grid -> reports")
     p.add_argument("--grid", default=None, help="ablation grid file (default: the small grid)")
@@ -297,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--phase2-dir",
         default=str(project_root() / "runs" / "phase2"),
-        help="the phase-2 run whose baseline -> phase 2 flips the index shows (left out when not finished)",
+        help="the phase-2 run whose baseline -> phase 2 flips (and deployment figures, when benchmarked) the index shows",
     )
     p.set_defaults(func=cmd_report)
 
@@ -308,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Commands whose key=value overrides may stand anywhere, also after a repeated ``--params``.
-_PARAMS_COMMANDS = ("train", "phase2", "evaluate")
+_PARAMS_COMMANDS = ("train", "phase2", "evaluate", "predict", "export", "benchmark")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -425,6 +425,13 @@ class TrainingParams(BaseModel):
     experiment_name: str = Field(
         "", description="MLflow experiment of the run; empty = `tfg_mm-<phase>` (`tfg_mm-baseline`, `tfg_mm-phase2`)."
     )
+    deploy_benchmark_runs: int = Field(
+        50,
+        ge=0,
+        description="Notebooks 01 / 02's Deployment section: timed runs per latency figure of `python -m tfg_mm "
+        "benchmark` on the selected checkpoint (measured once per checkpoint, kept in `{run_dir}/deploy.json`); "
+        "0 = no measurement (the section shows an earlier deploy.json, or the command). Never changes a result.",
+    )
 
 
 class Phase2Params(BaseModel):

@@ -126,19 +126,25 @@ def read_json(path: Path) -> Any:
 
 
 #: What PIL raises for a file it cannot open or decode (truncated, corrupt, not an image).
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 
 
 def _read_rgb(path: Path) -> Image.Image:
     """``open_rgb`` without the error wrapping (PIL's exceptions pass through)."""
     with Image.open(path) as im:
         im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            arr = np.asarray(im, dtype=np.float64)
-            top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            arr = np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8)
-            return Image.fromarray(arr, mode="L").convert("RGB")
-        return im.convert("RGB") if im.mode != "RGB" else im.copy()
+        return as_rgb(im)
+
+
+def as_rgb(im: Image.Image) -> Image.Image:
+    """A decoded image as 8-bit RGB (a new image): 16-bit and float grayscale rescaled to 0..255, every other mode
+    (grayscale, palette, CMYK, alpha) converted by PIL."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    return im.convert("RGB") if im.mode != "RGB" else im.copy()
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -146,7 +152,7 @@ def open_rgb(path: Path) -> Image.Image:
     rescaled to 0..255 instead of being clipped, which is what ``Image.convert('RGB')`` would do."""
     try:
         return _read_rgb(path)
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         raise DataError(
             f"{path}: the image cannot be decoded ({exc}). Fix: re-export the image or remove its "
             "entry from the annotation file."
@@ -480,7 +486,7 @@ def _decode_failure(path: Path) -> str | None:
     """``None`` when ``path`` decodes exactly as the dataset reader decodes it, else what failed."""
     try:
         _read_rgb(path)
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 

@@ -77,6 +77,15 @@ def postprocess(logits: Tensor, pred_boxes: Tensor, orig_sizes: Tensor, top_k: i
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1; got {top_k}")
 
+    boxes, scores, labels = top_detections(logits, pred_boxes, orig_sizes, top_k)
+    return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]
+
+
+def top_detections(logits: Tensor, pred_boxes: Tensor, orig_sizes: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`postprocess` for a whole batch, without its argument checks (so that it traces into an ONNX graph:
+    :class:`tfg_mm.deploy.export.DeployModel`): ``boxes [B, K, 4]`` xyxy pixels, ``scores [B, K]``, ``labels [B, K]``
+    with ``K = min(top_k, Q * C)``."""
+    _, num_queries, num_classes = logits.shape
     k = min(top_k, num_queries * num_classes)
     scores, index = torch.topk(logits.sigmoid().flatten(1), k, dim=-1)
     labels = index % num_classes
@@ -86,7 +95,7 @@ def postprocess(logits: Tensor, pred_boxes: Tensor, orig_sizes: Tensor, top_k: i
     scale = torch.stack([width, height, width, height], dim=-1)  # [B, 4]
     boxes = box_convert(pred_boxes, in_fmt="cxcywh", out_fmt="xyxy") * scale[:, None, :]
     boxes = boxes.gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
-    return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]
+    return boxes, scores, labels
 
 
 def to_coco_detections(results: list[dict], image_ids: list[int], label_to_cat_id: list[int]) -> list[dict]:

@@ -9,6 +9,7 @@ folders (``python -m tfg_mm report``). One module a job:
 * :mod:`.curves`: training curves of a run (trajectory, per-class AP and Δ, gate, losses);
 * :mod:`.errors`: error analysis (PR / F1 curves, operating points, confusion matrix, TIDE breakdown);
 * :mod:`.judgement`: a run on its held-out test split next to its validation numbers;
+* :mod:`.deployment`: a run's size and speed per runtime (``deploy.json``), baseline vs phase 2;
 * :mod:`.galleries`: detections drawn on validation images, baseline vs phase 2, the flips;
 * :mod:`.ablations`: the Δ tables and figures of a grid;
 * :mod:`.index`: ``reports/index.html``;
@@ -29,6 +30,7 @@ from tfg_mm.reporting.ablations import (
     show_ablation_tables,
 )
 from tfg_mm.reporting.curves import plot_gate, plot_losses, plot_per_class, plot_per_class_delta, plot_trajectory
+from tfg_mm.reporting.deployment import deployment_comparison, deployment_table, read_deployments, show_deployment
 from tfg_mm.reporting.errors import (
     error_comparison,
     error_table,
@@ -59,6 +61,8 @@ __all__ = [
     "baseline_final_of",
     "baseline_spread_table",
     "covers_once",
+    "deployment_comparison",
+    "deployment_table",
     "build_index",
     "contract_field",
     "environment_summary",
@@ -83,9 +87,11 @@ __all__ = [
     "plot_wise_curve",
     "provenance_markdown",
     "read_analysis",
+    "read_deployments",
     "save_figure",
     "show_ablation_tables",
     "show_error_analysis",
+    "show_deployment",
     "show_galleries",
     "show_provenance",
     "show_side_by_side",

@@ -29,6 +29,7 @@ from tfg_mm.reporting.ablations import (
     plot_delta_heatmap,
     plot_wise_curve,
 )
+from tfg_mm.reporting.deployment import deployment_html
 from tfg_mm.reporting.errors import error_table
 from tfg_mm.reporting.figures import save_figure
 
@@ -130,12 +131,14 @@ def build_index(
     summary: Mapping[str, Any] | None = None,
     reports_dir: str | Path | None = None,
     flips: Mapping[str, Any] | None = None,
+    deployment: tuple[Mapping[str, Any] | None, Mapping[str, Any] | None] | None = None,
 ) -> Path:
     """Write ``reports/index.html`` (standalone: CSS inline, figures embedded) and return its path.
 
     ``summary`` is the ablation summary of :func:`tfg_mm.ablations.summarize` (None when no grid has
     run: the index then only links the reports). ``flips``: :func:`flips_summary` of the pipeline's
-    phase-2 run, shown as a small table (left out when None). Its figures are also saved as PNG + SVG under
+    phase-2 run, shown as a small table (left out when None). ``deployment``: the baseline's and the phase-2 run's
+    ``deploy.json`` (:func:`tfg_mm.reporting.deployment.read_deployments`), compared when both are there. Its figures are also saved as PNG + SVG under
     ``reports/figures/ablations_*``, and the table as ``reports/ablations_table.csv`` and ``.tex``.
     """
     if isinstance(summary, (str, Path)):
@@ -153,6 +156,8 @@ def build_index(
     parts.append(_report_links(reports_dir, summary))
     if flips:
         parts.append(_flips_html(flips))
+    if deployment:
+        parts.append(deployment_html(*deployment))
     if summary:
         level = round(100 * summary.get("confidence", 0.95))
         keys = [k for k in COMPARISONS if has_comparison(summary, k)] or ["val"]

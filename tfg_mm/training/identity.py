@@ -70,6 +70,8 @@ RUN_ID_EXCLUDED = frozenset(
         "tracking",
         "tracking_uri",
         "experiment_name",
+        # how the notebooks measure the finished run's speed (deploy.json), after training
+        "deploy_benchmark_runs",
     }
 )
 #: Parameters that may change when an interrupted run resumes: exactly those that cannot change its

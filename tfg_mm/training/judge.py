@@ -15,6 +15,7 @@ selection, a run's selected checkpoint and its last one are read back from disk 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -72,6 +73,20 @@ def detector_predict_fn(model: torch.nn.Module) -> Callable[[Tensor], tuple[Tens
         return out.logits, out.pred_boxes
 
     return predict
+
+
+def checkpoint_class_names(folder: str | Path) -> list[str]:
+    """The class names a checkpoint folder (a detector, or a phase-2 folder with ``detector/``) was trained on."""
+    folder = Path(folder)
+    config = folder / "detector" / "config.json" if (folder / "detector").is_dir() else folder / "config.json"
+    try:
+        id2label = json.loads(config.read_text(encoding="utf-8")).get("id2label") or {}
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{config}: cannot read the checkpoint's config ({exc}). Fix: give a checkpoint folder written by this "
+            "project (checkpoints/best of a run) or import an official one with `python -m tfg_mm convert`."
+        ) from None
+    return [id2label[k] for k in sorted(id2label, key=int)]
 
 
 def load_checkpoint_model(
@@ -214,6 +229,42 @@ def _names(sources: Sequence[Any]) -> list[str]:
     return [str(s) if isinstance(s, (str, Path)) else "command line" for s in sources]
 
 
+def resolve_target(
+    target: str | Path, which: str = "selected", sources: Sequence[Any] = (), verb: str = "evaluate"
+) -> tuple[RunPaths, Any, Mapping[str, Any], Path]:
+    """``(files, params, final, checkpoint folder)`` of a finished run or a checkpoint folder (what ``evaluate``,
+    ``predict``, ``export`` and ``benchmark`` take).
+
+    A run uses its own params, with ``sources`` (params files, mappings) merged over them, and its ``final`` (the
+    selected checkpoint, the validation operating points); ``which="last"`` its last checkpoint. A checkpoint folder
+    takes ``sources`` alone (over the schema's defaults) and has an empty ``final``. A run that is not finished is
+    refused, naming its status; ``verb`` names the command in the messages.
+    """
+    files = RunPaths.at(target)
+    final: Mapping[str, Any] = {}
+    if files.metrics.exists():
+        record = contract.read_contract(files.run_dir)
+        if not record.finished:
+            raise ConfigError(
+                f"{files.run_dir}: the run is not finished (status {record.status}); its checkpoints are those of an "
+                f"unfinished run. Fix: finish it first (rerun its command: an interrupted run resumes), or {verb} a "
+                "checkpoint folder."
+            )
+        params = load_params(record.params, *sources, source_names=[f"{files.metrics}: params"] + _names(sources))
+        final = record.final.model_dump()
+        folder = Path(final["checkpoint"]) if which == "selected" else files.last
+        if which == "last" and not folder.is_dir():
+            raise ConfigError(f"{files.run_dir}: no last checkpoint ({folder}); `--which selected` takes the run's.")
+    elif (files.run_dir / "config.json").is_file() or (files.run_dir / "detector").is_dir():
+        folder, params = files.run_dir, load_params(*sources, source_names=_names(sources))
+    else:
+        raise ConfigError(
+            f"{target}: neither a run folder (with metrics.json) nor a checkpoint folder. Fix: give a run_dir of "
+            "notebook 01 / 02 (e.g. runs/baseline) or a checkpoint folder (e.g. runs/baseline/checkpoints/best)."
+        )
+    return files, params, final, folder
+
+
 def evaluate_target(
     target: str | Path, split: str = "test", which: str = "selected", sources: Sequence[Any] = ()
 ) -> tuple[dict, Path]:
@@ -226,28 +277,7 @@ def evaluate_target(
     ``sources`` alone (over the schema's defaults). A class list that differs from the split's is the project's
     error naming both lists, and nothing is written.
     """
-    files = RunPaths.at(target)
-    final: Mapping[str, Any] = {}
-    if files.metrics.exists():
-        record = contract.read_contract(files.run_dir)
-        if not record.finished:
-            raise ConfigError(
-                f"{files.run_dir}: the run is not finished (status {record.status}); its checkpoints are those of an "
-                "unfinished run. Fix: finish it first (rerun its command: an interrupted run resumes), or evaluate a "
-                "checkpoint folder."
-            )
-        params = load_params(record.params, *sources, source_names=[f"{files.metrics}: params"] + _names(sources))
-        final = record.final.model_dump()
-        folder = Path(final["checkpoint"]) if which == "selected" else files.last
-        if which == "last" and not folder.is_dir():
-            raise ConfigError(f"{files.run_dir}: no last checkpoint ({folder}); `--which selected` evaluates the run.")
-    elif files.run_dir.is_dir():
-        folder, params = files.run_dir, load_params(*sources, source_names=_names(sources))
-    else:
-        raise ConfigError(
-            f"{target}: neither a run folder (with metrics.json) nor a checkpoint folder. Fix: give a run_dir of "
-            "notebook 01 / 02 (e.g. runs/baseline) or a checkpoint folder (e.g. runs/baseline/checkpoints/best)."
-        )
+    files, params, final, folder = resolve_target(target, which, sources)
     root = RunPaths.of(params).dataset
     name, annotations = _split_file(params, split, root)
     dataset = CocoDetection(

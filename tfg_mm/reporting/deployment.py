@@ -1,0 +1,162 @@
+"""How big and how fast a run's model is (``{run_dir}/deploy.json``, :mod:`tfg_mm.deploy.benchmark`): the
+"Deployment" section of reports 01 / 02 and the baseline-vs-phase-2 comparison of the index (the text branch's
+inference cost).
+
+Only draws the record it is given: a run that was never benchmarked gets a note with the command that measures it.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from IPython.display import Markdown, display
+
+from tfg_mm.paths import resolve_path
+
+#: The measurement rows of the tables: (runtime prefix, scope, which batch: "one" = batch 1, "many" = the largest).
+_COLUMNS = (
+    ("PyTorch", "model", "one", "PyTorch ms/image"),
+    ("ONNX Runtime", "model", "one", "ONNX Runtime ms/image"),
+    ("PyTorch", "end to end", "one", "PyTorch end to end ms/image"),
+    ("ONNX Runtime", "end to end", "one", "ONNX Runtime end to end ms/image"),
+    ("PyTorch", "model", "many", "PyTorch images/s"),
+    ("ONNX Runtime", "model", "many", "ONNX Runtime images/s"),
+)
+
+
+def no_deploy_note(run_dir: str) -> str:
+    return (
+        f"*Not benchmarked yet. Measure with `python -m tfg_mm benchmark {run_dir}` (parameters, GFLOPs, latency per "
+        "runtime; it writes deploy.json) and rerun this report.*"
+    )
+
+
+def _row(record: Mapping[str, Any], runtime: str, scope: str, which: str) -> dict | None:
+    rows = [r for r in record.get("rows") or [] if r["runtime"].startswith(runtime) and r["scope"] == scope]
+    if not rows:
+        return None
+    batch = 1 if which == "one" else max(r["batch"] for r in rows)
+    return next((r for r in rows if r["batch"] == batch), None)
+
+
+def deployment_summary(record: Mapping[str, Any]) -> dict[str, Any]:
+    """One run's figures as one table row: size, GFLOPs, ms/image at batch 1 and images/s at the largest batch."""
+    p = record.get("params") or {}
+    out: dict[str, Any] = {
+        "parameters (M)": round(p.get("total", 0) / 1e6, 3),
+        "text branch (parameters)": f"{p.get('text_branch', 0):,}",
+        "GFLOPs": round(record.get("gflops", float("nan")), 2),
+        "checkpoint (MB)": round(record.get("checkpoint_mb", float("nan")), 1),
+    }
+    for runtime, scope, which, label in _COLUMNS:
+        row = _row(record, runtime, scope, which)
+        if row is None:
+            continue
+        if which == "one":
+            out[label] = f"{row['ms_per_image']:.1f} (p90 {row['p90_ms'] / row['batch']:.1f})"
+        else:
+            out[f"{label} (batch {row['batch']})"] = round(row["images_per_s"], 1)
+    return out
+
+
+def conditions(record: Mapping[str, Any]) -> str:
+    """Where and how the figures were measured (a sentence under the table)."""
+    device = record.get("gpu") or record.get("cpu") or record.get("device")
+    runtimes = sorted({r["runtime"] for r in record.get("rows") or []})
+    return (
+        f"{record.get('preset')} at {record.get('image_size')} px; {', '.join(runtimes)} on {device}, "
+        f"{record.get('threads')} thread(s); median (p90) of {record.get('runs')} timed runs after "
+        f"{record.get('warmup')} warm-up, measured {record.get('measured_at', '?')[:10]}. *model*: the network and the "
+        "top-k post-processing on a resized tensor; *end to end*: from the image file (decode, resize, model, "
+        "per-class thresholds). GFLOPs: " + str(record.get("flop_counter", "")) + "."
+    )
+
+
+def deployment_table(record: Mapping[str, Any]) -> pd.DataFrame:
+    """The "Deployment" table of one run: its figures as rows (a vertical table reads better in a report)."""
+    frame = pd.DataFrame({record.get("model", "model"): deployment_summary(record)})
+    frame.index.name = "figure"
+    return frame
+
+
+def show_deployment(record: Mapping[str, Any] | None, run_dir: str = "RUN") -> pd.DataFrame | None:
+    """Notebook 01 / 02: the run's deployment table and the conditions it was measured under (or how to measure)."""
+    if not record:
+        display(Markdown(no_deploy_note(run_dir)))
+        return None
+    table = deployment_table(record)
+    display(table)
+    display(Markdown(conditions(record)))
+    return table
+
+
+def deployment_comparison(baseline: Mapping[str, Any] | None, phase2: Mapping[str, Any] | None) -> pd.DataFrame | None:
+    """The index's table: baseline vs phase 2 side by side, and what the text branch costs at inference (phase 2 −
+    baseline, in % for the timings). None unless both were benchmarked."""
+    if not baseline or not phase2:
+        return None
+    a, b = deployment_summary(baseline), deployment_summary(phase2)
+    frame = pd.DataFrame({"baseline (detector alone)": a, "phase 2 (detector + text branch)": b})
+    cost = {}
+    for key in a:
+        x, y = _number(a[key]), _number(b[key])
+        if x is None or y is None:
+            cost[key] = ""
+        elif "ms/image" in key or "images/s" in key:
+            cost[key] = f"{100.0 * (y - x) / x:+.1f} %" if x else ""
+        else:
+            cost[key] = f"{y - x:+,.3f}".rstrip("0").rstrip(".")
+    frame["text branch cost"] = pd.Series(cost)
+    frame.index.name = "figure"
+    return frame
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(str(value).split(" ")[0].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def read_deployments(phase2_dir: str | Path) -> tuple[dict | None, dict | None]:
+    """``(baseline's deploy.json, phase 2's deploy.json)`` of a phase-2 run folder (its baseline is the run its
+    params name); None for a record that is absent."""
+    phase2 = Path(resolve_path(phase2_dir))
+    record = _read(phase2 / "deploy.json")
+    baseline = None
+    try:
+        params = json.loads((phase2 / "metrics.json").read_text(encoding="utf-8")).get("params") or {}
+        base = Path(resolve_path(params.get("baseline") or ""))
+        base_run = base if (base / "metrics.json").is_file() else base.parents[1] if len(base.parents) > 1 else base
+        baseline = _read(base_run / "deploy.json")
+    except (OSError, ValueError):
+        pass
+    return baseline, record
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def deployment_html(baseline: Mapping[str, Any] | None, phase2: Mapping[str, Any] | None) -> str:
+    """The index's "Deployment" section (empty when the two runs were not both benchmarked)."""
+    table = deployment_comparison(baseline, phase2)
+    if table is None:
+        return ""
+    return (
+        "<h2>Deployment: what the text branch costs at inference</h2>"
+        + table.to_html(escape=True)
+        + f"<p class='note'>{html.escape(conditions(phase2).replace('*', ''))} Both runs were measured by "
+        "<code>python -m tfg_mm benchmark</code> (reports 01 and 02); timings of two runs compare only when measured "
+        "on the same machine under the same load.</p>"
+    )
