@@ -1,7 +1,9 @@
-"""``python -m tfg_mm predict``: sources, outputs, per-class thresholds, EXIF orientation, video, bad input.
+"""A finished run deployed (tfg_mm.deploy): ``predict`` (sources, outputs, per-class thresholds, EXIF orientation,
+video, bad input), ``export`` of a run (its check and a failed one) and ``benchmark`` with the reports' tables.
 
-A tiny baseline and a tiny phase-2 run are trained once for the module (a few seconds); every prediction is compared
-with what evaluation measures on the same checkpoint, so predict cannot drift from the numbers the reports quote.
+A tiny baseline and a tiny phase-2 run are trained once for the module (a few seconds; the tests that use them are
+``slow``); every prediction is compared with what evaluation measures on the same checkpoint, so predict cannot drift
+from the numbers the reports quote.
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ from tfg_mm.errors import ConfigError
 from tfg_mm.training.baseline import run_baseline
 from tfg_mm.training.judge import evaluate_target
 from tfg_mm.training.phase2 import run_phase2
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,7 @@ def test_sources_image_folder_glob_and_bad_ones(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Predictions
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_predictions_are_the_evaluated_detections_at_the_validation_thresholds(runs, tmp_path):
     """The selected checkpoint, read back, gives exactly the detections evaluation scored (same boxes, scores,
     classes), kept at each class's validation operating point; the outputs agree with each other."""
@@ -128,6 +129,7 @@ def test_predictions_are_the_evaluated_detections_at_the_validation_thresholds(r
         assert "wrote" in summary_lines(summary, out)[-1]
 
 
+@pytest.mark.slow
 def test_exif_rotated_image_gets_the_boxes_of_the_pixels_shown(runs, tmp_path):
     """An image stored rotated with an EXIF orientation tag is predicted as displayed: exactly the detections of the
     upright original, in its coordinates; the same pixels without the tag give other detections (the test can fail)."""
@@ -153,6 +155,7 @@ def test_exif_rotated_image_gets_the_boxes_of_the_pixels_shown(runs, tmp_path):
     assert found["untagged"] != found["upright"]
 
 
+@pytest.mark.slow
 def test_a_corrupt_file_is_skipped_and_counted_and_bad_targets_are_refused(runs, tmp_path, caplog):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -175,6 +178,7 @@ def test_a_corrupt_file_is_skipped_and_counted_and_bad_targets_are_refused(runs,
         load_predictor(runs["baseline"], threshold=1.5)
 
 
+@pytest.mark.slow
 def test_cli_predict_missing_source_exits_2_and_writes_nothing(runs, tmp_path):
     out = tmp_path / "never"
     result = cli(["predict", str(runs["baseline"]), str(tmp_path / "nope"), "--out", str(out)])
@@ -190,6 +194,7 @@ def test_cli_predict_missing_source_exits_2_and_writes_nothing(runs, tmp_path):
     assert (out / "predictions.json").exists() and (out / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_video_frames_are_predicted_and_an_annotated_video_written(runs, tmp_path):
     av = pytest.importorskip("av", reason="PyAV (the `video` extra) reads video")
     names = _val_images(runs["dataset"])[:3]
@@ -217,6 +222,7 @@ def test_video_frames_are_predicted_and_an_annotated_video_written(runs, tmp_pat
 # --------------------------------------------------------------------------------------------
 # Benchmark and the reports' Deployment sections
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_benchmark_record_and_the_reports_deployment_tables(runs, tmp_path):
     from tfg_mm import reporting
     from tfg_mm.deploy.benchmark import benchmark_target, deploy_lines, read_deploy
@@ -236,17 +242,28 @@ def test_benchmark_record_and_the_reports_deployment_tables(runs, tmp_path):
             assert 0 < r["median_ms"] <= r["p90_ms"] and r["runs"] == 3
             assert r["images_per_s"] == pytest.approx(1000 * r["batch"] / r["median_ms"])
         assert record["gflops"] > 0 and record["checkpoint_mb"] > 0 and record["threads"] >= 1
+        exported = json.loads((runs[run] / "export" / "export.json").read_text())  # exported (and checked) first
+        assert record["onnx_check"]["status"] == exported["status"]
+        assert record["onnx_check"]["max_abs_diff"] == exported["check"]["outputs"]["max_abs_diff"]
         assert record["images"].startswith("the first 2 images of instances_val.json")
-        assert len(deploy_lines(record)) == 3 + len(record["rows"])
+        assert len(deploy_lines(record)) == 3 + len(record["rows"]) + (run == "phase2")
     base, fused = records["baseline"], records["phase2"]
     assert base["params"]["text_branch"] == 0 < fused["params"]["text_branch"]
     assert fused["params"]["total"] - base["params"]["total"] == fused["params"]["text_branch"]
     assert "text branch" in fused["model"] and base["model"] == "detector alone"
 
+    assert f"The ONNX file's export check: {base['onnx_check']['status']}" in reporting.deployment.conditions(base)
     table = reporting.deployment_table(base)
     assert table.loc["parameters (M)"].iloc[0] == round(base["params"]["total"] / 1e6, 3)
     comparison = reporting.deployment_comparison(base, fused)
     assert comparison.loc["text branch (parameters)", "text branch cost"] == f"+{fused['params']['text_branch']:,}"
+    branch = fused["text_branch_ms"]
+    assert "text_branch_ms" not in base and 0 < branch["median_ms"] <= branch["p90_ms"]
+    assert branch["median_ms"] < next(r["median_ms"] for r in fused["rows"] if r["scope"] == "model")
+    assert comparison.loc["text branch alone, PyTorch ms/image", "text branch cost"].startswith(
+        f"+{branch['median_ms']:.3f} ms ("
+    )
+    assert comparison.loc["text branch alone, PyTorch ms/image", "baseline (detector alone)"] == ""
     assert reporting.deployment_comparison(base, None) is None
     assert reporting.read_deployments(runs["phase2"]) == (base, fused)
     page = reporting.build_index(None, reports_dir=tmp_path / "reports", deployment=(base, fused)).read_text()
@@ -272,6 +289,7 @@ def _measured_checkpoint(run: Path, dataset: Path, out: Path) -> Path:
     return det.save(model.eval(), out)
 
 
+@pytest.mark.slow
 def test_export_checks_the_file_against_pytorch_and_a_failed_check_keeps_it_and_says_failed(runs, tmp_path):
     folder = _measured_checkpoint(runs["baseline"], runs["dataset"], tmp_path / "measured")
     params = tiny(runs["dataset"])

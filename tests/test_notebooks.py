@@ -51,6 +51,10 @@ def test_notebook_01_runs_writes_contract_and_renders_without_code(executed_01, 
     html = render_html(nb, tmp_path / "01.html").read_text()
     assert "data:image/png;base64" in html
     assert "run_baseline(" not in html  # no code cells in the report
+    # the Deployment section: the run benchmarked once (ONNX exported and checked first), its table in the report
+    deploy = json.loads((out / "baseline" / "deploy.json").read_text())
+    assert deploy["run_id"] == metrics["run_id"] and deploy["runs"] == 3
+    assert "PyTorch ms/image" in html and "ONNX Runtime ms/image" in html and "export check" in html
     # a thesis page: no stderr block, library progress bar (transformers' one pair per checkpoint save
     # and load) or warning, in the executed notebook itself (render_html's stripping is only the safety net)
     assert report_noise(nb) == []

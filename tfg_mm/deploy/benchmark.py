@@ -10,7 +10,9 @@ Measured on the run's selected checkpoint at the run's image size:
   when absent), each twice: ``model`` (the network and the top-k post-processing on a preprocessed tensor — the
   same graph in both runtimes) and ``end to end`` (from the image file on disk: decode, convert, resize, the model,
   the per-class thresholds);
-* **throughput** at the larger batch (images per second, ``model`` scope).
+* **throughput** at the larger batch (images per second, ``model`` scope);
+* for a phase-2 run, **the text branch alone** (the fusion on the detector's outputs, PyTorch, batch 1): its
+  inference cost measured directly, well below the noise of two whole-model timings taken minutes apart.
 
 Threads are stated (ONNX Runtime gets torch's intra-op thread count); on a GPU, PyTorch runs on CUDA (synchronised
 around each call) and ONNX Runtime on its CUDA execution provider when the installed build has one. The images are
@@ -32,7 +34,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tfg_mm.data.validate import read_json
-from tfg_mm.deploy.export import EXPORT_DIR, ONNX_FILE, DeployModel, export_run, ort_predict_fn, ort_session
+from tfg_mm.deploy.export import (
+    EXPORT_DIR,
+    EXPORT_RECORD,
+    ONNX_FILE,
+    DeployModel,
+    export_run,
+    ort_predict_fn,
+    ort_session,
+)
 from tfg_mm.deploy.predict import _keep, _tensor, load_predictor, read_image
 from tfg_mm.errors import ConfigError
 from tfg_mm.io import atomic_write_json
@@ -186,6 +196,10 @@ def benchmark_target(
             for batch in batches:
                 x, s = pixels[:batch].to(dev), sizes[:batch].to(dev)
                 add(runtime, "model", batch, time_calls(lambda x=x, s=s: deploy_model(x, s), runs, warmup, sync))
+            if fusion is not None:  # the text branch alone, on the detector's own outputs: its cost without noise
+                out = model.detector(pixels[:1].to(dev))
+                timing = time_calls(lambda: fusion(out.logits, out.last_hidden_state), runs, warmup, sync)
+                record["text_branch_ms"] = {"runtime": runtime, "batch": 1, **timing}
             if end_image is not None:
                 predictor = load_predictor(target, device=str(dev), sources=sources)
                 add(
@@ -204,6 +218,15 @@ def benchmark_target(
             runtime = f"ONNX Runtime ({used})"
             run_onnx = ort_predict_fn(session)
             record["onnx"] = portable_text(str(onnx_path))
+            exported = (
+                read_json(onnx_path.parent / EXPORT_RECORD) if (onnx_path.parent / EXPORT_RECORD).is_file() else {}
+            )
+            check = exported.get("check") or {}
+            record["onnx_check"] = {
+                "status": exported.get("status", "not recorded"),
+                "max_abs_diff": (check.get("outputs") or {}).get("max_abs_diff"),
+                "map": check.get("map"),
+            }
             for batch in batches:
                 x, s = pixels[:batch], sizes[:batch]
                 add(runtime, "model", batch, time_calls(lambda x=x, s=s: run_onnx(x, s), runs, warmup))
@@ -248,6 +271,7 @@ def read_deploy(run_dir: str | Path) -> dict | None:
 def deploy_lines(record: dict) -> list[str]:
     """The terminal's table of one benchmark."""
     p = record["params"]
+    branch = record.get("text_branch_ms")
     lines = [
         f"{record['model']}, {record['preset']} at {record['image_size']} px: {p['total'] / 1e6:.2f} M parameters "
         f"(text branch {p['text_branch']:,}), {record['gflops']:.2f} GFLOPs, checkpoint {record['checkpoint_mb']:.1f} MB",
@@ -255,6 +279,10 @@ def deploy_lines(record: dict) -> list[str]:
         f"{record['warmup']} warm-up; images: {record['images']}",
         f"{'runtime':<26}{'scope':<12}{'batch':>6}{'median ms':>11}{'p90 ms':>9}{'ms/img':>9}{'img/s':>9}",
     ]
+    if branch:
+        lines.insert(
+            2, f"the text branch alone: {branch['median_ms']:.3f} ms (p90 {branch['p90_ms']:.3f}) per image, PyTorch"
+        )
     for r in record["rows"]:
         lines.append(
             f"{r['runtime']:<26}{r['scope']:<12}{r['batch']:>6}{r['median_ms']:>11.2f}{r['p90_ms']:>9.2f}"
