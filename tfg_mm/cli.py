@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import yaml
+from transformers.utils import logging as hf_logging
 
 from tfg_mm import ablations, reporting
 from tfg_mm.config import default_of, load_params, parameter_reference
@@ -170,8 +171,15 @@ def _sources(args) -> list:
     return [*(args.params or []), *([_overrides(args.set)] if args.set else [])]
 
 
+def _no_load_bars() -> None:
+    """predict / export / benchmark load a checkpoint once or twice: transformers' "Loading weights" bars would come
+    before the command's own output and say nothing it does not (the training commands keep them)."""
+    hf_logging.disable_progress_bar()
+
+
 def cmd_predict(args) -> int:
     source = collect_source(args.source)  # checked before anything is loaded or written
+    _no_load_bars()
     predictor = load_predictor(
         args.target, threshold=args.threshold, device=args.device, backend=args.backend, sources=_sources(args)
     )
@@ -182,12 +190,14 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
+    _no_load_bars()
     record = export_run(args.target, image_size=args.image_size, batch=args.batch, sources=_sources(args))
     print("\n".join(export_lines(record)))
     return 0 if record["check"]["passed"] else 1
 
 
 def cmd_benchmark(args) -> int:
+    _no_load_bars()
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
     record = benchmark_target(
         args.target,
