@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import logging
 import platform
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -59,11 +59,6 @@ DEPLOY_FILE = "deploy.json"
 DEPLOY_SCHEMA = 1
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
 def time_calls(fn: Callable[[], Any], runs: int, warmup: int, sync: Callable[[], None] = lambda: None) -> dict:
     """Median / p90 milliseconds of ``runs`` calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -75,7 +70,7 @@ def time_calls(fn: Callable[[], Any], runs: int, warmup: int, sync: Callable[[],
         fn()
         sync()
         times.append((time.perf_counter() - t0) * 1000.0)
-    return {"median_ms": statistics.median(times), "p90_ms": _percentile(times, 0.9), "runs": runs}
+    return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)), "runs": runs}
 
 
 def gflops(module: torch.nn.Module, images: torch.Tensor, sizes: torch.Tensor) -> float:
@@ -206,9 +201,7 @@ def benchmark_target(
                     runtime,
                     "end to end",
                     1,
-                    time_calls(
-                        lambda: _end_to_end(predictor, end_image, read_image, _tensor, _keep), runs, warmup, sync
-                    ),
+                    time_calls(lambda: _end_to_end(predictor, end_image), runs, warmup, sync),
                 )
         if "onnx" in backends:
             onnx_path = _ensure_export(files, target, sources)
@@ -236,7 +229,7 @@ def benchmark_target(
                     runtime,
                     "end to end",
                     1,
-                    time_calls(lambda: _end_to_end(predictor, end_image, read_image, _tensor, _keep), runs, warmup),
+                    time_calls(lambda: _end_to_end(predictor, end_image), runs, warmup),
                 )
     record["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if write:
@@ -244,10 +237,10 @@ def benchmark_target(
     return record
 
 
-def _end_to_end(predictor, path: Path, read_image, to_tensor, keep) -> list:
-    image = read_image(path)
-    pixels, sizes = to_tensor([image], predictor.image_size)
-    return keep(predictor.detect(pixels, sizes)[0], predictor)
+def _end_to_end(predictor, path: Path) -> list:
+    """One image from its file to thresholded detections, as ``predict`` does it."""
+    pixels, sizes = _tensor([read_image(path)], predictor.image_size)
+    return _keep(predictor.detect(pixels, sizes)[0], predictor)
 
 
 def _contract(files: RunPaths):

@@ -22,6 +22,7 @@ not exist or holds no image is the project's error before anything is written.
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import io
 import logging
@@ -337,8 +338,14 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
+@functools.cache
+def _resize(image_size: int):
+    """Evaluation's transform (square resize, float in [0, 1]), built once per size."""
+    return build_transforms(image_size, train=False, augment="none")
+
+
 def _tensor(images: Sequence[Image.Image], image_size: int) -> tuple[Tensor, Tensor]:
-    resize = build_transforms(image_size, train=False, augment="none")
+    resize = _resize(image_size)
     pixels = torch.stack([resize(F.pil_to_tensor(im)) for im in images])
     sizes = torch.tensor([[im.height, im.width] for im in images], dtype=torch.int64)
     return pixels, sizes

@@ -44,27 +44,43 @@ def _row(record: Mapping[str, Any], runtime: str, scope: str, which: str) -> dic
     return next((r for r in rows if r["batch"] == batch), None)
 
 
-def deployment_summary(record: Mapping[str, Any]) -> dict[str, Any]:
-    """One run's figures as one table row: size, GFLOPs, ms/image at batch 1 and images/s at the largest batch."""
+def _figures(record: Mapping[str, Any]) -> dict[str, tuple[float, float | None, str]]:
+    """One run's figures as numbers: ``label -> (value, p90 or None, kind)``; kind ``count`` / ``number`` /
+    ``ms`` / ``rate`` says how a figure is written and how two runs' figures compare."""
     p = record.get("params") or {}
-    out: dict[str, Any] = {
-        "parameters (M)": round(p.get("total", 0) / 1e6, 3),
-        "text branch (parameters)": f"{p.get('text_branch', 0):,}",
-        "GFLOPs": round(record.get("gflops", float("nan")), 2),
-        "checkpoint (MB)": round(record.get("checkpoint_mb", float("nan")), 1),
+    out: dict[str, tuple[float, float | None, str]] = {
+        "parameters (M)": (p.get("total", 0) / 1e6, None, "number"),
+        "text branch (parameters)": (p.get("text_branch", 0), None, "count"),
+        "GFLOPs": (record.get("gflops", float("nan")), None, "number"),
+        "checkpoint (MB)": (record.get("checkpoint_mb", float("nan")), None, "number"),
     }
     branch = record.get("text_branch_ms")
     if branch:
-        out["text branch alone, PyTorch ms/image"] = f"{branch['median_ms']:.3f} (p90 {branch['p90_ms']:.3f})"
+        out["text branch alone, PyTorch ms/image"] = (branch["median_ms"], branch["p90_ms"], "branch")
     for runtime, scope, which, label in _COLUMNS:
         row = _row(record, runtime, scope, which)
         if row is None:
             continue
         if which == "one":
-            out[label] = f"{row['ms_per_image']:.1f} (p90 {row['p90_ms'] / row['batch']:.1f})"
+            out[label] = (row["ms_per_image"], row["p90_ms"] / row["batch"], "ms")
         else:
-            out[f"{label} (batch {row['batch']})"] = round(row["images_per_s"], 1)
+            out[f"{label} (batch {row['batch']})"] = (row["images_per_s"], None, "rate")
     return out
+
+
+#: How each kind of figure is written (value, p90).
+_WRITE = {
+    "number": lambda v, _: round(v, 3) if v < 1 else round(v, 2) if v < 10 else round(v, 1),
+    "count": lambda v, _: f"{int(v):,}",
+    "branch": lambda v, p90: f"{v:.3f} (p90 {p90:.3f})",
+    "ms": lambda v, p90: f"{v:.1f} (p90 {p90:.1f})",
+    "rate": lambda v, _: round(v, 1),
+}
+
+
+def deployment_summary(record: Mapping[str, Any]) -> dict[str, Any]:
+    """One run's figures as one table column: size, GFLOPs, ms/image at batch 1 and images/s at the largest batch."""
+    return {label: _WRITE[kind](value, p90) for label, (value, p90, kind) in _figures(record).items()}
 
 
 def conditions(record: Mapping[str, Any]) -> str:
@@ -119,32 +135,29 @@ def deployment_comparison(baseline: Mapping[str, Any] | None, phase2: Mapping[st
     baseline, in % for the timings). None unless both were benchmarked."""
     if not baseline or not phase2:
         return None
-    a, b = deployment_summary(baseline), deployment_summary(phase2)
-    frame = pd.DataFrame({"baseline (detector alone)": a, "phase 2 (detector + text branch)": b})
+    a, b = _figures(baseline), _figures(phase2)
+    frame = pd.DataFrame(
+        {
+            "baseline (detector alone)": deployment_summary(baseline),
+            "phase 2 (detector + text branch)": deployment_summary(phase2),
+        }
+    )
+    model_ms = b.get("PyTorch ms/image", (None,))[0]
     cost = {}
-    model_ms = _number(b.get("PyTorch ms/image"))
-    for key in b:
-        x, y = _number(a.get(key)), _number(b[key])
-        if key.startswith("text branch alone") and y is not None:
-            share = f" ({100.0 * y / model_ms:.1f} % of the model)" if model_ms else ""
-            cost[key] = f"+{y:.3f} ms{share}"
-        elif x is None or y is None:
+    for key, (y, _, kind) in b.items():
+        x = a[key][0] if key in a else None
+        if kind == "branch":
+            cost[key] = f"+{y:.3f} ms" + (f" ({100.0 * y / model_ms:.1f} % of the model)" if model_ms else "")
+        elif x is None:
             cost[key] = ""
-        elif "ms/image" in key or "images/s" in key:
+        elif kind in ("ms", "rate"):
             cost[key] = f"{100.0 * (y - x) / x:+.1f} %" if x else ""
+        elif kind == "count":
+            cost[key] = f"{int(y - x):+,}"
         else:
-            cost[key] = f"{y - x:+,.3f}".rstrip("0").rstrip(".")
+            cost[key] = f"{y - x:+.3f}".rstrip("0").rstrip(".")
     frame["text branch cost"] = pd.Series(cost)
     return frame.astype(object).where(frame.notna(), "")
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        return float(str(value).split(" ")[0].replace(",", ""))
-    except ValueError:
-        return None
 
 
 def read_deployments(phase2_dir: str | Path) -> tuple[dict | None, dict | None]:
