@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all test test-fast lint data baseline phase2 ablations full-grid reports benchmark params-doc clean-venv
+.PHONY: all test test-fast lint data baseline phase2 ablations lowshot full-grid reports benchmark bench-real params-doc clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -42,6 +42,11 @@ phase2: $(STAMP)
 ablations: $(STAMP)
 	$(VPY) -m tfg_mm pipeline --only 03_ablations
 
+## The low-data grid (notebook 04; not part of `all`: a baseline per k, about 45 min on 2 CPU cores), then the index
+lowshot: $(STAMP)
+	$(VPY) -m tfg_mm pipeline --only 04_lowshot
+	$(VPY) -m tfg_mm report
+
 ## Rebuild reports/index.html from the finished runs (trains nothing)
 reports: $(STAMP)
 	$(VPY) -m tfg_mm report
@@ -51,6 +56,11 @@ full-grid: $(STAMP)
 
 benchmark: $(STAMP)
 	$(VPY) scripts/benchmark.py
+
+## DeepPCB (real PCB defects) end to end, judged on its own test split: reports/bench_real.json, docs/real_data.md
+## (DATA=/path/to/deeppcb; default ../shared/datasets/deeppcb beside the checkout; about 40 min on 2 CPU cores)
+bench-real: $(STAMP)
+	$(VPY) scripts/bench_real.py $(if $(DATA),--data $(DATA))
 
 params-doc: $(STAMP)
 	$(VPY) -m tfg_mm params-doc --write docs/parameters.md

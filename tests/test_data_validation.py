@@ -182,9 +182,10 @@ def test_non_rgb_images_are_converted_with_a_counted_warning(tmp_path):
     sixteen = np.full((H, W), 40000, dtype=np.uint16)
     Image.fromarray(sixteen).save(tmp_path / "images" / "img3.png")  # 16-bit grayscale
     report = validate_coco(path)
-    assert report.counts["non-RGB image converted"] == 3
-    assert "colour mode L" in report.messages["non-RGB image converted"]
-    with pytest.warns(DataWarning, match="3 x non-RGB image converted"):
+    # 8-bit grayscale (img1) is a normal source, converted without loss: no warning for it
+    assert report.counts["non-RGB image converted"] == 2
+    assert "colour mode RGBA" in report.messages["non-RGB image converted"]
+    with pytest.warns(DataWarning, match="2 x non-RGB image converted"):
         ds = CocoDetection(tmp_path, "instances.json", image_size=32)
     images = [ds[i][0] for i in range(3)]
     assert all(im.shape == (3, 32, 32) for im in images)

@@ -210,3 +210,21 @@ def test_the_run_card_shows_the_initial_weights_in_one_line():
         "(the class heads), 1 dropped |" in text
     )
     assert "model.enc_score_head" not in text  # the names stay in metrics.json
+
+
+@pytest.mark.slow
+def test_fine_tuning_at_another_size_saves_the_size_it_trained_at(transformers_folder, tiny_params, tmp_path, caplog):
+    """A 160-px source fine-tuned at 192 px (DeepPCB: the embedded baseline at 320): the checkpoint says 192, so
+    phase 2, evaluation and export use 192-px anchors without recomputing them."""
+    params = tiny_params(
+        pretrained=str(transformers_folder[0]),
+        image_size=192,
+        epochs=1,
+        max_steps_per_epoch=2,
+        run_dir=str(tmp_path / "r"),
+    )
+    with caplog.at_level(logging.WARNING):
+        metrics = run_baseline(params, progress=False)
+    assert metrics["status"] == "finished"
+    assert list(load(tmp_path / "r" / "checkpoints" / "best").config.anchor_image_size) == [192, 192]
+    assert "anchors recomputed" not in caplog.text

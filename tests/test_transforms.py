@@ -153,3 +153,35 @@ def test_mosaic_in_the_dataset(tiny_dataset, mosaic_prob):
     assert torch.allclose(image, plain, atol=1e-6) or torch.allclose(image, plain.flip(-1), atol=1e-6)
     with pytest.raises(ConfigError, match="`mosaic_prob: 0.5` applies to `augment: official` only"):
         load_params({"mosaic_prob": 0.5})
+
+
+@pytest.mark.parametrize("augment", ["light", "official"])
+def test_train_crop_cuts_training_items_and_leaves_evaluation_whole(tiny_dataset, augment):
+    """`train_crop`: training items are random crops of the image at image_size (normalised to the crop), boxes the
+    cut leaves under 4 px dropped; the validation items stay whole images at image_size."""
+    torch.manual_seed(0)
+    train = CocoDetection(tiny_dataset, "instances_train.json", image_size=160, train=True, augment=augment, crop=64)
+    val = CocoDetection(tiny_dataset, "instances_val.json", image_size=160, train=False, crop=64)
+    kept = 0
+    for i in range(len(train)):
+        image, target = train[i]
+        assert image.shape == (3, 64, 64)
+        boxes = target["boxes"]
+        assert ((boxes >= 0) & (boxes <= 1)).all() and len(boxes) == len(target["class_labels"])
+        assert (boxes[:, 2:] * 64 >= 4 - 1e-4).all()  # no sliver under 4 px
+        kept += len(boxes)
+    assert kept > 0
+    train.no_aug = True  # the no-augmentation tail keeps the training scale
+    assert train[0][0].shape == (3, 64, 64)
+    assert val[0][0].shape == (3, 160, 160)
+
+
+def test_train_crop_larger_than_the_image_or_without_augmentation_is_refused(tiny_params):
+    from tfg_mm.data.loaders import make_data
+
+    with pytest.raises(ConfigError, match="larger than image_size"):
+        build_transforms(160, train=True, augment="light", crop=192)
+    with pytest.raises(ConfigError, match="augment: none"):
+        make_data(tiny_params(train_crop=64, augment="none"), torch.Generator(), progress=False)
+    with pytest.raises(ConfigError, match="train_crop"):
+        tiny_params(train_crop=50)  # a multiple of 32

@@ -233,7 +233,9 @@ def cmd_report(args) -> int:
     summary = ablations.summarize_if_run(args.ablations_dir)
     hard = summary["hard_classes"] if summary else HARD_CLASSES
     flips = reporting.phase2_flips(args.phase2_dir, hard)
-    print(reporting.build_index(summary, flips=flips, deployment=reporting.read_deployments(args.phase2_dir)))
+    deployment = reporting.read_deployments(args.phase2_dir)
+    lowshot = reporting.read_lowshot(args.lowshot_dir)
+    print(reporting.build_index(summary, flips=flips, deployment=deployment, lowshot=lowshot))
     return 0
 
 
@@ -402,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--phase2-dir",
         default=str(project_root() / "runs" / "phase2"),
         help="the phase-2 run whose baseline -> phase 2 flips (and deployment figures, when benchmarked) the index shows",
+    )
+    p.add_argument(
+        "--lowshot-dir",
+        default=str(project_root() / "runs" / "lowshot"),
+        help="the low-data grid (notebook 04, `make lowshot`) whose figure the index shows, when it has run",
     )
     p.set_defaults(func=cmd_report)
 

@@ -34,6 +34,7 @@ from tfg_mm.ablations.grid import (
     run_notebook01,
     run_notebook02,
 )
+from tfg_mm.ablations.lowshot import LOWSHOT_RECORD, LOWSHOT_SUMMARY, level_dir, run_lowshot, summarize_lowshot
 from tfg_mm.ablations.repredict import (
     interpolate_state,
     predict_run_detections,
@@ -51,6 +52,8 @@ __all__ = [
     "EXECUTOR_KEYS",
     "FAILURE_FILE",
     "GRID_RECORD",
+    "LOWSHOT_RECORD",
+    "LOWSHOT_SUMMARY",
     "SUMMARY_FILE",
     "RunVariant",
     "baseline_seed_dir",
@@ -58,6 +61,7 @@ __all__ = [
     "explicit_parameters",
     "failure_record",
     "interpolate_state",
+    "level_dir",
     "load_ablation_grid",
     "make_executor",
     "notebook_parameters",
@@ -67,13 +71,32 @@ __all__ = [
     "run_detections",
     "run_from_notebook",
     "run_grid",
+    "run_lowshot",
+    "run_lowshot_from_notebook",
     "run_notebook01",
     "run_notebook02",
     "scale_gate",
     "summarize",
     "summarize_if_run",
+    "summarize_lowshot",
     "wise_curve",
 ]
+
+
+def _notebook_run(namespace: Mapping[str, Any], run_variant: RunVariant, progress: bool) -> tuple[Any, dict]:
+    """A grid notebook's validated params and the options every grid runner takes from them."""
+    p = notebook_params(namespace)  # every value validated before any work
+    explicit = explicit_parameters(namespace)
+    return p, {
+        "params_file": namespace.get("params_file") or None,
+        "explicit": explicit,
+        "seeds": explicit.get("seeds"),
+        "reuse": p.reuse,
+        "bootstrap_resamples": p.bootstrap_resamples,
+        "confidence": p.confidence,
+        "run_variant": run_variant,
+        "progress": progress,
+    }
 
 
 def run_from_notebook(
@@ -83,21 +106,22 @@ def run_from_notebook(
 
     ``namespace`` is the notebook's ``globals()`` right after the parameters cell.
     """
-    p = notebook_params(namespace)  # every value validated before any work
-    explicit = explicit_parameters(namespace)
+    p, options = _notebook_run(namespace, run_variant, progress)
     run_grid(
         p.grid,
         p.run_dir,
-        params_file=namespace.get("params_file") or None,
-        explicit=explicit,
-        seeds=explicit.get("seeds"),
         workers=p.workers,
-        reuse=p.reuse,
-        bootstrap_resamples=p.bootstrap_resamples,
-        confidence=p.confidence,
         wise_lambdas=p.wise_lambdas,
-        run_variant=run_variant,
-        progress=progress,
-        executor={k: v for k, v in explicit.items() if k in EXECUTOR_KEYS},
+        executor={k: v for k, v in options["explicit"].items() if k in EXECUTOR_KEYS},
+        **options,
     )
     return summarize(p.run_dir, progress=progress)
+
+
+def run_lowshot_from_notebook(
+    namespace: Mapping[str, Any], run_variant: RunVariant = run_notebook02, progress: bool = True
+) -> dict:
+    """Notebook 04's work: validate its parameters, run every k's baseline and grid, return the low-data summary."""
+    p, options = _notebook_run(namespace, run_variant, progress)
+    run_lowshot(p.grid, p.run_dir, **options)
+    return summarize_lowshot(p.run_dir, progress=progress)

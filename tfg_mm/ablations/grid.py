@@ -136,7 +136,40 @@ def load_ablation_grid(path: str | Path) -> dict:
             f"{path}: `baseline_seeds` must be a list of seeds (integers >= 0), e.g. [0, 1, 2]; got {baseline_seeds!r}"
         )
     grid["baseline_seeds"] = sorted(set(baseline_seeds))
+    if grid.get("shots") is not None:
+        grid["shots"] = _shots_setting(grid["shots"], path, hard)
     return grid
+
+
+#: ``shots`` of a low-data grid (:mod:`tfg_mm.ablations.lowshot`): its keys and their defaults.
+SHOTS_DEFAULTS = {"k": None, "classes": None, "seed": 0, "baseline_params": "params/baseline.yaml", "baseline": {}}
+
+
+def _shots_setting(shots: Any, path: Path, hard: list[str]) -> dict:
+    """A grid's ``shots`` block checked: ``k`` (images kept per starved class, a list), ``classes`` (default: the
+    hard classes), ``seed`` (of the subset), ``baseline_params`` (the recipe of each k's baseline) and
+    ``baseline`` (flat overrides of that recipe)."""
+    example = "{k: [5, 10, 20], classes: [perforation, break], seed: 0, baseline_params: params/baseline.yaml}"
+    if not isinstance(shots, dict) or set(shots) - set(SHOTS_DEFAULTS):
+        unknown = sorted(set(shots) - set(SHOTS_DEFAULTS)) if isinstance(shots, dict) else []
+        raise ConfigError(
+            f"{path}: `shots` must be a mapping like {example}"
+            + (f"; unknown key(s) {unknown}" if unknown else f"; got {shots!r}")
+        )
+    out = {**SHOTS_DEFAULTS, **shots}
+    out["classes"] = out["classes"] if out["classes"] is not None else list(hard)
+    ks = out["k"]
+    if not isinstance(ks, list) or not ks or not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
+        raise ConfigError(f"{path}: `shots.k` must be a non-empty list of image counts, e.g. [5, 10, 20]; got {ks!r}")
+    out["k"] = sorted(set(ks))
+    # the schema says what train_shots / shots_classes / shots_seed / the baseline overrides may hold
+    load_params(
+        {"train_shots": out["k"][0], "shots_classes": out["classes"], "shots_seed": out["seed"], **out["baseline"]},
+        source_names=[f"{path}: shots"],
+    )
+    for k in out["k"]:
+        load_params({"train_shots": k}, source_names=[f"{path}: shots.k"])
+    return out
 
 
 def explicit_parameters(namespace: Mapping[str, Any]) -> dict:
@@ -531,6 +564,11 @@ def run_grid(
     """
     if not isinstance(grid, Mapping):
         grid = load_ablation_grid(grid)
+    if grid.get("shots"):
+        raise ConfigError(
+            f"{grid.get('path', 'grid')}: a low-data grid (`shots`) trains one baseline per k: run it with notebook "
+            "04 (`make lowshot`), not notebook 03."
+        )
     settings = executor_settings(
         grid.get("executor_settings") or {},
         executor or {},

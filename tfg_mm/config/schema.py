@@ -195,6 +195,19 @@ class DataParams(BaseModel):
         "Its categories must be the training set's and its images in neither train nor val.",
     )
     images_dir: str = Field("images", description="Images folder, relative to `dataset`.")
+    train_shots: int | None = Field(
+        None,
+        ge=1,
+        description="The low-data regime: keep at most this many training images of each class of `shots_classes` "
+        "(an image is kept or dropped whole; images without those classes all stay; validation and test "
+        "untouched); null = every training image. The subset depends on `shots_seed` only, so a baseline and "
+        "its phase-2 runs of any seed share it.",
+    )
+    shots_classes: list[str] = Field(
+        default_factory=list,
+        description="The classes `train_shots` starves (empty = every class), e.g. [perforation, break].",
+    )
+    shots_seed: int = Field(0, ge=0, description="Seed of the `train_shots` subset (the same seed, the same images).")
     generate_if_missing: bool = Field(
         True,
         description="Build the embedded synthetic defect set when `dataset` is the default and does not exist yet.",
@@ -349,6 +362,15 @@ class TrainingParams(BaseModel):
         "lr_gamma, no-augmentation tail, EMA), recorded as `recipe` in metrics.json; then "
         + ", ".join(f"`{k}`" for k in RECIPE_KEYS)
         + " must stay at their defaults.",
+    )
+    train_crop: int | None = Field(
+        None,
+        ge=32,
+        multiple_of=32,
+        description="Train on random square crops of this many pixels cut from each image at `image_size`, while "
+        "validation, test and deployment see the whole image at `image_size`: small defects on large sources "
+        "(DeepPCB: 640 px, ~31 px defects) keep their size while a step costs what `train_crop` px costs. Part of "
+        "the augmentation (`augment` light or official); null = whole images.",
     )
     mosaic_prob: float = Field(
         0.0,

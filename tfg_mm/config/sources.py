@@ -219,7 +219,7 @@ def params_from_notebook(namespace: Mapping[str, Any], ignore: Iterable[str] = (
 #: them through as written and ``tfg_mm.ablations.load_ablation_grid`` checks them (the hard classes'
 
 
-GRID_RUNNER_KEYS = ("hard_classes", "wise", "baseline_seeds")
+GRID_RUNNER_KEYS = ("hard_classes", "wise", "baseline_seeds", "shots")
 
 
 def load_grid(path: str | Path, extra_keys: Iterable[str] = GRID_RUNNER_KEYS) -> dict:

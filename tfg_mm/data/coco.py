@@ -69,8 +69,11 @@ class CocoDetection(Dataset):
         augment: bool | str = True,
         strict: bool = True,
         mosaic_prob: float = 0.0,
+        crop: int | None = None,
     ) -> None:
         self.root = Path(root)
+        #: ``train_crop``: training items are random ``crop`` px squares of the image at ``image_size``
+        self.crop = crop
         self.coco_path: Path = _under(self.root, ann_file)
         self.images_dir: Path = _under(self.root, images_dir)
         self.image_size = image_size
@@ -103,6 +106,19 @@ class CocoDetection(Dataset):
         self._boxes = {i: torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for i, b in boxes.items()}
         self._labels = {i: torch.tensor(v, dtype=torch.int64) for i, v in labels.items()}
 
+    def keep_only(self, image_ids) -> None:
+        """Restrict the dataset to ``image_ids`` (the low-data subset of :mod:`tfg_mm.data.shots`): items,
+        annotations and instance counts all follow; the file on disk is untouched."""
+        keep = set(image_ids)
+        self.data = {
+            **self.data,
+            "images": [im for im in self.data["images"] if im["id"] in keep],
+            "annotations": [a for a in self.data["annotations"] if a["image_id"] in keep],
+        }
+        self._images = [im for im in self._images if im["id"] in keep]
+        self.image_ids = [im["id"] for im in self._images]
+        self.__dict__.pop("coco", None)  # rebuilt from the subset when asked for
+
     @property
     def augment(self) -> str:
         """The training augmentation, ``official`` / ``light`` / ``none``; settable (``True`` = ``light``,
@@ -127,9 +143,11 @@ class CocoDetection(Dataset):
 
     def _build_transforms(self) -> None:
         self.transforms = build_transforms(
-            self.image_size, train=self.train, augment=self._augment, no_aug=self._no_aug
+            self.image_size, train=self.train, augment=self._augment, no_aug=self._no_aug, crop=self.crop
         )
-        self.mosaic_transforms = build_transforms(self.image_size, train=self.train, augment="official", mosaic=True)
+        self.mosaic_transforms = build_transforms(
+            self.image_size, train=self.train, augment="official", mosaic=True, crop=self.crop
+        )
 
     def _mosaic_now(self) -> bool:
         """Whether this item is a mosaic (a random draw only when mosaics are on: other runs' random streams stay)."""

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tfg_mm.data.coco import CocoDetection, collate, dataset_fingerprint
+from tfg_mm.data.shots import select_shots
 from tfg_mm.data.synthetic import generate
 from tfg_mm.data.validate import DataWarning, decode_images
 from tfg_mm.errors import ConfigError, DataError
@@ -126,6 +127,8 @@ class Data:
     #: the held-out test split (``test_json``; None without one) and its loader
     test: Any = None
     test_loader: DataLoader | None = None
+    #: ``train_shots``: the low-data subset kept (:func:`tfg_mm.data.shots.select_shots`, without the ids)
+    shots: dict | None = None
 
 
 def make_data(
@@ -151,7 +154,13 @@ def make_data(
     )
     train = None
     train_loader = None
+    shots: dict | None = None
     if need_train:
+        if params.train_crop is not None and params.augment == "none":
+            raise ConfigError(
+                f"train_crop = {params.train_crop} with augment: none: the crop is a random cut of each training "
+                "image, part of the augmentation. Fix: augment: light (or official), or leave train_crop empty."
+            )
         train = CocoDetection(
             root,
             params.train_json,
@@ -160,7 +169,13 @@ def make_data(
             train=True,
             augment=params.augment,
             mosaic_prob=params.mosaic_prob,
+            crop=params.train_crop,
         )
+        if params.train_shots is not None:
+            shots = select_shots(
+                train.data, params.train_shots, params.shots_classes, params.shots_seed, source=str(train.coco_path)
+            )
+            train.keep_only(shots.pop("image_ids"))
         if list(train.categories) != list(val.categories):
             raise ConfigError(
                 f"The train and val annotation files of {root} list different categories "
@@ -203,5 +218,15 @@ def make_data(
     annotation_files = [record[key] for key in ("train_json", "val_json", "test_json") if record.get(key)]
     decode_images(annotation_files, root / params.images_dir, key=record["hash"], progress=progress)
     return Data(
-        root, train, val, train_loader, val_loader, list(val.categories), list(val.cat_ids), record, test, test_loader
+        root,
+        train,
+        val,
+        train_loader,
+        val_loader,
+        list(val.categories),
+        list(val.cat_ids),
+        record,
+        test,
+        test_loader,
+        shots,
     )

@@ -193,12 +193,20 @@ def split_coco(
         atomic_write_text(path, json.dumps(part, indent=1, ensure_ascii=False) + "\n")
         record["files"][split] = path.name
         record["splits"][split] = split_counts(part)
+    names = {im["file_name"] for im in data["images"]}
     for split in SPLITS:
-        if split not in used and (out / f"{split}.json").exists():
+        other = out / f"{split}.json"
+        if split in used or not other.exists():
+            continue
+        try:  # a held-out file of the dataset's own (DeepPCB's test.json) may sit there: only a shared image matters
+            shared = len(names & {im["file_name"] for im in json.loads(other.read_text())["images"]})
+        except (OSError, ValueError, KeyError, TypeError):
+            shared = -1
+        if shared:
             log.warning(
-                "%s is left from an earlier split and shares images with this one. Fix: delete it, or split "
-                "again with --%s-fraction.",
-                out / f"{split}.json",
+                "%s is left from an earlier split and %s. Fix: delete it, or split again with --%s-fraction.",
+                other,
+                f"shares {shared} images with this one" if shared > 0 else "could not be read to check it",
                 split,
             )
     atomic_write_text(out / COUNTS_FILE, json.dumps(record, indent=1, ensure_ascii=False) + "\n")

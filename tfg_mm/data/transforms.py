@@ -111,7 +111,12 @@ def _official_steps(size: tuple[int, int], no_aug: bool, mosaic: bool = False) -
 
 
 def build_transforms(
-    image_size: int, train: bool, augment: bool | str = "light", no_aug: bool = False, mosaic: bool = False
+    image_size: int,
+    train: bool,
+    augment: bool | str = "light",
+    no_aug: bool = False,
+    mosaic: bool = False,
+    crop: int | None = None,
 ) -> v2.Compose:
     """Transforms for ``(tv_tensors.Image uint8, {"boxes": BoundingBoxes, "labels": Tensor})``.
 
@@ -119,14 +124,17 @@ def build_transforms(
     otherwise it is the plain square resize and conversion to float in [0, 1] (what evaluation uses).
     ``no_aug``: the no-augmentation tail of a training run (``no_aug_epochs``): ``official`` keeps only
     its flip, ``light`` becomes the plain resize. ``mosaic``: the ``official`` steps that follow a
-    :func:`mosaic` (no zoom-out, no IoU crop).
+    :func:`mosaic` (no zoom-out, no IoU crop). ``crop`` (``train_crop``): a training image, once at ``image_size``,
+    is cut to a random ``crop`` x ``crop`` square (whenever ``augment`` is not ``none``, the no-augmentation tail
+    included: it is the training scale, not a policy op); boxes the cut leaves under 4 px go with their labels.
     """
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 32:
         raise ConfigError(f"image_size={image_size!r}: must be an integer >= 32 (e.g. 160 for the default set).")
     mode = augment_mode(augment)
     size = (image_size, image_size)
+    cut = _crop_steps(image_size, crop) if train and mode != "none" else []
     if train and mode == "official":
-        return v2.Compose(_official_steps(size, no_aug, mosaic))
+        return v2.Compose(_official_steps(size, no_aug, mosaic) + cut)
     light = train and mode == "light" and not no_aug
     steps: list[v2.Transform] = []
     if light:
@@ -140,4 +148,17 @@ def build_transforms(
     if light:
         # A crop can cut a box down to a sliver: drop boxes under one pixel, with their labels.
         steps.append(v2.SanitizeBoundingBoxes(min_size=1.0))
-    return v2.Compose(steps)
+    return v2.Compose(steps + cut)
+
+
+def _crop_steps(image_size: int, crop: int | None) -> list[v2.Transform]:
+    """``train_crop``: a random square of the image at ``image_size``; a defect the cut leaves under 4 px is no longer
+    a defect to learn, so it goes (a sliver at the edge would teach a half-defect as a whole one)."""
+    if crop is None:
+        return []
+    if crop > image_size:
+        raise ConfigError(
+            f"train_crop = {crop} is larger than image_size = {image_size}: a crop is cut from the image at "
+            "image_size. Fix: a train_crop of at most image_size (e.g. half of it), or leave it empty."
+        )
+    return [v2.RandomCrop((crop, crop)), v2.SanitizeBoundingBoxes(min_size=4.0)]

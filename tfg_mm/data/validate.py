@@ -8,7 +8,8 @@ reported in one of two ways:
   unknown ids, missing or unreadable images, empty datasets, boxes that are clearly in the wrong
   format (``[x1, y1, x2, y2]`` where COCO wants ``[x, y, width, height]``);
 * a counted warning when there is one obvious repair, which is then applied to the returned data:
-  boxes that stick out of the image are clipped, non-RGB images are converted on load, missing
+  boxes that stick out of the image are clipped, non-RGB images are converted on load (8-bit and binary
+  grayscale silently: nothing is lost), missing
   ``area`` / ``iscrowd`` are filled; with ``strict=False`` zero-area boxes are dropped instead of
   being an error.
 
@@ -134,6 +135,11 @@ def _read_rgb(path: Path) -> Image.Image:
     with Image.open(path) as im:
         im.load()
         return as_rgb(im)
+
+
+#: Colour modes read without a warning: RGB, and 8-bit / 1-bit grayscale (binarised scans, most industrial
+#: cameras), whose conversion to RGB copies the one channel three times and loses nothing.
+LOSSLESS_MODES = frozenset({"RGB", "L", "1"})
 
 
 def as_rgb(im: Image.Image) -> Image.Image:
@@ -398,7 +404,7 @@ def _check_image_files(path: Path, images: list[dict], images_dir: Path, report:
                 f"{im['width']}x{im['height']} in the JSON, so its boxes may not match. Fix: set width/"
                 "height to the real size (and check the boxes), or restore the original image."
             )
-        if mode != "RGB":
+        if mode not in LOSSLESS_MODES:
             report.warn(
                 "non-RGB image converted",
                 f"'{im['file_name']}' (image id {im['id']}) has colour mode {mode}; it is converted to "

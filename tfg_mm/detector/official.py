@@ -203,6 +203,21 @@ class TfgDeimv2ForObjectDetection(Deimv2ForObjectDetection):
         return keys
 
     # -- anchors -----------------------------------------------------------------------------------------
+    def set_image_size(self, size: int) -> None:
+        """Build the eval anchors for ``size`` x ``size`` inputs and record it as the model's size
+        (``anchor_image_size``, saved with the checkpoint): a model fine-tuned at another size than its source's
+        is then evaluated and exported at the size it was trained at, without recomputing anchors."""
+        hw = (int(size), int(size))
+        largest_stride = max(self.config.feat_strides)
+        if hw[0] % largest_stride:
+            raise ConfigError(f"image size {size}: DEIMv2 needs a multiple of {largest_stride} px (largest stride).")
+        shapes = tuple((hw[0] // s, hw[1] // s) for s in self.config.feat_strides)
+        anchors, valid_mask = self.model.generate_anchors(shapes)
+        device = next(self.parameters()).device
+        self.model.anchors, self.model.valid_mask = anchors.to(device), valid_mask.to(device)
+        self.config.anchor_image_size = list(hw)
+        self._anchors_hw = hw
+
     def _match_anchors_to_input(self, pixel_values: torch.Tensor) -> None:
         """Correction ``anchors_at_input_size``: eval anchors are those of the actual input size.
 

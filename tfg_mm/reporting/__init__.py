@@ -44,8 +44,9 @@ from tfg_mm.reporting.errors import (
 )
 from tfg_mm.reporting.figures import save_figure
 from tfg_mm.reporting.galleries import flips_summary, phase2_flips, show_galleries, show_side_by_side
-from tfg_mm.reporting.index import NOTEBOOK_REPORTS, build_index
+from tfg_mm.reporting.index import NOTEBOOK_REPORTS, build_index, phase2_run_of
 from tfg_mm.reporting.judgement import show_test_results, test_operating_points_table, test_table
+from tfg_mm.reporting.lowshot import lowshot_table, lowshot_verdict, plot_lowshot, read_lowshot
 from tfg_mm.reporting.provenance import (
     baseline_final_of,
     contract_field,
@@ -72,6 +73,11 @@ __all__ = [
     "flips_summary",
     "operating_points_table",
     "phase2_flips",
+    "phase2_run_of",
+    "plot_lowshot",
+    "lowshot_table",
+    "lowshot_verdict",
+    "read_lowshot",
     "plot_ablation_gates",
     "plot_ablation_trajectories",
     "plot_confusion",

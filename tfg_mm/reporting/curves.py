@@ -88,8 +88,17 @@ def plot_trajectory(
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     if final.get("selected_by"):
+        convergence = final.get("convergence") or {}
+        ending = {"still rising": "still rising at the end", "converged": "converged", "falling": "falling at the end"}
         fig.suptitle(
-            f"Selected by {final['selected_by']}" + (" (fell back to the start)" if final.get("fell_back") else ""),
+            f"Selected by {final['selected_by']}"
+            + (" (fell back to the start)" if final.get("fell_back") else "")
+            + (
+                f"; validation {convergence.get('metric', 'map').replace('map', 'mAP')} {ending[convergence['verdict']]}"
+                f" ({convergence['gain']:+.4f} over epochs {convergence['epochs'][0]}-{convergence['epochs'][1]})"
+                if convergence.get("verdict") in ending
+                else ""
+            ),
             fontsize=9,
         )
     return finish(fig, save)

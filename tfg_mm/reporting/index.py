@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ import matplotlib.pyplot as plt
 
 from tfg_mm import paths
 from tfg_mm.io import atomic_write_text
-from tfg_mm.paths import portable_text
+from tfg_mm.paths import portable_text, resolve_path
 from tfg_mm.reporting.ablations import (
     COMPARISONS,
     ablation_table,
@@ -32,6 +33,7 @@ from tfg_mm.reporting.ablations import (
 from tfg_mm.reporting.deployment import deployment_html
 from tfg_mm.reporting.errors import error_table
 from tfg_mm.reporting.figures import save_figure
+from tfg_mm.reporting.lowshot import lowshot_table, lowshot_verdict, plot_lowshot
 
 #: The notebook reports the pipeline renders, in reading order (linked from the index).
 NOTEBOOK_REPORTS: tuple[tuple[str, str], ...] = (
@@ -127,18 +129,72 @@ def _flips_html(flips: Mapping[str, Any]) -> str:
     )
 
 
+def phase2_run_of(summary: Mapping[str, Any], run_dir: str | Path = "runs/phase2") -> str | None:
+    """``run_dir`` when it holds a phase-2 run that fine-tuned this grid's baseline (its flips and deployment
+    belong in the grid's index), else None: another dataset's grid (``scripts/bench_real.py``) leaves them out."""
+    try:
+        params = json.loads((resolve_path(run_dir) / "metrics.json").read_text(encoding="utf-8")).get("params") or {}
+    except (OSError, ValueError):
+        return None
+    baseline = summary.get("baseline_run")
+    if not baseline or not params.get("baseline"):
+        return None
+    return str(run_dir) if resolve_path(params["baseline"]) == resolve_path(baseline) else None
+
+
+def _baseline_ending(summary: Mapping[str, Any]) -> str:
+    """The baseline's convergence at the end of its training (``final.convergence``), as a clause: the variants
+    are compared with that checkpoint, and one still rising is an unfinished reference."""
+    convergence = (((summary.get("baseline") or {}).get("final")) or {}).get("convergence") or {}
+    sentence = convergence.get("sentence")
+    if not sentence:
+        return ""
+    caveat = (
+        " (the variants are compared with an unfinished baseline)"
+        if convergence.get("verdict") == "still rising"
+        else ""
+    )
+    return f"; its validation at the end of training: {sentence}{caveat}"
+
+
+def _lowshot_section(lowshot: Mapping[str, Any], reports_dir: Path) -> str:
+    """The low-data regime (notebook 04): its verdict in words, the Δ-vs-k figure and the table."""
+    shots = lowshot.get("shots") or {}
+    out = [
+        "<h2>Low-data regime: the hard classes starved</h2>",
+        f"<p class='note'>Grid <code>{html.escape(portable_text(str(lowshot.get('grid', ''))))}</code>: "
+        f"{html.escape(', '.join(shots.get('classes') or []))} kept to k = {html.escape(str(shots.get('k')))} training "
+        "images each (subset seed "
+        f"{html.escape(str(shots.get('seed')))}); each k's baseline retrained on that set, every variant × seed "
+        "fine-tuned on it; Δ against that k's baseline on the held-out test images (report 04).</p>",
+    ]
+    out += [f"<p>{html.escape(line)}</p>" for line in lowshot_verdict(lowshot).splitlines()]
+    fig = plot_lowshot(lowshot)
+    save_figure(fig, "lowshot_delta", reports_dir / "figures")
+    out.append(
+        f'<figure><img alt="lowshot_delta" src="data:image/png;base64,{_embedded_png(fig)}">'
+        "<figcaption>Δ on test against k: one line per variant, bootstrap intervals as error bars.</figcaption></figure>"
+    )
+    plt.close(fig)
+    out.append(lowshot_table(lowshot).to_html(index=False, escape=True, border=0, na_rep=""))
+    return "".join(out)
+
+
 def build_index(
     summary: Mapping[str, Any] | None = None,
     reports_dir: str | Path | None = None,
     flips: Mapping[str, Any] | None = None,
     deployment: tuple[Mapping[str, Any] | None, Mapping[str, Any] | None] | None = None,
+    lowshot: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``reports/index.html`` (standalone: CSS inline, figures embedded) and return its path.
 
     ``summary`` is the ablation summary of :func:`tfg_mm.ablations.summarize` (None when no grid has
     run: the index then only links the reports). ``flips``: :func:`flips_summary` of the pipeline's
     phase-2 run, shown as a small table (left out when None). ``deployment``: the baseline's and the phase-2 run's
-    ``deploy.json`` (:func:`tfg_mm.reporting.deployment.read_deployments`), compared when both are there. Its figures are also saved as PNG + SVG under
+    ``deploy.json`` (:func:`tfg_mm.reporting.deployment.read_deployments`), compared when both are there. ``lowshot``:
+    the low-data summary of notebook 04 (:func:`tfg_mm.reporting.lowshot.read_lowshot`), its verdict and Δ-vs-k
+    figure (left out when None). Its figures are also saved as PNG + SVG under
     ``reports/figures/ablations_*``, and the table as ``reports/ablations_table.csv`` and ``.tex``.
     """
     if isinstance(summary, (str, Path)):
@@ -169,7 +225,8 @@ def build_index(
             f"({summary.get('bootstrap_resamples')} resamples); an interval that contains 0 is "
             f"<em>within noise</em>. Each phase-2 run selects its checkpoint among its own epochs on the validation "
             f"images; the baseline (epoch 0) is the reference, never a candidate. Baseline: <code>"
-            f"{html.escape(portable_text(str(summary.get('baseline_run', ''))))}</code>. "
+            f"{html.escape(portable_text(str(summary.get('baseline_run', ''))))}</code>"
+            f"{html.escape(_baseline_ending(summary))}. "
             f"{html.escape(summary.get('interval_note', ''))}</p>"
         )
         if "test" not in keys:
@@ -255,6 +312,8 @@ def build_index(
             )
     else:
         parts.append("<p class='note'>No ablation grid has run yet (notebook 03 / <code>make all</code>).</p>")
+    if lowshot:
+        parts.append(_lowshot_section(lowshot, reports_dir))
     page = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tfg-mm reports</title>"
         f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n"

@@ -139,6 +139,11 @@ def provenance_markdown(metrics: Mapping[str, Any]) -> str:
                 f"{fell_back} ({final.get('checkpoint', '?')})",
             )
         )
+        convergence = final.get("convergence")
+        if isinstance(convergence, Mapping) and convergence.get("sentence"):
+            rows.append(
+                ("end of training", f"{params.get('epochs', '?')} epochs; validation {convergence['sentence']}")
+            )
         test = final.get("test")
         rows.append(
             (

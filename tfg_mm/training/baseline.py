@@ -91,6 +91,8 @@ def build_baseline_model(params, data: Data, source: Path | None) -> tuple[nn.Mo
             what="checkpoint" if evaluating else "pretrained",
         )
         detector.apply_config_overrides(model, detector.run_config_overrides(params))
+        if not evaluating and detector.preset_image_size(model.config) != params.image_size:
+            model.set_image_size(params.image_size)  # fine-tuned at this size: its checkpoint says so
         origin = {"source": table["path"] or table["source"], "preset": model.config.preset}
         if not evaluating:
             origin["pretrained"] = {

@@ -147,6 +147,8 @@ class Final(Metrics):
     operating_points: dict[str, OperatingPoint] | None = None
     errors: dict[str, dict[Literal[ERROR_TYPES], Number]] | None = None  # type: ignore[valid-type]
     test: TestJudgement | None = None
+    #: whether validation was still rising at the end (:func:`tfg_mm.evaluation.convergence.convergence`)
+    convergence: dict[str, Any] | None = None
 
 
 class Failure(_Entry):

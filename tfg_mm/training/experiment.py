@@ -143,6 +143,8 @@ def run_experiment(
 
             training = {"world_size": world, "batch_size_per_process": params.batch_size}
             training["global_batch_size"] = params.batch_size * world
+            if data.shots:
+                training["train_shots"] = data.shots
 
             def write_contract(history: list[dict], final: dict | None, status: str) -> None:
                 if not is_main:

@@ -58,6 +58,7 @@ from tfg_mm.detector.speed import compile_static_parts
 from tfg_mm.errors import CheckpointError, ConfigError, NonFiniteError, TrainingError
 from tfg_mm.evaluation import analysis
 from tfg_mm.evaluation.coco import coco_evaluate, evaluate, predict, to_coco_detections
+from tfg_mm.evaluation.convergence import convergence
 from tfg_mm.io import atomic_write_bytes, atomic_write_json
 from tfg_mm.paths import RunPaths, portable_text
 from tfg_mm.runtime import distributed
@@ -637,6 +638,7 @@ class Trainer:
         best = next(h for h in self.history if h["epoch"] == self.best_epoch)
         final = {k: v for k, v in best.items() if k not in ("losses", "lr", "seconds")}
         final.update(self.selection())
+        final["convergence"] = convergence(self.history, self.params.select_metric)
         final["per_class"] = with_instances(final["per_class"], self.val_loader.dataset)
         final["checkpoint"] = str(self.files.best)
         final.update(self.analyse())

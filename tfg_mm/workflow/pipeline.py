@@ -19,7 +19,9 @@ from tfg_mm.paths import project_root
 from tfg_mm.workflow.notebooks import REPORTS, run_and_render
 
 #: The notebooks of the main job, in order.
-STEPS = ("00_data", "01_baseline", "02_phase2", "03_ablations")
+STEPS = ("00_data", "01_baseline", "02_phase2", "03_ablations", "04_lowshot")
+#: Steps that run only when named (``--only``): the low-data grid retrains a baseline per k (about 45 min here).
+ON_REQUEST = ("04_lowshot",)
 
 
 def pipeline_steps(params_dir: Path, grid: str | None) -> list[tuple[str, dict]]:
@@ -38,6 +40,10 @@ def pipeline_steps(params_dir: Path, grid: str | None) -> list[tuple[str, dict]]
                 "grid": grid or rel("ablations/small.yaml"),
                 "run_dir": "runs/ablations",
             },
+        ),
+        (
+            "04_lowshot",
+            {"params_file": rel("phase2.yaml"), "grid": rel("ablations/lowshot.yaml"), "run_dir": "runs/lowshot"},
         ),
     ]
 
@@ -61,6 +67,8 @@ def run_pipeline(
     t_all = time.perf_counter()
     for name, parameters in pipeline_steps(params_dir, grid):
         if (skip_ablations and name == "03_ablations") or (only and name not in only):
+            continue
+        if name in ON_REQUEST and not only:
             continue
         t0 = time.perf_counter()
         html = run_and_render(name, parameters, progress=progress)

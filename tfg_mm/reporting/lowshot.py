@@ -1,0 +1,154 @@
+"""The low-data regime (notebook 04 and the index): Δ against each k's baseline on the test images, by k.
+
+Drawn from the summary :func:`tfg_mm.ablations.lowshot.summarize_lowshot` writes (``runs/lowshot/lowshot.json``);
+:func:`read_lowshot` reads it without importing the grid runner.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from tfg_mm.paths import resolve_path
+from tfg_mm.reporting.figures import finish
+
+#: The file notebook 04 writes in its run_dir (:data:`tfg_mm.ablations.lowshot.LOWSHOT_SUMMARY`).
+SUMMARY_NAME = "lowshot.json"
+
+
+def read_lowshot(run_dir: str | Path = "runs/lowshot") -> dict | None:
+    """The low-data summary in ``run_dir`` (None when notebook 04 has not run there)."""
+    try:
+        return json.loads((resolve_path(run_dir) / SUMMARY_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _interval(entry: Mapping[str, Any] | None) -> str:
+    if not entry or entry.get("delta") is None:
+        return ""
+    return f"{entry['delta']:+.4f} [{entry['lo']:+.4f}, {entry['hi']:+.4f}]"
+
+
+def _targets(summary: Mapping[str, Any]) -> list[str]:
+    """``map`` and the starved classes, in the order the table and figure show them."""
+    return ["map", *summary["shots"]["classes"]]
+
+
+def lowshot_table(summary: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per k × variant: the k's baseline on test (mAP, AP of each starved class) and each variant's Δ
+    [interval] on test."""
+    rows = []
+    for level in summary.get("levels", []):
+        base = level.get("baseline") or {}
+        kept = base.get("kept") or {}
+        for name, variant in (level.get("variants") or {}).items():
+            row = {
+                "k": level["k"],
+                "training images": f"{kept.get('kept_images', '?')} of {kept.get('of_images', '?')}",
+                "variant": name,
+                "seeds": len(variant.get("seeds") or []),
+                "baseline test mAP": base.get("test_map"),
+            }
+            for target in _targets(summary):
+                label = "ΔmAP" if target == "map" else f"ΔAP {target}"
+                row[label] = _interval((variant.get("test") or {}).get(target))
+            rows.append(row)
+        if not level.get("variants"):
+            rows.append({"k": level["k"], "variant": f"(baseline {level.get('baseline_status', '?')})"})
+    return pd.DataFrame(rows)
+
+
+def plot_lowshot(summary: Mapping[str, Any], save: str | None = None) -> plt.Figure:
+    """Δ on test against k, one panel per target (mAP, each starved class), one line per variant with its
+    bootstrap interval as error bars (points dodged sideways so the bars do not hide each other)."""
+    targets = _targets(summary)
+    levels = [lv for lv in summary.get("levels", []) if lv.get("variants")]
+    names = list(dict.fromkeys(n for lv in levels for n in lv["variants"]))
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.8), squeeze=False)
+    colors = dict(zip(names, sns.color_palette("tab10", max(1, len(names)))))
+    ks = sorted({lv["k"] for lv in levels})
+    position = {k: i for i, k in enumerate(ks)}
+    for ax, target in zip(axes[0], targets):
+        for j, name in enumerate(names):
+            xs, ys, lo, hi = [], [], [], []
+            for lv in levels:
+                entry = ((lv["variants"].get(name) or {}).get("test") or {}).get(target)
+                if not entry or entry.get("delta") is None:
+                    continue
+                xs.append(position[lv["k"]] + (j - (len(names) - 1) / 2) * 0.08)
+                ys.append(entry["delta"])
+                lo.append(entry["delta"] - entry["lo"])
+                hi.append(entry["hi"] - entry["delta"])
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=colors[name], label=name)
+        ax.axhline(0.0, color="#444444", lw=1, ls="--")
+        ax.set_xticks(np.arange(len(ks)), [str(k) for k in ks])
+        ax.set_xlabel("training images per starved class (k)")
+        ax.set_ylabel("Δ on test (variant − its k's baseline)")
+        ax.set_title("mAP@[.50:.95]" if target == "map" else f"AP {target}")
+        ax.grid(alpha=0.3)
+    if names:
+        axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    level = round(100 * next((lv.get("confidence") or 0.95 for lv in levels), 0.95))
+    fig.suptitle(
+        f"Low-data regime: Δ against each k's baseline, test images, {level}% bootstrap intervals", fontsize=10
+    )
+    return finish(fig, save)
+
+
+def lowshot_verdict(summary: Mapping[str, Any], text: str = "minilm", control: str = "random") -> str:
+    """The result in words, whatever it is: per k, whether the text variant's ΔmAP and its starved-class Δs
+    are outside noise, and whether they beat the random-prototype control's."""
+    lines = []
+    for level in summary.get("levels", []):
+        variants = level.get("variants") or {}
+        if not variants:
+            lines.append(
+                f"k = {level['k']}: no result (the baseline {level.get('baseline_status', 'did not finish')})."
+            )
+            continue
+        parts = []
+        for target in _targets(summary):
+            ours = ((variants.get(text) or {}).get("test") or {}).get(target)
+            theirs = ((variants.get(control) or {}).get("test") or {}).get(target)
+            if not ours or ours.get("delta") is None:
+                continue
+            label = "mAP" if target == "map" else f"AP {target}"
+            where = "above 0" if ours["lo"] > 0 else "below 0" if ours["hi"] < 0 else "within noise"
+            versus = ""
+            if theirs and theirs.get("delta") is not None:
+                beats = ours["lo"] > theirs["hi"]
+                versus = "; above the random control's interval" if beats else f"; random control {_interval(theirs)}"
+            parts.append(f"{label} {_interval(ours)} ({where}{versus})")
+        lines.append(
+            f"k = {level['k']}: text ({text}) " + ", ".join(parts) + "."
+            if parts
+            else f"k = {level['k']}: no {text} runs."
+        )
+    helps = [
+        lv["k"]
+        for lv in summary.get("levels", [])
+        if any(
+            (e := ((lv.get("variants") or {}).get(text) or {}).get("test", {}).get(t))
+            and e.get("lo") is not None
+            and e["lo"] > 0
+            and e["lo"]
+            > ((((lv.get("variants") or {}).get(control) or {}).get("test") or {}).get(t) or {}).get("hi", -1)
+            for t in _targets(summary)
+        )
+    ]
+    head = (
+        f"The text prior helps beyond the random-prototype control at k = {', '.join(map(str, helps))}."
+        if helps
+        else "At no k does the text prior give a gain that is both outside noise and above the random-prototype "
+        "control: on these runs, the text adds nothing a fixed class prior with random prototypes does not."
+    )
+    return "\n".join([head, *lines])
