@@ -104,51 +104,41 @@ def plot_lowshot(summary: Mapping[str, Any], save: str | None = None) -> plt.Fig
     return finish(fig, save)
 
 
+def _beats(ours: Mapping[str, Any] | None, theirs: Mapping[str, Any] | None) -> bool:
+    """A gain outside noise and above the control's interval (no control: above 0 is enough)."""
+    if not ours or ours.get("lo") is None or ours["lo"] <= 0:
+        return False
+    return not theirs or theirs.get("hi") is None or ours["lo"] > theirs["hi"]
+
+
 def lowshot_verdict(summary: Mapping[str, Any], text: str = "minilm", control: str = "random") -> str:
-    """The result in words, whatever it is: per k, whether the text variant's ΔmAP and its starved-class Δs
-    are outside noise, and whether they beat the random-prototype control's."""
-    lines = []
+    """The result in words, whatever it is: per k, the text variant's Δ (mAP, each starved class's AP) with its
+    interval, whether it is outside noise, and the random-prototype control's Δ beside it; first, the k at which
+    the text beats both 0 and the control."""
+    lines, helps = [], []
     for level in summary.get("levels", []):
         variants = level.get("variants") or {}
-        if not variants:
-            lines.append(
-                f"k = {level['k']}: no result (the baseline {level.get('baseline_status', 'did not finish')})."
-            )
-            continue
+        ours_all = (variants.get(text) or {}).get("test") or {}
+        theirs_all = (variants.get(control) or {}).get("test") or {}
         parts = []
         for target in _targets(summary):
-            ours = ((variants.get(text) or {}).get("test") or {}).get(target)
-            theirs = ((variants.get(control) or {}).get("test") or {}).get(target)
+            ours, theirs = ours_all.get(target), theirs_all.get(target)
             if not ours or ours.get("delta") is None:
                 continue
-            label = "mAP" if target == "map" else f"AP {target}"
             where = "above 0" if ours["lo"] > 0 else "below 0" if ours["hi"] < 0 else "within noise"
-            versus = ""
-            if theirs and theirs.get("delta") is not None:
-                beats = ours["lo"] > theirs["hi"]
-                versus = "; above the random control's interval" if beats else f"; random control {_interval(theirs)}"
-            parts.append(f"{label} {_interval(ours)} ({where}{versus})")
-        lines.append(
-            f"k = {level['k']}: text ({text}) " + ", ".join(parts) + "."
-            if parts
-            else f"k = {level['k']}: no {text} runs."
-        )
-    helps = [
-        lv["k"]
-        for lv in summary.get("levels", [])
-        if any(
-            (e := ((lv.get("variants") or {}).get(text) or {}).get("test", {}).get(t))
-            and e.get("lo") is not None
-            and e["lo"] > 0
-            and e["lo"]
-            > ((((lv.get("variants") or {}).get(control) or {}).get("test") or {}).get(t) or {}).get("hi", -1)
-            for t in _targets(summary)
-        )
-    ]
+            versus = f"; {control} {_interval(theirs)}" if theirs and theirs.get("delta") is not None else ""
+            parts.append(f"{'mAP' if target == 'map' else 'AP ' + target} {_interval(ours)} ({where}{versus})")
+            if _beats(ours, theirs) and level["k"] not in helps:
+                helps.append(level["k"])
+        if parts:
+            lines.append(f"k = {level['k']}: text ({text}) " + ", ".join(parts) + ".")
+        else:
+            lines.append(f"k = {level['k']}: no {text} result (baseline: {level.get('baseline_status', '?')}).")
     head = (
-        f"The text prior helps beyond the random-prototype control at k = {', '.join(map(str, helps))}."
+        f"The text prior gives a gain outside noise and above the {control}-prototype control at "
+        f"k = {', '.join(map(str, helps))}."
         if helps
-        else "At no k does the text prior give a gain that is both outside noise and above the random-prototype "
-        "control: on these runs, the text adds nothing a fixed class prior with random prototypes does not."
+        else f"At no k does the text prior give a gain that is both outside noise and above the {control}-prototype "
+        "control: on these runs the text adds nothing that class prototypes without meaning do not."
     )
     return "\n".join([head, *lines])
