@@ -265,7 +265,7 @@ def markdown(record: dict) -> str:
         *[f"| {p['source']} | {p['metric']} | {p['value']} |" for p in record["published"]],
         "",
         "What differs here: an atto DEIMv2 (0.5 M parameters) against detectors of tens of millions; a backbone "
-        "that starts from the synthetic set or from nothing instead of ImageNet / COCO pretraining; 12 epochs on "
+        "that starts from the synthetic set or from nothing instead of ImageNet / COCO pretraining; 10 epochs on "
         "2 CPU cores instead of hundreds on a GPU; a 320 px training crop. The CPU recipe proves the path on real "
         "defects and measures the text branch's effect at equal footing; it is not a bid for the published numbers. "
         "The GPU recipe (`python scripts/bench_real.py --recipe gpu`: DEIMv2 n, 640 px, the official schedule, "

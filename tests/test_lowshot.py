@@ -88,6 +88,8 @@ def test_notebook_04_runs_every_k_on_its_own_starved_baseline(tmp_path, tiny_dat
         base = json.loads((run_dir / f"k{k}" / "baseline" / "metrics.json").read_text())
         kept = base["training"]["train_shots"]
         assert base["params"]["train_shots"] == k and kept["images"]["perforation"]["kept"] <= k
+        card = (run_dir / f"k{k}" / "baseline" / "01_baseline.html").read_text()
+        assert "low-data training set" in card and f"train_shots: {k}" in card  # the run card says so
         tests.add(json.dumps(base["final"]["test"]["instances"], sort_keys=True))  # the same test images for every k
         for name in ("minilm", "none"):
             variant = json.loads((run_dir / f"k{k}" / name / "seed0" / "metrics.json").read_text())

@@ -109,6 +109,17 @@ def provenance_markdown(metrics: Mapping[str, Any]) -> str:
             f"`{str(code.get('source_sha256', '?'))[:16]}`",
         ),
     ]
+    shots = (metrics.get("training") or {}).get("train_shots")
+    if isinstance(shots, Mapping):
+        kept = ", ".join(f"{c} {v['kept']} of {v['of']}" for c, v in (shots.get("images") or {}).items())
+        rows.append(
+            (
+                "low-data training set",
+                f"`train_shots: {shots.get('k')}` (subset seed {shots.get('seed')}): {kept} images; "
+                f"{shots.get('kept_images')} of {shots.get('of_images')} training images kept (validation and test "
+                "untouched)",
+            )
+        )
     env = metrics.get("environment")
     if isinstance(env, Mapping):
         rows.append(("environment", environment_summary(env)))
