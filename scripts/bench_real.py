@@ -266,13 +266,13 @@ def markdown(record: dict) -> str:
         "",
         "What differs here: an atto DEIMv2 (0.5 M parameters) against detectors of tens of millions; a backbone "
         "that starts from the synthetic set or from nothing instead of ImageNet / COCO pretraining; 10 epochs on "
-        "2 CPU cores instead of hundreds on a GPU; a 320 px training crop. The CPU recipe proves the path on real "
+        "2 CPU cores instead of hundreds on a GPU; 320 px training crops of the image at 480 px; a phase 2 of one epoch. The CPU recipe proves the path on real "
         "defects and measures the text branch's effect at equal footing; it is not a bid for the published numbers. "
         "The GPU recipe (`python scripts/bench_real.py --recipe gpu`: DEIMv2 n, 640 px, the official schedule, "
         "72 epochs; set `pretrained` in `params/real/deeppcb_baseline_gpu.yaml` for a COCO-pretrained start) is the "
         "one to compare with them.",
         "",
-        "## Why 640 px with 320 px training crops",
+        "## Why 480 px with 320 px training crops",
         "",
         "The defects are small: at each input size, the median shorter box side and the share of boxes under half "
         "/ one cell of atto's finest stride (16 px), measured on the training split:",
@@ -287,8 +287,9 @@ def markdown(record: dict) -> str:
         "",
         "A 320 px resize halves every defect to about one stride cell; the first attempt of this benchmark trained "
         "that way (12 epochs, atto) and stayed at validation mAP50 0.00002 after 8 epochs. Training on random "
-        "320 px crops of the 640 px image (`train_crop: 320`) keeps the defects at their size (two cells) for the "
-        "cost of a 320 px step, and validation, test and deployment see the whole 640 px image.",
+        "320 px crops (`train_crop: 320`) of the image at 480 px keeps the defects at 1.5 cells for the cost of a "
+        "320 px step, while validation, test and deployment see the whole image at 480 px (at DeepPCB's own 640 px "
+        "every evaluation costs 1.8x more on these 2 CPU cores; the GPU recipe uses 640).",
         "",
         "## Conditions",
         "",

@@ -37,6 +37,10 @@ def _interval(entry: Mapping[str, Any] | None) -> str:
     return f"{entry['delta']:+.4f} [{entry['lo']:+.4f}, {entry['hi']:+.4f}]"
 
 
+def _value(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
 def _targets(summary: Mapping[str, Any]) -> list[str]:
     """``map`` and the starved classes, in the order the table and figure show them."""
     return ["map", *summary["shots"]["classes"]]
@@ -55,7 +59,8 @@ def lowshot_table(summary: Mapping[str, Any]) -> pd.DataFrame:
                 "training images": f"{kept.get('kept_images', '?')} of {kept.get('of_images', '?')}",
                 "variant": name,
                 "seeds": len(variant.get("seeds") or []),
-                "baseline test mAP": base.get("test_map"),
+                "baseline test mAP": _value(base.get("test_map")),
+                **{f"baseline AP {c}": _value((base.get("test_ap") or {}).get(c)) for c in summary["shots"]["classes"]},
             }
             for target in _targets(summary):
                 label = "ΔmAP" if target == "map" else f"ΔAP {target}"
