@@ -42,7 +42,7 @@ phase2: $(STAMP)
 ablations: $(STAMP)
 	$(VPY) -m tfg_mm pipeline --only 03_ablations
 
-## The low-data grid (notebook 04; not part of `all`: a baseline per k, about 45 min on 2 CPU cores), then the index
+## The low-data grid (notebook 04; not part of `all`: a baseline per k, about an hour on 2 CPU cores), then the index
 lowshot: $(STAMP)
 	$(VPY) -m tfg_mm pipeline --only 04_lowshot
 	$(VPY) -m tfg_mm report
