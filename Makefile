@@ -58,7 +58,7 @@ benchmark: $(STAMP)
 	$(VPY) scripts/benchmark.py
 
 ## DeepPCB (real PCB defects) end to end, judged on its own test split: reports/bench_real.json, docs/real_data.md
-## (DATA=/path/to/deeppcb; default ../shared/datasets/deeppcb beside the checkout; about 40 min on 2 CPU cores)
+## (DATA=/path/to/deeppcb; default ../shared/datasets/deeppcb beside the checkout; 50 min on 2 CPU cores, measured)
 bench-real: $(STAMP)
 	$(VPY) scripts/bench_real.py $(if $(DATA),--data $(DATA))
 
