@@ -56,7 +56,7 @@ WHERE = (
 GRID = "params/ablations/real.yaml"
 #: The recipes: params files, where the runs go, the baselines trained (name -> notebook 01 overrides) and the one
 #: phase 2 starts from. ``cpu``: atto at 320 px, fine-tuned from the embedded baseline and from scratch (about
-#: 45 min on 2 CPU cores); ``gpu``: DEIMv2 n at 640 px with the official schedule (``pretrained`` in its file).
+#: 50 min on 2 CPU cores); ``gpu``: DEIMv2 n at 640 px with the official schedule (``pretrained`` in its file).
 RECIPES = {
     "cpu": {
         "baseline": "params/real/deeppcb_baseline.yaml",
